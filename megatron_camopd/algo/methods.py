@@ -1,0 +1,365 @@
+"""Method registry: turn a rollout batch's rollout-time signals into training signals.
+
+Every method sees a :class:`SignalBatch` (teacher/rollout log-probs and optional extras, padded ``[B, T]`` with a
+``mask``) and returns :class:`TrainSignals` (advantages, token weights, sample selection, metrics) that the Megatron
+loss consumes. The token gap is ``delta = teacher_lp - rollout_lp``: the student's log-probs *at rollout time*
+(``mu``), so signals are fixed before the update and the train-time mismatch is handled by the IS weight
+(``is_mode``, see ``weights.py``) inside the loss. A sample with a non-finite teacher/rollout (or other required)
+log-prob on a response token is dropped (``sample_weight = 0``), counted in ``metrics["n_nan_dropped"]``, and its
+values are zeroed so NaN never reaches an advantage. Empty rows are dropped too (``n_empty``).
+Loss forms: ``"pg"`` uses ``advantages * token_weight``; ``"topk"`` uses ``topk_seq_loss * seq_scale``; both
+reduce with ``reduce_selected(..., sample_weight)``. ``SignalBatch``/``TrainSignals`` live in ``signals.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from megatron_camopd.algo import baselines, uniopd
+from megatron_camopd.algo.camopd import BRANCHES, branch_scale, gap_scores, mass_target_select
+from megatron_camopd.algo.diagnostics import length_summary, selected_fraction, spearman
+from megatron_camopd.algo.losses import clip_advantage
+from megatron_camopd.algo.signals import SignalBatch, TrainSignals
+from megatron_camopd.algo.tokens import as_bool_mask, masked_seq_mean, nonfinite_rows, seq_lengths
+from megatron_camopd.algo.weights import IS_MODES, is_weights
+from megatron_camopd.errors import DataError, SpecError
+
+
+@dataclass
+class _Prepared:
+    """Cleaned batch: NaN rows dropped, values zeroed off valid response tokens."""
+
+    m: Tensor            # bool [B, T], response tokens of valid rows only
+    valid: Tensor        # bool [B]
+    delta: Tensor        # [B, T]
+    alpha: Tensor        # [B]
+    lengths: Tensor      # [B]
+    metrics: dict[str, float]
+
+
+def _rows(branch: list[str], name: str, device: torch.device) -> Tensor:
+    return torch.tensor([x == name for x in branch], dtype=torch.bool, device=device)
+
+
+def _branch_score(delta: Tensor, mask: Tensor, branch: str) -> Tensor:
+    return gap_scores(delta, mask, branch) if branch in BRANCHES else masked_seq_mean(delta.abs(), mask)
+
+
+@dataclass
+class Method:
+    """Base: shared parameters (advantage clip, IS weights, loss form), cleaning, common metrics."""
+
+    name: ClassVar[str] = ""
+    loss_forms: ClassVar[tuple[str, ...]] = ("pg",)
+    a_max: float | None = 5.0
+    is_mode: str = "mask"
+    is_eps_low: float = 0.5
+    is_eps_high: float = 5.0
+    is_cap: float = 2.0
+    loss_form: str = "pg"
+
+    def __post_init__(self) -> None:
+        if self.a_max is not None and not self.a_max > 0:
+            raise SpecError(f"{self.name}.a_max: expected a positive number or null, got {self.a_max}")
+        if self.is_mode not in IS_MODES:
+            raise SpecError(f"{self.name}.is_mode: expected one of {IS_MODES}, got {self.is_mode!r}")
+        if not 0.0 <= self.is_eps_low <= 1.0:
+            raise SpecError(f"{self.name}.is_eps_low: expected 0 <= eps_low <= 1, got {self.is_eps_low}")
+        if not self.is_eps_high >= 1.0:
+            raise SpecError(f"{self.name}.is_eps_high: expected eps_high >= 1, got {self.is_eps_high}")
+        if not self.is_cap > 0:
+            raise SpecError(f"{self.name}.is_cap: expected cap > 0, got {self.is_cap}")
+        if self.loss_form not in self.loss_forms:
+            raise SpecError(f"{self.name}.loss_form: expected one of {self.loss_forms}, got {self.loss_form!r}")
+
+    def is_weights(self, train_lp: Tensor, rollout_lp: Tensor | None, mask: Tensor) -> Tensor:
+        """Detached IS weights with this method's mode and bounds."""
+        return is_weights(train_lp, rollout_lp, mask, self.is_mode, self.is_eps_low, self.is_eps_high, self.is_cap)
+
+    def required(self, batch: SignalBatch) -> list[str]:
+        """Optional batch fields this method needs (missing -> DataError; non-finite on a token -> drop)."""
+        return ["teacher_topk_lp", "teacher_topk_ids"] if self.loss_form == "topk" else []
+
+    def prepare(self, batch: SignalBatch) -> TrainSignals:
+        """Compute the training signals of ``batch``."""
+        prep = self._clean(batch)
+        adv, tw, keep, scale = self._signals(batch, prep)
+        sw = prep.valid & keep
+        m = prep.m & sw.unsqueeze(-1)
+        adv = torch.where(m, torch.nan_to_num(adv.detach(), nan=0.0, posinf=0.0, neginf=0.0), torch.zeros_like(adv))
+        tw = torch.where(m, tw, torch.zeros_like(tw))
+        prep.metrics["selected_fraction"] = selected_fraction(sw)
+        return TrainSignals(adv.float(), tw.float(), sw.float(), prep.metrics, scale.float() * sw.float())
+
+    def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(advantages, token_weight, keep [B] bool, seq_scale [B]); overridden per method."""
+        adv = clip_advantage(p.delta, self.a_max) * p.alpha.unsqueeze(-1)
+        return adv, p.m.float(), torch.ones_like(p.valid), p.alpha.clone()
+
+    def _clean(self, batch: SignalBatch) -> _Prepared:
+        for name in self.required(batch):
+            if getattr(batch, name) is None:
+                raise DataError(f"{self.name}: batch field {name!r} is required")
+        mask = as_bool_mask(batch.mask)
+        checked = [batch.teacher_lp, batch.rollout_lp] + [
+            getattr(batch, n) for n in self.required(batch) if getattr(batch, n).is_floating_point()]
+        bad = nonfinite_rows(mask, *checked)
+        lengths = seq_lengths(mask)
+        valid = ~bad & (lengths > 0)
+        m = mask & valid.unsqueeze(-1)
+        dev = mask.device
+        zero = torch.zeros((), dtype=batch.teacher_lp.dtype, device=dev)
+        delta = torch.where(m, batch.teacher_lp - batch.rollout_lp, zero).float()
+        tw = batch.teacher_weight
+        alpha = torch.ones(mask.shape[0], device=dev) if tw is None else tw.float()
+        n_tok = max(int(m.sum()), 1)
+        metrics: dict[str, float] = {
+            "n_samples": float(mask.shape[0]), "n_nan_dropped": float(bad.sum()),
+            "n_empty": float(((lengths == 0) & ~bad).sum()),
+            "mean_gap": float(delta.sum()) / n_tok, "reverse_kl": float(-delta.sum()) / n_tok,
+            "mean_abs_gap": float(delta.abs().sum()) / n_tok,
+        }
+        if batch.entropy is not None:
+            ent = torch.where(m, torch.nan_to_num(batch.entropy.float()), 0.0)
+            metrics["entropy"] = float(ent.sum()) / n_tok
+        for b in sorted(set(batch.branch)):
+            rows = _rows(batch.branch, b, dev) & valid
+            scores = _branch_score(delta, m, b)
+            metrics[f"mean_gap/{b}"] = float(delta[rows].sum()) / max(int(m[rows].sum()), 1)
+            metrics[f"spearman_gap_len/{b}"] = spearman(scores[rows], lengths[rows].double())
+        return _Prepared(m, valid, delta, alpha, lengths, metrics)
+
+
+@dataclass
+class OPD(Method):
+    """Single-teacher on-policy distillation: ``A = clip(delta)``."""
+
+    name: ClassVar[str] = "opd"
+    loss_forms: ClassVar[tuple[str, ...]] = ("pg", "topk")
+
+
+@dataclass
+class MOPD(OPD):
+    """Vanilla multi-teacher OPD: every sample routed to its domain's teacher, branches mixed, no selection."""
+
+    name: ClassVar[str] = "mopd"
+
+
+@dataclass
+class CaMOPD(Method):
+    """CaMOPD: per-branch mass-target selection on gap scores and branch scales ``r_b`` (spec §2)."""
+
+    name: ClassVar[str] = "camopd"
+    loss_forms: ClassVar[tuple[str, ...]] = ("pg", "topk")
+    rho_g: float = 0.8
+    rho_d: float = 0.8
+    r_g: float = 2.0
+    r_d: float = 1.0
+    selection: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for f in ("rho_g", "rho_d"):
+            if not 0.0 < getattr(self, f) <= 1.0:
+                raise SpecError(f"camopd.{f}: expected 0 < {f} <= 1, got {getattr(self, f)}")
+        for f in ("r_g", "r_d"):
+            if not getattr(self, f) > 0:
+                raise SpecError(f"camopd.{f}: expected > 0, got {getattr(self, f)}")
+
+    def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        unknown = sorted(set(batch.branch) - set(BRANCHES))
+        if unknown:
+            raise DataError(f"camopd: branch must be one of {BRANCHES}, got {unknown}")
+        keep = torch.zeros_like(p.valid)
+        scale = torch.zeros_like(p.alpha)
+        for b in sorted(set(batch.branch)):
+            rows = _rows(batch.branch, b, p.valid.device)
+            idx = torch.nonzero(rows & p.valid).flatten()
+            r_b = branch_scale(b, self.r_g, self.r_d)
+            scale[rows] = r_b
+            if idx.numel() == 0:
+                p.metrics[f"selected_fraction/{b}"] = 0.0
+                continue
+            if self.selection:
+                rho = self.rho_g if b == "general" else self.rho_d
+                res = mass_target_select(gap_scores(p.delta[idx], p.m[idx], b), rho)
+                sel = res.keep
+                p.metrics[f"all_zero/{b}"] = float(res.all_zero)
+            else:
+                sel = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
+            keep[idx[sel]] = True
+            p.metrics[f"selected_fraction/{b}"] = float(sel.sum()) / int(rows.sum())
+            for k, v in length_summary(p.lengths[idx], sel).items():
+                p.metrics[f"{k}/{b}"] = v
+        scale = scale * p.alpha
+        adv = clip_advantage(p.delta, self.a_max) * scale.unsqueeze(-1)
+        return adv, p.m.float(), keep, scale
+
+
+@dataclass
+class UniOPD(Method):
+    """Uni-OPD: online correctness balancing + outcome-guided margin calibration (spec §3)."""
+
+    name: ClassVar[str] = "uniopd"
+    target_margin: float = 0.4
+    margin_mode: str = "mean"
+    margin_scope: str = "group"
+    calibration: str = "shift"          # shift | mask | none
+    shift_direction: str = "spread"     # lift | suppress | spread
+    mask_min_frac: float = 0.25
+    balance: bool = True
+    balance_ratio: float = 1.0
+    seed: int = 0
+    advantage: str = "token"            # token: shifted token rewards; return: G broadcast to every token
+    _calls: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        choices = {"margin_mode": ("mean", "minmax"), "margin_scope": ("group", "global"),
+                   "calibration": ("shift", "mask", "none"), "shift_direction": ("lift", "suppress", "spread"),
+                   "advantage": ("token", "return")}
+        for f, allowed in choices.items():
+            if getattr(self, f) not in allowed:
+                raise SpecError(f"uniopd.{f}: expected one of {allowed}, got {getattr(self, f)!r}")
+        if not 0.0 <= self.mask_min_frac <= 1.0:
+            raise SpecError(f"uniopd.mask_min_frac: expected 0 <= x <= 1, got {self.mask_min_frac}")
+        if not self.balance_ratio > 0:
+            raise SpecError(f"uniopd.balance_ratio: expected > 0, got {self.balance_ratio}")
+
+    def required(self, batch: SignalBatch) -> list[str]:
+        return ["reward", "group"]
+
+    def state_dict(self) -> dict[str, int]:
+        """Balancing RNG position (the generator is reseeded from ``seed`` and this counter each batch)."""
+        return {"calls": self._calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._calls = int(state["calls"])
+
+    def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        assert batch.reward is not None and batch.group is not None
+        reward, group = batch.reward.float(), batch.group.long()
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._calls)
+        self._calls += 1
+        keep = uniopd.balance_correctness(reward, group, self.balance_ratio, gen, p.valid) if self.balance else p.valid
+        p.metrics["balance_dropped"] = float((p.valid & ~keep).sum())
+        rewards = clip_advantage(p.delta, self.a_max) * p.alpha.unsqueeze(-1)
+        before = uniopd.group_margins(uniopd.trajectory_returns(rewards, p.m), reward, group, self.margin_mode,
+                                      self.margin_scope, keep)
+        if self.calibration == "shift":
+            res = uniopd.margin_shift(rewards, p.m, reward, group, self.target_margin, self.shift_direction,
+                                      self.margin_mode, self.margin_scope, keep)
+            rewards = res.token_rewards
+            p.metrics["groups_shifted"] = float((res.shift > 0).sum())
+        elif self.calibration == "mask":
+            g = uniopd.trajectory_returns(rewards, p.m)
+            mkeep = uniopd.greedy_margin_mask(g, reward, group, self.target_margin, self.margin_mode,
+                                              self.mask_min_frac, self.margin_scope, keep)
+            p.metrics["margin_masked"] = float((keep & ~mkeep).sum())
+            keep = mkeep
+        after = uniopd.group_margins(uniopd.trajectory_returns(rewards, p.m), reward, group, self.margin_mode,
+                                     self.margin_scope, keep)
+        for key, gm in (("margin_before", before), ("margin_after", after)):
+            defined = gm.margin[~torch.isnan(gm.margin)]
+            p.metrics[key] = float(defined.mean()) if defined.numel() else math.nan
+        if self.advantage == "return":
+            rewards = uniopd.trajectory_returns(rewards, p.m).unsqueeze(-1).expand_as(rewards)
+        return rewards, p.m.float(), keep, p.alpha.clone()
+
+
+@dataclass
+class RelaxedOPD(Method):
+    """Relaxed OPD (REOPOLD): reward floor ``log(lam/(1-lam))`` and top-``beta`` entropy token sampling."""
+
+    name: ClassVar[str] = "relaxed_opd"
+    lam: float = 0.2
+    beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.lam < 1.0:
+            raise SpecError(f"relaxed_opd.lam: expected 0 < lam < 1, got {self.lam}")
+        if not 0.0 < self.beta <= 1.0:
+            raise SpecError(f"relaxed_opd.beta: expected 0 < beta <= 1, got {self.beta}")
+
+    def required(self, batch: SignalBatch) -> list[str]:
+        return ["entropy"]
+
+    def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        assert batch.entropy is not None
+        adv = clip_advantage(baselines.relaxed_reward(p.delta, self.lam), self.a_max) * p.alpha.unsqueeze(-1)
+        tw = baselines.entropy_token_mask(batch.entropy.float(), p.m, self.beta)
+        p.metrics["entropy_kept_fraction"] = float(tw.sum()) / max(int(p.m.sum()), 1)
+        return adv, tw, torch.ones_like(p.valid), p.alpha.clone()
+
+
+@dataclass
+class SelecTKD(Method):
+    """SelecTKD: tokens whose student top-1 is outside the teacher's top-``k`` weigh ``beta``."""
+
+    name: ClassVar[str] = "selectkd"
+    k: int = 5
+    beta: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.k, int) or self.k < 1:
+            raise SpecError(f"selectkd.k: expected an integer >= 1, got {self.k!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise SpecError(f"selectkd.beta: expected 0 <= beta <= 1, got {self.beta}")
+
+    def required(self, batch: SignalBatch) -> list[str]:
+        return ["student_top1", "teacher_topk_ids"]
+
+    def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        assert batch.student_top1 is not None and batch.teacher_topk_ids is not None
+        tw, rate = baselines.selectkd_weights(batch.student_top1, batch.teacher_topk_ids, p.m, self.k, self.beta)
+        p.metrics["acceptance_rate"] = rate
+        adv = clip_advantage(p.delta, self.a_max) * p.alpha.unsqueeze(-1)
+        return adv, tw, torch.ones_like(p.valid), p.alpha.clone()
+
+
+@dataclass
+class ExOPD(Method):
+    """ExOPD (G-OPD): ``A = lam (lp_T - lp_ref) - (lp_s - lp_ref)`` with the frozen initial student as ref."""
+
+    name: ClassVar[str] = "exopd"
+    lam: float = 1.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.lam > 0:
+            raise SpecError(f"exopd.lam: expected lam > 0, got {self.lam}")
+
+    def required(self, batch: SignalBatch) -> list[str]:
+        return ["ref_lp"]
+
+    def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        assert batch.ref_lp is not None
+        zero = torch.zeros((), device=p.m.device)
+        t, s, r = (torch.where(p.m, x.float(), zero) for x in (batch.teacher_lp, batch.rollout_lp, batch.ref_lp))
+        adv = clip_advantage(baselines.exopd_advantage(t, s, r, p.m, self.lam), self.a_max) * p.alpha.unsqueeze(-1)
+        return adv, p.m.float(), torch.ones_like(p.valid), p.alpha.clone()
+
+
+METHODS: dict[str, type[Method]] = {
+    c.name: c for c in (OPD, MOPD, CaMOPD, UniOPD, RelaxedOPD, SelecTKD, ExOPD)
+}
+
+
+def build_method(name: str, **params: Any) -> Method:
+    """Instantiate a registered method; unknown names/parameters raise :class:`SpecError` naming them."""
+    if name not in METHODS:
+        raise SpecError(f"method.name: unknown method {name!r}; expected one of {sorted(METHODS)}")
+    cls = METHODS[name]
+    allowed = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise SpecError(f"method.{unknown[0]}: unknown parameter for {name!r}; allowed: {sorted(allowed)}")
+    return cls(**params)

@@ -1,0 +1,184 @@
+"""Checkpoints with megatron-core `dist_checkpointing`: model, optimizer, LR schedule, training state, RNG.
+
+Layout under `checkpoint.dir`:
+    iter_0000012/            dist_checkpointing files (model + optimizer, resharding-capable)
+        train_state.json     step, branch-schedule position, data-stream positions, anything JSON (rank 0)
+        scheduler.pt         OptimizerParamScheduler state (rank 0)
+        rng/rank{r}.pt       per-rank RNG states (restored only when the world layout is unchanged)
+    latest                   text file naming the newest complete checkpoint
+    metrics.jsonl            (written by metrics.py)
+
+Writes are atomic: everything goes to `iter_N.tmp/`, which is renamed to `iter_N/` only once every rank has
+finished, and `latest` is replaced with os.replace. A crash mid-save leaves the previous checkpoint loadable.
+Sharded tensors are matched by their global keys, so a checkpoint saved at TP=2/PP=2 loads at TP=1 (resharding).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import tensor_parallel
+
+from megatron_camopd.errors import CheckpointError
+
+_OPT_META = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+def _iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `root` (via `latest`, else the highest complete iter_* dir)."""
+    root = Path(root)
+    marker = root / "latest"
+    if marker.exists():
+        path = root / marker.read_text().strip()
+        if (path / "train_state.json").exists():
+            return path
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / "train_state.json").exists())
+    return done[-1] if done else None
+
+
+def _model_sharded(models: list) -> dict:
+    if len(models) == 1:
+        return {"model": models[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(root, step: int, models: list, optimizer=None, scheduler=None, train_state: dict | None = None,
+                    keep_last: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    root = Path(root)
+    rank = dist.get_rank()
+    final = root / _iter_name(step)
+    tmp = root / (_iter_name(step) + ".tmp")
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    sharded = _model_sharded(models)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_OPT_META)
+    dist_checkpointing.save(sharded, str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save({"world": dist.get_world_size(), "state": _rng_state()}, tmp / "rng" / f"rank{rank}.pt")
+    if rank == 0:
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        with open(tmp / "train_state.json", "w") as f:
+            json.dump({"step": step, **(train_state or {})}, f, indent=1)
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker_tmp = root / "latest.tmp"
+        marker_tmp.write_text(final.name + "\n")
+        os.replace(marker_tmp, root / "latest")
+        if keep_last:
+            olds = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for p in olds[:-keep_last]:
+                shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path, models: list, optimizer=None, scheduler=None, *, strict: bool = True) -> dict:
+    """Collective: load model (+ optimizer, scheduler, RNG when present) from `path`; returns train_state."""
+    path = Path(path)
+    if not (path / "train_state.json").exists():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no train_state.json)")
+    sharded = _model_sharded(models)
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=_OPT_META)
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path))
+    except Exception as exc:  # dist_checkpointing raises many kinds; name the checkpoint
+        raise CheckpointError(f"{path}: cannot load into this model: {exc}") from exc
+    if len(models) == 1:
+        models[0].load_state_dict(loaded["model"], strict=strict)
+    else:
+        for i, m in enumerate(models):
+            m.load_state_dict(loaded[f"model{i}"], strict=strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and (path / "scheduler.pt").exists():
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng_file = path / "rng" / f"rank{dist.get_rank()}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        if rng["world"] == dist.get_world_size():
+            _set_rng_state(rng["state"])
+    with open(path / "train_state.json") as f:
+        return json.load(f)
+
+
+def load_model_only(path, models: list) -> dict:
+    """Load just the model weights (teachers, evaluation, conversion) from a checkpoint saved at any TP/PP."""
+    return load_checkpoint(path, models, optimizer=None, scheduler=None)
+
+
+META_DIR = "hf"  # under the checkpoint root: the HF config.json and tokenizer files the model was built from
+
+
+def write_model_meta(root, hf_config: dict, tokenizer_dir=None) -> Path:
+    """Record the architecture (HF config.json) and tokenizer next to the checkpoints (rank 0 only)."""
+    meta = Path(root) / META_DIR
+    meta.mkdir(parents=True, exist_ok=True)
+    tmp = meta / "config.json.tmp"
+    tmp.write_text(json.dumps(hf_config, indent=1))
+    os.replace(tmp, meta / "config.json")
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json",
+                                                                              "merges.txt", "chat_template.jinja")):
+                shutil.copy2(f, meta / f.name)
+    return meta
+
+
+def find_model_meta(path) -> Path:
+    """The `hf/` meta dir for a checkpoint root or an `iter_*` dir inside it."""
+    path = Path(path)
+    for cand in (path / META_DIR, path.parent / META_DIR):
+        if (cand / "config.json").exists():
+            return cand
+    raise CheckpointError(f"{path}: no {META_DIR}/config.json next to the checkpoint (was it written by camopd?)")
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint root (use its latest) or an iter_* dir -> the iter dir to load."""
+    path = Path(path)
+    if (path / "train_state.json").exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path}: no complete checkpoint found (expected iter_*/train_state.json)")
+    return latest

@@ -1,0 +1,266 @@
+"""Spec sections for what is trained on what: model, teachers, data streams, method, schedule, rollout.
+
+Defaults are the papers' defaults (spec.md §1-§4, CaMOPD appendix A). Fields whose default depends on the method
+(`method.selection`, `schedule.mode`, `rollout.n_samples`) default to None here and are resolved by
+`ExperimentSpec`, so the printed spec always shows the value in force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_camopd.config.fields import Section, check, in_range, non_negative, path_field, positive
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class ModelConfig(Section):
+    """The student: a Hugging Face directory (config.json, tokenizer, safetensors) and/or a Megatron checkpoint."""
+
+    hf_path: str | None = path_field()
+    checkpoint: str | None = path_field()
+    tokenizer: str | None = path_field()  # None: the tokenizer in hf_path
+    dtype: Dtype = "bf16"
+    seq_length: int | None = None  # None: data.max_prompt_tokens + rollout.max_new_tokens
+    max_position_embeddings: int | None = None  # None: from the HF config
+
+    def validate(self) -> None:
+        check(self.hf_path is not None or self.checkpoint is not None, "hf_path", "give hf_path or checkpoint")
+        positive(self, "seq_length", "max_position_embeddings")
+
+
+@dataclass
+class TeacherConfig(Section):
+    """One frozen teacher: in-process Megatron (`checkpoint`/`hf_path`) or SGLang servers (`urls`/`discovery_file`)."""
+
+    checkpoint: str | None = path_field()
+    hf_path: str | None = path_field()
+    urls: list[str] | None = None
+    discovery_file: str | None = path_field()  # a launcher writes `host:port` lines here
+    weight: float = 1.0  # alpha_k: scales this teacher's token rewards
+    dtype: Dtype | None = None  # in-process teachers; None: model.dtype
+    timeout_s: float = 600.0
+    max_in_flight: int = 16
+    retries: int = 3
+    discovery_timeout_s: float = 3600.0  # how long to wait for the discovery file to list a server
+
+    @property
+    def kind(self) -> Literal["megatron", "http", "discovery"]:
+        """How the teacher is reached."""
+        if self.urls is not None:
+            return "http"
+        if self.discovery_file is not None:
+            return "discovery"
+        return "megatron"
+
+    def validate(self) -> None:
+        given = [n for n in ("urls", "discovery_file") if getattr(self, n) is not None]
+        in_process = self.checkpoint is not None or self.hf_path is not None
+        check(
+            len(given) + int(in_process) == 1,
+            given[0] if given else "checkpoint",
+            "give exactly one of checkpoint/hf_path (in-process), urls or discovery_file"
+            + (f", got {', '.join(given + (['checkpoint/hf_path'] if in_process else []))}" if given else ""),
+        )
+        if self.urls is not None:
+            check(len(self.urls) > 0, "urls", "must list at least one server")
+            for i, url in enumerate(self.urls):
+                parsed = urllib.parse.urlparse(url)
+                ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and _has_port(parsed)
+                check(ok, f"urls.{i}", f"must look like http://host:port, got {url!r}")
+        positive(self, "weight", "timeout_s", "max_in_flight", "discovery_timeout_s")
+        non_negative(self, "retries")
+
+
+def _has_port(parsed: urllib.parse.ParseResult) -> bool:
+    try:
+        return parsed.port is not None
+    except ValueError:
+        return False
+
+
+@dataclass
+class StreamConfig(Section):
+    """One prompt stream: a jsonl/parquet file of one format, routed by its domain, in one CaMOPD branch."""
+
+    name: str
+    path: str = path_field(dataclasses.MISSING)
+    domain: str = dataclasses.field()
+    format: Literal["messages", "prompt", "nemotron", "coser", "medical_mc"] = "messages"
+    branch: Literal["general", "domain"] | None = None  # CaMOPD/MOPD branch; None for branch-free methods
+    weight: float = 1.0  # sampling weight among streams of the same branch
+    verifier: Literal["none", "exact", "numeric", "multiple_choice", "code"] = "none"  # Uni-OPD outcome reward
+    limit: int | None = None  # use at most this many rows
+
+    def validate(self) -> None:
+        check(bool(NAME_RE.match(self.name)), "name", f"must match {NAME_RE.pattern}, got {self.name!r}")
+        check(self.path.endswith((".jsonl", ".parquet")), "path", "must be .jsonl or .parquet")
+        check(bool(NAME_RE.match(self.domain)), "domain", f"must match {NAME_RE.pattern}, got {self.domain!r}")
+        positive(self, "weight", "limit")
+
+
+@dataclass
+class DataConfig(Section):
+    """The prompt streams and how prompts are cut to length."""
+
+    streams: list[StreamConfig] = field(default_factory=list)
+    max_prompt_tokens: int = 4096
+    overlong: Literal["truncate", "skip"] = "truncate"
+    truncate_side: Literal["left", "right"] = "left"  # left keeps the latest turns
+    seed: int = 1234
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        check(len(self.streams) > 0, "streams", "must list at least one stream")
+        seen: set[str] = set()
+        for i, stream in enumerate(self.streams):
+            check(stream.name not in seen, f"streams.{i}.name", f"duplicate stream name {stream.name!r}")
+            seen.add(stream.name)
+        positive(self, "max_prompt_tokens")
+
+    def branches(self) -> set[str]:
+        """The CaMOPD branches the streams cover."""
+        return {s.branch for s in self.streams if s.branch is not None}
+
+
+@dataclass
+class UniOPDConfig(Section):
+    """Uni-OPD: outcome-guided margin calibration and data balancing (spec.md §3)."""
+
+    calibration: Literal["shift", "mask", "none"] = "shift"
+    delta_star: float = 0.4
+    scope: Literal["group", "global"] = "group"
+    margin_mode: Literal["mean", "minmax"] = "mean"
+    shift: Literal["spread", "lift", "suppress"] = "spread"
+    mask_min_frac: float = 0.25  # greedy margin mask keeps at least max(1, floor(frac * n_side))
+    online_balance: bool = True
+    balance_ratio: float = 1.0  # target correct:incorrect ratio within a group
+    offline_balance: bool = False
+    offline_n: int = 8  # rollouts per prompt in the offline pass
+    offline_shape: Literal["auto", "u", "mirrored_j"] = "auto"
+    offline_factor: int = 2  # upsampling factor of the selected prompts
+    offline_low: int = 1  # U-shape: upsample pass counts in [offline_low, offline_high]
+    offline_high: int | None = None  # None: offline_n - 1
+
+    def validate(self) -> None:
+        positive(self, "delta_star", "balance_ratio", "offline_n", "offline_factor")
+        in_range(self, "mask_min_frac", 0.0, 1.0, low_open=True, high_open=False)
+        non_negative(self, "offline_low")
+        high = self.offline_n - 1 if self.offline_high is None else self.offline_high
+        check(self.offline_low <= high <= self.offline_n, "offline_high",
+              "need offline_low <= offline_high <= offline_n")
+
+
+@dataclass
+class RelaxedConfig(Section):
+    """Relaxed OPD (REOPOLD): reward floor log(lam/(1-lam)) and entropy top-beta token sampling."""
+
+    lam: float = 0.2
+    beta: float = 0.5
+
+    def validate(self) -> None:
+        in_range(self, "lam", 0.0, 1.0, low_open=True, high_open=True)
+        in_range(self, "beta", 0.0, 1.0, low_open=True, high_open=False)
+
+
+@dataclass
+class SelecTKDConfig(Section):
+    """SelecTKD: accept a token when the student's top-1 is in the teacher's top-k; rejected tokens weigh beta."""
+
+    k: int = 5
+    beta: float = 0.01
+
+    def validate(self) -> None:
+        positive(self, "k")
+        in_range(self, "beta", 0.0, 1.0, low_open=False, high_open=False)
+
+
+@dataclass
+class ExOPDConfig(Section):
+    """ExOPD (G-OPD): A = lam (log pi_T - log pi_ref) - (log pi_s - log pi_ref)."""
+
+    lam: float = 1.25
+    reference: str | None = path_field()  # None: the initial student
+
+    def validate(self) -> None:
+        positive(self, "lam")
+
+
+@dataclass
+class MethodConfig(Section):
+    """The distillation method and its loss, clipping, importance weighting and CaMOPD selection parameters."""
+
+    name: Literal["camopd", "mopd", "uniopd", "relaxed_opd", "selectkd", "exopd", "opd", "sft"]
+    loss: Literal["pg", "topk"] = "pg"
+    a_max: float | None = 5.0  # two-sided advantage clip; null = no clip
+    is_weight: Literal["mask", "truncate", "none"] = "mask"
+    eps_low: float = 0.5
+    eps_high: float = 5.0
+    is_cap: float = 2.0  # C of truncated IS
+    topk: int = 16
+    selection: bool | None = None  # gap-based mass-target selection; None: on for camopd
+    rho_g: float = 0.8
+    rho_d: float = 0.8
+    r_g: float = 2.0
+    r_d: float = 1.0
+    uniopd: UniOPDConfig = field(default_factory=UniOPDConfig)
+    relaxed: RelaxedConfig = field(default_factory=RelaxedConfig)
+    selectkd: SelecTKDConfig = field(default_factory=SelecTKDConfig)
+    exopd: ExOPDConfig = field(default_factory=ExOPDConfig)
+
+    def validate(self) -> None:
+        positive(self, "a_max", "eps_high", "is_cap", "r_g", "r_d")
+        non_negative(self, "eps_low", "topk")
+        check(self.eps_low <= self.eps_high, "eps_low",
+              f"must be <= eps_high ({self.eps_high!r}), got {self.eps_low!r}")
+        check(self.loss != "topk" or self.topk >= 1, "topk", f"the topk loss needs topk >= 1, got {self.topk!r}")
+        in_range(self, "rho_g", 0.0, 1.0, low_open=True, high_open=False)
+        in_range(self, "rho_d", 0.0, 1.0, low_open=True, high_open=False)
+        if self.name in ("relaxed_opd", "exopd"):
+            check(self.loss == "pg", "loss", f"{self.name} is a policy-gradient method: loss must be 'pg'")
+
+    def resolve(self) -> None:
+        """Fill method-dependent defaults."""
+        if self.selection is None:
+            self.selection = self.name == "camopd"
+
+
+@dataclass
+class ScheduleConfig(Section):
+    """Branch schedule: CaMOPD's alternating G x n_g, D or a mixed batch with a [general, domain] prompt ratio."""
+
+    mode: Literal["alternate", "mixed"] | None = None  # None: alternate for camopd, else mixed
+    n_g: int = 3
+    mix_ratio: list[float] | None = None  # [general, domain] prompts per mixed step, e.g. [1, 1] or [3, 1]
+
+    def validate(self) -> None:
+        positive(self, "n_g")
+        if self.mix_ratio is not None:
+            check(len(self.mix_ratio) == 2, "mix_ratio", f"must be [general, domain], got {self.mix_ratio!r}")
+            check(all(r >= 0 for r in self.mix_ratio) and sum(self.mix_ratio) > 0, "mix_ratio",
+                  f"must be non-negative with a positive sum, got {self.mix_ratio!r}")
+
+
+@dataclass
+class RolloutConfig(Section):
+    """Student sampling per step."""
+
+    prompts_per_step: int = 512
+    n_samples: int | None = None  # responses per prompt; None: 16 for uniopd (its group size n), else 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_new_tokens: int = 32768
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        positive(self, "prompts_per_step", "n_samples", "temperature", "max_new_tokens")
+        in_range(self, "top_p", 0.0, 1.0, low_open=True, high_open=False)
+        check(self.top_k == -1 or self.top_k >= 1, "top_k", f"must be -1 (off) or >= 1, got {self.top_k!r}")

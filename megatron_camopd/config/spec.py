@@ -1,0 +1,147 @@
+"""`ExperimentSpec`: the whole experiment, with the checks that span sections and the method-dependent defaults.
+
+Cross-section rules: routing names defined teachers and routes every stream's domain; CaMOPD (and any alternating
+schedule) needs a general and a domain stream; a mixed schedule over branches needs `mix_ratio`; Uni-OPD groups
+need n_samples >= 2 and a verifier per stream; the model's sequence length holds a prompt plus a rollout; the
+launcher's world size is a multiple of tp * pp (and equals tp * pp * dp when dp is given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_camopd.config.fields import Section, check
+from megatron_camopd.config.run_sections import (
+    CheckpointConfig,
+    LauncherConfig,
+    LoggingConfig,
+    ParallelConfig,
+    TrainConfig,
+)
+from megatron_camopd.config.sections import (
+    NAME_RE,
+    DataConfig,
+    MethodConfig,
+    ModelConfig,
+    RolloutConfig,
+    ScheduleConfig,
+    TeacherConfig,
+)
+
+
+@dataclass
+class ExperimentSpec(Section):
+    """A complete, validated experiment. Build it with `load_spec`; print it with `dump_yaml`."""
+
+    name: str
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig
+    checkpoint: CheckpointConfig
+    description: str = ""
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    routing: dict[str, str] = field(default_factory=dict)  # domain -> teacher name
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig | None = None  # None: a local (non-Slurm) run
+
+    def validate(self) -> None:
+        check(bool(NAME_RE.match(self.name)), "name", f"must match {NAME_RE.pattern}, got {self.name!r}")
+        self._resolve_defaults()
+        self._check_teachers()
+        self._check_branches()
+        self._check_method()
+        self._check_lengths()
+        self._check_parallel()
+
+    def _resolve_defaults(self) -> None:
+        self.method.resolve()
+        if self.schedule.mode is None:
+            self.schedule.mode = "alternate" if self.method.name == "camopd" else "mixed"
+        if self.rollout.n_samples is None:
+            self.rollout.n_samples = 16 if self.method.name == "uniopd" else 1
+        if self.logging.wandb.run_name is None:
+            self.logging.wandb.run_name = self.name
+
+    def _check_teachers(self) -> None:
+        for teacher in self.teachers:
+            check(bool(NAME_RE.match(teacher)), f"teachers.{teacher}", f"teacher names must match {NAME_RE.pattern}")
+        for domain, teacher in self.routing.items():
+            check(
+                teacher in self.teachers,
+                f"routing.{domain}",
+                f"teacher {teacher!r} is not defined (teachers: {', '.join(sorted(self.teachers)) or 'none'})",
+            )
+        if self.method.name == "sft":
+            return
+        check(len(self.teachers) > 0, "teachers", f"method {self.method.name!r} needs at least one teacher")
+        for i, stream in enumerate(self.data.streams):
+            check(
+                stream.domain in self.routing,
+                f"data.streams.{i}.domain",
+                f"domain {stream.domain!r} is not routed to a teacher (add routing.{stream.domain})",
+            )
+
+    def _check_branches(self) -> None:
+        streams = self.data.streams
+        with_branch = [s.branch is not None for s in streams]
+        if any(with_branch) and not all(with_branch):
+            i = with_branch.index(False)
+            check(False, f"data.streams.{i}.branch", "give every stream a branch (general|domain) or none")
+        branches = self.data.branches()
+        needs_both = self.method.name == "camopd" or self.schedule.mode == "alternate"
+        if needs_both:
+            why = "camopd" if self.method.name == "camopd" else "the alternate schedule"
+            for branch in ("general", "domain"):
+                check(branch in branches, "data.streams", f"{why} needs a stream with branch: {branch}")
+        if self.schedule.mode == "mixed" and branches:
+            check(self.schedule.mix_ratio is not None, "schedule.mix_ratio",
+                  "a mixed schedule over general/domain streams needs mix_ratio: [general, domain]")
+            for branch, ratio in zip(("general", "domain"), self.schedule.mix_ratio or [0, 0], strict=True):
+                check(ratio == 0 or branch in branches, "schedule.mix_ratio", f"no stream has branch: {branch}")
+        if self.schedule.mix_ratio is not None:
+            check(bool(branches), "schedule.mix_ratio", "needs streams with branch: general|domain")
+
+    def _check_method(self) -> None:
+        if self.method.name != "uniopd":
+            return
+        uni = self.method.uniopd
+        if uni.calibration != "none" or uni.online_balance:
+            check(self.rollout.n_samples is not None and self.rollout.n_samples >= 2, "rollout.n_samples",
+                  f"Uni-OPD groups need n_samples >= 2, got {self.rollout.n_samples}")
+            for i, stream in enumerate(self.data.streams):
+                check(stream.verifier != "none", f"data.streams.{i}.verifier",
+                      "Uni-OPD calibration/balancing needs an outcome verifier for every stream")
+
+    def _check_lengths(self) -> None:
+        need = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        if self.model.seq_length is not None:
+            check(self.model.seq_length >= need, "model.seq_length",
+                  f"must hold data.max_prompt_tokens + rollout.max_new_tokens = {need}, got {self.model.seq_length}")
+
+    def _check_parallel(self) -> None:
+        if self.launcher is None:
+            return
+        world, mp = self.launcher.world_size, self.parallel.model_parallel_size
+        check(world % mp == 0, "parallel.tp",
+              f"launcher world size {world} is not a multiple of tp*pp = {mp}")
+        if self.parallel.dp is not None:
+            check(self.parallel.dp * mp == world, "parallel.dp",
+                  f"tp*pp*dp = {self.parallel.dp * mp} must equal the launcher world size {world}")
+
+    @property
+    def seq_length(self) -> int:
+        """The model's sequence length in force (the derived default when model.seq_length is null)."""
+        return self.model.seq_length or self.data.max_prompt_tokens + self.rollout.max_new_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec as plain YAML-ready data (round-trips through `load_spec`)."""
+        data = dataclasses.asdict(self)
+        order = ["name", "description", "model", "teachers", "routing", "data", "method", "schedule", "rollout",
+                 "train", "parallel", "checkpoint", "logging", "launcher"]
+        return {key: data[key] for key in order}

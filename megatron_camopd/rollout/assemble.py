@@ -1,0 +1,111 @@
+"""Pack scored samples into tensors: the algorithm's response-aligned `SignalBatch` and Megatron's micro-batches.
+
+Response-aligned `[B, T]`: column t is response token t of each sample (T = longest response), `mask` marks real
+tokens. Megatron's layout `[B, L]` is aligned with the model's next-token positions: column j predicts
+`tokens[:, j + 1]`, so response token t of a sample with prompt length P sits at column P - 1 + t.
+A sample that failed scoring, or whose scores do not cover its response, gets an all-NaN teacher row: the
+method drops it (sample_weight 0) and counts it, so no sample disappears without a trace.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_camopd.algo.methods import SignalBatch, TrainSignals
+
+
+def _pad2(rows: list[torch.Tensor], width: int, fill: float, dtype) -> torch.Tensor:
+    out = torch.full((len(rows), width), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r.to(dtype)
+    return out
+
+
+def signal_batch(samples, teacher_weights: dict[str, float]) -> SignalBatch:
+    """The method's input for the whole step batch."""
+    n_resp = [len(s.rollout.response_ids) for s in samples]
+    width = max(max(n_resp), 1)
+    nan = float("nan")
+
+    def teacher_row(s) -> torch.Tensor:
+        n = len(s.rollout.response_ids)
+        if s.error is not None or s.scores is None or len(s.scores) != n:
+            return torch.full((n,), nan)
+        return s.scores.logprobs
+
+    mask = _pad2([torch.ones(n) for n in n_resp], width, 0.0, torch.float32)
+    batch = dict(
+        mask=mask,
+        teacher_lp=_pad2([teacher_row(s) for s in samples], width, 0.0, torch.float32),
+        rollout_lp=_pad2([s.rollout.logprobs for s in samples], width, 0.0, torch.float32),
+        branch=[s.branch if s.branch != "all" else "general" for s in samples],
+        entropy=_pad2([s.rollout.entropy for s in samples], width, 0.0, torch.float32),
+        student_top1=_pad2([s.rollout.top1 for s in samples], width, 0, torch.long),
+        teacher_weight=torch.tensor([float(teacher_weights.get(s.teacher, 1.0)) for s in samples]),
+    )
+    ok = [s.scores is not None and s.error is None and s.scores.topk_ids is not None for s in samples]
+    if any(ok):
+        k = next(s.scores.topk_ids.shape[1] for s, good in zip(samples, ok) if good)
+        ids = torch.zeros((len(samples), width, k), dtype=torch.long)
+        lps = torch.full((len(samples), width, k), nan)
+        for i, (s, good) in enumerate(zip(samples, ok)):
+            if good:
+                n = s.scores.topk_ids.shape[0]
+                ids[i, :n], lps[i, :n] = s.scores.topk_ids, s.scores.topk_logprobs
+        batch.update(teacher_topk_ids=ids, teacher_topk_lp=lps.masked_fill(mask.unsqueeze(-1) == 0, 0.0))
+    if all(s.ref_lp is not None for s in samples):
+        batch["ref_lp"] = _pad2([s.ref_lp for s in samples], width, 0.0, torch.float32)
+    if all(s.reward is not None for s in samples):
+        batch["reward"] = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+        batch["group"] = torch.tensor([s.group for s in samples], dtype=torch.long)
+    return SignalBatch(**batch)
+
+
+def train_batch(samples, signals: TrainSignals | None, rows: list[int], pad_id: int, multiple: int,
+                width: int | None = None, sft: bool = False) -> dict[str, torch.Tensor]:
+    """Megatron micro-batch tensors for `rows` of the step batch, padded with zero-weight rows to `multiple`.
+
+    `width` fixes the sequence length (all DP ranks and PP stages must agree on it).
+    """
+    seqs = [samples[i].rollout.ids for i in rows]
+    width = width or max(len(s) for s in seqs)
+    n_rows = -(-max(len(rows), 1) // multiple) * multiple
+    tokens = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    f32 = dict(dtype=torch.float32)
+    out = {k: torch.zeros((n_rows, width), **f32) for k in ("loss_mask", "rollout_lp", "advantages", "token_weight")}
+    out["sample_weight"] = torch.zeros(n_rows, **f32)
+    for r, i in enumerate(rows):
+        s = samples[i]
+        ids = torch.tensor(s.rollout.ids, dtype=torch.long)
+        tokens[r, : len(ids)] = ids
+        labels[r, : len(ids) - 1] = ids[1:]
+        p, n = len(s.prompt.prompt_ids), len(s.rollout.response_ids)
+        cols = slice(p - 1, p - 1 + n)
+        out["loss_mask"][r, cols] = 1.0
+        out["rollout_lp"][r, cols] = s.rollout.logprobs
+        if sft:
+            out["sample_weight"][r] = 1.0
+            continue
+        out["advantages"][r, cols] = signals.advantages[i, :n]
+        out["token_weight"][r, cols] = signals.token_weight[i, :n]
+        out["sample_weight"][r] = signals.sample_weight[i]
+    out.update(tokens=tokens, labels=labels)
+    if signals is not None and signals.seq_scale is not None:
+        out["seq_scale"] = torch.zeros(n_rows, **f32)
+        out["seq_scale"][: len(rows)] = signals.seq_scale[rows]
+    return out
+
+
+def add_topk(batch: dict[str, torch.Tensor], samples, rows: list[int], sig: SignalBatch) -> None:
+    """Teacher top-k ids / log-probs in Megatron's layout (for the top-k loss)."""
+    n_rows, width = batch["tokens"].shape
+    k = sig.teacher_topk_ids.shape[-1]
+    ids = torch.zeros((n_rows, width, k), dtype=torch.long)
+    lps = torch.zeros((n_rows, width, k), dtype=torch.float32)
+    for r, i in enumerate(rows):
+        s = samples[i]
+        p, n = len(s.prompt.prompt_ids), len(s.rollout.response_ids)
+        ids[r, p - 1 : p - 1 + n] = sig.teacher_topk_ids[i, :n]
+        lps[r, p - 1 : p - 1 + n] = torch.nan_to_num(sig.teacher_topk_lp[i, :n], nan=0.0)
+    batch["topk_ids"], batch["topk_lp"] = ids, lps

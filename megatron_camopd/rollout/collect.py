@@ -1,0 +1,179 @@
+"""One step's data: draw prompts for the active branch, roll out, score with the routed teachers, verify.
+
+Overlap (MOPD paper): with HTTP teachers a scoring request fires as soon as each rollout finishes, while the rest
+of the batch is still generating; in-process teachers score the whole batch after generation (they share the
+ranks). A sample whose scoring fails after the client's retries is kept with its error and dropped from the loss
+(counted in metrics), never lost or duplicated silently.
+
+Data parallel: every DP rank draws the same prompts (streams are deterministic), rolls out its contiguous slice,
+and the scored samples are all-gathered so every rank sees the full step batch (selection and calibration are
+batch-level); each rank then trains on its own slice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_camopd.data.prompts import Prompt
+from megatron_camopd.data.verifiers import get_verifier
+from megatron_camopd.errors import CamopdError
+from megatron_camopd.rollout.generate import Rollout, SamplingParams, generate, sample_seed
+
+
+@dataclass
+class Sample:
+    index: int  # position in the step batch
+    group: int  # prompt index (Uni-OPD groups = the n samples of one prompt)
+    branch: str  # general | domain | all
+    prompt: Prompt
+    teacher: str
+    verifier: str | None
+    rollout: Rollout | None = None
+    scores: object | None = None  # TeacherScores
+    ref_lp: torch.Tensor | None = None
+    reward: float | None = None
+    error: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def largest_remainder(n: int, weights: list[float]) -> list[int]:
+    total = sum(weights)
+    raw = [n * w / total for w in weights]
+    out = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: out[i] - raw[i])[: n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def draw_prompts(session, branch: str) -> list[tuple[Prompt, str, object]]:
+    """(prompt, branch, stream config) for one step; `branch` is general | domain | mixed | all."""
+    n = session.spec.rollout.prompts_per_step
+    if branch == "mixed" and "general" in session.streams:
+        wants = dict(zip(("general", "domain"), session.schedule.split(n)))
+    elif branch == "mixed":
+        wants = {"all": n}
+    else:
+        wants = {branch: n}
+    out = []
+    for b, count in wants.items():
+        streams = session.streams.get(b, [])
+        if count and not streams:
+            raise CamopdError(f"no data stream for branch {b!r}")
+        for (cfg, stream), k in zip(streams, largest_remainder(count, [c.weight for c, _ in streams])):
+            out.extend((p, b, cfg) for p in stream.next_batch(k))
+    return out
+
+
+class _Loop:
+    """A background asyncio loop for overlapping HTTP scoring with generation."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="camopd-overlap")
+        self.thread.start()
+
+    def submit(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+def teacher_top_k(session) -> int | None:
+    m = session.spec.method
+    k = m.topk if m.loss == "topk" else 0
+    if m.name == "selectkd":
+        k = max(k, m.selectkd.k)
+    return k or None
+
+
+def _score_in_process(session, samples: list[Sample], top_k) -> None:
+    by_teacher: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_teacher.setdefault(s.teacher, []).append(s)
+    for name in sorted(by_teacher):
+        group = by_teacher[name]
+        res = session.teachers[name].score_batch([s.rollout.ids for s in group],
+                                                 [len(s.prompt.prompt_ids) for s in group], top_k)
+        for s, r in zip(group, res):
+            s.scores = r
+
+
+def _share_over_model_parallel(samples: list[Sample]) -> None:
+    """HTTP scores live on the model-parallel leader; give them to the other TP/PP ranks."""
+    group = ps.get_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return
+    obj = [[(s.scores, s.error) for s in samples]]
+    dist.broadcast_object_list(obj, src=dist.get_global_rank(group, 0), group=group)
+    for s, (scores, err) in zip(samples, obj[0]):
+        s.scores, s.error = scores, err
+
+
+def collect_step(session, step: int, branch: str) -> list[Sample]:
+    """Roll out and score this step's batch; returns the full batch (all DP slices) on every rank."""
+    spec = session.spec
+    drawn = draw_prompts(session, branch)
+    n = spec.rollout.n_samples
+    samples = [
+        Sample(index=len(drawn) * 0 + g * n + j, group=g, branch=b, prompt=p,
+               teacher=spec.routing.get(p.domain, spec.routing.get(b, "")),
+               verifier=(cfg.verifier if cfg.verifier != "none" else None))
+        for g, (p, b, cfg) in enumerate(drawn) for j in range(n)
+    ]
+    mine = np.array_split(np.arange(len(samples)), session.dp_size)[session.dp_rank].tolist()
+    local = [samples[i] for i in mine]
+    top_k = teacher_top_k(session)
+    http = {k for k, cfg in spec.teachers.items() if cfg.kind != "megatron"}
+    futures: dict[int, object] = {}
+    loop = _Loop() if http and session.is_mp_leader else None
+
+    def on_finish(i: int, rollout: Rollout) -> None:
+        s = local[i]
+        s.rollout = rollout
+        if loop is not None and s.teacher in http:
+            teacher = session.teachers[s.teacher]
+            futures[i] = loop.submit(teacher.score(rollout.ids, len(s.prompt.prompt_ids), top_k))
+
+    r = spec.rollout
+    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=max(r.top_k, 0),
+                            max_new_tokens=r.max_new_tokens,
+                            stop_token_ids=tuple(r.stop_token_ids) + tuple(session.tokenizer.stop_ids))
+    tok = session.tokenizer
+    generate(session.engine.forward, [s.prompt.prompt_ids for s in local], params, vocab_size=session.arch.vocab_size,
+             eos_id=tok.eos_id, pad_id=tok.pad_id, max_context=spec.seq_length, tp_group=session.engine.groups.tp,
+             seeds=[sample_seed(spec.train.seed, step, s.index) for s in local], on_finish=on_finish)
+    if loop is not None:
+        for i, fut in futures.items():
+            try:
+                local[i].scores = fut.result()
+            except Exception as exc:  # noqa: BLE001 -- recorded per sample, dropped from the loss, counted
+                local[i].error = f"{type(exc).__name__}: {exc}"
+        loop.close()
+    if http:
+        _share_over_model_parallel([s for s in local if s.teacher in http])
+    _score_in_process(session, [s for s in local if s.teacher not in http], top_k)
+    if session.reference is not None:
+        refs = session.reference.score_batch([s.rollout.ids for s in local],
+                                             [len(s.prompt.prompt_ids) for s in local])
+        for s, rs in zip(local, refs):
+            s.ref_lp = rs.logprobs
+    for s in local:
+        if s.verifier:
+            from megatron_camopd.session import VERIFIERS
+
+            text = tok.decode(s.rollout.response_ids, skip_special_tokens=True)
+            s.reward = float(get_verifier(VERIFIERS[s.verifier])(text, s.prompt.reference))
+    if session.dp_size > 1:
+        gathered: list = [None] * session.dp_size
+        dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
+        local = [s for part in gathered for s in part]
+    return sorted(local, key=lambda s: s.index)

@@ -1,0 +1,222 @@
+"""Everything a run holds, built from a validated spec: process groups, tokenizer, student engine, teachers,
+prompt streams per branch, method and branch schedule.
+
+`open_session(spec)` is the only place that reads the spec for set-up; the outer loop (train.py) then works on
+the `Session`. Teachers come in two kinds behind one interface: frozen Megatron models in process (checkpoint or
+HF dir) and SGLang-protocol HTTP servers (urls or a launcher's discovery file); an HTTP teacher whose tokenizer
+differs from the student's is refused here, before any training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_camopd.algo.camopd import BranchSchedule
+from megatron_camopd.algo.methods import Method, build_method
+from megatron_camopd.backend.checkpoint import find_model_meta, load_model_only, resolve_checkpoint
+from megatron_camopd.backend.cpu_runtime import init_distributed
+from megatron_camopd.backend.engine import Engine, OptimSettings, build_chunks
+from megatron_camopd.backend.hf_mapping import load_hf_weights
+from megatron_camopd.backend.model import ModelArch
+from megatron_camopd.config import ExperimentSpec
+from megatron_camopd.data.prompts import PromptSource, PromptStream
+from megatron_camopd.data.tokenizer import Tokenizer
+from megatron_camopd.errors import SpecError, TeacherError
+from megatron_camopd.teachers.inprocess import MegatronTeacher
+
+log = logging.getLogger("megatron_camopd")
+
+# spec verifier names -> data.verifiers registry names
+VERIFIERS = {"exact": "exact_match", "numeric": "numeric", "multiple_choice": "mc_letter", "code": "code"}
+
+
+@dataclass
+class ModelSource:
+    """Where a model's weights and architecture come from: a HF dir or a checkpoint of this project."""
+
+    hf_dir: Path | None
+    checkpoint: Path | None
+    config_dir: Path  # holds config.json (+ tokenizer files)
+
+    @classmethod
+    def resolve(cls, hf_path: str | None, checkpoint: str | None, field_name: str) -> "ModelSource":
+        if checkpoint:
+            return cls(None, resolve_checkpoint(checkpoint), find_model_meta(checkpoint))
+        if hf_path:
+            p = Path(hf_path)
+            if not (p / "config.json").exists():
+                raise SpecError(f"{field_name}.hf_path: {p} has no config.json")
+            return cls(p, None, p)
+        raise SpecError(f"{field_name}: give hf_path or checkpoint")
+
+    def hf_config(self) -> dict:
+        return json.loads((self.config_dir / "config.json").read_text())
+
+    def arch(self) -> ModelArch:
+        return ModelArch.from_hf_config(self.hf_config(), source=str(self.config_dir / "config.json"))
+
+    def load_into(self, chunks: list, arch: ModelArch) -> None:
+        if self.checkpoint is not None:
+            load_model_only(self.checkpoint, chunks)
+        else:
+            load_hf_weights(chunks, self.hf_dir, arch, ps.get_tensor_model_parallel_rank(),
+                            ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank(),
+                            ps.get_pipeline_model_parallel_world_size())
+
+
+@dataclass
+class Session:
+    spec: ExperimentSpec
+    tokenizer: Tokenizer
+    arch: ModelArch
+    student_source: ModelSource
+    engine: Engine
+    teachers: dict[str, object]
+    streams: dict[str, list[tuple[object, PromptStream]]]  # branch ("general"|"domain"|"all") -> streams
+    method: Method | None
+    schedule: BranchSchedule
+    reference: MegatronTeacher | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def dp_rank(self) -> int:
+        return ps.get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return ps.get_data_parallel_world_size()
+
+    @property
+    def is_mp_leader(self) -> bool:
+        """First rank of its model-parallel group: talks to HTTP teachers, then shares the answers."""
+        return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+
+    @property
+    def is_logger(self) -> bool:
+        return dist.get_rank() == 0
+
+    def close(self) -> None:
+        for t in list(self.teachers.values()) + [self.reference]:
+            if t is not None:
+                t.close()
+
+
+def method_params(spec: ExperimentSpec) -> dict:
+    """Map the spec's `method` section onto the algorithm registry's parameters."""
+    m = spec.method
+    common = dict(a_max=m.a_max, is_mode=m.is_weight, is_eps_low=m.eps_low, is_eps_high=m.eps_high,
+                  is_cap=m.is_cap, loss_form=m.loss)
+    if m.name == "camopd":
+        return dict(common, rho_g=m.rho_g, rho_d=m.rho_d, r_g=m.r_g, r_d=m.r_d, selection=bool(m.selection))
+    if m.name == "uniopd":
+        u = m.uniopd
+        return dict(common, target_margin=u.delta_star, margin_mode=u.margin_mode, margin_scope=u.scope,
+                    calibration=u.calibration, shift_direction=u.shift, mask_min_frac=u.mask_min_frac,
+                    balance=u.online_balance, balance_ratio=u.balance_ratio, seed=spec.train.seed)
+    if m.name == "relaxed_opd":
+        return dict(common, lam=m.relaxed.lam, beta=m.relaxed.beta)
+    if m.name == "selectkd":
+        return dict(common, k=m.selectkd.k, beta=m.selectkd.beta)
+    if m.name == "exopd":
+        return dict(common, lam=m.exopd.lam)
+    return common
+
+
+def _build_streams(spec: ExperimentSpec, tokenizer: Tokenizer) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for i, s in enumerate(spec.data.streams):
+        stream = PromptStream(
+            [PromptSource(s.path, format=s.format, domain=s.domain, num_samples=s.limit)], tokenizer,
+            max_prompt_len=spec.data.max_prompt_tokens, overlong=spec.data.overlong,
+            seed=spec.data.seed + 1009 * i, shuffle=spec.data.shuffle, name=s.name,
+        )
+        out.setdefault(s.branch or "all", []).append((s, stream))
+    return out
+
+
+def _frozen_teacher(name: str, src: ModelSource, spec: ExperimentSpec, tokenizer: Tokenizer,
+                    student_arch: ModelArch) -> MegatronTeacher:
+    arch = src.arch()
+    if arch.vocab_size != student_arch.vocab_size:
+        raise TeacherError(f"teacher {name}: vocabulary size {arch.vocab_size} differs from the student's "
+                           f"{student_arch.vocab_size}; teachers must share the student's tokenizer")
+    p = spec.parallel
+    chunks, _ = build_chunks(arch, p.tp, p.pp, p.vpp, spec.model.dtype)
+    src.load_into(chunks, arch)
+    tok_dir = src.config_dir
+    if (tok_dir / "tokenizer.json").exists() or (tok_dir / "tokenizer_config.json").exists():
+        theirs = Tokenizer.from_dir(tok_dir).fingerprint()
+        if theirs != tokenizer.fingerprint():
+            raise TeacherError(f"teacher {name}: tokenizer in {tok_dir} differs from the student's "
+                               f"({theirs[:12]} != {tokenizer.fingerprint()[:12]})")
+    return MegatronTeacher(name, chunks, arch, pad_id=tokenizer.pad_id,
+                           micro_batch_size=spec.train.micro_batch_size, source=str(src.config_dir),
+                           tokenizer_fingerprint=tokenizer.fingerprint())
+
+
+def _http_teacher(name: str, cfg, spec: ExperimentSpec, tokenizer: Tokenizer):
+    from megatron_camopd.teachers.http import HttpTeacher
+    from megatron_camopd.teachers.tokcheck import TokenizerInfo, check_tokenizer, default_probe_ids
+
+    teacher = HttpTeacher(name, urls=cfg.urls, discovery_file=cfg.discovery_file,
+                          discovery_timeout_s=cfg.discovery_timeout_s, timeout_s=cfg.timeout_s, retries=cfg.retries,
+                          max_in_flight=cfg.max_in_flight, seed=spec.train.seed)
+    hf_tok = tokenizer.hf
+    check_tokenizer(teacher, TokenizerInfo.from_hf(hf_tok, tokenizer.path), default_probe_ids(hf_tok))
+    return teacher
+
+
+def open_session(spec: ExperimentSpec) -> Session:
+    """Initialise distributed state and build everything the run needs (collective over all ranks)."""
+    p = spec.parallel
+    init_distributed(p.tp, p.pp, p.vpp, seed=spec.train.seed)
+    torch.manual_seed(spec.train.seed)
+    student = ModelSource.resolve(spec.model.hf_path, spec.model.checkpoint, "model")
+    tok_dir = Path(spec.model.tokenizer) if spec.model.tokenizer else student.config_dir
+    tokenizer = Tokenizer.from_dir(tok_dir)
+    arch = student.arch()
+    t = spec.train
+    optim = OptimSettings(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
+                          lr_decay=t.lr_decay, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+                          adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
+                          distributed_optimizer=t.distributed_optimizer)
+    fp8 = p.fp8 if p.fp8.enabled else None
+    engine = Engine(arch, tp=p.tp, pp=p.pp, vpp=p.vpp, dtype=spec.model.dtype, fp8=fp8,
+                    micro_batch_size=t.micro_batch_size, optim=optim,
+                    init_fn=lambda chunks: student.load_into(chunks, arch))
+    teachers: dict[str, object] = {}
+    for name, cfg in spec.teachers.items():
+        if cfg.kind == "megatron":
+            teachers[name] = _frozen_teacher(name, ModelSource.resolve(cfg.hf_path, cfg.checkpoint,
+                                                                       f"teachers.{name}"), spec, tokenizer, arch)
+        else:
+            teachers[name] = _http_teacher(name, cfg, spec, tokenizer) if _is_mp_leader() else None
+        log.info("teacher %s ready (%s)", name, cfg.kind)
+    reference = None
+    if spec.method.name == "exopd":
+        ref_src = ModelSource.resolve(spec.method.exopd.reference, None, "method.exopd") \
+            if spec.method.exopd.reference else student
+        reference = _frozen_teacher("reference", ref_src, spec, tokenizer, arch)
+    method = None if spec.method.name == "sft" else build_method(spec.method.name, **method_params(spec))
+    s = spec.schedule
+    ratio = tuple(int(r) for r in (s.mix_ratio or [1, 1]))
+    schedule = BranchSchedule(mode=s.mode or "mixed", n_g=s.n_g, ratio=ratio)
+    return Session(spec=spec, tokenizer=tokenizer, arch=arch, student_source=student, engine=engine,
+                   teachers={k: v for k, v in teachers.items()}, streams=_build_streams(spec, tokenizer),
+                   method=method, schedule=schedule, reference=reference)
+
+
+def _is_mp_leader() -> bool:
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+
+
+def world_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))

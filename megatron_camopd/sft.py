@@ -1,0 +1,44 @@
+"""Supervised fine-tuning batches: response-only cross-entropy on chat data with the same Megatron backend.
+
+The papers build domain teachers this way. A row's reference answer (its `answer`/`reference` field, or the last
+assistant turn) becomes the response: prompt tokens carry no loss, response tokens and the closing end-of-turn
+token do. Each sequence is token-averaged, then sequences are averaged (as the distillation losses are).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_camopd.errors import DataError
+from megatron_camopd.rollout.assemble import train_batch
+from megatron_camopd.rollout.collect import Sample, largest_remainder
+from megatron_camopd.rollout.generate import Rollout
+
+
+def _draw(session, n: int):
+    streams = [x for group in session.streams.values() for x in group]
+    out = []
+    for (cfg, stream), k in zip(streams, largest_remainder(n, [c.weight for c, _ in streams])):
+        out.extend(stream.next_batch(k))
+    return out
+
+
+def sft_batch(session, step: int) -> tuple[dict[str, torch.Tensor], int]:
+    """This DP rank's SFT micro-batch tensors for `step` and the number of loss tokens in the whole batch."""
+    tok = session.tokenizer
+    prompts = _draw(session, session.spec.rollout.prompts_per_step)
+    samples = []
+    for i, p in enumerate(prompts):
+        if p.reference is None or not isinstance(p.reference, (str, int, float)):
+            raise DataError(f"{p.source}: SFT needs a text reference answer (field 'answer' or 'reference')")
+        resp = tok.encode(str(p.reference)) + [tok.eos_id]
+        room = session.spec.seq_length - len(p.prompt_ids)
+        resp = resp[: max(room, 1)]
+        zeros = torch.zeros(len(resp))
+        r = Rollout(p.prompt_ids, resp, zeros, zeros, zeros.long(), "stop")
+        samples.append(Sample(index=i, group=i, branch="all", prompt=p, teacher="", verifier=None, rollout=r))
+    rows = np.array_split(np.arange(len(samples)), session.dp_size)[session.dp_rank].tolist()
+    width = max(len(s.rollout.ids) for s in samples)
+    batch = train_batch(samples, None, rows, tok.pad_id, session.spec.train.micro_batch_size, width, sft=True)
+    return batch, sum(len(s.rollout.response_ids) for s in samples)

@@ -1,0 +1,141 @@
+"""SGLang `/generate` scoring protocol (sglang 0.5.x), both directions: request/response builders and checks.
+
+A scoring request is a prefill-only generate call (`max_new_tokens: 0`) asking for input log-probs from
+position 0. The response's `meta_info.input_token_logprobs` has one `[logprob, token_id, text_or_null]` entry per
+input token, entry 0 without a log-prob (no context). We always use OUR token ids, and only check that the echoed
+ones agree. A non-finite log-prob (NaN/inf) is a protocol error: the sample is retried on another replica and, if
+it keeps failing, reported failed -- a silent NaN would poison the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..errors import TeacherError
+from .base import TeacherScores
+
+
+def build_request(ids: list[int] | list[list[int]], top_k: int | None, with_text: bool = False) -> dict[str, Any]:
+    """The exact JSON body of a scoring request (`ids` may be a list of lists: a batched request)."""
+    body: dict[str, Any] = {
+        "input_ids": ids,
+        "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+    }
+    if top_k:
+        body["top_logprobs_num"] = int(top_k)
+    if with_text:
+        body["return_text_in_logprobs"] = True
+    return body
+
+
+def _entry_lp_id(entry: Any, where: str) -> tuple[Any, Any, Any]:
+    if not isinstance(entry, (list, tuple)) or len(entry) < 2:
+        raise TeacherError(f"{where}: expected [logprob, token_id, text], got {entry!r:.80}")
+    text = entry[2] if len(entry) > 2 else None
+    return entry[0], entry[1], text
+
+
+def _finite(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TeacherError(f"{where}: log-prob {value!r:.40} is not a number")
+    if not math.isfinite(value):
+        raise TeacherError(f"{where}: non-finite log-prob {value!r}")
+    return float(value)
+
+
+def parse_meta(
+    obj: Any, ids: list[int], top_k: int | None, where: str
+) -> tuple[list[float], list[str | None], list[list[tuple[float, int]]] | None]:
+    """Check one response object against `ids`; return per-position (1..) log-probs, per-token texts (0..) and
+    per-position (1..) top-k lists `[(logprob, id), ...]` (None when not asked)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("meta_info"), dict):
+        raise TeacherError(f"{where}: response has no meta_info object: {str(obj)[:200]}")
+    meta = obj["meta_info"]
+    entries = meta.get("input_token_logprobs")
+    if not isinstance(entries, list) or len(entries) != len(ids):
+        got = len(entries) if isinstance(entries, list) else type(entries).__name__
+        raise TeacherError(f"{where}: input_token_logprobs has {got} entries, expected len(ids) = {len(ids)}")
+    texts: list[str | None] = []
+    if entries and entries[0] is not None:
+        lp0, id0, text0 = _entry_lp_id(entries[0], f"{where}: entry 0")
+        if lp0 is not None:
+            raise TeacherError(f"{where}: entry 0 must carry no log-prob (no context), got {lp0!r}")
+        if id0 is not None and id0 != ids[0]:
+            raise TeacherError(f"{where}: entry 0 echoes token id {id0}, we sent {ids[0]}")
+        texts.append(text0)
+    elif entries:
+        texts.append(None)
+    logprobs: list[float] = []
+    for i in range(1, len(ids)):
+        lp, tid, text = _entry_lp_id(entries[i], f"{where}: entry {i}")
+        if tid != ids[i]:
+            raise TeacherError(f"{where}: entry {i} echoes token id {tid!r}, we sent {ids[i]}")
+        logprobs.append(_finite(lp, f"{where}: entry {i}"))
+        texts.append(text)
+    tops = None
+    if top_k:
+        tops = _parse_top(meta.get("input_top_logprobs"), len(ids), top_k, where)
+    return logprobs, texts, tops
+
+
+def _parse_top(raw: Any, n: int, top_k: int, where: str) -> list[list[tuple[float, int]]]:
+    if not isinstance(raw, list) or len(raw) != n:
+        got = len(raw) if isinstance(raw, list) else type(raw).__name__
+        raise TeacherError(f"{where}: input_top_logprobs has {got} entries, expected {n} (top_logprobs_num={top_k})")
+    tops: list[list[tuple[float, int]]] = []
+    for i in range(1, n):
+        row = raw[i]
+        if not isinstance(row, list) or len(row) != top_k:
+            got = len(row) if isinstance(row, list) else type(row).__name__
+            raise TeacherError(f"{where}: input_top_logprobs[{i}] has {got} entries, expected {top_k}")
+        parsed = []
+        for e in row:
+            lp, tid, _ = _entry_lp_id(e, f"{where}: input_top_logprobs[{i}]")
+            if isinstance(tid, bool) or not isinstance(tid, int):
+                raise TeacherError(f"{where}: input_top_logprobs[{i}] has token id {tid!r}")
+            parsed.append((_finite(lp, f"{where}: input_top_logprobs[{i}]"), tid))
+        tops.append(parsed)
+    return tops
+
+
+def parse_scores(obj: Any, ids: list[int], start: int, top_k: int | None, where: str) -> TeacherScores:
+    """Checked `TeacherScores` of the response part `ids[start:]` from one response object."""
+    logprobs, _texts, tops = parse_meta(obj, ids, top_k, where)
+    full = TeacherScores(logprobs=torch.tensor(logprobs, dtype=torch.float32).reshape(-1))
+    if tops is not None:
+        k = int(top_k or 0)
+        full.topk_ids = torch.tensor([[t for _, t in row] for row in tops], dtype=torch.long).reshape(-1, k)
+        full.topk_logprobs = torch.tensor([[lp for lp, _ in row] for row in tops], dtype=torch.float32).reshape(-1, k)
+    return full.sliced(start - 1)
+
+
+def build_response(
+    ids: list[int], scores: TeacherScores, texts: list[str | None] | None, top_k: int | None, rid: str
+) -> dict[str, Any]:
+    """One SGLang-shaped response object for `ids`, from full-sequence scores (positions 1..len(ids)-1)."""
+    texts = texts if texts is not None else [None] * len(ids)
+    lps = scores.logprobs.tolist()
+    token_lps: list[Any] = [[None, ids[0], texts[0]]] if ids else []
+    token_lps += [[lps[i - 1], ids[i], texts[i]] for i in range(1, len(ids))]
+    meta: dict[str, Any] = {
+        "id": rid,
+        "finish_reason": {"type": "length", "length": 0},
+        "prompt_tokens": len(ids),
+        "completion_tokens": 0,
+        "cached_tokens": 0,
+        "input_token_logprobs": token_lps,
+        "output_token_logprobs": [],
+    }
+    if top_k:
+        top_rows: list[Any] = [None]
+        if scores.topk_ids is not None and scores.topk_logprobs is not None:
+            tid, tlp = scores.topk_ids.tolist(), scores.topk_logprobs.tolist()
+            top_rows += [[[lp, t, None] for lp, t in zip(tlp[j], tid[j])] for j in range(len(tid))]
+        meta["input_top_logprobs"] = top_rows
+        meta["output_top_logprobs"] = []
+    return {"text": "", "meta_info": meta}

@@ -1,0 +1,134 @@
+"""Start-up check that a teacher shares the student's tokenizer (spec §5): a mismatched tokenizer makes every
+token gap meaningless, silently. Two independent checks:
+
+1. our fingerprint (hash of vocab + special tokens), when the server reports one (our CPU server does);
+2. a probe that works against real SGLang too (which only reports `tokenizer_path`): send known ids with
+   `return_text_in_logprobs: true` and compare the server's per-token texts with our `tokenizer.decode([id])`.
+
+A teacher that fails either check, or that cannot be verified at all, is refused with a `TeacherError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import TeacherError
+
+DEFAULT_PROBE_TEXTS = ("Hello, world! 123", "The quick brown fox jumps over the lazy dog.", "x = f(y) + 2 * z\n")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A stable hash of a (transformers) tokenizer's vocabulary, added tokens and special-token map."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+    }
+    blob = json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return "sha256:" + hashlib.sha256(blob).hexdigest()[:32]
+
+
+@dataclass
+class TokenizerInfo:
+    """What the student knows about its own tokenizer, for comparison with a teacher's."""
+
+    fingerprint: str | None = None
+    tokenizer_path: str | None = None
+    vocab_size: int | None = None  # number of token ids the student can emit
+    decode_token: Callable[[int], str] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_hf(cls, tokenizer: Any, path: str | None = None) -> TokenizerInfo:
+        return cls(
+            fingerprint=tokenizer_fingerprint(tokenizer),
+            tokenizer_path=path,
+            vocab_size=len(tokenizer),
+            decode_token=lambda i: tokenizer.decode([i]),
+        )
+
+
+def default_probe_ids(tokenizer: Any, texts: tuple[str, ...] = DEFAULT_PROBE_TEXTS, n_spread: int = 64) -> list[list[int]]:
+    """Probe sequences: the encodings of a few known strings, plus ids spread over the whole vocabulary (they
+    catch a teacher whose vocabulary is smaller or ordered differently)."""
+    probes = [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    n = len(tokenizer)
+    step = max(1, n // n_spread)
+    probes.append(sorted({*range(0, n, step), n - 1}))
+    return [p for p in probes if len(p) >= 2]
+
+
+@dataclass
+class TokenizerCheck:
+    """What `check_tokenizer` verified, per replica URL (for logs)."""
+
+    name: str
+    fingerprint_matched: dict[str, bool] = field(default_factory=dict)
+    tokens_compared: dict[str, int] = field(default_factory=dict)
+    model_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def check_tokenizer(
+    teacher: Any, student: TokenizerInfo, probe_ids: list[list[int]] | None = None
+) -> TokenizerCheck:
+    """Refuse (`TeacherError`) a teacher whose tokenizer differs from the student's; check every live replica.
+
+    `teacher` is an `HttpTeacher` (per-replica `model_info(url)` and `probe(ids, url)`), or any `Teacher`, for which
+    only the reported fingerprint can be compared.
+    """
+    report = TokenizerCheck(name=teacher.name)
+    urls = list(getattr(teacher, "live_urls", lambda: [None])())
+    if not urls:
+        raise TeacherError(f"teacher {teacher.name}: no live replica to check the tokenizer of")
+    for url in urls:
+        where = f"teacher {teacher.name}" + (f" at {url}" if url else "")
+        info = teacher.model_info(url) if url else teacher.model_info()
+        report.model_info[url or ""] = info
+        verified = False
+        theirs = info.get("tokenizer_fingerprint")
+        if student.fingerprint and theirs:
+            if theirs != student.fingerprint:
+                raise TeacherError(
+                    f"{where}: tokenizer differs from the student's (fingerprint {theirs} != {student.fingerprint};"
+                    f" teacher tokenizer_path={info.get('tokenizer_path')!r}, student={student.tokenizer_path!r})"
+                )
+            verified = True
+        report.fingerprint_matched[url or ""] = verified
+        their_vocab = info.get("vocab_size")
+        if student.vocab_size and isinstance(their_vocab, int) and their_vocab < student.vocab_size:
+            raise TeacherError(
+                f"{where}: teacher vocabulary ({their_vocab}) is smaller than the student's ({student.vocab_size})"
+            )
+        compared = 0
+        if url and probe_ids and student.decode_token is not None:
+            compared = _probe_texts(teacher, url, student, probe_ids, where)
+        report.tokens_compared[url or ""] = compared
+        if not verified and compared == 0:
+            raise TeacherError(
+                f"{where}: cannot verify its tokenizer (no fingerprint match and no per-token texts to compare;"
+                f" tokenizer_path={info.get('tokenizer_path')!r}). Pass probe ids and a student decode function."
+            )
+    return report
+
+
+def _probe_texts(teacher: Any, url: str, student: TokenizerInfo, probe_ids: list[list[int]], where: str) -> int:
+    assert student.decode_token is not None
+    compared = 0
+    for ids in probe_ids:
+        try:
+            texts = teacher.probe(ids, url)
+        except TeacherError as exc:
+            raise TeacherError(f"{where}: tokenizer probe with {len(ids)} ids failed: {exc}") from exc
+        for i, (tid, text) in enumerate(zip(ids, texts)):
+            if text is None:
+                continue
+            ours = student.decode_token(tid)
+            if text != ours:
+                raise TeacherError(
+                    f"{where}: tokenizer differs from the student's: token id {tid} (probe position {i}) is"
+                    f" {text!r} for the teacher but {ours!r} for the student"
+                )
+            compared += 1
+    return compared

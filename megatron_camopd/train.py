@@ -1,0 +1,194 @@
+"""The on-policy distillation loop (and SFT), one short file.
+
+    for each step:  branch = schedule.next()                     (G,G,G,D,... or mixed)
+                    samples = collect_step(...)                  (prompts -> rollouts -> teacher scores)
+                    signals = method.prepare(signal_batch(...))  (gaps, selection, calibration)
+                    engine.train_step(my DP slice, loss)         (Megatron forward/backward + optimizer)
+                    metrics row, checkpoint, preemption check
+
+Resume: `checkpoint.resume: auto` continues from the newest complete checkpoint (model, optimizer, LR schedule,
+branch-schedule position, data positions, method state, RNG); a resumed CPU run reproduces the uninterrupted
+loss curve bit for bit. On SIGUSR1/SIGTERM (Slurm's warning before the time limit) the loop checkpoints after
+the current step and exits with code 75 so the launcher requeues the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_camopd.backend.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_model_meta
+from megatron_camopd.backend.loss import LossSpec
+from megatron_camopd.config import load_spec
+from megatron_camopd.metrics import MetricsWriter
+from megatron_camopd.rollout.assemble import add_topk, signal_batch, train_batch
+from megatron_camopd.rollout.collect import collect_step
+from megatron_camopd.session import Session, open_session
+from megatron_camopd.steplog import diagnostics_row, step_row
+from megatron_camopd.errors import CheckpointError
+
+log = logging.getLogger("megatron_camopd")
+EXIT_REQUEUE = 75
+
+
+class Preemption:
+    """Turns Slurm's pre-timeout signal into a flag checked (and agreed on by all ranks) at step boundaries."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame) -> None:
+        log.warning("received signal %d: checkpointing after this step", signum)
+        self.flag = True
+
+    def agreed(self) -> bool:
+        t = torch.tensor([1.0 if self.flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def _loss_spec(spec) -> LossSpec:
+    m = spec.method
+    kind = "sft" if m.name == "sft" else m.loss
+    return LossSpec(kind=kind, is_mode=m.is_weight, eps_low=m.eps_low, eps_high=m.eps_high, is_cap=m.is_cap)
+
+
+def _train_state(session: Session) -> dict:
+    state = {"schedule": session.schedule.state_dict(),
+             "streams": {cfg.name: s.state_dict() for streams in session.streams.values() for cfg, s in streams},
+             "last_batches": None}
+    if hasattr(session.method, "state_dict"):
+        state["method"] = session.method.state_dict()
+    return state
+
+
+def _restore(session: Session, state: dict) -> None:
+    session.schedule.load_state_dict(state["schedule"])
+    for streams in session.streams.values():
+        for cfg, s in streams:
+            if cfg.name not in state["streams"]:
+                raise CheckpointError(f"checkpoint has no position for data stream {cfg.name!r}")
+            s.load_state_dict(state["streams"][cfg.name])
+    if "method" in state and hasattr(session.method, "load_state_dict"):
+        session.method.load_state_dict(state["method"])
+
+
+def _resume(session: Session) -> int:
+    spec = session.spec
+    mode = spec.checkpoint.resume
+    path = None if mode == "never" else (latest_checkpoint(spec.checkpoint.dir) if mode == "auto" else mode)
+    if path is None:
+        return 0
+    e = session.engine
+    state = load_checkpoint(path, e.models(), e.optimizer, e.scheduler)
+    _restore(session, state)
+    log.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"])
+
+
+def _my_rows(n: int, session: Session) -> list[int]:
+    return np.array_split(np.arange(n), session.dp_size)[session.dp_rank].tolist()
+
+
+def run_step(session: Session, step: int, loss_spec: LossSpec, cache: dict) -> dict:
+    """One on-policy step; returns its metrics row."""
+    spec, engine = session.spec, session.engine
+    t0 = time.time()
+    branch = session.schedule.next()
+    samples = collect_step(session, step, branch)
+    t_rollout = time.time() - t0
+    weights = {k: t.weight for k, t in spec.teachers.items()}
+    sig = signal_batch(samples, weights)
+    signals = session.method.prepare(sig)
+    rows = _my_rows(len(samples), session)
+    width = max(len(s.rollout.ids) for s in samples)
+    batch = train_batch(samples, signals, rows, session.tokenizer.pad_id, spec.train.micro_batch_size, width)
+    if loss_spec.kind == "topk":
+        add_topk(batch, samples, rows, sig)
+    row = {}
+    if spec.logging.diagnostics and step % spec.logging.diagnostics_interval == 0:
+        row.update(diagnostics_row(session, samples, signals, sig, batch, rows, width, loss_spec, branch, cache))
+    cache[branch] = (samples, signals, sig)
+    t1 = time.time()
+    if float(signals.sample_weight.sum()) > 0:
+        out = engine.train_step(batch, loss_spec)
+    else:  # nothing selected (e.g. every sample failed scoring): no update, logged
+        out = {"loss": float("nan"), "grad_norm": float("nan"), "skipped_update": True}
+        session.engine.scheduler.step(increment=1)
+    t_train = time.time() - t1
+    row.update(step_row(step + 1, branch, samples, sig, signals, out, t_rollout, t_train))
+    return row
+
+
+def train(spec) -> dict:
+    """Run (or resume) training for `spec`; returns the last metrics row."""
+    session = open_session(spec)
+    preempt = Preemption()
+    try:
+        start = _resume(session)
+        if session.is_logger and start == 0:
+            write_model_meta(spec.checkpoint.dir, session.student_source.hf_config(), session.tokenizer.path)
+        writer = MetricsWriter(spec.checkpoint.dir, spec.train.steps, start_step=start, enabled=session.is_logger,
+                               progress=spec.logging.progress, log_interval=spec.logging.log_interval,
+                               wandb_cfg=vars(spec.logging.wandb), run_config=spec.to_dict())
+        loss_spec = _loss_spec(spec)
+        cache: dict = {}
+        row: dict = {"step": start}
+        for step in range(start, spec.train.steps):
+            row = run_step(session, step, loss_spec, cache) if spec.method.name != "sft" \
+                else sft_step(session, step, loss_spec)
+            writer.log(row)
+            done = step + 1
+            save_now = spec.checkpoint.save_interval and done % spec.checkpoint.save_interval == 0
+            stop = preempt.agreed()
+            if save_now or done == spec.train.steps or stop:
+                e = session.engine
+                save_checkpoint(spec.checkpoint.dir, done, e.models(), e.optimizer, e.scheduler,
+                                _train_state(session), keep_last=spec.checkpoint.keep_last)
+            if stop:
+                row["preempted"] = True
+                break
+        writer.close()
+        return row
+    finally:
+        session.close()
+
+
+def sft_step(session: Session, step: int, loss_spec: LossSpec) -> dict:
+    """Response-only cross-entropy on the reference answers of chat data (used to build domain teachers)."""
+    from megatron_camopd.sft import sft_batch
+
+    t0 = time.time()
+    batch, n_tokens = sft_batch(session, step)
+    out = session.engine.train_step(batch, loss_spec)
+    dt = time.time() - t0
+    return {"step": step + 1, "branch": "sft", **out, "tokens_per_s": n_tokens / max(dt, 1e-9)}
+
+
+def _parse(argv, prog: str):
+    ap = argparse.ArgumentParser(prog=prog)
+    ap.add_argument("spec")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, applied before validation")
+    return ap.parse_args(argv)
+
+
+def train_main(argv: list[str]) -> int:
+    args = _parse(argv, "camopd train")
+    spec = load_spec(args.spec, args.overrides)
+    row = train(spec)
+    return EXIT_REQUEUE if row.get("preempted") else 0
+
+
+def sft_main(argv: list[str]) -> int:
+    args = _parse(argv, "camopd sft")
+    spec = load_spec(args.spec, list(args.overrides) + ["method.name=sft"])
+    row = train(spec)
+    return EXIT_REQUEUE if row.get("preempted") else 0
