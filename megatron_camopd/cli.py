@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import warnings
 
 from megatron_camopd.errors import CamopdError
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"camopd: unknown command {cmd!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # megatron-core logs every bucket/config at INFO
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")  # expected on CPU machines
     module, func = COMMANDS[cmd]
     try:
         fn = getattr(importlib.import_module(module), func)

@@ -193,7 +193,7 @@ def open_session(spec: ExperimentSpec) -> Session:
                     micro_batch_size=t.micro_batch_size, optim=optim,
                     init_fn=lambda chunks: student.load_into(chunks, arch))
     teachers: dict[str, object] = {}
-    for name, cfg in spec.teachers.items():
+    for name, cfg in (spec.teachers.items() if spec.method.name != "sft" else ()):
         if cfg.kind == "megatron":
             teachers[name] = _frozen_teacher(name, ModelSource.resolve(cfg.hf_path, cfg.checkpoint,
                                                                        f"teachers.{name}"), spec, tokenizer, arch)

@@ -7,6 +7,8 @@ acceptance rate, margins...), rollout statistics and timings.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from megatron_camopd.algo.diagnostics import length_summary
@@ -28,7 +30,7 @@ def step_row(step: int, branch: str, samples, sig, signals, out: dict, t_rollout
     )
     if sig.reward is not None:
         row["reward_mean"] = float(sig.reward.mean())
-    row.update({f"len_{k}": v for k, v in length_summary(lengths, signals.sample_weight > 0).items()})
+    row.update(length_summary(lengths, signals.sample_weight > 0))
     return row
 
 
@@ -50,7 +52,10 @@ def diagnostics_row(session, samples, signals, sig, batch, rows, width, loss_spe
     row: dict = {}
     valid = [i for i in rows if torch.isfinite(sig.teacher_lp[i]).all()]
     keep = [bool(signals.sample_weight[i] > 0) for i in valid]
-    per = _per_sample_batches(session, samples, signals, sig, valid, width, loss_spec, force_keep=True)
+    # the full candidate batch: the same method without selection (dropped samples keep their advantages)
+    method = session.method
+    full = dataclasses.replace(method, selection=False).prepare(sig) if hasattr(method, "selection") else signals
+    per = _per_sample_batches(session, samples, full, sig, valid, width, loss_spec, force_keep=True)
     row.update({f"diag_{k}": v for k, v in gd.coherence_stats(engine, per, keep, loss_spec).items()})
     # cross-branch: the active batch vs the latest batch of the other branch (mixed: the two halves)
     if branch == "mixed":

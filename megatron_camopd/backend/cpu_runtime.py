@@ -26,7 +26,8 @@ import datetime
 import logging
 import os
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -64,7 +65,7 @@ def _is_cuda_device(device: Any) -> bool:
 class _CpuDeviceMode(TorchFunctionMode):
     """Keeps every tensor on CPU while megatron-core asks for CUDA ones."""
 
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None):
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             tensor = args[0]
@@ -127,10 +128,10 @@ class _FakeStream:
     def query(self) -> bool:
         return True
 
-    def __enter__(self) -> "_FakeStream":
+    def __enter__(self) -> _FakeStream:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         return None
 
 
@@ -265,12 +266,12 @@ def _find_free_port() -> int:
 def init_distributed(
     tp: int = 1,
     pp: int = 1,
-    vpp: Optional[int] = None,
-    backend: Optional[str] = None,
+    vpp: int | None = None,
+    backend: str | None = None,
     *,
-    rank: Optional[int] = None,
-    world_size: Optional[int] = None,
-    seed: Optional[int] = 1234,
+    rank: int | None = None,
+    world_size: int | None = None,
+    seed: int | None = 1234,
     timeout_minutes: int = 30,
 ) -> None:
     """Start torch.distributed and megatron's model-parallel groups.
@@ -286,8 +287,8 @@ def init_distributed(
     if not on_gpu:
         activate_cpu_runtime()
     backend = backend or ("nccl" if on_gpu else "gloo")
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     if world_size % (tp * pp) != 0:
         from megatron_camopd.errors import SpecError
 

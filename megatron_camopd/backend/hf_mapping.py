@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any
 
 import torch
 
@@ -64,7 +65,7 @@ def _need(sd: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
 
 
 def hf_to_megatron_state_dict(
-    hf_sd: Mapping[str, torch.Tensor], arch: ModelArch, padded_vocab_size: int, layers: Optional[Iterable[int]] = None
+    hf_sd: Mapping[str, torch.Tensor], arch: ModelArch, padded_vocab_size: int, layers: Iterable[int] | None = None
 ) -> dict[str, torch.Tensor]:
     """HF state dict -> full (TP=1) Megatron state dict with global layer indices (``layers``: subset to convert)."""
     out: dict[str, torch.Tensor] = {}
@@ -228,7 +229,7 @@ def load_full_state_dict_into(
                 target.copy_(shard.to(target.dtype))
 
 
-def read_hf_state_dict(hf_dir: Union[str, Path], keep: Optional[Any] = None) -> dict[str, torch.Tensor]:
+def read_hf_state_dict(hf_dir: str | Path, keep: Any | None = None) -> dict[str, torch.Tensor]:
     """Read all safetensors shards of ``hf_dir`` (via model.safetensors.index.json when present).
 
     ``keep(name) -> bool`` restricts which tensors are read (e.g. this pipeline stage's layers only).
@@ -246,7 +247,7 @@ def read_hf_state_dict(hf_dir: Union[str, Path], keep: Optional[Any] = None) -> 
     out: dict[str, torch.Tensor] = {}
     for name in files:
         with safe_open(str(hf_dir / name), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if keep is None or keep(key):
                     out[key] = handle.get_tensor(key)
     return out
@@ -254,7 +255,7 @@ def read_hf_state_dict(hf_dir: Union[str, Path], keep: Optional[Any] = None) -> 
 
 def load_hf_weights(
     model_chunks: Iterable[torch.nn.Module],
-    hf_dir: Union[str, Path],
+    hf_dir: str | Path,
     arch: ModelArch,
     tp_rank: int,
     tp_size: int,
@@ -335,10 +336,10 @@ _TOKENIZER_FILES = (
 
 
 def save_hf(
-    out_dir: Union[str, Path],
+    out_dir: str | Path,
     state_dict: Mapping[str, torch.Tensor],
     hf_config: Mapping[str, Any],
-    tokenizer_dir: Optional[Union[str, Path]] = None,
+    tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
     """Write an HF model directory: safetensors (sharded with an index above ``max_shard_bytes``), config.json

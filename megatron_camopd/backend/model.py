@@ -14,8 +14,9 @@ import dataclasses
 import importlib.util
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 import torch
 
@@ -45,10 +46,10 @@ class ModelArch:
     tie_word_embeddings: bool
     max_position_embeddings: int
     qk_layernorm: bool
-    llama3_rope_factor: Optional[float] = None  # llama3-type RoPE scaling factor, None = no scaling
+    llama3_rope_factor: float | None = None  # llama3-type RoPE scaling factor, None = no scaling
 
     @classmethod
-    def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "ModelArch":
+    def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> ModelArch:
         """Parse a HuggingFace config dict; ``source`` names the file in error messages."""
 
         def need(key: str) -> Any:
@@ -101,7 +102,7 @@ class ModelArch:
         )
 
     @classmethod
-    def from_hf_dir(cls, hf_dir: Union[str, Path]) -> "ModelArch":
+    def from_hf_dir(cls, hf_dir: str | Path) -> ModelArch:
         """Read ``<hf_dir>/config.json``."""
         path = Path(hf_dir) / "config.json"
         if not path.is_file():
@@ -114,7 +115,7 @@ class ModelArch:
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
 
-def _parse_rope(cfg: Mapping[str, Any], source: str) -> tuple[float, Optional[float]]:
+def _parse_rope(cfg: Mapping[str, Any], source: str) -> tuple[float, float | None]:
     """(rope_theta, llama3 factor or None) from old-style rope_theta/rope_scaling or new-style rope_parameters."""
     params = dict(cfg.get("rope_parameters") or {})
     scaling = cfg.get("rope_scaling")
@@ -182,7 +183,7 @@ def transformer_config(
     arch: ModelArch,
     tp: int = 1,
     pp: int = 1,
-    vpp: Optional[int] = None,
+    vpp: int | None = None,
     dtype: torch.dtype = torch.float32,
     fp8: Any = None,
     **overrides: Any,
@@ -246,17 +247,16 @@ def build_gpt_model(
     config: Any,
     pre_process: bool = True,
     post_process: bool = True,
-    vp_stage: Optional[int] = None,
+    vp_stage: int | None = None,
     parallel_output: bool = True,
-    use_transformer_engine: Optional[bool] = None,
+    use_transformer_engine: bool | None = None,
 ) -> Any:
     """Build the GPTModel chunk for this rank's pipeline stage (``vp_stage`` for interleaved PP).
 
     ``parallel_output=True`` keeps logits vocab-sharded: ``forward`` returns ``[B, S, V_padded / tp]``.
     Requires ``init_distributed`` (model-parallel groups and the RNG tracker) to have run.
     """
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 
     use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
     if use_te:

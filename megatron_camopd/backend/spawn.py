@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from typing import Any, Callable, List
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
@@ -49,7 +50,7 @@ def _worker(
         destroy_distributed()
 
 
-def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, threads_per_rank: int = 1) -> List[Any]:
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, threads_per_rank: int = 1) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return results by rank."""
     with tempfile.TemporaryDirectory(prefix="camopd_spawn_") as out_dir:
         mp.start_processes(

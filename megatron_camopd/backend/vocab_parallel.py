@@ -16,7 +16,7 @@ gradient that is identical on all TP ranks, as in Megatron).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,7 @@ def _all_reduce(t: torch.Tensor, group: Any, op: Any = dist.ReduceOp.SUM) -> tor
     return t
 
 
-def _masked_fp32(chunk: torch.Tensor, offset: int, vocab_size: Optional[int]) -> torch.Tensor:
+def _masked_fp32(chunk: torch.Tensor, offset: int, vocab_size: int | None) -> torch.Tensor:
     """fp32 copy of a row chunk with padded vocabulary columns set to -inf."""
     x = chunk.float()  # no copy for fp32 input: never modify x in place here
     if vocab_size is not None and offset + x.shape[-1] > vocab_size:
@@ -62,7 +62,7 @@ class _LogprobsAt(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, ids: torch.Tensor, group: Any, chunk: int,
-                vocab_size: Optional[int]) -> torch.Tensor:
+                vocab_size: int | None) -> torch.Tensor:
         rank, _ = _tp(group)
         v_local = logits.shape[-1]
         offset = rank * v_local
@@ -106,7 +106,7 @@ def vocab_parallel_logprobs_at(
     ids: torch.Tensor,
     tp_group: Any = None,
     chunk_size: int = DEFAULT_CHUNK,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """fp32 log p(v) at global ids ``ids [..., K]`` (same leading dims as the logits); differentiable."""
     lead = logits_shard.shape[:-1]
@@ -122,7 +122,7 @@ def vocab_parallel_logprobs(
     target_ids: torch.Tensor,
     tp_group: Any = None,
     chunk_size: int = DEFAULT_CHUNK,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """fp32 log p(target) with ``target_ids`` shaped like the logits' leading dims; differentiable."""
     return vocab_parallel_logprobs_at(logits_shard, target_ids.unsqueeze(-1), tp_group, chunk_size, vocab_size)[..., 0]
@@ -133,7 +133,7 @@ def vocab_parallel_entropy(
     logits_shard: torch.Tensor,
     tp_group: Any = None,
     chunk_size: int = DEFAULT_CHUNK,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """fp32 entropy ``-sum_v p(v) log p(v)`` per position (leading dims of the logits); no gradient."""
     rank, _ = _tp(tp_group)
@@ -174,7 +174,7 @@ def vocab_parallel_topk(
     k: int,
     tp_group: Any = None,
     chunk_size: int = DEFAULT_CHUNK,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 top-k log-probs [..., k] sorted descending, their global ids [..., k] int64); no gradient.
 
@@ -199,7 +199,7 @@ def vocab_parallel_argmax(
     logits_shard: torch.Tensor,
     tp_group: Any = None,
     chunk_size: int = DEFAULT_CHUNK,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Global argmax id per position (int64, leading dims of the logits), identical on all TP ranks."""
     return vocab_parallel_topk(logits_shard, 1, tp_group, chunk_size, vocab_size)[1][..., 0]
@@ -211,9 +211,9 @@ def vocab_parallel_sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     tp_group: Any = None,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Sample one token id per row of ``logits_shard [..., V_local]``; identical ids on all TP ranks.
 
@@ -235,7 +235,7 @@ def vocab_parallel_sample(
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=rows.device).item())
         local_gen = torch.Generator(device=rows.device).manual_seed(seed + 7919 * rank)
         u = torch.rand(x.shape, generator=local_gen, device=x.device).clamp_(1e-20, 1.0)
-        vals, ids = _global_topk(x - torch.log(-torch.log(u)), 1, offset, tp_group)
+        _, ids = _global_topk(x - torch.log(-torch.log(u)), 1, offset, tp_group)
         return ids[:, 0].reshape(logits_shard.shape[:-1])
     lse = _logsumexp(x, tp_group)
     v_total = rows.shape[-1] * size

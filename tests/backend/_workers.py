@@ -150,12 +150,3 @@ def failing_on_rank_one(rank: int, world: int, message: str) -> int:
         raise ValueError(message)
     return rank
 
-
-def allreduce_ranks(rank: int, world: int) -> float:
-    """Sum of ranks over a gloo world started from the spawn environment (no megatron)."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    t = torch.tensor([float(rank)])
-    dist.all_reduce(t)
-    return float(t.item())

@@ -57,7 +57,7 @@ def test_save_hf_sharded_reloads_in_transformers(megatron_world, tiny_hf_dirs, t
     assert (out / "tokenizer_config.json").is_file()
     ids = torch.randint(0, 300, (1, 9))
     torch.testing.assert_close(hf_logits(out, ids), hf_logits(src, ids), atol=0, rtol=0)
-    arch, chunks = build_loaded(out, tp=1, pp=1)  # reads the sharded checkpoint through its index
+    _, chunks = build_loaded(out, tp=1, pp=1)  # reads the sharded checkpoint through its index
     with torch.no_grad():
         logits = chunks[0](ids, torch.arange(9).unsqueeze(0), attention_mask=None)[..., :300]
     assert (logits - hf_logits(src, ids)).abs().max().item() < 1e-4
