@@ -66,22 +66,20 @@ class _CpuDeviceMode(TorchFunctionMode):
     """Keeps every tensor on CPU while megatron-core asks for CUDA ones."""
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
-        kwargs = dict(kwargs or {})
+        kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
-            tensor = args[0]
-            non_blocking = kwargs.pop("non_blocking", False)
-            return tensor.to("cpu", non_blocking=non_blocking)
+            return args[0].to("cpu", non_blocking=bool(kwargs.get("non_blocking", False)))
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            tensor = args[0]
-            return _CUDA_TYPE_NAMES.get(tensor.dtype, func(*args))
-        if func in (torch.Tensor.pin_memory,):
+            return _CUDA_TYPE_NAMES.get(args[0].dtype) or func(*args)
+        if func is torch.Tensor.pin_memory:
             return args[0]
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs["device"] = torch.device("cpu")
-        if kwargs.get("pin_memory"):
-            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], torch.device("cpu")) + tuple(args[2:])
+            args = (args[0], torch.device("cpu"), *args[2:])
+        if kwargs and (_is_cuda_device(kwargs.get("device")) or kwargs.get("pin_memory")):
+            kwargs = dict(kwargs)
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = torch.device("cpu")
+            kwargs.pop("pin_memory", None)
         return func(*args, **kwargs)
 
 
@@ -255,14 +253,6 @@ def activate_cpu_runtime() -> bool:
     return True
 
 
-def _find_free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def init_distributed(
     tp: int = 1,
     pp: int = 1,
@@ -298,7 +288,9 @@ def init_distributed(
         if "MASTER_PORT" not in os.environ:
             if world_size > 1:
                 raise RuntimeError("MASTER_PORT must be set for a multi-process run")
-            os.environ["MASTER_PORT"] = str(_find_free_port())
+            from megatron_camopd.backend.spawn import free_port
+
+            os.environ["MASTER_PORT"] = str(free_port())
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
         torch.distributed.init_process_group(

@@ -40,6 +40,7 @@ _DIRECT = {
     "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
     "mlp.down_proj.weight": "mlp.linear_fc2.weight",
 }
+_QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # Qwen3 only
 _ROW_PARALLEL = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")  # sharded along dim 1
 _COLUMN_PARALLEL = ("self_attention.linear_qkv.weight",)  # sharded along dim 0
 _VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight")  # sharded along dim 0
@@ -80,7 +81,7 @@ def hf_to_megatron_state_dict(
     for i in range(arch.num_layers) if layers is None else layers:
         hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
         for hf_suffix, mg_suffix in _DIRECT.items():
-            if "_norm." in hf_suffix and not arch.qk_layernorm:
+            if hf_suffix in _QK_NORMS and not arch.qk_layernorm:
                 continue
             out[mp + mg_suffix] = _need(hf_sd, hp + hf_suffix)
         q = _need(hf_sd, hp + "self_attn.q_proj.weight").reshape(ng, qpg * hd, -1)

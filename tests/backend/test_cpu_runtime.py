@@ -72,3 +72,25 @@ def test_init_distributed_rejects_an_indivisible_layout() -> None:
 
     with pytest.raises(SpecError, match="not divisible by tp\\*pp"):
         init_distributed(tp=2, pp=1, rank=0, world_size=3)
+
+
+def test_megatron_ddp_optimizer_step_with_grad_clipping(megatron_world, tiny_hf_dirs) -> None:
+    """Real DDP + get_megatron_optimizer + clip_grads (checks grad.type() == 'torch.cuda.FloatTensor')."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from ._workers import build_loaded
+
+    _, chunks = build_loaded(tiny_hf_dirs["llama"], tp=1, pp=1)
+    model = chunks[0].train()
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.5), [ddp])
+    before = model.decoder.final_layernorm.weight.detach().clone()
+    ids = torch.randint(0, 300, (2, 8))
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    ddp(ids, torch.arange(8).expand(2, -1), attention_mask=None).logsumexp(-1).mean().backward()
+    ddp.finish_grad_sync()
+    ok, grad_norm, _ = opt.step()
+    assert ok and grad_norm is not None and torch.isfinite(torch.tensor(grad_norm)) and grad_norm > 0
+    assert not torch.equal(model.decoder.final_layernorm.weight.detach(), before)

@@ -1,0 +1,132 @@
+"""`camopd eval MODEL --task TASK[,TASK]`: accuracy / pass@k of a model, as JSON and a markdown table.
+
+MODEL is a HuggingFace directory or a checkpoint root (or ``iter_*`` dir) of this project, which is converted on
+the fly to a temporary HF directory (``convert.megatron_hf.checkpoint_to_hf``). Generation uses transformers on
+CPU: greedy by default; ``--n N --temperature T`` samples N responses per prompt and reports pass@k for every
+``--k`` (unbiased estimator). ``--export-lm-eval DIR`` also writes each task as an lm-evaluation-harness task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from megatron_camopd.errors import SpecError
+from megatron_camopd.evaluate.core import evaluate_hf_model
+from megatron_camopd.evaluate.lm_eval_export import export_lm_eval
+from megatron_camopd.evaluate.tasks import DEFAULT_SEED, load_tasks
+
+log = logging.getLogger("megatron_camopd.eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="camopd eval", description="Evaluate a model on synthetic or file tasks.")
+    p.add_argument("model", help="HF model dir, or a checkpoint root / iter_* dir of this project")
+    p.add_argument("--task", required=True, help="comma-separated synthetic task names, or one name with --data")
+    p.add_argument("--data", default=None, help="JSON/JSONL/Parquet file with prompts and answers")
+    p.add_argument("--format", default="messages", help="row format of --data (messages, prompt, medical_mc, ...)")
+    p.add_argument("--verifier", default=None, help="exact_match, numeric, mc_letter, code (default: by format)")
+    p.add_argument("--limit", type=int, default=None, help="examples per task (synthetic default 64; file: all)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="synthetic-task and sampling seed")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt (1 = greedy)")
+    p.add_argument("--k", default="1", help="comma-separated k values for pass@k (each <= n)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0 when n > 1)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default="results.json", help="JSON results (a .md table is written beside it)")
+    p.add_argument("--export-lm-eval", default=None, metavar="DIR", help="also write lm-eval task YAML + data")
+    return p
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        raise SpecError(f"--k: '{text}' is not a comma-separated list of integers") from None
+    if not ks:
+        raise SpecError("--k: give at least one k")
+    return ks
+
+
+def load_hf_model(model_dir: Path) -> tuple[Any, Any]:
+    """(model in fp32 eval mode, project Tokenizer) from an HF directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_camopd.data.tokenizer import Tokenizer
+
+    if not (model_dir / "config.json").is_file():
+        raise SpecError(f"{model_dir}: not an HF model directory (no config.json) nor a checkpoint of this project")
+    tokenizer = Tokenizer.from_dir(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "latest").is_file() or (path / "train_state.json").is_file() or any(path.glob("iter_*"))
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One row per task: examples, samples, accuracy and each pass@k."""
+    tasks = results["tasks"]
+    ks = sorted({key for r in tasks.values() for key in r if key.startswith("pass@")}, key=lambda s: int(s[5:]))
+    head = ["task", "verifier", "examples", "samples", "accuracy", *ks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in tasks.items():
+        cells = [name, r["verifier"], str(r["n_examples"]), str(r["n_samples"]), f"{r['accuracy']:.4f}",
+                 *[f"{r[k]:.4f}" for k in ks]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_eval(model_path: str | Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate ``model_path`` on the tasks named in ``args``; returns the results dict (also written to disk)."""
+    ks = _parse_ks(args.k)
+    temperature = args.temperature if args.temperature is not None else (1.0 if args.n > 1 else 0.0)
+    tasks = load_tasks(args.task.split(","), data=args.data, fmt=args.format, verifier=args.verifier,
+                       limit=args.limit, seed=args.seed)
+    if args.export_lm_eval:
+        for task in tasks:
+            paths = export_lm_eval(task, args.export_lm_eval, max_new_tokens=args.max_new_tokens)
+            log.info("eval: lm-eval task written to %s", paths["yaml"])
+    path = Path(model_path)
+    with tempfile.TemporaryDirectory(prefix="camopd_eval_") as tmp:
+        if _is_checkpoint(path) and not (path / "config.json").is_file():
+            from megatron_camopd.convert.megatron_hf import checkpoint_to_hf
+
+            log.info("eval: converting checkpoint %s to a temporary HF directory", path)
+            model_dir = checkpoint_to_hf(path, Path(tmp) / "hf")
+        else:
+            model_dir = path
+        model, tokenizer = load_hf_model(model_dir)
+        results: dict[str, Any] = {"model": str(path), "tasks": {}}
+        for task in tasks:
+            start = time.perf_counter()
+            r = evaluate_hf_model(model, tokenizer, task.examples, task.verifier, args.max_new_tokens,
+                                  args.batch_size, num_samples=args.n, temperature=temperature, top_p=args.top_p,
+                                  ks=ks, seed=args.seed)
+            r.update(verifier=task.verifier, source=task.source, seconds=round(time.perf_counter() - start, 3))
+            results["tasks"][task.name] = r
+            log.info("eval: %s accuracy %.4f (%d examples)", task.name, r["accuracy"], r["n_examples"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    out.with_suffix(".md").write_text(markdown_table(results))
+    return results
+
+
+def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `camopd eval`; prints the markdown table."""
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    if args.n < 1:
+        raise SpecError(f"--n: must be >= 1, got {args.n}")
+    results = run_eval(args.model, args)
+    print(markdown_table(results), end="")
+    print(f"camopd eval: wrote {args.out}")
+    return 0

@@ -1,0 +1,64 @@
+"""Helpers for the conversion tests: tiny HF models with a tiny tokenizer, and the TP=2 re-save worker.
+
+Worker functions live here (not in test modules) so spawned ranks import them without pytest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def make_tiny_hf_with_tokenizer(kind: str, out: Path, seed: int = 0) -> Path:
+    """A tiny random HF model ('qwen3', 'qwen3_tied' or 'llama'; GQA 4/2) sized to a tiny tokenizer saved beside it."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+    from megatron_camopd.data.tokenizer import Tokenizer, make_tiny_tokenizer
+
+    make_tiny_tokenizer(out)
+    vocab = Tokenizer.from_dir(out).vocab_size  # 102: pads to 128 at TP=1 and 256 at TP=2
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    if kind.startswith("qwen3"):
+        cfg = Qwen3Config(tie_word_embeddings=kind.endswith("tied"), rope_theta=1e6, **common)
+    else:
+        cfg = LlamaConfig(tie_word_embeddings=False, **common)
+    model = AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():  # non-trivial norm weights so a mis-mapped norm shows up
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return out
+
+
+def positions(ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+
+
+def tp2_resave_worker(rank: int, world: int, pairs: list[tuple[Path, Path]], ids: torch.Tensor) -> dict[str, Any]:
+    """For each (src root, dst root): load ``src`` at TP=world, return the full logits, save again under ``dst``."""
+    from megatron_camopd.backend.checkpoint import (find_model_meta, load_model_only, resolve_checkpoint,
+                                                    save_checkpoint, write_model_meta)
+    from megatron_camopd.backend.cpu_runtime import init_distributed
+    from megatron_camopd.backend.model import ModelArch, build_model_chunks, transformer_config
+
+    init_distributed(tp=world, pp=1)
+    out: dict[str, Any] = {}
+    for src, dst in pairs:
+        meta = find_model_meta(src)
+        arch = ModelArch.from_hf_dir(meta)
+        chunks = build_model_chunks(arch, transformer_config(arch, tp=world, pp=1), parallel_output=False)
+        load_model_only(resolve_checkpoint(src), chunks)
+        with torch.no_grad():
+            logits = chunks[0].eval()(ids, positions(ids), attention_mask=None)
+        if rank == 0:
+            import json
+
+            write_model_meta(dst, json.loads((meta / "config.json").read_text()), meta)
+        save_checkpoint(dst, 4, chunks, train_state={"resaved_at_tp": world})
+        out[str(dst)] = logits[..., : arch.vocab_size]
+    return out

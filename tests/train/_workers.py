@@ -1,0 +1,88 @@
+"""Functions run on spawned gloo ranks by the training tests (module level so spawn can import them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_SPEC = REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml"
+
+
+def tiny_overrides(root: Path, ckpt: Path, *extra: str) -> list[str]:
+    """Point the tiny example spec at a tiny setup made under `root` and a checkpoint dir."""
+    return [
+        f"model.hf_path={root / 'student'}",
+        f"teachers.general.hf_path={root / 'teacher_general'}",
+        f"teachers.domain.hf_path={root / 'teacher_domain'}",
+        f"data.streams.0.path={root / 'data' / 'general.jsonl'}",
+        f"data.streams.1.path={root / 'data' / 'domain.jsonl'}",
+        f"checkpoint.dir={ckpt}",
+        "logging.progress=off",
+        "logging.diagnostics=false",
+        "rollout.max_new_tokens=12",
+        *extra,
+    ]
+
+
+def run_train(rank: int, world: int, overrides: list[str]) -> list[dict] | None:
+    """Train the tiny spec on this rank; rank 0 returns the metrics rows."""
+    from megatron_camopd.config import load_spec
+    from megatron_camopd.metrics import read_metrics
+    from megatron_camopd.train import train
+
+    spec = load_spec(TINY_SPEC, overrides)
+    train(spec)
+    if rank == 0:
+        return read_metrics(Path(spec.checkpoint.dir) / "metrics.jsonl")
+    return None
+
+
+def run_many(rank: int, world: int, runs: list[list[str]]) -> list:
+    """Several trainings one after another in the same process (world size 1)."""
+    return [run_train(rank, world, o) for o in runs]
+
+
+def loss_vs_formula(rank: int, world: int, overrides: list[str], mbs_list: list[int]) -> list[tuple[float, float]]:
+    """(Megatron step loss, the spec's formula on full-vocab log-probs) for one rollout batch, per micro-batch size."""
+    import torch
+
+    from megatron_camopd.algo.losses import pg_seq_loss, topk_seq_loss
+    from megatron_camopd.algo.weights import is_weights
+    from megatron_camopd.config import load_spec
+    from megatron_camopd.rollout.assemble import add_topk, signal_batch, train_batch
+    from megatron_camopd.rollout.collect import collect_step
+    from megatron_camopd.session import open_session
+    from megatron_camopd.train import _loss_spec
+
+    spec = load_spec(TINY_SPEC, overrides)
+    session = open_session(spec)
+    samples = collect_step(session, 0, session.schedule.next())
+    sig = signal_batch(samples, {})
+    signals = session.method.prepare(sig)
+    rows = list(range(len(samples)))
+    width = max(len(s.rollout.ids) for s in samples)
+    loss_spec = _loss_spec(spec)
+    out = []
+    for mbs in mbs_list:
+        session.engine.micro_batch_size = mbs
+        batch = train_batch(samples, signals, rows, session.tokenizer.pad_id, mbs, width)
+        if loss_spec.kind == "topk":
+            add_topk(batch, samples, rows, sig)
+        stats = session.engine.accumulate_grads(batch, loss_spec)
+        model = session.engine.models()[0]
+        with torch.no_grad():
+            pos = torch.arange(width).unsqueeze(0).expand(batch["tokens"].shape[0], width)
+            logits = model(batch["tokens"], pos, None)[..., : session.arch.vocab_size].float()
+            logp = torch.log_softmax(logits, -1)
+        mask = batch["loss_mask"]
+        if loss_spec.kind == "topk":
+            seq = topk_seq_loss(logp.gather(-1, batch["topk_ids"]), batch["topk_lp"], mask) * batch["seq_scale"]
+        else:
+            lp = logp.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+            w = is_weights(lp, batch["rollout_lp"], mask, mode=spec.method.is_weight)
+            seq = pg_seq_loss(lp, batch["advantages"], mask, is_w=w, token_weight=batch["token_weight"])
+        sw = batch["sample_weight"]
+        ref = float((seq * sw).sum() / sw.sum())
+        out.append((stats["loss_sum"] / stats["count"], ref))
+    session.close()
+    return out
