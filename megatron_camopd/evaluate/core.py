@@ -54,7 +54,8 @@ def prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list
     return tokenizer.encode("\n".join(m["content"] for m in messages))
 
 
-def _cut(ids: Sequence[int], stops: set[int], pad_id: int) -> list[int]:
+def _cut(ids: Sequence[int], stops: set[int]) -> list[int]:
+    """The response up to (without) its first stop token."""
     out = []
     for t in ids:
         if t in stops:
@@ -91,7 +92,7 @@ def generate_responses(model: Any, tokenizer: Tokenizer, prompts: Sequence[list[
         new = gen[:, width:].tolist()
         for i in range(len(chunk)):
             rows = new[i * num_samples:(i + 1) * num_samples]
-            out.append([tokenizer.decode(_cut(r, stops, pad), skip_special_tokens=True) for r in rows])
+            out.append([tokenizer.decode(_cut(r, stops), skip_special_tokens=True) for r in rows])
     return out
 
 

@@ -1,4 +1,4 @@
-"""Evaluation tasks: seeded synthetic tasks of `data/synthetic.py`, or any JSON/JSONL/Parquet file of prompts with answers.
+"""Evaluation tasks: seeded synthetic tasks of `data/synthetic.py`, or a JSON/JSONL/Parquet file with answers.
 
 A task is a name, its examples (``messages`` + ``answer``, rendered exactly as training prompts are, via
 ``data.formats.parse_row``) and the name of the verifier that scores a response. Synthetic tasks are generated

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -88,8 +87,7 @@ def test_medical_mc_tasks_are_scored_by_final_answer_letter(tmp_path) -> None:
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (med,) = load_tasks(["medqa"], data=str(path), fmt="medical_mc")
     assert med.verifier == "mc_letter" and [ex["answer"] for ex in med.examples] == ["B", "A"]
-    score = mc_letter
-    assert score("I think A... Final answer: B", "B") == 1.0 and score("Final answer: B", "A") == 0.0
+    assert mc_letter("I think A... Final answer: B", "B") == 1.0 and mc_letter("Final answer: B", "A") == 0.0
 
 
 def test_file_tasks_need_answers_and_known_names(tmp_path) -> None:
@@ -105,4 +103,3 @@ def test_file_tasks_need_answers_and_known_names(tmp_path) -> None:
         load_tasks(["copy"], verifier="bleu")
     with pytest.raises(SpecError, match="one data file is one task"):
         load_tasks(["a", "b"], data=str(path), fmt="prompt")
-    assert Path(path).exists()

@@ -86,3 +86,8 @@ def loss_vs_formula(rank: int, world: int, overrides: list[str], mbs_list: list[
         out.append((stats["loss_sum"] / stats["count"], ref))
     session.close()
     return out
+
+
+def run_methods(rank: int, world: int, runs: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """Each named run (overrides) in sequence; returns its metrics rows."""
+    return {name: run_train(rank, world, o) for name, o in runs.items()}

@@ -1,0 +1,139 @@
+"""`camopd demo --out DIR [--quick] [--seed S]`: the CaMOPD story end to end on one CPU, from scratch.
+
+Phases (each cached under DIR, skipped on a re-run while its settings hash is unchanged):
+  1. a tiny Qwen3-architecture base model and a char-level tokenizer (HF files) and the synthetic data;
+  2. general teacher: SFT of the base model on general tasks (arithmetic, reversal, sorting, copying);
+  3. domain teacher: SFT of the general teacher on the domain task (cipher) at a high LR -> it forgets;
+  4. on-policy distillation from the domain teacher (student init) with the general teacher on *proxy* general
+     prompts (a subset of the general tasks) and the domain teacher on domain prompts: CaMOPD and vanilla MOPD;
+  5. greedy exact-match evaluation of every model (and of each distillation checkpoint, for the curves);
+then `DIR/report.md`, `DIR/summary.json`, `DIR/metrics.jsonl` and PNG plots (see demo/report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_camopd.demo.phases import EvalCache, checkpoints, run_phase, say
+from megatron_camopd.demo.setting import (METHODS, DemoSetting, as_overrides, distill_spec, sft_spec, stable_hash,
+                                           write_data)
+
+TOTAL_PHASES = 5
+
+
+def make_base(s: DemoSetting, root: Path) -> tuple[Path, str]:
+    """Tokenizer + random tiny Qwen3 base model in HF format (cached by the model settings)."""
+    from megatron_camopd.data.tokenizer import make_tiny_tokenizer
+    from megatron_camopd.demo.tiny import make_tiny_model
+
+    model = dict(hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                 num_key_value_heads=s.kv_heads, head_dim=s.hidden // s.heads, intermediate_size=s.intermediate,
+                 max_position_embeddings=128)
+    digest = stable_hash({"model": model, "seed": s.seed})
+    base, tok = root / "base", root / "tokenizer"
+    marker = base / "demo_base.json"
+    if marker.exists() and json.loads(marker.read_text()).get("digest") == digest:
+        say(f"phase 1/{TOTAL_PHASES}: base model cached ({base})")
+        return base, digest
+    say(f"phase 1/{TOTAL_PHASES}: tokenizer + tiny Qwen3 base model from scratch ({model})")
+    make_tiny_tokenizer(tok)
+    make_tiny_model(base, tok, seed=s.seed, **model)
+    marker.write_text(json.dumps({"digest": digest}))
+    return base, digest
+
+
+def _final(run_dir: Path) -> Path:
+    ckpts = checkpoints(run_dir)
+    return ckpts[-1][1]
+
+
+def run_pipeline(s: DemoSetting, root: Path) -> dict:
+    """Every phase; returns the evaluation results and run directories used by the report."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "setting.json").write_text(json.dumps(dataclasses.asdict(s), indent=1))
+    t0 = time.time()
+    base, base_digest = make_base(s, root)
+    data = write_data(s, root / "data")
+    data_digest = stable_hash({k: p.read_text() for k, p in sorted(data.items())})
+
+    say(f"phase 2/{TOTAL_PHASES}: general teacher = SFT of the base model on {', '.join(s.general_tasks)}")
+    spec = sft_spec(s, "general_teacher", {"hf_path": str(base)}, data["sft_general"], "general",
+                    root / "general_teacher", s.sft_general_steps, s.sft_general_lr)
+    g_digest = stable_hash([spec, base_digest, data_digest])
+    general, _ = run_phase(root, "general_teacher", spec, g_digest)
+
+    say(f"phase 3/{TOTAL_PHASES}: domain teacher = SFT of the general teacher on {s.domain_task} "
+        f"({s.sft_domain_steps} steps at lr {s.sft_domain_lr:g})")
+    spec = sft_spec(s, "domain_teacher", {"checkpoint": str(general)}, data["sft_domain"], "domain",
+                    root / "domain_teacher", s.sft_domain_steps, s.sft_domain_lr)
+    d_digest = stable_hash([spec, g_digest])
+    domain, _ = run_phase(root, "domain_teacher", spec, d_digest)
+
+    say(f"phase 4/{TOTAL_PHASES}: on-policy distillation from the domain teacher "
+        f"(proxy general prompts: {', '.join(s.proxy_tasks)}; methods: {', '.join(s.demo_methods)})")
+    runs: dict[str, tuple[Path, str]] = {}
+    for m in s.demo_methods:
+        spec = distill_spec(s, f"distill_{m}", _final(domain), _final(general), _final(domain), data,
+                            root / f"distill_{m}")
+        overrides = as_overrides(METHODS[m])
+        digest = stable_hash([spec, overrides, d_digest])
+        run_dir, _ = run_phase(root, f"distill_{m}", spec, digest, overrides)
+        runs[m] = (run_dir, digest)
+
+    say(f"phase 5/{TOTAL_PHASES}: greedy exact-match evaluation of every model")
+    evals = evaluate_all(s, root, data, general, g_digest, domain, d_digest, runs)
+    say(f"pipeline finished in {time.time() - t0:.0f}s")
+    return {"evals": evals, "runs": {m: str(d) for m, (d, _) in runs.items()}, "data": data}
+
+
+def evaluate_all(s: DemoSetting, root: Path, data: dict, general: Path, g_digest: str, domain: Path,
+                 d_digest: str, runs: dict) -> dict:
+    """{"models": {name: {"general": acc-dict, "domain": acc-dict}}, "curves": {method: [(step, evals)]}}."""
+    from megatron_camopd.demo.scoring import evaluate_model, read_examples
+
+    sets = {"general": read_examples(data["eval_general"]), "domain": read_examples(data["eval_domain"])}
+    cache = EvalCache(root / "evals.json")
+
+    def ev(key: str, path: Path) -> dict:
+        return cache.get(key, lambda: evaluate_model(sets, s.max_new_tokens, checkpoint=path))
+
+    models = {"general_teacher": ev(f"general_teacher:{g_digest}", _final(general)),
+              "domain_teacher": ev(f"domain_teacher:{d_digest}", _final(domain))}
+    curves: dict[str, list] = {}
+    for m, (run_dir, digest) in runs.items():
+        curve = [(0, models["domain_teacher"])]  # step 0: the student is the domain teacher
+        for step, path in checkpoints(run_dir):
+            curve.append((step, ev(f"{m}:{digest}:{step}", path)))
+            say(f"  {m} step {step}: general {curve[-1][1]['general']['accuracy']:.3f} "
+                f"domain {curve[-1][1]['domain']['accuracy']:.3f}")
+        curves[m] = curve
+        models[m] = curve[-1][1]
+    for name, r in models.items():
+        say(f"  {name:16s} general {r['general']['accuracy']:.3f}  domain {r['domain']['accuracy']:.3f}")
+    return {"models": models, "curves": curves}
+
+
+def demo_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="camopd demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output directory (phases are cached there)")
+    ap.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline in ~1-2 minutes")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    logging.getLogger("megatron_camopd").setLevel(logging.WARNING)
+    s = DemoSetting.quick(args.seed) if args.quick else DemoSetting(seed=args.seed)
+    root = Path(args.out)
+    result = run_pipeline(s, root)
+    from megatron_camopd.demo.report import write_report
+
+    summary = write_report(s, root, result)
+    say(f"report: {root / 'report.md'}")
+    say(f"summary: {json.dumps({k: {m: round(a, 3) for m, a in v.items()} for k, v in summary.items()})}")
+    return 0

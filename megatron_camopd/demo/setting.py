@@ -1,0 +1,170 @@
+"""The demo's synthetic setting: task mix, model size, step counts, and the spec of every phase.
+
+The CaMOPD paper's setting in miniature: a general teacher (a tiny Qwen3 model SFT-ed on general tasks with
+checkable answers), a domain teacher (that model specialised by SFT on one domain task at a high learning rate,
+so it forgets), and on-policy distillation from the domain teacher with *proxy* general prompts that cover the
+general distribution incompletely (a subset of the general tasks, like the paper's Nemotron proxy) plus domain
+prompts. `DemoSetting.quick()` shrinks everything for CI. Specs are plain dicts written as YAML files so every
+phase can be re-run by hand with `camopd sft|train SPEC`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_camopd.data.synthetic import make_examples, write_jsonl
+
+
+@dataclass
+class DemoSetting:
+    """Every knob of the demo (hashed to decide which cached phases are still valid)."""
+
+    seed: int = 0
+    # model (tiny Qwen3 from scratch)
+    hidden: int = 128
+    layers: int = 3
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 256
+    # tasks: general tasks (name -> (lo, hi) length range), the domain task and the proxy subset
+    general_tasks: dict[str, list[int]] = field(default_factory=lambda: {
+        "arithmetic": [1, 1], "reverse": [3, 5], "sort": [3, 5], "copy": [3, 6]})
+    domain_task: str = "cipher"
+    domain_length: list[int] = field(default_factory=lambda: [3, 6])
+    proxy_tasks: list[str] = field(default_factory=lambda: ["arithmetic", "reverse", "copy"])
+    n_train: int = 2000  # per task
+    n_eval: int = 100  # per task, held out (another seed)
+    # phases
+    sft_general_steps: int = 600
+    sft_general_lr: float = 3e-3
+    sft_domain_steps: int = 200
+    sft_domain_lr: float = 3e-3
+    sft_batch: int = 32
+    distill_steps: int = 48
+    distill_lr: float = 5e-4
+    distill_batch: int = 32
+    eval_every: int = 8
+    max_new_tokens: int = 10
+    diagnostics_interval: int = 4
+    demo_methods: list[str] = field(default_factory=lambda: ["camopd", "mopd_1to1"])
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "DemoSetting":
+        """Tiny step counts: the whole pipeline in about a minute (structure only, not the story)."""
+        return cls(seed=seed, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, n_train=64, n_eval=8,
+                   sft_general_steps=4, sft_domain_steps=3, sft_batch=8, distill_steps=4, distill_batch=8,
+                   eval_every=2, max_new_tokens=6, diagnostics_interval=2)
+
+
+# Method variants of the comparison: name -> spec overrides (dotted key -> value).
+METHODS: dict[str, dict[str, Any]] = {
+    "mopd_1to1": {"method.name": "mopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
+    "mopd_3to1": {"method.name": "mopd", "schedule.mode": "mixed", "schedule.mix_ratio": [3, 1]},
+    "camopd": {"method.name": "camopd", "schedule.mode": "alternate", "method.selection": True},
+    "camopd_no_decouple": {"method.name": "camopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1],
+                           "method.selection": True},
+    "camopd_no_select": {"method.name": "camopd", "schedule.mode": "alternate", "method.selection": False},
+    "uniopd": {"method.name": "uniopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1],
+               "rollout.n_samples": 4, "method.uniopd.online_balance": False,
+               "data.streams.0.verifier": "exact", "data.streams.1.verifier": "exact"},
+    "relaxed_opd": {"method.name": "relaxed_opd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
+    "selectkd": {"method.name": "selectkd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
+    "exopd": {"method.name": "exopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
+}
+LABELS = {"mopd_1to1": "MOPD (1:1)", "mopd_3to1": "MOPD (3:1)", "camopd": "CaMOPD",
+          "camopd_no_decouple": "CaMOPD w/o decoupling", "camopd_no_select": "CaMOPD w/o selection",
+          "uniopd": "Uni-OPD", "relaxed_opd": "Relaxed OPD", "selectkd": "SelecTKD", "exopd": "ExOPD"}
+
+
+def stable_hash(obj: Any) -> str:
+    """A short hash of JSON-able settings (decides whether a cached phase is still valid)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def as_overrides(values: dict[str, Any]) -> list[str]:
+    """Dotted overrides as `key=value` strings (values in YAML flow syntax)."""
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in values.items()]
+
+
+def write_data(s: DemoSetting, data_dir: Path) -> dict[str, Path]:
+    """Training and held-out evaluation sets (JSONL, chat `messages` + `answer`)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+    def examples(tasks: dict[str, list[int]], n: int, seed: int, domain: str) -> list[dict]:
+        return [ex for t, rng in tasks.items() for ex in make_examples(t, n, seed, tuple(rng), domain)]
+
+    general = dict(s.general_tasks)
+    domain = {s.domain_task: s.domain_length}
+    proxy = {t: general[t] for t in s.proxy_tasks}
+    sets = {
+        "sft_general": examples(general, s.n_train, s.seed, "general"),
+        "sft_domain": examples(domain, s.n_train * 2, s.seed, "domain"),
+        "proxy_general": examples(proxy, s.n_train, s.seed + 7, "general"),
+        "prompts_domain": examples(domain, s.n_train, s.seed + 7, "domain"),
+        "eval_general": examples(general, s.n_eval, s.seed + 1000, "general"),
+        "eval_domain": examples(domain, s.n_eval * 2, s.seed + 1000, "domain"),
+    }
+    return {name: write_jsonl(rows, data_dir / f"{name}.jsonl") for name, rows in sets.items()}
+
+
+def _common(s: DemoSetting, name: str, ckpt_dir: Path, steps: int, lr: float, batch: int, save_interval: int):
+    return {
+        "name": name,
+        "rollout": {"prompts_per_step": batch, "temperature": 1.0, "max_new_tokens": s.max_new_tokens},
+        "train": {"steps": steps, "seed": s.seed, "micro_batch_size": batch, "lr": lr, "min_lr": lr / 10,
+                  "lr_decay": "cosine", "warmup_steps": min(10, steps // 10), "weight_decay": 0.0,
+                  "clip_grad": 1.0},
+        "parallel": {"tp": 1, "pp": 1},
+        "checkpoint": {"dir": str(ckpt_dir), "save_interval": save_interval, "keep_last": None,
+                       "resume": "never"},
+        "logging": {"log_interval": max(1, steps // 10), "progress": "lines"},
+    }
+
+
+def sft_spec(s: DemoSetting, name: str, model: dict, data: Path, domain: str, ckpt_dir: Path, steps: int,
+             lr: float) -> dict:
+    """Response-only SFT of `model` ({"hf_path": ...} or {"checkpoint": ...}) on one JSONL file."""
+    spec = _common(s, name, ckpt_dir, steps, lr, s.sft_batch, 0)
+    spec.update(
+        model={**model, "dtype": "fp32", "seq_length": 64},
+        data={"streams": [{"name": domain, "path": str(data), "format": "messages", "domain": domain}],
+              "max_prompt_tokens": 48, "seed": s.seed},
+        method={"name": "sft"},
+    )
+    return spec
+
+
+def distill_spec(s: DemoSetting, name: str, student: Path, general_teacher: Path, domain_teacher: Path,
+                 data: dict[str, Path], ckpt_dir: Path) -> dict:
+    """CaMOPD from the domain teacher (the method section is then overridden per variant, see METHODS)."""
+    spec = _common(s, name, ckpt_dir, s.distill_steps, s.distill_lr, s.distill_batch, s.eval_every)
+    spec["train"].update(lr_decay="constant", warmup_steps=0, min_lr=0.0)
+    spec["logging"].update(diagnostics=True, diagnostics_interval=s.diagnostics_interval, log_interval=1)
+    spec.update(
+        model={"checkpoint": str(student), "dtype": "fp32", "seq_length": 64},
+        teachers={"general": {"checkpoint": str(general_teacher)}, "domain": {"checkpoint": str(domain_teacher)}},
+        routing={"general": "general", "domain": "domain"},
+        data={"streams": [
+            {"name": "proxy_general", "path": str(data["proxy_general"]), "format": "messages", "domain": "general",
+             "branch": "general"},
+            {"name": "domain", "path": str(data["prompts_domain"]), "format": "messages", "domain": "domain",
+             "branch": "domain"}],
+            "max_prompt_tokens": 48, "seed": s.seed},
+        method={"name": "camopd", "loss": "pg", "selection": True},
+        schedule={"mode": "alternate", "n_g": 3},
+    )
+    return spec
+
+
+def write_spec(spec: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
