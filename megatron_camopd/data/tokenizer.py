@@ -116,21 +116,30 @@ class Tokenizer:
 
     # --- identity checks --------------------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """SHA-256 over vocabulary, added/special tokens and chat template; equal iff tokenizers are interchangeable."""
-        added = {str(i): str(t) for i, t in sorted(self.hf.added_tokens_decoder.items())}
-        payload = {
-            "vocab": sorted(self.hf.get_vocab().items()),
-            "added": added,
-            "special": {k: str(v) for k, v in sorted(self.hf.special_tokens_map.items())},
-            "chat_template": getattr(self.hf, "chat_template", None),
-        }
-        blob = json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+        """``hf_fingerprint`` of this tokenizer: equal iff tokenizers are interchangeable (same for HTTP teachers)."""
+        return hf_fingerprint(self.hf)
 
     def probe_ids(self, strings: Sequence[str] = ()) -> list[list[int]]:
         """Token ids of probe strings (default: a fixed set incl. a rendered chat) to compare with a teacher's."""
         probes = list(strings) or default_probe_strings()
         return [self.encode(s) for s in probes]
+
+
+def hf_fingerprint(hf_tokenizer: Any) -> str:
+    """``"sha256:<hex>"`` over a HF tokenizer's vocabulary, added/special tokens and chat template.
+
+    The one fingerprint of the project: ``Tokenizer.fingerprint()``, the in-process teacher check and the teacher
+    servers' ``/get_model_info`` (compared by ``teachers.tokcheck``) all use it, so every check agrees.
+    """
+    added = {str(i): str(t) for i, t in sorted(hf_tokenizer.added_tokens_decoder.items())}
+    payload = {
+        "vocab": sorted(hf_tokenizer.get_vocab().items()),
+        "added": added,
+        "special": {k: str(v) for k, v in sorted(hf_tokenizer.special_tokens_map.items())},
+        "chat_template": getattr(hf_tokenizer, "chat_template", None),
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def default_probe_strings() -> list[str]:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -128,6 +129,7 @@ def demo_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     logging.getLogger("megatron_camopd").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     s = DemoSetting.quick(args.seed) if args.quick else DemoSetting(seed=args.seed)
     root = Path(args.out)
     result = run_pipeline(s, root)

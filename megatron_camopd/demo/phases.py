@@ -34,27 +34,31 @@ def _record(out: Path) -> dict | None:
         return None
 
 
-def run_phase(root: Path, name: str, spec: dict, digest: str, overrides: list[str] = ()) -> tuple[Path, bool]:
-    """Train `spec` (+ overrides) into `root/name` unless a run with the same digest is there. Returns (dir, ran)."""
+def run_phase(root: Path, name: str, spec: dict | Path, digest: str, overrides: list[str] = ()) -> tuple[Path, bool]:
+    """Train `spec` (a dict, or a spec file) + overrides into `root/name` unless a run with the same digest is
+    there. Returns (run dir, whether it trained)."""
     from megatron_camopd.config import load_spec
     from megatron_camopd.train import train
 
-    out = root / name
+    out = (root / name).resolve()
     rec = _record(out)
     if rec is not None and rec.get("digest") == digest:
         say(f"{name}: cached ({out}, hash {digest})")
         return out, False
     if out.exists():
         shutil.rmtree(out)
-    spec = dict(spec, checkpoint=dict(spec["checkpoint"], dir=str(out)))
-    path = write_spec(spec, root / "specs" / f"{name}.yaml")
+    overrides = list(overrides)
+    if isinstance(spec, dict):
+        path = write_spec(dict(spec, checkpoint=dict(spec["checkpoint"], dir=str(out))),
+                          root / "specs" / f"{name}.yaml")
+    else:
+        path, overrides = Path(spec), overrides + [f"checkpoint.dir={out}"]
     t0 = time.time()
-    say(f"{name}: training ({spec['method']['name']}{', ' + ' '.join(overrides) if overrides else ''}; "
-        f"spec {path})")
-    train(load_spec(path, list(overrides)))
+    say(f"{name}: training (spec {path}{'; ' + ' '.join(overrides) if overrides else ''})")
+    train(load_spec(path, overrides))
     dt = time.time() - t0
     tmp = out / "demo_phase.json.tmp"
-    tmp.write_text(json.dumps({"digest": digest, "seconds": round(dt, 1), "overrides": list(overrides)}))
+    tmp.write_text(json.dumps({"digest": digest, "seconds": round(dt, 1), "overrides": overrides}))
     os.replace(tmp, out / "demo_phase.json")
     say(f"{name}: done in {dt:.0f}s")
     return out, True

@@ -60,7 +60,7 @@ class DemoSetting:
         """Tiny step counts: the whole pipeline in about a minute (structure only, not the story)."""
         return cls(seed=seed, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, n_train=64, n_eval=8,
                    sft_general_steps=4, sft_domain_steps=3, sft_batch=8, distill_steps=4, distill_batch=8,
-                   eval_every=2, max_new_tokens=6, diagnostics_interval=2)
+                   eval_every=2, max_new_tokens=6, diagnostics_interval=1)
 
 
 # Method variants of the comparison: name -> spec overrides (dotted key -> value).

@@ -4,6 +4,7 @@ The same client (`HttpTeacher`) talks to this server in tests/CPU runs and to re
 responses have SGLang's exact shapes. It is scoring-only: `max_new_tokens` must be 0. Requests are batched
 server-side (up to `max_batch` sequences or `max_wait_ms`), scored in one worker thread, answered in order.
 Endpoints: `POST /generate`, `GET /health`, `GET /health_generate`, `GET /get_model_info`.
+`serve_main` serves a HuggingFace dir (`hf_scorer.HFScorer`) or a camopd checkpoint (`megatron_scorer.MegatronScorer`).
 """
 
 from __future__ import annotations
@@ -283,7 +284,8 @@ class ServerThread:
 def serve_main(argv: list[str] | None = None) -> int:
     """`camopd serve-teacher --checkpoint DIR [--tokenizer DIR] [--host H] [--port P] [--ready-file F]`."""
     parser = argparse.ArgumentParser(prog="camopd serve-teacher", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="HuggingFace-format checkpoint directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a HuggingFace dir (config.json + weights) or a camopd checkpoint (root or iter_* dir)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (see --ready-file)")
@@ -291,9 +293,9 @@ def serve_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     args = parser.parse_args(argv)
-    from .hf_scorer import load_scorer
+    from .megatron_scorer import load_any_scorer
 
-    scorer = load_scorer(args.checkpoint, args.tokenizer)
+    scorer = load_any_scorer(args.checkpoint, args.tokenizer)
     run_server(scorer, args.host, args.port, args.ready_file, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     return 0
 

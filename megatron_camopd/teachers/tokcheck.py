@@ -1,7 +1,8 @@
 """Start-up check that a teacher shares the student's tokenizer (spec §5): a mismatched tokenizer makes every
 token gap meaningless, silently. Two independent checks:
 
-1. our fingerprint (hash of vocab + special tokens), when the server reports one (our CPU server does);
+1. our fingerprint (`data.tokenizer.hf_fingerprint`: vocab, special tokens, chat template), when the server
+   reports one (our CPU server does);
 2. a probe that works against real SGLang too (which only reports `tokenizer_path`): send known ids with
    `return_text_in_logprobs: true` and compare the server's per-token texts with our `tokenizer.decode([id])`.
 
@@ -10,25 +11,19 @@ A teacher that fails either check, or that cannot be verified at all, is refused
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..data.tokenizer import Tokenizer, hf_fingerprint
 from ..errors import TeacherError
 
 DEFAULT_PROBE_TEXTS = ("Hello, world! 123", "The quick brown fox jumps over the lazy dog.", "x = f(y) + 2 * z\n")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A stable hash of a (transformers) tokenizer's vocabulary, added tokens and special-token map."""
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-    }
-    blob = json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")
-    return "sha256:" + hashlib.sha256(blob).hexdigest()[:32]
+    """The project's tokenizer fingerprint (`data.tokenizer.hf_fingerprint`) of a HF tokenizer or our `Tokenizer`."""
+    return tokenizer.fingerprint() if isinstance(tokenizer, Tokenizer) else hf_fingerprint(tokenizer)
 
 
 @dataclass

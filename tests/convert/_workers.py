@@ -61,4 +61,16 @@ def tp2_resave_worker(rank: int, world: int, pairs: list[tuple[Path, Path]], ids
             write_model_meta(dst, json.loads((meta / "config.json").read_text()), meta)
         save_checkpoint(dst, 4, chunks, train_state={"resaved_at_tp": world})
         out[str(dst)] = logits[..., : arch.vocab_size]
+    init_distributed(tp=1, pp=world)  # then the TP=2 checkpoint, loaded and re-saved at PP=2 (one layer a stage)
+    for _, src in pairs:
+        meta = find_model_meta(src)
+        arch = ModelArch.from_hf_dir(meta)
+        chunks = build_model_chunks(arch, transformer_config(arch, tp=1, pp=world))
+        load_model_only(resolve_checkpoint(src), chunks)
+        dst = Path(str(src) + "_pp")
+        if rank == 0:
+            import json
+
+            write_model_meta(dst, json.loads((meta / "config.json").read_text()), meta)
+        save_checkpoint(dst, 6, chunks)
     return out

@@ -1,5 +1,5 @@
-"""A checkpoint re-saved at TP=2 (2 gloo ranks) converts back to an HF model that transformers loads, generates
-with, and whose logits equal the TP=2 Megatron model's and the original HF model's."""
+"""A checkpoint re-saved at TP=2, then PP=2 (2 gloo ranks) converts back to an HF model that transformers loads and
+generates with, and whose logits equal the TP=2 Megatron model's and the original HF model's."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def tp2(tiny_hf, tmp_path_factory) -> dict:
     ranks = run_on_ranks(tp2_resave_worker, 2, pairs, IDS)
     for kind in KINDS:
         convert_main(["--to-hf", str(root / f"{kind}_tp2"), str(root / f"{kind}_hf")])
+        convert_main(["--to-hf", str(root / f"{kind}_tp2_pp"), str(root / f"{kind}_pp_hf")])
     return {"root": root, "ranks": ranks}
 
 
@@ -47,8 +48,10 @@ def test_tp2_checkpoint_to_hf_matches_megatron_and_original(tp2, tiny_hf, kind: 
     converted = hf_logits(out)
     assert (converted - megatron).abs().max().item() < 1e-4
     assert (converted - hf_logits(tiny_hf[kind])).abs().max().item() < 1e-4
-    a, b = read_hf_state_dict(tiny_hf[kind]), read_hf_state_dict(out)  # TP=2 reshard is lossless
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    a = read_hf_state_dict(tiny_hf[kind])
+    for path in (out, root / f"{kind}_pp_hf"):  # TP=2 and then PP=2 resharding are lossless
+        b = read_hf_state_dict(path)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -98,7 +98,7 @@ start_trainer() {  # NODELIST [srun args...]: one srun task per node, each runni
   srun "$@" --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
     'exec "$PYTHON" -m torch.distributed.run --nnodes="$NODES" --nproc-per-node="$NPROC_PER_NODE" \
        --node-rank="$SLURM_NODEID" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
-       --shutdown-timeout="$SHUTDOWN_TIMEOUT_S" -m megatron_camopd.cli train "$@"' \
+       --shutdown-timeout="$SHUTDOWN_TIMEOUT_S" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 -m megatron_camopd.cli train "$@"' \
     _ "$SPEC" "${OVERRIDES[@]}" "${TRAIN_OVERRIDES[@]}" &
   TRAINER_PID=$!
 }
@@ -107,7 +107,8 @@ PREEMPTED=0
 on_preempt() {  # Slurm's pre-timeout signal: the trainer checkpoints after its current step and exits
   log "pre-timeout signal: asking the trainer to checkpoint and stop"
   PREEMPTED=1
-  if [[ -n ${TRAINER_PID:-} ]]; then kill -TERM "$TRAINER_PID" 2>/dev/null || true; fi
+  # srun forwards USR1 to its tasks (SIGTERM would end the step); torchrun passes it on to the trainer processes
+  if [[ -n ${TRAINER_PID:-} ]]; then kill -USR1 "$TRAINER_PID" 2>/dev/null || true; fi
 }
 
 stop_pid() {  # PID GRACE_S: SIGTERM, then SIGKILL after GRACE_S

@@ -1,0 +1,97 @@
+"""`camopd demo --quick` and `camopd compare` end to end (real subprocesses, real Megatron on CPU).
+
+Checks the structure of the outputs (summary keys and ranges, valid PNGs, report tables, caching on a re-run,
+the comparison table), not the story: quick sizes are far too small for the accuracies to mean anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.multiproc
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _camopd(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "megatron_camopd.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo")
+    proc = _camopd("demo", "--out", str(out), "--quick")
+    return out, proc.stdout
+
+
+def _valid_png(path: Path) -> tuple[int, int]:
+    import matplotlib.image as mpimg
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+    assert float(img[..., :3].std()) > 0.01  # not a blank canvas
+    return img.shape[:2]
+
+
+def test_quick_demo_outputs(demo_dir):
+    out, stdout = demo_dir
+    for phase in ("phase 1/5", "phase 2/5", "phase 3/5", "phase 4/5", "phase 5/5"):
+        assert f"[demo] {phase}" in stdout
+    assert "[camopd] step" in stdout  # the trainer's per-step progress
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"general", "domain"}
+    for branch in summary.values():
+        assert set(branch) == {"general_teacher", "domain_teacher", "camopd", "mopd_1to1"}
+        assert all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in branch.values())
+    for png in ("accuracy.png", "signals.png"):
+        _valid_png(out / png)
+    report = (out / "report.md").read_text()
+    assert "| model | general | domain |" in report
+    assert "| CaMOPD |" in report and "| MOPD (1:1) |" in report
+    assert "![accuracy over steps](accuracy.png)" in report
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["run"] for r in rows} == {"camopd", "mopd_1to1"}
+    camopd = [r for r in rows if r["run"] == "camopd"]
+    assert [r["branch"] for r in camopd] == ["general", "general", "general", "domain"]  # G,G,G,D
+    assert any(r.get("diag_grad_dot") is not None for r in camopd)
+    evals = json.loads((out / "evals.json").read_text())
+    assert any(k.startswith("camopd:") for k in evals)
+
+
+def test_rerun_reuses_cached_phases(demo_dir):
+    out, _ = demo_dir
+    before = (out / "summary.json").read_text()
+    stdout = _camopd("demo", "--out", str(out), "--quick").stdout
+    for name in ("general_teacher", "domain_teacher", "distill_camopd", "distill_mopd_1to1"):
+        assert f"[demo] {name}: cached" in stdout
+    assert "training (" not in stdout
+    assert (out / "summary.json").read_text() == before
+
+
+def test_compare_table(demo_dir, tmp_path):
+    out, _ = demo_dir
+    cmp_dir = tmp_path / "cmp"
+    stdout = _camopd("compare", str(out / "specs" / "distill_camopd.yaml"), "--seeds", "2", "--methods",
+                     "mopd_3to1", "camopd_no_select", "--steps", "2", "--out", str(cmp_dir)).stdout
+    assert "| MOPD (3:1) |" in stdout
+    data = json.loads((cmp_dir / "compare.json").read_text())
+    assert data["domains"] == ["domain", "general"]
+    assert set(data["results"]) == {"mopd_3to1", "camopd_no_select"}
+    for runs in data["results"].values():
+        assert [r["seed"] for r in runs] == [0, 1]
+        for r in runs:
+            assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+            assert set(r["normalised"]["per_domain"]) == {"domain", "general"}
+    md = (cmp_dir / "compare.md").read_text()
+    assert "| method |" in md and " ± " in md

@@ -1,0 +1,131 @@
+"""Fixtures for the served-teacher tests: a tiny setup, its general teacher converted to a camopd checkpoint, two
+`camopd serve-teacher` replicas of that checkpoint (subprocesses on port 0, found through --ready-file), and
+helpers to run `camopd train` as a subprocess on a spec written to tmp."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_SPEC = REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml"
+STEPS, PROMPTS = 3, 4
+
+
+def sub_env() -> dict[str, str]:
+    """Environment of the subprocesses: this checkout importable, one torch thread each (2 shared cores)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def camopd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_camopd.cli", *args]
+
+
+@dataclass
+class Replica:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_replicas(checkpoint: Path, work: Path, n: int, timeout_s: float = 240.0) -> list[Replica]:
+    """Start `n` serve-teacher processes at once and wait until each wrote its ready file."""
+    pending = []
+    for i in range(n):
+        ready, log = work / f"replica{i}.ready", work / f"replica{i}.log"
+        ready.unlink(missing_ok=True)
+        proc = subprocess.Popen(camopd("serve-teacher", "--checkpoint", str(checkpoint), "--port", "0",
+                                       "--ready-file", str(ready)),
+                                env=sub_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+        pending.append((proc, ready, log))
+    out, deadline = [], time.time() + timeout_s
+    for proc, ready, log in pending:
+        while not ready.exists():
+            if proc.poll() is not None or time.time() > deadline:
+                for p, _, _ in pending:
+                    p.kill()
+                raise RuntimeError(f"teacher replica did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        out.append(Replica(proc, "http://" + ready.read_text().strip(), log))
+    return out
+
+
+def write_spec(tiny: Path, ckpt_dir: Path, teachers: dict[str, dict], out: Path, **train: object) -> Path:
+    """The tiny example spec with absolute paths, the given teachers, a short run and `checkpoint.dir`."""
+    spec = yaml.safe_load(TINY_SPEC.read_text())
+    spec["model"]["hf_path"] = str(tiny / "student")
+    spec["teachers"] = teachers
+    for stream in spec["data"]["streams"]:
+        stream["path"] = str(tiny / "data" / f"{stream['name']}.jsonl")
+    spec["schedule"] = {"mode": "alternate", "n_g": 1}  # G, D, G: both teachers are used
+    spec["rollout"].update(prompts_per_step=PROMPTS, max_new_tokens=8)
+    spec["train"].update(steps=STEPS, micro_batch_size=2, **train)
+    spec["checkpoint"] = {"dir": str(ckpt_dir), "save_interval": 0, "resume": "never"}
+    spec["logging"] = {"log_interval": 1, "progress": "off", "diagnostics": False}
+    out.write_text(yaml.safe_dump(spec))
+    return out
+
+
+def start_train(spec: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(camopd("train", str(spec)), env=sub_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout_s: float = 400.0) -> int:
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"training did not finish in {timeout_s}s:\n{log.read_text()[-3000:]}") from None
+
+
+def metrics(ckpt_dir: Path) -> list[dict]:
+    path = ckpt_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from megatron_camopd.demo.tiny import make_tiny_setup
+
+    return Path(make_tiny_setup(tmp_path_factory.mktemp("served_tiny")))
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tiny: Path) -> Path:
+    """The general teacher as a camopd checkpoint root (hf/ + iter_0000000/), made by `camopd convert --from-hf`."""
+    dst = tiny / "teacher_general_ckpt"
+    res = subprocess.run(camopd("convert", "--from-hf", str(tiny / "teacher_general"), str(dst)), env=sub_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return dst
+
+
+@pytest.fixture(scope="module")
+def replicas(teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Replica]]:
+    reps = start_replicas(teacher_ckpt, tmp_path_factory.mktemp("replicas"), 2)
+    try:
+        yield reps
+    finally:
+        for r in reps:
+            r.stop()

@@ -1,0 +1,150 @@
+"""The launchers against a real Slurm: the hetjob sbatch script and `camopd launch --cluster slurm` train the tiny
+spec with an HTTP teacher (`camopd serve-teacher`) on one virtual node and the trainer on the other; a pre-timeout
+USR1 makes the job checkpoint, requeue and finish with the same losses as an uninterrupted run; a teacher that
+dies mid-run fails the job with a clear message instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+import pytest
+
+import yaml
+from megatron_camopd.metrics import read_metrics
+
+if TYPE_CHECKING:
+    from conftest import SlurmCluster
+
+pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from megatron_camopd.demo.tiny import make_tiny_setup
+
+    root = tmp_path_factory.mktemp("tiny") / "tiny_cpu"
+    make_tiny_setup(str(root))
+    return root
+
+
+def write_spec(tiny_root: Path, run_dir: Path) -> Path:
+    """The tiny spec with ONE teacher (served over HTTP by the launcher), short timeouts and a checkpoint per step."""
+    spec = yaml.safe_load((REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml").read_text())
+    spec["model"]["hf_path"] = str(tiny_root / "student")
+    spec["teachers"] = {"general": {"hf_path": str(tiny_root / "teacher_general"), "timeout_s": 20.0, "retries": 1,
+                                    "discovery_timeout_s": 60.0}}
+    spec["routing"] = {"general": "general", "domain": "general"}
+    for stream in spec["data"]["streams"]:
+        stream["path"] = str(tiny_root / "data" / Path(stream["path"]).name)
+    spec["rollout"].update(prompts_per_step=4, max_new_tokens=16)
+    spec["train"]["steps"] = STEPS
+    spec["checkpoint"].update(dir=str(run_dir / "ckpt"), save_interval=1)
+    spec["logging"].update(diagnostics=False)
+    spec["launcher"] = {"nodes": 1, "gpus_per_node": 1, "teacher_nodes": 1, "teacher_gpus": 1, "time": "10:00",
+                        "log_dir": str(run_dir / "logs")}
+    path = run_dir / "spec.yaml"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def camopd(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "megatron_camopd.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def submit_hetjob(spec: Path) -> str:
+    proc = camopd("sbatch", str(spec), "--cpu", "--submit", "--health-timeout", "120", "--shutdown-timeout", "60")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split("submitted hetjob job ")[1].split()[0]
+
+
+def job_log(run_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.out")))
+
+
+def wait_until(what: str, predicate, timeout: float, log: callable) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{log()}"
+        time.sleep(0.5)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(run_dir / "ckpt" / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("hetjob")
+    job = submit_hetjob(write_spec(tiny_root, run_dir))
+    assert slurm_cluster.wait(job, timeout=400) == "COMPLETED", job_log(run_dir)
+    return run_dir
+
+
+def test_hetjob_trains_with_a_served_teacher(reference_run: Path) -> None:
+    log = job_log(reference_run)
+    assert len(losses(reference_run)) == STEPS, log
+    assert "teacher general ready: " in log and "training finished" in log
+    assert "teacher general ready (discovery)" in log  # the trainer reached the server through the discovery file
+
+
+def test_preempted_hetjob_requeues_and_matches_the_uninterrupted_run(
+        slurm_cluster: SlurmCluster, tiny_root: Path, reference_run: Path, tmp_path: Path) -> None:
+    job = submit_hetjob(write_spec(tiny_root, tmp_path))
+    metrics = tmp_path / "ckpt" / "metrics.jsonl"
+    wait_until("the first step", lambda: metrics.exists() and metrics.read_text().strip(), 300,
+               lambda: job_log(tmp_path))
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@N delivers
+    assert slurm_cluster.wait(job, timeout=400) == "COMPLETED", job_log(tmp_path)
+    log = job_log(tmp_path)
+    assert "requeueing job" in log and "restart 1" in log, log
+    runs = slurm_cluster.run("sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "State").stdout.split()
+    assert "REQUEUED" in runs and runs[-1] == "COMPLETED"
+    rows = read_metrics(metrics)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # resumed where it stopped, no step repeated
+    assert losses(tmp_path) == losses(reference_run)
+
+
+def server_pid(address: str) -> int:
+    port = int(address.rsplit(":", 1)[1])
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            return conn.pid
+    raise AssertionError(f"no process listens on {address}")
+
+
+def test_dead_teacher_fails_the_job_with_a_clear_message(
+        slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path: Path) -> None:
+    job = submit_hetjob(write_spec(tiny_root, tmp_path))
+    addr = lambda: list((tmp_path / "logs" / "discovery").glob("*/general.addr"))
+    wait_until("the teacher's discovery file", lambda: addr() and addr()[0].read_text().strip(), 200,
+               lambda: job_log(tmp_path))
+    started = time.monotonic()
+    os.kill(server_pid(addr()[0].read_text().split()[0]), signal.SIGKILL)
+    assert slurm_cluster.wait(job, timeout=120) == "FAILED", job_log(tmp_path)
+    assert time.monotonic() - started < 90
+    log = job_log(tmp_path)
+    assert "teacher server (teacher general, het component 0) died; stopping the trainer" in log, log
+    assert "ERROR: training stopped because a teacher server died" in log
+
+
+def test_submitit_launch_trains_and_cancels_the_teacher(
+        slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path: Path) -> None:
+    spec = write_spec(tiny_root, tmp_path)
+    proc = camopd("launch", str(spec), "--cluster", "slurm", "--cpu", "--health-timeout", "120", timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(losses(tmp_path)) == STEPS
+    teacher_job = proc.stdout.split("teacher general: job ")[1].split()[0]
+    assert slurm_cluster.wait(teacher_job, timeout=60) == "CANCELLED"
