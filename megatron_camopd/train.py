@@ -29,6 +29,7 @@ from megatron_camopd.config import load_spec
 from megatron_camopd.metrics import MetricsWriter
 from megatron_camopd.rollout.assemble import add_topk, signal_batch, train_batch
 from megatron_camopd.rollout.collect import collect_step
+from megatron_camopd.rollout.offline import balance_streams
 from megatron_camopd.session import Session, open_session
 from megatron_camopd.steplog import diagnostics_row, step_row
 from megatron_camopd.errors import CheckpointError
@@ -133,6 +134,8 @@ def train(spec) -> dict:
     session = open_session(spec)
     preempt = Preemption()
     try:
+        if spec.method.name == "uniopd" and spec.method.uniopd.offline_balance:
+            balance_streams(session)
         start = _resume(session)
         if session.is_logger and start == 0:
             write_model_meta(spec.checkpoint.dir, session.student_source.hf_config(), session.tokenizer.path)

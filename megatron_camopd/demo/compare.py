@@ -104,7 +104,11 @@ def compare_main(argv: list[str]) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--eval", action="append", default=[], metavar="DOMAIN=FILE", help="held-out set per domain")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps for every run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models)")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     from megatron_camopd.config import load_spec
     from megatron_camopd.demo.scoring import evaluate_model, read_examples

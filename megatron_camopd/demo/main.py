@@ -126,8 +126,10 @@ def demo_main(argv: list[str]) -> int:
     ap.add_argument("--out", required=True, help="output directory (phases are cached there)")
     ap.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline in ~1-2 minutes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (tiny models gain little from more; 1 is fastest on a shared CPU)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    torch.set_num_threads(max(1, args.threads))
     logging.getLogger("megatron_camopd").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     s = DemoSetting.quick(args.seed) if args.quick else DemoSetting(seed=args.seed)

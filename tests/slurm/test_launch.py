@@ -114,7 +114,8 @@ def test_preempted_hetjob_requeues_and_matches_the_uninterrupted_run(
     assert "REQUEUED" in runs and runs[-1] == "COMPLETED"
     rows = read_metrics(metrics)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # resumed where it stopped, no step repeated
-    assert losses(tmp_path) == losses(reference_run)
+    # the served teacher batches concurrent requests, so scores (and losses) vary ~1e-7 even between fresh runs
+    assert losses(tmp_path) == pytest.approx(losses(reference_run), rel=1e-4, abs=1e-6)
 
 
 def server_pid(address: str) -> int:

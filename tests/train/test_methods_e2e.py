@@ -3,6 +3,7 @@ gradient diagnostics appear in metrics.jsonl when asked for."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -19,6 +20,10 @@ RUNS = {
     "camopd_alt_diag": ("logging.diagnostics=true", "logging.diagnostics_interval=1", "schedule.n_g=1"),
     "uniopd": ("method.name=uniopd", *MIXED, "rollout.n_samples=2", "rollout.prompts_per_step=4",
                "data.streams.0.verifier=exact", "data.streams.1.verifier=exact"),
+    "uniopd_offline": ("method.name=uniopd", *MIXED, "rollout.n_samples=2", "rollout.prompts_per_step=4",
+                       "data.streams.0.verifier=exact", "data.streams.1.verifier=exact",
+                       "method.uniopd.offline_balance=true", "method.uniopd.offline_n=2", "data.streams.0.limit=6",
+                       "data.streams.1.limit=6", "method.uniopd.offline_shape=mirrored_j"),
     "relaxed_opd": ("method.name=relaxed_opd", *MIXED),
     "selectkd": ("method.name=selectkd", *MIXED),
     "exopd": ("method.name=exopd", *MIXED),
@@ -39,6 +44,9 @@ def test_all_methods_train(tiny_root, tmp_path):
     assert "acceptance_rate" in res["selectkd"][0]
     assert res["mopd_3to1"][0]["selected_fraction"] == 1.0  # vanilla MOPD keeps every sample
     assert "reward_mean" in res["uniopd"][0]
+    hist = json.loads((tmp_path / "uniopd_offline" / "offline_balance" / "general.hist.json").read_text())
+    assert hist["prompts_before"] == 6 and sum(hist["hist_before"]) == 6
+    assert hist["prompts_after"] == sum(hist["hist_after"]) >= 6
     mixed = res["camopd_mixed"][0]
     assert math.isfinite(mixed["diag_grad_dot"]) and -1.0 <= mixed["diag_grad_cos"] <= 1.0
     assert mixed["diag_coherence_full"] > 0 and "diag_gcg" in mixed

@@ -1,0 +1,95 @@
+"""Uni-OPD offline difficulty-aware balancing: before training, measure each prompt's pass count with the student
+and upsample by difficulty; the balanced prompt set and its histograms are written to disk.
+
+For every stream with a verifier: roll out `offline_n` samples per prompt with the student (the same seeded
+sampler as training), verify them, histogram the pass counts, and repeat prompts by the configured rule
+(`u`: intermediate pass counts; `mirrored_j`: every prompt not always solved; `auto`: `u` when both ends of the
+histogram hold at least 20% of the prompts, else `mirrored_j`). Output, under `<checkpoint.dir>/offline_balance/`:
+`<stream>.jsonl` (messages-format rows, repeated) and `<stream>.hist.json` (histograms before/after, rule).
+The stream then trains on the balanced file. The pass is done once: on resume the written file is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_camopd.algo.uniopd import offline_difficulty_balance
+from megatron_camopd.data.prompts import PromptSource, PromptStream
+from megatron_camopd.data.verifiers import get_verifier
+from megatron_camopd.rollout.generate import SamplingParams, generate, sample_seed
+
+log = logging.getLogger("megatron_camopd")
+
+
+def choose_shape(hist: list[int], shape: str) -> str:
+    if shape != "auto":
+        return shape
+    total = max(sum(hist), 1)
+    return "u" if hist[0] >= 0.2 * total and hist[-1] >= 0.2 * total else "mirrored_j"
+
+
+def pass_counts(session, prompts, verifier: str, n: int, batch: int = 32) -> list[int]:
+    """Pass counts of `n` student samples per prompt (seeded like training rollouts; step index -1)."""
+    from megatron_camopd.session import VERIFIERS
+
+    spec, tok = session.spec, session.tokenizer
+    r = spec.rollout
+    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=max(r.top_k, 0),
+                            max_new_tokens=r.max_new_tokens,
+                            stop_token_ids=tuple(r.stop_token_ids) + tuple(tok.stop_ids))
+    check = get_verifier(VERIFIERS[verifier])
+    items = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    counts = [0] * len(prompts)
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        outs = generate(session.engine.forward, [prompts[i].prompt_ids for i, _ in chunk], params,
+                        vocab_size=session.arch.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                        max_context=spec.seq_length, tp_group=session.engine.groups.tp,
+                        seeds=[sample_seed(spec.train.seed, -1, i * n + j) for i, j in chunk])
+        for (i, _), out in zip(chunk, outs):
+            counts[i] += int(check(tok.decode(out.response_ids, skip_special_tokens=True), prompts[i].reference))
+    return counts
+
+
+def balance_streams(session) -> None:
+    """Replace each verifiable stream by its difficulty-balanced version (collective over all ranks)."""
+    spec = session.spec
+    u = spec.method.uniopd
+    out_dir = Path(spec.checkpoint.dir) / "offline_balance"
+    for branch, streams in session.streams.items():
+        for k, (cfg, stream) in enumerate(streams):
+            if cfg.verifier == "none":
+                continue
+            path, hist_path = out_dir / f"{cfg.name}.jsonl", out_dir / f"{cfg.name}.hist.json"
+            if not hist_path.exists():
+                prompts = stream.prompts
+                counts = pass_counts(session, prompts, cfg.verifier, u.offline_n)
+                hist0 = [counts.count(c) for c in range(u.offline_n + 1)]
+                shape = choose_shape(hist0, u.offline_shape)
+                res = offline_difficulty_balance(counts, u.offline_n, shape, u.offline_low, u.offline_high,
+                                                 u.offline_factor)
+                if dist.get_rank() == 0:
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(".tmp")
+                    with open(tmp, "w") as f:
+                        for i in res.indices:
+                            p = prompts[i]
+                            f.write(json.dumps({"uid": p.uid, "domain": p.domain, "messages": p.messages,
+                                                "answer": p.reference}) + "\n")
+                    os.replace(tmp, path)
+                    hist_path.write_text(json.dumps({"shape": shape, "n_rollouts": u.offline_n,
+                                                     "hist_before": res.hist_before, "hist_after": res.hist_after,
+                                                     "prompts_before": len(prompts),
+                                                     "prompts_after": len(res.indices)}, indent=1))
+                dist.barrier()
+                log.info("offline balance %s: %s -> %s (%s)", cfg.name, res.hist_before, res.hist_after, shape)
+            balanced = PromptStream([PromptSource(str(path), format="messages", domain=cfg.domain)],
+                                    session.tokenizer, max_prompt_len=spec.data.max_prompt_tokens,
+                                    overlong=spec.data.overlong, seed=stream.seed, shuffle=spec.data.shuffle,
+                                    name=cfg.name)
+            streams[k] = (cfg, balanced)
