@@ -7,6 +7,7 @@
     camopd convert --to-hf|--from-hf SRC DST  Megatron <-> HuggingFace
     camopd eval MODEL --task ...              accuracy / pass@k of a model
     camopd demo --out DIR                     the end-to-end story on one CPU
+    camopd tiny [--out runs/tiny_cpu]         tiny models/tokenizer/data for yaml/examples/camopd_tiny_cpu.yaml
     camopd compare SPEC --seeds N             methods side by side
     camopd sbatch SPEC / camopd launch SPEC   Slurm launchers
 
@@ -32,6 +33,7 @@ COMMANDS = {
     "convert": ("megatron_camopd.convert.main", "convert_main"),
     "eval": ("megatron_camopd.evaluate.main", "eval_main"),
     "demo": ("megatron_camopd.demo.main", "demo_main"),
+    "tiny": ("megatron_camopd.demo.tiny", "tiny_main"),
     "compare": ("megatron_camopd.demo.compare", "compare_main"),
     "sbatch": ("megatron_camopd.launch.sbatch", "sbatch_main"),
     "launch": ("megatron_camopd.launch.submit", "launch_main"),

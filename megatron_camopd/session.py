@@ -53,7 +53,8 @@ class ModelSource:
         if hf_path:
             p = Path(hf_path)
             if not (p / "config.json").exists():
-                raise SpecError(f"{field_name}.hf_path: {p} has no config.json")
+                hint = " (the tiny example's models are made by `camopd tiny`)" if "tiny" in str(p) else ""
+                raise SpecError(f"{field_name}.hf_path: {p} has no config.json{hint}")
             return cls(p, None, p)
         raise SpecError(f"{field_name}: give hf_path or checkpoint")
 

@@ -70,3 +70,16 @@ def make_tiny_setup(root: str | Path, seed: int = 0) -> Path:
     if not (root / "data" / "domain.jsonl").exists():
         make_tiny_data(root / "data", seed=seed)
     return root
+
+
+def tiny_main(argv: list[str]) -> int:
+    """`camopd tiny [--out runs/tiny_cpu]`: write the tiny setup the example spec points at."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="camopd tiny", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/tiny_cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    root = make_tiny_setup(args.out, seed=args.seed)
+    print(f"tiny setup ready in {root}: camopd train yaml/examples/camopd_tiny_cpu.yaml")
+    return 0

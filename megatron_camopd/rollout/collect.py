@@ -23,7 +23,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_camopd.data.prompts import Prompt
 from megatron_camopd.data.verifiers import get_verifier
-from megatron_camopd.errors import CamopdError
+from megatron_camopd.errors import CamopdError, DataError, TeacherError
 from megatron_camopd.rollout.generate import Rollout, SamplingParams, generate, sample_seed
 
 
@@ -41,6 +41,25 @@ class Sample:
     reward: float | None = None
     error: str | None = None
     meta: dict = field(default_factory=dict)
+
+
+def route(spec, prompt: Prompt) -> str:
+    """The teacher a prompt's domain is routed to (a row may carry its own domain label)."""
+    try:
+        return spec.routing[prompt.domain]
+    except KeyError:
+        raise DataError(f"{prompt.source}: domain {prompt.domain!r} is not routed to a teacher "
+                        f"(routing has: {', '.join(sorted(spec.routing))})") from None
+
+
+def fail_if_teacher_down(samples: list[Sample], http: set[str]) -> None:
+    """A served teacher that failed EVERY sample of a step is down: stop with its error instead of training on
+    nothing forever (single failures are dropped and counted). Checked on the gathered batch, so all ranks agree."""
+    for name in sorted(http):
+        mine = [s for s in samples if s.teacher == name]
+        if mine and all(s.error is not None for s in mine):
+            raise TeacherError(f"teacher {name}: all {len(mine)} scoring requests of this step failed; "
+                               f"first error: {mine[0].error}")
 
 
 def largest_remainder(n: int, weights: list[float]) -> list[int]:
@@ -124,8 +143,7 @@ def collect_step(session, step: int, branch: str) -> list[Sample]:
     drawn = draw_prompts(session, branch)
     n = spec.rollout.n_samples
     samples = [
-        Sample(index=len(drawn) * 0 + g * n + j, group=g, branch=b, prompt=p,
-               teacher=spec.routing.get(p.domain, spec.routing.get(b, "")),
+        Sample(index=g * n + j, group=g, branch=b, prompt=p, teacher=route(spec, p),
                verifier=(cfg.verifier if cfg.verifier != "none" else None))
         for g, (p, b, cfg) in enumerate(drawn) for j in range(n)
     ]
@@ -176,4 +194,5 @@ def collect_step(session, step: int, branch: str) -> list[Sample]:
         gathered: list = [None] * session.dp_size
         dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
         local = [s for part in gathered for s in part]
+    fail_if_teacher_down(local, http)
     return sorted(local, key=lambda s: s.index)

@@ -79,7 +79,7 @@ def write_spec(tiny: Path, ckpt_dir: Path, teachers: dict[str, dict], out: Path,
         stream["path"] = str(tiny / "data" / f"{stream['name']}.jsonl")
     spec["schedule"] = {"mode": "alternate", "n_g": 1}  # G, D, G: both teachers are used
     spec["rollout"].update(prompts_per_step=PROMPTS, max_new_tokens=8)
-    spec["train"].update(steps=STEPS, micro_batch_size=2, **train)
+    spec["train"].update({"steps": STEPS, "micro_batch_size": 2, **train})
     spec["checkpoint"] = {"dir": str(ckpt_dir), "save_interval": 0, "resume": "never"}
     spec["logging"] = {"log_interval": 1, "progress": "off", "diagnostics": False}
     out.write_text(yaml.safe_dump(spec))
