@@ -20,24 +20,9 @@ import warnings
 from pathlib import Path
 
 from megatron_camopd.demo.phases import EvalCache, checkpoints, run_phase, say
-from megatron_camopd.demo.setting import LABELS, METHODS, as_overrides, stable_hash
+from megatron_camopd.demo.setting import LABELS, METHODS, method_overrides, stable_hash
 
 MIN_DENOMINATOR = 0.01
-
-
-def method_overrides(method: str, spec) -> list[str]:
-    """The overrides that turn SPEC into `method` (Uni-OPD also gets verifiers and groups of 4)."""
-    values = dict(METHODS[method])
-    if method == "uniopd":
-        n = 4
-        values["rollout.prompts_per_step"] = max(1, spec.rollout.prompts_per_step // n)
-        values["rollout.n_samples"] = n
-        values["train.micro_batch_size"] = max(1, spec.rollout.prompts_per_step // n) * n \
-            if spec.train.micro_batch_size >= spec.rollout.prompts_per_step else spec.train.micro_batch_size
-        for i, st in enumerate(spec.data.streams):
-            if st.verifier == "none":
-                values[f"data.streams.{i}.verifier"] = "exact"
-    return as_overrides(values)
 
 
 def eval_files(spec, given: list[str]) -> dict[str, Path]:
@@ -62,9 +47,9 @@ def eval_files(spec, given: list[str]) -> dict[str, Path]:
 def normalised(acc: dict[str, float], student: dict[str, float], teacher: dict[str, float]) -> dict:
     """s_d per domain (None where the teacher does not beat the student) and their mean."""
     s = {}
-    for d in acc:
+    for d, a in acc.items():
         den = teacher[d] - student[d]
-        s[d] = (acc[d] - student[d]) / den if abs(den) >= MIN_DENOMINATOR else None
+        s[d] = (a - student[d]) / den if abs(den) >= MIN_DENOMINATOR else None
     defined = [v for v in s.values() if v is not None]
     return {"per_domain": s, "score": sum(defined) / len(defined) if defined else None}
 
@@ -84,7 +69,7 @@ def _fmt(vals: list, scale: float = 100.0) -> str:
 def table(results: dict, domains: list[str], baselines: dict) -> str:
     head = "| method | " + " | ".join(f"{d} acc (%)" for d in domains) + " | " + \
         " | ".join(f"s_{d}" for d in domains) + " | score (mean s_d) |"
-    lines = [head, "|" + " --- |" * (1 + 2 * len(domains) + 1)]
+    lines = [head, "| --- |" + " ---: |" * (2 * len(domains) + 1)]
     for name, acc in baselines.items():
         lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(f"{100 * acc[d]:.1f}" for d in domains) +
                      " |" + " |" * (len(domains) + 1))
@@ -145,7 +130,8 @@ def compare_main(argv: list[str]) -> int:
     for meth in args.methods:
         for seed in range(args.seeds):
             extra = [f"train.seed={seed}", f"data.seed={seed}"] + ([f"train.steps={args.steps}"] if args.steps else [])
-            overrides = method_overrides(meth, base) + extra
+            overrides = method_overrides(meth, [st.verifier for st in base.data.streams],
+                                         base.rollout.prompts_per_step, base.train.micro_batch_size) + extra
             name = f"{meth}_seed{seed}"
             digest = stable_hash([spec_text, overrides])
             run_dir, _ = run_phase(out, name, spec_path, digest, overrides)
@@ -153,9 +139,9 @@ def compare_main(argv: list[str]) -> int:
             results.setdefault(meth, []).append({"seed": seed, "accuracy": a,
                                                  "normalised": normalised(a, student, teacher_acc)})
             say(f"{name}: " + " ".join(f"{d}={100 * v:.1f}" for d, v in a.items()))
-    md = ["# Method comparison", "", f"Spec: `{spec_path}`; {args.seeds} seed(s); greedy exact match on held-out "
+    md = ["# Method comparison", "", (f"Spec: `{spec_path}`; {args.seeds} seed(s); greedy exact match on held-out "
           "sets; `s_d = (a_method - a_student) / (a_teacher - a_student)` (n/a where the teacher does not beat the "
-          "initial student by >= 1 point).", "", table(results, domains, baselines), ""]
+          "initial student by >= 1 point)."), "", table(results, domains, baselines), ""]
     (out / "compare.md").write_text("\n".join(md))
     (out / "compare.json").write_text(json.dumps({"spec": str(spec_path), "seeds": args.seeds, "domains": domains,
                                                   "baselines": baselines, "results": results}, indent=1))

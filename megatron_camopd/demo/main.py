@@ -23,8 +23,14 @@ from pathlib import Path
 import torch
 
 from megatron_camopd.demo.phases import EvalCache, checkpoints, run_phase, say
-from megatron_camopd.demo.setting import (METHODS, DemoSetting, as_overrides, distill_spec, sft_spec, stable_hash,
-                                           write_data)
+from megatron_camopd.demo.setting import (
+    DemoSetting,
+    distill_spec,
+    method_overrides,
+    sft_spec,
+    stable_hash,
+    write_data,
+)
 
 TOTAL_PHASES = 5
 
@@ -34,9 +40,9 @@ def make_base(s: DemoSetting, root: Path) -> tuple[Path, str]:
     from megatron_camopd.data.tokenizer import make_tiny_tokenizer
     from megatron_camopd.demo.tiny import make_tiny_model
 
-    model = dict(hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
-                 num_key_value_heads=s.kv_heads, head_dim=s.hidden // s.heads, intermediate_size=s.intermediate,
-                 max_position_embeddings=128)
+    model = {"hidden_size": s.hidden, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
+                 "num_key_value_heads": s.kv_heads, "head_dim": s.hidden // s.heads, "intermediate_size": s.intermediate,
+                 "max_position_embeddings": 128}
     digest = stable_hash({"model": model, "seed": s.seed})
     base, tok = root / "base", root / "tokenizer"
     marker = base / "demo_base.json"
@@ -83,7 +89,7 @@ def run_pipeline(s: DemoSetting, root: Path) -> dict:
     for m in s.demo_methods:
         spec = distill_spec(s, f"distill_{m}", _final(domain), _final(general), _final(domain), data,
                             root / f"distill_{m}")
-        overrides = as_overrides(METHODS[m])
+        overrides = method_overrides(m, ["none", "none"], s.distill_batch, s.distill_batch)
         digest = stable_hash([spec, overrides, d_digest])
         run_dir, _ = run_phase(root, f"distill_{m}", spec, digest, overrides)
         runs[m] = (run_dir, digest)

@@ -14,8 +14,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from megatron_camopd.demo.setting import write_spec
 

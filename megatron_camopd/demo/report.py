@@ -121,12 +121,14 @@ def _story(summary: dict, method: str = "camopd") -> dict:
 def report_markdown(s: DemoSetting, summary: dict, models: dict, curves: dict, seconds: dict) -> str:
     names = list(models)
     lines = ["# CaMOPD demo: general capability recovery with domain preservation", "",
-             "A tiny Qwen3-architecture model trained from scratch on one CPU. The **general teacher** is SFT-ed on "
+             ("A tiny Qwen3-architecture model trained from scratch on one CPU. The **general teacher** is SFT-ed on "
              f"{', '.join(s.general_tasks)}; the **domain teacher** is the general teacher specialised by SFT on "
              f"`{s.domain_task}` ({s.sft_domain_steps} steps, lr {s.sft_domain_lr:g}) and forgets. The student starts "
              "from the domain teacher and is distilled on-policy: general teacher on *proxy* general prompts "
              f"({', '.join(s.proxy_tasks)} only: the proxy covers the general distribution incompletely), domain "
-             "teacher on domain prompts.", "",
+             "teacher on domain prompts."), "",
+             *(["**Quick mode**: step counts are tiny, so the numbers below only show that the pipeline runs.", ""]
+               if s.quick else []),
              "## Accuracy (held-out, greedy decoding, exact match, %)", "",
              "| model | general | domain |", "| --- | ---: | ---: |"]
     for n in names:
@@ -146,21 +148,21 @@ def report_markdown(s: DemoSetting, summary: dict, models: dict, curves: dict, s
                  "(general teacher -> domain teacher).")
     for m in curves:
         sm = _story(summary, m)
-        lines.append(f"- {LABELS.get(m, m)} recovered {_pct(sm['recovered_fraction'])}% of that gap while its domain "
-                     f"accuracy moved by {_pct(-sm['domain_drop'] if sm['domain_drop'] is not None else None)} "
-                     "points relative to the domain teacher.")
+        moved = "n/a" if sm["domain_drop"] is None else f"{-100 * sm['domain_drop']:+.1f}"
+        lines.append(f"- {LABELS.get(m, m)} recovered {_pct(sm['recovered_fraction'])}% of that gap; its domain "
+                     f"accuracy changed by {moved} points relative to the domain teacher.")
     held = "holds" if (st["recovered_fraction"] or 0) >= 0.5 and (st["domain_drop"] or 0) <= 0.02 else "does NOT hold"
     lines += [f"- The target (CaMOPD recovers >= 50% of the lost gap, domain within 2 points) **{held}** in this run.",
               "", "## Training curves", "", "![accuracy over steps](accuracy.png)", "",
               "![training signals](signals.png)", "",
-              "Mean gap: per-token `log pT - log ps` on the student's rollouts (per branch). Selected fraction: "
+              ("Mean gap: per-token `log pT - log ps` on the student's rollouts (per branch). Selected fraction: "
               "share of rollouts CaMOPD's mass-target gap selection keeps. GCG: gain in within-branch gradient "
               "coherence of the selected subset over the full batch. Gradient dot: `<g_g, g_d>` at the same "
-              "parameters (negative = the branches counteract).", "",
+              "parameters (negative = the branches counteract)."), "",
               "## Phases and cost", "", "| phase | seconds |", "| --- | ---: |"]
     lines += [f"| {k} | {v if v is not None else 'cached'} |" for k, v in seconds.items()]
-    lines += ["", "Every phase's spec is in `specs/`; re-run one with `camopd sft|train specs/NAME.yaml`. "
-              "Per-step metrics of the distillation runs are in `metrics.jsonl` (field `run`).", ""]
+    lines += ["", ("Every phase's spec is in `specs/`; re-run one with `camopd sft|train specs/NAME.yaml`. "
+              "Per-step metrics of the distillation runs are in `metrics.jsonl` (field `run`)."), ""]
     return "\n".join(lines)
 
 
@@ -174,8 +176,7 @@ def write_report(s: DemoSetting, root: Path, result: dict) -> dict:
     rows_by_method = {m: read_metrics(Path(d) / "metrics.jsonl") for m, d in result["runs"].items()}
     with open(root / "metrics.jsonl", "w") as f:
         for m, rows in rows_by_method.items():
-            for r in rows:
-                f.write(json.dumps({"run": m, **r}) + "\n")
+            f.writelines(json.dumps({"run": m, **r}) + "\n" for r in rows)
     plot_accuracy(curves, models, root / "accuracy.png")
     plot_signals(rows_by_method, root / "signals.png")
     names = ["general_teacher", "domain_teacher"] + [f"distill_{m}" for m in result["runs"]]

@@ -10,15 +10,14 @@ phase can be re-run by hand with `camopd sft|train SPEC`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-
 from megatron_camopd.data.synthetic import make_examples, write_jsonl
 
 
@@ -29,7 +28,7 @@ class DemoSetting:
     seed: int = 0
     # model (tiny Qwen3 from scratch)
     hidden: int = 128
-    layers: int = 3
+    layers: int = 2
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 256
@@ -42,25 +41,27 @@ class DemoSetting:
     n_train: int = 2000  # per task
     n_eval: int = 100  # per task, held out (another seed)
     # phases
-    sft_general_steps: int = 600
-    sft_general_lr: float = 3e-3
+    sft_general_steps: int = 1000
+    sft_general_lr: float = 5e-3
     sft_domain_steps: int = 200
     sft_domain_lr: float = 3e-3
-    sft_batch: int = 32
+    sft_batch: int = 64
     distill_steps: int = 48
-    distill_lr: float = 5e-4
+    distill_lr: float = 1e-3
     distill_batch: int = 32
     eval_every: int = 8
     max_new_tokens: int = 10
     diagnostics_interval: int = 4
     demo_methods: list[str] = field(default_factory=lambda: ["camopd", "mopd_1to1"])
+    quick: bool = False
 
     @classmethod
-    def quick(cls, seed: int = 0) -> "DemoSetting":
+    def quick(cls, seed: int = 0) -> DemoSetting:
         """Tiny step counts: the whole pipeline in about a minute (structure only, not the story)."""
         return cls(seed=seed, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, n_train=64, n_eval=8,
                    sft_general_steps=4, sft_domain_steps=3, sft_batch=8, distill_steps=4, distill_batch=8,
-                   eval_every=2, max_new_tokens=6, diagnostics_interval=1)
+                   eval_every=2, max_new_tokens=6, diagnostics_interval=1,
+                   quick=True)
 
 
 # Method variants of the comparison: name -> spec overrides (dotted key -> value).
@@ -72,8 +73,7 @@ METHODS: dict[str, dict[str, Any]] = {
                            "method.selection": True},
     "camopd_no_select": {"method.name": "camopd", "schedule.mode": "alternate", "method.selection": False},
     "uniopd": {"method.name": "uniopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1],
-               "rollout.n_samples": 4, "method.uniopd.online_balance": False,
-               "data.streams.0.verifier": "exact", "data.streams.1.verifier": "exact"},
+               "method.uniopd.online_balance": False},  # + groups and verifiers: see method_overrides
     "relaxed_opd": {"method.name": "relaxed_opd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
     "selectkd": {"method.name": "selectkd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
     "exopd": {"method.name": "exopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
@@ -92,6 +92,20 @@ def as_overrides(values: dict[str, Any]) -> list[str]:
     """Dotted overrides as `key=value` strings (values in YAML flow syntax)."""
     return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
             for k, v in values.items()]
+
+
+def method_overrides(method: str, verifiers: list[str], prompts_per_step: int, micro_batch_size: int,
+                     group: int = 4) -> list[str]:
+    """The overrides that turn a distillation spec into `method`. Uni-OPD gets groups of `group` rollouts per
+    prompt (same rollouts per step: prompts_per_step // group prompts) and an exact-match verifier on every
+    stream that has none (`verifiers`: the spec's per-stream verifier names)."""
+    values = dict(METHODS[method])
+    if method == "uniopd":
+        prompts = max(1, prompts_per_step // group)
+        values.update({"rollout.n_samples": group, "rollout.prompts_per_step": prompts,
+                       "train.micro_batch_size": math.gcd(micro_batch_size, prompts * group)})
+        values.update({f"data.streams.{i}.verifier": "exact" for i, v in enumerate(verifiers) if v == "none"})
+    return as_overrides(values)
 
 
 def write_data(s: DemoSetting, data_dir: Path) -> dict[str, Path]:

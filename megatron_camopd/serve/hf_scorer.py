@@ -1,8 +1,8 @@
 """A `Scorer` over a HuggingFace-format checkpoint directory (transformers, fp32, CPU).
 
-It is the reference teacher behind `camopd serve-teacher` until the Megatron-checkpoint scorer is added behind the
-same protocol; it is also how tests check that served log-probs equal a direct computation. The tokenizer
-fingerprint (a hash of the vocabulary and special tokens) lets a client refuse a teacher whose tokenizer differs.
+`camopd serve-teacher` uses it for HF dirs (camopd checkpoints go to `megatron_scorer.MegatronScorer`); it is also
+how tests check that served log-probs equal a direct computation. The tokenizer fingerprint
+(`data.tokenizer.hf_fingerprint`, the one the student computes) lets a client refuse a teacher whose tokenizer differs.
 """
 
 from __future__ import annotations

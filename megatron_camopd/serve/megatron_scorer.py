@@ -5,13 +5,14 @@ Teachers trained or converted by camopd live as a checkpoint root (`hf/config.js
 single process (TP=1, PP=1; CPU runtime on machines without CUDA), loads the weights with `load_model_only`
 (resharding from whatever TP/PP the checkpoint was saved at) and scores through the very code the in-process
 teacher uses (`teachers.inprocess.MegatronTeacher`), so served and in-process log-probs agree.
-`load_any_scorer(DIR)` picks this scorer or the HF one by what DIR contains.
+`load_any_scorer(DIR)` picks this scorer or the HF one by what DIR contains (megatron-core is imported only for
+the former).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,9 @@ import torch.distributed as dist
 from ..data.tokenizer import Tokenizer
 from ..errors import CheckpointError
 from ..teachers.base import TeacherScores
-from ..teachers.inprocess import MegatronTeacher
+
+if TYPE_CHECKING:
+    from ..teachers.inprocess import MegatronTeacher
 
 
 class MegatronScorer:
@@ -78,9 +81,15 @@ def load_megatron_scorer(checkpoint: str | Path, tokenizer_dir: str | Path | Non
 
     The architecture and, unless `tokenizer_dir` is given, the tokenizer come from the checkpoint's `hf/` dir.
     """
-    from ..backend.checkpoint import find_model_meta, load_model_only, resolve_checkpoint
+    # megatron-core is imported here, not at module level: serving a HF dir never pays for it
+    from ..backend.checkpoint import (
+        find_model_meta,
+        load_model_only,
+        resolve_checkpoint,
+    )
     from ..backend.engine import build_chunks
     from ..backend.model import ModelArch
+    from ..teachers.inprocess import MegatronTeacher
 
     meta = find_model_meta(checkpoint)
     iter_dir = resolve_checkpoint(checkpoint)

@@ -15,7 +15,10 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -279,6 +282,53 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass
+class LocalReplica:
+    """A `camopd serve-teacher` subprocess on this machine (tests, benchmarks): its process, URL and log file."""
+
+    proc: subprocess.Popen
+    url: str
+    log: str
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM (graceful), SIGKILL after `timeout_s`. Idempotent."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_local_replicas(checkpoint: str | os.PathLike, workdir: str | os.PathLike, n: int, *,
+                         env: dict[str, str] | None = None, timeout_s: float = 300.0,
+                         extra_args: tuple[str, ...] = ()) -> list[LocalReplica]:
+    """Start `n` serve-teacher replicas of `checkpoint` at once (port 0) and wait for each one's ready file."""
+    pending = []
+    for i in range(n):
+        ready, log = os.path.join(workdir, f"replica{i}.ready"), os.path.join(workdir, f"replica{i}.log")
+        if os.path.exists(ready):
+            os.remove(ready)
+        cmd = [sys.executable, "-m", "megatron_camopd.cli", "serve-teacher", "--checkpoint", str(checkpoint),
+               "--port", "0", "--ready-file", ready, *extra_args]
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        pending.append((proc, ready, log))
+    replicas, deadline = [], time.monotonic() + timeout_s
+    for proc, ready, log in pending:
+        while not os.path.exists(ready):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                for p, _, _ in pending:
+                    p.kill()
+                with open(log) as f:
+                    raise RuntimeError(f"teacher replica {checkpoint} did not start:\n{f.read()[-3000:]}")
+            time.sleep(0.2)
+        with open(ready) as f:
+            replicas.append(LocalReplica(proc, "http://" + f.read().strip(), log))
+    return replicas
 
 
 def serve_main(argv: list[str] | None = None) -> int:

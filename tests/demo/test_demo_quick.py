@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _camopd(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "megatron_camopd.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-m", "megatron_camopd.cli", *args], check=False, capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

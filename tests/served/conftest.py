@@ -8,13 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 import yaml
+from megatron_camopd.serve.server import LocalReplica, start_local_replicas
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_SPEC = REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml"
@@ -30,44 +30,6 @@ def sub_env() -> dict[str, str]:
 
 def camopd(*args: str) -> list[str]:
     return [sys.executable, "-m", "megatron_camopd.cli", *args]
-
-
-@dataclass
-class Replica:
-    proc: subprocess.Popen
-    url: str
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_replicas(checkpoint: Path, work: Path, n: int, timeout_s: float = 240.0) -> list[Replica]:
-    """Start `n` serve-teacher processes at once and wait until each wrote its ready file."""
-    pending = []
-    for i in range(n):
-        ready, log = work / f"replica{i}.ready", work / f"replica{i}.log"
-        ready.unlink(missing_ok=True)
-        proc = subprocess.Popen(camopd("serve-teacher", "--checkpoint", str(checkpoint), "--port", "0",
-                                       "--ready-file", str(ready)),
-                                env=sub_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
-        pending.append((proc, ready, log))
-    out, deadline = [], time.time() + timeout_s
-    for proc, ready, log in pending:
-        while not ready.exists():
-            if proc.poll() is not None or time.time() > deadline:
-                for p, _, _ in pending:
-                    p.kill()
-                raise RuntimeError(f"teacher replica did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        out.append(Replica(proc, "http://" + ready.read_text().strip(), log))
-    return out
 
 
 def write_spec(tiny: Path, ckpt_dir: Path, teachers: dict[str, dict], out: Path, **train: object) -> Path:
@@ -116,14 +78,14 @@ def teacher_ckpt(tiny: Path) -> Path:
     """The general teacher as a camopd checkpoint root (hf/ + iter_0000000/), made by `camopd convert --from-hf`."""
     dst = tiny / "teacher_general_ckpt"
     res = subprocess.run(camopd("convert", "--from-hf", str(tiny / "teacher_general"), str(dst)), env=sub_env(),
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return dst
 
 
 @pytest.fixture(scope="module")
-def replicas(teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Replica]]:
-    reps = start_replicas(teacher_ckpt, tmp_path_factory.mktemp("replicas"), 2)
+def replicas(teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LocalReplica]]:
+    reps = start_local_replicas(teacher_ckpt, tmp_path_factory.mktemp("replicas"), 2, env=sub_env())
     try:
         yield reps
     finally:

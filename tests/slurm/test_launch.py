@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,7 +75,7 @@ def job_log(run_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.out")))
 
 
-def wait_until(what: str, predicate, timeout: float, log: callable) -> None:
+def wait_until(what: str, predicate: Callable[[], object], timeout: float, log: Callable[[], str]) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{log()}"
@@ -86,11 +87,41 @@ def losses(run_dir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def reference_run(slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("hetjob")
-    job = submit_hetjob(write_spec(tiny_root, run_dir))
-    assert slurm_cluster.wait(job, timeout=400) == "COMPLETED", job_log(run_dir)
+def hetjobs(slurm_cluster: SlurmCluster, tiny_root: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, Path]]:
+    """The uninterrupted and the to-be-preempted runs, submitted together (they share the two nodes)."""
+    runs = {}
+    for kind in ("reference", "preempted"):
+        run_dir = tmp_path_factory.mktemp(kind)
+        runs[kind] = (submit_hetjob(write_spec(tiny_root, run_dir)), run_dir)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster: SlurmCluster, hetjobs: dict[str, tuple[str, Path]]) -> Path:
+    job, run_dir = hetjobs["reference"]
+    assert slurm_cluster.wait(job, timeout=500) == "COMPLETED", job_log(run_dir)
     return run_dir
+
+
+def test_preempted_hetjob_requeues_and_matches_the_uninterrupted_run(
+        slurm_cluster: SlurmCluster, hetjobs: dict[str, tuple[str, Path]], request: pytest.FixtureRequest) -> None:
+    job, run_dir = hetjobs["preempted"]
+    metrics = run_dir / "ckpt" / "metrics.jsonl"
+    wait_until("the first step", lambda: metrics.exists() and metrics.read_text().strip(), 400,
+               lambda: job_log(run_dir))
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@N delivers
+    assert slurm_cluster.wait(job, timeout=400) == "COMPLETED", job_log(run_dir)
+    log = job_log(run_dir)
+    assert "requeueing job" in log and "restart 1" in log, log
+    resumed = log.split("(restart 1)", 1)[1]
+    assert "step 1/" not in resumed and f"step {STEPS}/{STEPS}" in resumed, log  # resumed from the checkpoint
+    runs = slurm_cluster.run("sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "State").stdout.split()
+    assert "REQUEUED" in runs and runs[-1] == "COMPLETED"
+    assert [r["step"] for r in read_metrics(metrics)] == list(range(1, STEPS + 1))
+    reference = request.getfixturevalue("reference_run")
+    # the served teacher batches concurrent requests, so scores (and losses) vary ~1e-7 even between fresh runs
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-4, abs=1e-6)
 
 
 def test_hetjob_trains_with_a_served_teacher(reference_run: Path) -> None:
@@ -98,24 +129,6 @@ def test_hetjob_trains_with_a_served_teacher(reference_run: Path) -> None:
     assert len(losses(reference_run)) == STEPS, log
     assert "teacher general ready: " in log and "training finished" in log
     assert "teacher general ready (discovery)" in log  # the trainer reached the server through the discovery file
-
-
-def test_preempted_hetjob_requeues_and_matches_the_uninterrupted_run(
-        slurm_cluster: SlurmCluster, tiny_root: Path, reference_run: Path, tmp_path: Path) -> None:
-    job = submit_hetjob(write_spec(tiny_root, tmp_path))
-    metrics = tmp_path / "ckpt" / "metrics.jsonl"
-    wait_until("the first step", lambda: metrics.exists() and metrics.read_text().strip(), 300,
-               lambda: job_log(tmp_path))
-    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@N delivers
-    assert slurm_cluster.wait(job, timeout=400) == "COMPLETED", job_log(tmp_path)
-    log = job_log(tmp_path)
-    assert "requeueing job" in log and "restart 1" in log, log
-    runs = slurm_cluster.run("sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "State").stdout.split()
-    assert "REQUEUED" in runs and runs[-1] == "COMPLETED"
-    rows = read_metrics(metrics)
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # resumed where it stopped, no step repeated
-    # the served teacher batches concurrent requests, so scores (and losses) vary ~1e-7 even between fresh runs
-    assert losses(tmp_path) == pytest.approx(losses(reference_run), rel=1e-4, abs=1e-6)
 
 
 def server_pid(address: str) -> int:
@@ -130,7 +143,7 @@ def test_dead_teacher_fails_the_job_with_a_clear_message(
         slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path: Path) -> None:
     job = submit_hetjob(write_spec(tiny_root, tmp_path))
     addr = lambda: list((tmp_path / "logs" / "discovery").glob("*/general.addr"))
-    wait_until("the teacher's discovery file", lambda: addr() and addr()[0].read_text().strip(), 200,
+    wait_until("the trainer's start", lambda: "trainer: 1 node(s)" in job_log(tmp_path), 200,
                lambda: job_log(tmp_path))
     started = time.monotonic()
     os.kill(server_pid(addr()[0].read_text().split()[0]), signal.SIGKILL)

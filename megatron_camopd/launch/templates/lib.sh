@@ -95,8 +95,10 @@ start_trainer() {  # NODELIST [srun args...]: one srun task per node, each runni
   export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
   export NODES NPROC_PER_NODE SHUTDOWN_TIMEOUT_S PYTHON
   log "trainer: $NODES node(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT"
+  # Slurm may deliver USR1 to every process of the step: helpers the trainer spawns (e.g. multiprocessing
+  # managers) inherit "ignore USR1"; torchrun and the trainer install their own handlers.
   srun "$@" --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
-    'exec "$PYTHON" -m torch.distributed.run --nnodes="$NODES" --nproc-per-node="$NPROC_PER_NODE" \
+    'trap "" USR1; exec "$PYTHON" -m torch.distributed.run --nnodes="$NODES" --nproc-per-node="$NPROC_PER_NODE" \
        --node-rank="$SLURM_NODEID" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
        --shutdown-timeout="$SHUTDOWN_TIMEOUT_S" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 -m megatron_camopd.cli train "$@"' \
     _ "$SPEC" "${OVERRIDES[@]}" "${TRAIN_OVERRIDES[@]}" &
