@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_camopd.backend.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_model_meta
+from megatron_camopd.backend.forward import comm_device
 from megatron_camopd.backend.loss import LossSpec
 from megatron_camopd.config import load_spec
 from megatron_camopd.metrics import MetricsWriter
@@ -51,7 +52,7 @@ class Preemption:
         self.flag = True
 
     def agreed(self) -> bool:
-        t = torch.tensor([1.0 if self.flag else 0.0])
+        t = torch.tensor([1.0 if self.flag else 0.0], device=comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 

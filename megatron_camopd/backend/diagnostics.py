@@ -19,6 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from megatron_camopd.algo.diagnostics import coherence_gain
+from megatron_camopd.backend.forward import comm_device
 
 
 def _local_finalize(model, num_tokens=None, **kwargs):
@@ -45,11 +46,11 @@ def flat_grad(engine) -> torch.Tensor:
             if getattr(p, "shared_embedding", False) and not ps.is_pipeline_first_stage(ignore_virtual=True):
                 continue
             parts.append(g.detach().float().reshape(-1).clone())
-    return torch.cat(parts) if parts else torch.zeros(0)
+    return torch.cat(parts) if parts else torch.zeros(0, device=comm_device())
 
 
 def _mp_sum(x: torch.Tensor) -> torch.Tensor:
-    x = x.clone().double()
+    x = x.detach().double().to(comm_device())
     dist.all_reduce(x, group=ps.get_model_parallel_group())
     return x
 
@@ -84,7 +85,7 @@ def coherence_stats(engine, per_sample_batches: list, selected: list[bool], loss
     if s_full is None:
         return {}
     dp = ps.get_data_parallel_group()
-    sums = torch.stack([torch.tensor(n_full, dtype=torch.double), torch.tensor(n_sel, dtype=torch.double)])
+    sums = torch.tensor([n_full, n_sel], dtype=torch.double, device=comm_device())
     dist.all_reduce(sums, group=dp)
     for vec in (s_full, s_sel):
         if vec is not None:

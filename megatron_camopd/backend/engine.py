@@ -19,7 +19,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_camopd.backend.forward import ParallelGroups, forward_collect, run_schedule, split_microbatches
+from megatron_camopd.backend.forward import ParallelGroups, comm_device, forward_collect, run_schedule, split_microbatches
 from megatron_camopd.backend.loss import LossSpec, make_loss_func
 from megatron_camopd.backend.model import ModelArch, build_model_chunks, transformer_config
 
@@ -172,9 +172,9 @@ class Engine:
         if not keys:
             return {}
         if self.groups.is_last_stage:
-            vec = torch.stack([sum(r[k].sum() for r in reports).double() for k in keys])
+            vec = torch.stack([sum(r[k].sum() for r in reports).double() for k in keys]).to(comm_device())
         else:
-            vec = torch.zeros(len(keys), dtype=torch.double)
+            vec = torch.zeros(len(keys), dtype=torch.double, device=comm_device())
         dist.all_reduce(vec, group=self.groups.dp)
         if self.groups.pp_size > 1:
             dist.broadcast(vec, src=dist.get_global_rank(self.groups.pp, self.groups.pp_size - 1),

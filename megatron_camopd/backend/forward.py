@@ -49,6 +49,18 @@ class ParallelGroups:
         return self.pp_rank == self.pp_size - 1
 
 
+def comm_device() -> torch.device:
+    """Where tensors handed to collectives live: the current GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def to_device(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move a micro-batch (built on the CPU) to the model's device; a no-op on CPU."""
+    if not torch.cuda.is_available():
+        return mb
+    return {k: v.cuda(non_blocking=True) for k, v in mb.items()}
+
+
 def split_microbatches(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Cut a dict of [B, ...] tensors into consecutive micro-batches of `micro_batch_size` rows."""
     n = next(iter(batch.values())).shape[0]
@@ -65,7 +77,7 @@ def _model_forward(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_step(loss_func: Callable, data_iterator, model):
-    mb = next(data_iterator)
+    mb = to_device(next(data_iterator))
     output = _model_forward(model, mb["tokens"])
     return output, partial(loss_func, mb)
 
@@ -128,7 +140,7 @@ def forward_collect(
         )
     result: dict[str, torch.Tensor] = {}
     if groups.is_last_stage:
-        result = {k: torch.cat([r[k] for r in reports], dim=0) for k in reports[0]}
+        result = {k: torch.cat([r[k] for r in reports], dim=0).cpu() for k in reports[0]}
     if groups.pp_size > 1:
         obj = [result if groups.is_last_stage else None]
         src = dist.get_global_rank(groups.pp, groups.pp_size - 1)

@@ -90,27 +90,33 @@ teacher_overrides() {  # DIR -> the trainer's overrides pointing each served tea
 start_trainer() {  # NODELIST [srun args...]: one srun task per node, each running torchrun; sets TRAINER_PID
   local nodelist=$1 first
   shift
+  TRAINER_SRUN_ARGS=("$@")
   first=$(scontrol show hostnames "$nodelist" | head -n1)
   export MASTER_ADDR=${MASTER_ADDR:-$(node_addr "$first")}
   export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  export PID_PREFIX="$DISCOVERY_DIR/torchrun-$SLURM_JOB_ID"  # per node: <prefix>.<node index>.pid
   export NODES NPROC_PER_NODE SHUTDOWN_TIMEOUT_S PYTHON
   log "trainer: $NODES node(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT"
-  # Slurm may deliver USR1 to every process of the step: helpers the trainer spawns (e.g. multiprocessing
-  # managers) inherit "ignore USR1"; torchrun and the trainer install their own handlers.
+  # Signals sent to srun or torchrun reach whole process groups (and so the trainer's checkpoint-writer
+  # helpers); preemption instead signals the trainer processes themselves (see on_preempt).
   srun "$@" --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
-    'trap "" USR1; exec "$PYTHON" -m torch.distributed.run --nnodes="$NODES" --nproc-per-node="$NPROC_PER_NODE" \
+    'trap "" USR1; echo $$ >"$PID_PREFIX.$SLURM_NODEID.pid"
+     exec "$PYTHON" -m torch.distributed.run --nnodes="$NODES" --nproc-per-node="$NPROC_PER_NODE" \
        --node-rank="$SLURM_NODEID" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
-       --shutdown-timeout="$SHUTDOWN_TIMEOUT_S" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 -m megatron_camopd.cli train "$@"' \
+       --shutdown-timeout="$SHUTDOWN_TIMEOUT_S" -m megatron_camopd.cli train "$@"' \
     _ "$SPEC" "${OVERRIDES[@]}" "${TRAIN_OVERRIDES[@]}" &
   TRAINER_PID=$!
 }
 
 PREEMPTED=0
-on_preempt() {  # Slurm's pre-timeout signal: the trainer checkpoints after its current step and exits
+on_preempt() {  # Slurm's pre-timeout signal: every trainer process checkpoints after its current step and exits
   log "pre-timeout signal: asking the trainer to checkpoint and stop"
   PREEMPTED=1
-  # srun forwards USR1 to its tasks (SIGTERM would end the step); torchrun passes it on to the trainer processes
-  if [[ -n ${TRAINER_PID:-} ]]; then kill -USR1 "$TRAINER_PID" 2>/dev/null || true; fi
+  if [[ -z ${TRAINER_PID:-} ]]; then return 0; fi
+  # an extra step on the trainer nodes sends USR1 to torchrun's children (the trainer ranks), found by pid
+  srun --overlap "${TRAINER_SRUN_ARGS[@]}" --nodes="$NODES" --ntasks-per-node=1 bash -c \
+    'for pid in $(pgrep -P "$(cat "$PID_PREFIX.$SLURM_NODEID.pid")"); do kill -USR1 "$pid"; done' ||
+    log "could not signal the trainer processes"
 }
 
 stop_pid() {  # PID GRACE_S: SIGTERM, then SIGKILL after GRACE_S
