@@ -169,7 +169,8 @@ def _http_teacher(name: str, cfg, spec: ExperimentSpec, tokenizer: Tokenizer):
 
     teacher = HttpTeacher(name, urls=cfg.urls, discovery_file=cfg.discovery_file,
                           discovery_timeout_s=cfg.discovery_timeout_s, timeout_s=cfg.timeout_s, retries=cfg.retries,
-                          max_in_flight=cfg.max_in_flight, seed=spec.train.seed)
+                          max_in_flight=cfg.max_in_flight, dead_deadline_s=cfg.dead_deadline_s,
+                          seed=spec.train.seed)
     hf_tok = tokenizer.hf
     check_tokenizer(teacher, TokenizerInfo.from_hf(hf_tok, tokenizer.path), default_probe_ids(hf_tok))
     return teacher

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,14 @@ def save_checkpoint(root, step: int, models: list, optimizer=None, scheduler=Non
     sharded = _model_sharded(models)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_OPT_META)
-    dist_checkpointing.save(sharded, str(tmp))
+    # dist_checkpointing may start writer processes; they must not die of the preemption signal that asked for
+    # this very save. Block it while they start (they inherit the mask); a pending signal is delivered after.
+    blocked = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        dist_checkpointing.save(sharded, str(tmp))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save({"world": dist.get_world_size(), "state": _rng_state()}, tmp / "rng" / f"rank{rank}.pt")
     if rank == 0:

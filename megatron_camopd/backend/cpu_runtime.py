@@ -284,21 +284,19 @@ def init_distributed(
 
         raise SpecError(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world_size > 1:
-                raise RuntimeError("MASTER_PORT must be set for a multi-process run")
-            from megatron_camopd.backend.spawn import free_port
-
-            os.environ["MASTER_PORT"] = str(free_port())
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
-        torch.distributed.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if world_size == 1:
+            # A world of one needs no rendezvous: an in-memory store opens no port, so an inherited or busy
+            # MASTER_PORT (a parent process's, a test runner's) can never collide with it.
+            torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(), rank=0,
+                                                 world_size=1, timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if "MASTER_PORT" not in os.environ:
+                raise RuntimeError("MASTER_PORT must be set for a multi-process run")
+            torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -49,6 +49,7 @@ class TeacherConfig(Section):
     max_in_flight: int = 16
     retries: int = 3
     discovery_timeout_s: float = 3600.0  # how long to wait for the discovery file to list a server
+    dead_deadline_s: float = 120.0  # all replicas down this long: the trainer stops with a TeacherError
 
     @property
     def kind(self) -> Literal["megatron", "http", "discovery"]:
@@ -74,7 +75,7 @@ class TeacherConfig(Section):
                 parsed = urllib.parse.urlparse(url)
                 ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and _has_port(parsed)
                 check(ok, f"urls.{i}", f"must look like http://host:port, got {url!r}")
-        positive(self, "weight", "timeout_s", "max_in_flight", "discovery_timeout_s")
+        positive(self, "weight", "timeout_s", "max_in_flight", "discovery_timeout_s", "dead_deadline_s")
         non_negative(self, "retries")
 
 

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -46,26 +45,16 @@ def single_process_world() -> Iterator[None]:
 
     from megatron_camopd.backend.cpu_runtime import destroy_distributed, init_distributed
 
-    from megatron_camopd.backend.spawn import free_port
-
     owned = not dist.is_initialized()
     if not owned and dist.get_world_size() != 1:
         raise SpecError(f"convert: runs in one process, but torch.distributed already has {dist.get_world_size()} "
                         "ranks; run the conversion outside the training job")
-    saved_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    if owned:  # a private rendezvous: never join a surrounding job's store
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    try:
+    try:  # a world of one uses a private in-memory store: it never joins a surrounding job's rendezvous
         init_distributed(1, 1, rank=0 if owned else None, world_size=1 if owned else None)
         yield
     finally:
         if owned:
             destroy_distributed()
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def _read_hf_config(hf_dir: Path) -> dict[str, Any]:

@@ -61,26 +61,34 @@ def _final(run_dir: Path) -> Path:
     return ckpts[-1][1]
 
 
+def _portable(obj, root: Path):
+    """`obj` with the output directory replaced by a placeholder, so a moved DIR keeps its cache valid."""
+    return json.loads(json.dumps(obj, default=str).replace(str(root), "<DIR>"))
+
+
 def run_pipeline(s: DemoSetting, root: Path) -> dict:
     """Every phase; returns the evaluation results and run directories used by the report."""
+    root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     (root / "setting.json").write_text(json.dumps(dataclasses.asdict(s), indent=1))
     t0 = time.time()
     base, base_digest = make_base(s, root)
     data = write_data(s, root / "data")
-    data_digest = stable_hash({k: p.read_text() for k, p in sorted(data.items())})
+    def data_digest(*names: str) -> str:
+        return stable_hash([data[n].read_text() for n in names])
+
 
     say(f"phase 2/{TOTAL_PHASES}: general teacher = SFT of the base model on {', '.join(s.general_tasks)}")
     spec = sft_spec(s, "general_teacher", {"hf_path": str(base)}, data["sft_general"], "general",
                     root / "general_teacher", s.sft_general_steps, s.sft_general_lr)
-    g_digest = stable_hash([spec, base_digest, data_digest])
+    g_digest = stable_hash([_portable(spec, root), base_digest, data_digest("sft_general")])
     general, _ = run_phase(root, "general_teacher", spec, g_digest)
 
     say(f"phase 3/{TOTAL_PHASES}: domain teacher = SFT of the general teacher on {s.domain_task} "
         f"({s.sft_domain_steps} steps at lr {s.sft_domain_lr:g})")
     spec = sft_spec(s, "domain_teacher", {"checkpoint": str(general)}, data["sft_domain"], "domain",
                     root / "domain_teacher", s.sft_domain_steps, s.sft_domain_lr)
-    d_digest = stable_hash([spec, g_digest])
+    d_digest = stable_hash([_portable(spec, root), g_digest, data_digest("sft_domain")])
     domain, _ = run_phase(root, "domain_teacher", spec, d_digest)
 
     say(f"phase 4/{TOTAL_PHASES}: on-policy distillation from the domain teacher "
@@ -90,7 +98,7 @@ def run_pipeline(s: DemoSetting, root: Path) -> dict:
         spec = distill_spec(s, f"distill_{m}", _final(domain), _final(general), _final(domain), data,
                             root / f"distill_{m}")
         overrides = method_overrides(m, ["none", "none"], s.distill_batch, s.distill_batch)
-        digest = stable_hash([spec, overrides, d_digest])
+        digest = stable_hash([_portable(spec, root), overrides, d_digest, data_digest("proxy_general", "prompts_domain")])
         run_dir, _ = run_phase(root, f"distill_{m}", spec, digest, overrides)
         runs[m] = (run_dir, digest)
 

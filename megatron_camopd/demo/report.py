@@ -123,12 +123,13 @@ def report_markdown(s: DemoSetting, summary: dict, models: dict, curves: dict, s
     lines = ["# CaMOPD demo: general capability recovery with domain preservation", "",
              ("A tiny Qwen3-architecture model trained from scratch on one CPU. The **general teacher** is SFT-ed on "
              f"{', '.join(s.general_tasks)}; the **domain teacher** is the general teacher specialised by SFT on "
-             f"`{s.domain_task}` ({s.sft_domain_steps} steps, lr {s.sft_domain_lr:g}) and forgets. The student starts "
+             f"`{s.domain_task}` ({s.sft_domain_steps} steps, lr {s.sft_domain_lr:g}, {100 * s.domain_replay:.0f}% general "
+             "replay in its data) and forgets. The student starts "
              "from the domain teacher and is distilled on-policy: general teacher on *proxy* general prompts "
              f"({', '.join(s.proxy_tasks)} only: the proxy covers the general distribution incompletely), domain "
              "teacher on domain prompts."), "",
              *(["**Quick mode**: step counts are tiny, so the numbers below only show that the pipeline runs.", ""]
-               if s.quick else []),
+               if s.quick_mode else []),
              "## Accuracy (held-out, greedy decoding, exact match, %)", "",
              "| model | general | domain |", "| --- | ---: | ---: |"]
     for n in names:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class DemoSetting:
     domain_task: str = "cipher"
     domain_length: list[int] = field(default_factory=lambda: [3, 6])
     proxy_tasks: list[str] = field(default_factory=lambda: ["arithmetic", "reverse", "copy"])
+    domain_replay: float = 0.1  # share of general examples mixed into the domain SFT data (partial forgetting)
     n_train: int = 2000  # per task
     n_eval: int = 100  # per task, held out (another seed)
     # phases
@@ -49,11 +51,12 @@ class DemoSetting:
     distill_steps: int = 48
     distill_lr: float = 1e-3
     distill_batch: int = 32
+    distill_loss: str = "topk"  # "topk": teacher top-k distribution matching; "pg": sampled-token policy gradient
     eval_every: int = 8
     max_new_tokens: int = 10
     diagnostics_interval: int = 4
     demo_methods: list[str] = field(default_factory=lambda: ["camopd", "mopd_1to1"])
-    quick: bool = False
+    quick_mode: bool = False
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoSetting:
@@ -61,7 +64,7 @@ class DemoSetting:
         return cls(seed=seed, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, n_train=64, n_eval=8,
                    sft_general_steps=4, sft_domain_steps=3, sft_batch=8, distill_steps=4, distill_batch=8,
                    eval_every=2, max_new_tokens=6, diagnostics_interval=1,
-                   quick=True)
+                   quick_mode=True)
 
 
 # Method variants of the comparison: name -> spec overrides (dotted key -> value).
@@ -74,9 +77,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "camopd_no_select": {"method.name": "camopd", "schedule.mode": "alternate", "method.selection": False},
     "uniopd": {"method.name": "uniopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1],
                "method.uniopd.online_balance": False},  # + groups and verifiers: see method_overrides
-    "relaxed_opd": {"method.name": "relaxed_opd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
+    "relaxed_opd": {"method.name": "relaxed_opd", "method.loss": "pg", "schedule.mode": "mixed",
+                    "schedule.mix_ratio": [1, 1]},
     "selectkd": {"method.name": "selectkd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
-    "exopd": {"method.name": "exopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
+    "exopd": {"method.name": "exopd", "method.loss": "pg", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
 }
 LABELS = {"mopd_1to1": "MOPD (1:1)", "mopd_3to1": "MOPD (3:1)", "camopd": "CaMOPD",
           "camopd_no_decouple": "CaMOPD w/o decoupling", "camopd_no_select": "CaMOPD w/o selection",
@@ -108,6 +112,15 @@ def method_overrides(method: str, verifiers: list[str], prompts_per_step: int, m
     return as_overrides(values)
 
 
+def _with_replay(domain: list[dict], general: list[dict], share: float, seed: int) -> list[dict]:
+    """Domain examples plus a `share` of general ones (of the mixed set), shuffled with a seeded generator."""
+    n = min(len(general), round(share / (1.0 - share) * len(domain))) if share > 0 else 0
+    rng = random.Random(seed)
+    mixed = domain + rng.sample(general, n)
+    rng.shuffle(mixed)
+    return mixed
+
+
 def write_data(s: DemoSetting, data_dir: Path) -> dict[str, Path]:
     """Training and held-out evaluation sets (JSONL, chat `messages` + `answer`)."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +133,8 @@ def write_data(s: DemoSetting, data_dir: Path) -> dict[str, Path]:
     proxy = {t: general[t] for t in s.proxy_tasks}
     sets = {
         "sft_general": examples(general, s.n_train, s.seed, "general"),
-        "sft_domain": examples(domain, s.n_train * 2, s.seed, "domain"),
+        "sft_domain": _with_replay(examples(domain, s.n_train * 2, s.seed, "domain"),
+                                   examples(general, s.n_train, s.seed + 3, "general"), s.domain_replay, s.seed),
         "proxy_general": examples(proxy, s.n_train, s.seed + 7, "general"),
         "prompts_domain": examples(domain, s.n_train, s.seed + 7, "domain"),
         "eval_general": examples(general, s.n_eval, s.seed + 1000, "general"),
@@ -172,7 +186,7 @@ def distill_spec(s: DemoSetting, name: str, student: Path, general_teacher: Path
             {"name": "domain", "path": str(data["prompts_domain"]), "format": "messages", "domain": "domain",
              "branch": "domain"}],
             "max_prompt_tokens": 48, "seed": s.seed},
-        method={"name": "camopd", "loss": "pg", "selection": True},
+        method={"name": "camopd", "loss": s.distill_loss, "selection": True},
         schedule={"mode": "alternate", "n_g": 3},
     )
     return spec

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 import submitit
 
 from megatron_camopd.config import load_spec
@@ -52,6 +53,13 @@ def slurm_minutes(text: str) -> int:
 def _die_with_parent() -> None:
     """preexec_fn: the child gets SIGTERM when the job process dies (no orphaned servers/trainers)."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _trainer_preexec() -> None:
+    """preexec_fn of torchrun: as `_die_with_parent`, and ignore submitit's USR2 timeout signal (Slurm sends it
+    to every process of the step; the job process handles it through `TrainerJob.checkpoint`)."""
+    _die_with_parent()
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def http_ok(url: str, timeout: float = 5.0) -> bool:
@@ -144,7 +152,7 @@ class TrainerJob(submitit.helpers.Checkpointable):
                f"--shutdown-timeout={shutdown}",
                "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
                "-m", "megatron_camopd.cli", "train", spec, *overrides]
-        self._proc = subprocess.Popen(cmd, cwd=workdir, preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads here)
+        self._proc = subprocess.Popen(cmd, cwd=workdir, preexec_fn=_trainer_preexec)  # noqa: PLW1509 (no threads here)
         rc = self._proc.wait()
         if rc != 0:
             raise RuntimeError(f"camopd train exited with rc={rc} (see the job log)")
@@ -153,7 +161,10 @@ class TrainerJob(submitit.helpers.Checkpointable):
     def checkpoint(self) -> Any:
         """submitit's timeout hook: let the trainer checkpoint (SIGTERM), then resubmit a fresh copy."""
         if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
+            # the trainer ranks themselves, not torchrun: it would signal their whole process groups, killing the
+            # checkpoint writer's helper processes
+            for rank in psutil.Process(self._proc.pid).children():
+                rank.send_signal(signal.SIGUSR1)
             try:
                 self._proc.wait(timeout=self.args[4] + 30)
             except subprocess.TimeoutExpired:
