@@ -39,7 +39,7 @@ class DemoSetting:
     domain_task: str = "cipher"
     domain_length: list[int] = field(default_factory=lambda: [3, 6])
     proxy_tasks: list[str] = field(default_factory=lambda: ["arithmetic", "reverse", "copy"])
-    domain_replay: float = 0.1  # share of general examples mixed into the domain SFT data (partial forgetting)
+    domain_replay: float = 0.15  # share of general examples mixed into the domain SFT data (partial forgetting)
     n_train: int = 2000  # per task
     n_eval: int = 100  # per task, held out (another seed)
     # phases
@@ -49,7 +49,7 @@ class DemoSetting:
     sft_domain_lr: float = 3e-3
     sft_batch: int = 64
     distill_steps: int = 48
-    distill_lr: float = 1e-3
+    distill_lr: float = 2e-4
     distill_batch: int = 32
     distill_loss: str = "topk"  # "topk": teacher top-k distribution matching; "pg": sampled-token policy gradient
     eval_every: int = 8
