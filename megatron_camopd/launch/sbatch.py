@@ -1,6 +1,6 @@
 """`camopd sbatch SPEC`: render ready-to-submit Slurm scripts for a spec (and optionally submit them).
 
-Topology (DESIGN.md): the frozen teachers run as SGLang servers in sibling jobs of the trainer, either as the
+Topology: the frozen teachers run as SGLang servers in sibling jobs of the trainer, either as the
 first components of one heterogeneous job (`launcher.topology: hetjob`) or as a separate job the trainer job
 depends on (`dependency`). Every teacher the spec loads in-process (`hf_path`/`checkpoint`) is served when
 `launcher.teacher_nodes > 0`; the trainer then gets `teachers.<name>.discovery_file=...` overrides. The scripts are
