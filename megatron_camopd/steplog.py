@@ -61,9 +61,13 @@ def diagnostics_row(session, samples, signals, sig, batch, rows, width, loss_spe
     if branch == "mixed":
         parts = {b: [i for i in rows if sig.branch[i] == b] for b in ("general", "domain")}
         if all(parts.values()):
-            g = {b: gd.branch_grad(engine, train_batch(samples, signals, r, session.tokenizer.pad_id,
-                                                       session.spec.train.micro_batch_size, width), loss_spec)
-                 for b, r in parts.items()}
+            g = {}
+            for b, r in parts.items():
+                part = train_batch(samples, signals, r, session.tokenizer.pad_id,
+                                   session.spec.train.micro_batch_size, width)
+                if loss_spec.kind == "topk":
+                    add_topk(part, samples, r, sig)
+                g[b] = gd.branch_grad(engine, part, loss_spec)
             row["diag_grad_dot"], row["diag_grad_cos"] = gd.dot_cosine(engine, g["general"], g["domain"])
     else:
         other = "domain" if branch == "general" else "general"

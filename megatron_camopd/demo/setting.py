@@ -67,7 +67,8 @@ class DemoSetting:
                    quick_mode=True)
 
 
-# Method variants of the comparison: name -> spec overrides (dotted key -> value).
+# Method variants of the comparison: name -> spec overrides (dotted key -> value). MOPD/CaMOPD keep the spec's
+# loss form (pg or topk); the other methods are defined on the sampled-token policy gradient, so they force pg.
 METHODS: dict[str, dict[str, Any]] = {
     "mopd_1to1": {"method.name": "mopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
     "mopd_3to1": {"method.name": "mopd", "schedule.mode": "mixed", "schedule.mix_ratio": [3, 1]},
@@ -75,11 +76,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "camopd_no_decouple": {"method.name": "camopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1],
                            "method.selection": True},
     "camopd_no_select": {"method.name": "camopd", "schedule.mode": "alternate", "method.selection": False},
-    "uniopd": {"method.name": "uniopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1],
+    "uniopd": {"method.name": "uniopd", "method.loss": "pg", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1],
                "method.uniopd.online_balance": False},  # + groups and verifiers: see method_overrides
     "relaxed_opd": {"method.name": "relaxed_opd", "method.loss": "pg", "schedule.mode": "mixed",
                     "schedule.mix_ratio": [1, 1]},
-    "selectkd": {"method.name": "selectkd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
+    "selectkd": {"method.name": "selectkd", "method.loss": "pg", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
     "exopd": {"method.name": "exopd", "method.loss": "pg", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
 }
 LABELS = {"mopd_1to1": "MOPD (1:1)", "mopd_3to1": "MOPD (3:1)", "camopd": "CaMOPD",
