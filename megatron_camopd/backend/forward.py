@@ -128,11 +128,14 @@ def forward_collect(
     for m in model_chunks:
         m.eval()
     n = batch["tokens"].shape[0]
-    mbs = micro_batch_size if n % micro_batch_size == 0 else 1
+    mbs = max(1, min(micro_batch_size, n))
+    # Pad with copies of the last row to whole micro-batches (interleaved PP: a multiple of pp of them);
+    # the padded rows' results are dropped below.
+    unit = mbs * (groups.pp_size if len(model_chunks) > 1 else 1)
+    extra = -n % unit
+    if extra:
+        batch = {k: torch.cat([v, v[-1:].expand(extra, *v.shape[1:])]) for k, v in batch.items()}
     mbs_list = split_microbatches(batch, mbs)
-    # Interleaved PP needs at least pp micro-batches; fall back to per-row micro-batches if needed.
-    if len(model_chunks) > 1 and len(mbs_list) % groups.pp_size:
-        mbs_list = split_microbatches(batch, 1)
     with torch.no_grad():
         reports = run_schedule(
             model_chunks, mbs_list, partial(_collect_loss, fn), seq_length=batch["tokens"].shape[1],
@@ -140,7 +143,7 @@ def forward_collect(
         )
     result: dict[str, torch.Tensor] = {}
     if groups.is_last_stage:
-        result = {k: torch.cat([r[k] for r in reports], dim=0).cpu() for k in reports[0]}
+        result = {k: torch.cat([r[k] for r in reports], dim=0)[:n].cpu() for k in reports[0]}
     if groups.pp_size > 1:
         obj = [result if groups.is_last_stage else None]
         src = dist.get_global_rank(groups.pp, groups.pp_size - 1)
