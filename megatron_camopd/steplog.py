@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from megatron_camopd.algo.diagnostics import length_summary
@@ -38,7 +39,7 @@ def _per_sample_batches(session, samples, signals, sig, rows, width, loss_spec, 
     out = []
     for i in rows:
         b = train_batch(samples, signals, [i], session.tokenizer.pad_id, session.spec.train.micro_batch_size, width)
-        if force_keep and signals.metrics.get("n_nan_dropped", 0) == 0:
+        if force_keep:  # a candidate dropped by selection still has its gradient in the full batch
             b["sample_weight"][0] = 1.0
         if loss_spec.kind == "topk":
             add_topk(b, samples, [i], sig)
@@ -57,30 +58,23 @@ def diagnostics_row(session, samples, signals, sig, batch, rows, width, loss_spe
     full = dataclasses.replace(method, selection=False).prepare(sig) if hasattr(method, "selection") else signals
     per = _per_sample_batches(session, samples, full, sig, valid, width, loss_spec, force_keep=True)
     row.update({f"diag_{k}": v for k, v in gd.coherence_stats(engine, per, keep, loss_spec).items()})
-    # cross-branch: the active batch vs the latest batch of the other branch (mixed: the two halves)
+    # cross-branch: the two halves of a mixed batch, or the active batch vs the other branch's latest batch
     if branch == "mixed":
-        parts = {b: [i for i in rows if sig.branch[i] == b] for b in ("general", "domain")}
-        if all(parts.values()):
-            g = {}
-            for b, r in parts.items():
-                part = train_batch(samples, signals, r, session.tokenizer.pad_id,
-                                   session.spec.train.micro_batch_size, width)
-                if loss_spec.kind == "topk":
-                    add_topk(part, samples, r, sig)
-                g[b] = gd.branch_grad(engine, part, loss_spec)
-            row["diag_grad_dot"], row["diag_grad_cos"] = gd.dot_cosine(engine, g["general"], g["domain"])
-    else:
+        parts = {b: (samples, signals, sig, [i for i in rows if sig.branch[i] == b]) for b in ("general", "domain")}
+    elif ("domain" if branch == "general" else "general") in cache:
         other = "domain" if branch == "general" else "general"
-        if other in cache:
-            o_samples, o_signals, o_sig = cache[other]
-            o_rows = [i for i in range(len(o_samples))][session.dp_rank::session.dp_size]
-            o_width = max(len(s.rollout.ids) for s in o_samples)
-            o_batch = train_batch(o_samples, o_signals, o_rows, session.tokenizer.pad_id,
-                                  session.spec.train.micro_batch_size, o_width)
-            if loss_spec.kind == "topk":
-                add_topk(o_batch, o_samples, o_rows, o_sig)
-            g_here = gd.branch_grad(engine, batch, loss_spec)
-            g_other = gd.branch_grad(engine, o_batch, loss_spec)
-            g = {branch: g_here, other: g_other}
-            row["diag_grad_dot"], row["diag_grad_cos"] = gd.dot_cosine(engine, g["general"], g["domain"])
+        o_samples, o_signals, o_sig = cache[other]
+        o_rows = np.array_split(np.arange(len(o_samples)), session.dp_size)[session.dp_rank].tolist()
+        parts = {branch: (samples, signals, sig, rows), other: (o_samples, o_signals, o_sig, o_rows)}
+    else:
+        return row
+    grads = {}
+    for b, (smp, sgn, sg, r) in parts.items():  # every DP rank takes part, even with no rows of a branch
+        w = max(len(s.rollout.ids) for s in smp)
+        part = train_batch(smp, sgn, r, session.tokenizer.pad_id, session.spec.train.micro_batch_size, w)
+        if loss_spec.kind == "topk":
+            add_topk(part, smp, r, sg)
+        grads[b] = gd.branch_grad(engine, part, loss_spec, over_dp=True)
+    if grads["general"][1] and grads["domain"][1]:
+        row["diag_grad_dot"], row["diag_grad_cos"] = gd.dot_cosine(engine, grads["general"][0], grads["domain"][0])
     return row

@@ -6,9 +6,9 @@
 - within-branch coherence `Coh(A) = ||sum_i g_i|| / sum_i ||g_i||` over per-sample gradients, for the full
   candidate batch and the selected subset, and `GCG = (Coh(sel) - Coh(full)) / Coh(full) * 100`.
 
-Each per-sample gradient is one extra forward/backward (opt-in: `logging.diagnostics`). Gradients stay local to
-the rank (no DP all-reduce); flat dot products and norms are summed over the model-parallel group counting
-tensor-parallel-duplicated parameters once, then over DP for the coherence sums.
+Each per-sample gradient is one extra forward/backward (opt-in: `logging.diagnostics`). Per-sample gradients stay
+local to their DP rank; branch gradients are summed over DP; flat dot products and norms are summed over the
+model-parallel group counting tensor-parallel-duplicated parameters once.
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ from megatron_camopd.algo.diagnostics import coherence_gain
 from megatron_camopd.backend.forward import comm_device
 
 
-def _local_finalize(model, num_tokens=None, **kwargs):
-    """Finalize without the DP all-reduce: scale local grads by 1 / local count (count from the last stage)."""
-    if num_tokens is not None and ps.get_pipeline_model_parallel_world_size() > 1:
-        num_tokens = num_tokens.clone()
-        dist.broadcast(num_tokens, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
-    for chunk in model:
-        if num_tokens is not None and int(num_tokens) > 0:
-            for p in chunk.parameters():
-                if getattr(p, "main_grad", None) is not None:
-                    p.main_grad.div_(float(num_tokens))
+def _counting_finalize(counts: list):
+    """A finalize that does no DP all-reduce and no scaling; it records the step's count (from the last stage)."""
+
+    def finalize(model, num_tokens=None, **kwargs):
+        if num_tokens is not None and ps.get_pipeline_model_parallel_world_size() > 1:
+            num_tokens = num_tokens.clone()
+            dist.broadcast(num_tokens, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        counts.append(int(num_tokens) if num_tokens is not None else 0)
+
+    return finalize
 
 
 def flat_grad(engine) -> torch.Tensor:
@@ -55,10 +55,21 @@ def _mp_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def branch_grad(engine, batch, loss_spec) -> torch.Tensor:
-    """Gradient of a batch's loss at the current parameters (local to this DP rank)."""
-    engine.accumulate_grads(batch, loss_spec, finalize=_local_finalize, reduce=False)
-    return flat_grad(engine)
+def branch_grad(engine, batch, loss_spec, *, over_dp: bool = False) -> tuple[torch.Tensor, int]:
+    """(gradient of the mean selected-sequence loss, number of selected sequences) at the current parameters.
+
+    `over_dp=False`: this rank's rows only (per-sample gradients). `over_dp=True`: every DP rank passes its slice
+    and gets the gradient of the whole batch (collective over DP).
+    """
+    counts: list[int] = []
+    engine.accumulate_grads(batch, loss_spec, finalize=_counting_finalize(counts), reduce=False)
+    g = flat_grad(engine).to(comm_device())
+    n = torch.tensor([float(counts[0]) if counts else 0.0], device=comm_device())
+    if over_dp:
+        dist.all_reduce(g, group=ps.get_data_parallel_group())
+        dist.all_reduce(n, group=ps.get_data_parallel_group())
+    count = int(n.item())
+    return (g / count if count else g), count
 
 
 def dot_cosine(engine, g1: torch.Tensor, g2: torch.Tensor) -> tuple[float, float]:
@@ -75,7 +86,7 @@ def coherence_stats(engine, per_sample_batches: list, selected: list[bool], loss
     s_full = s_sel = None
     n_full = n_sel = 0.0
     for batch, keep in zip(per_sample_batches, selected):
-        g = branch_grad(engine, batch, loss_spec)
+        g, _ = branch_grad(engine, batch, loss_spec)
         norm = float(_mp_sum(g.double().pow(2).sum())) ** 0.5
         s_full = g.clone() if s_full is None else s_full.add_(g)
         n_full += norm

@@ -34,3 +34,14 @@ def test_tp2_pp2_dp2_match_tp1(tiny_root, tmp_path):
         for a, b in zip(base, rows):
             assert a["selected_fraction"] == b["selected_fraction"], name
             assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * max(1.0, a["grad_norm"]), name
+
+
+@pytest.mark.multiproc
+def test_gradient_diagnostics_do_not_depend_on_dp(tiny_root, tmp_path):
+    extra = ("train.steps=1", "schedule.mode=mixed", "schedule.mix_ratio=[1,1]", "logging.diagnostics=true",
+             "logging.diagnostics_interval=1", "train.micro_batch_size=2")
+    one = run_on_ranks(run_train, 1, tiny_overrides(tiny_root, tmp_path / "d1", *extra))[0][0]
+    two = run_on_ranks(run_train, 2, tiny_overrides(tiny_root, tmp_path / "d2", *extra))[0][0]
+    for key in ("diag_grad_dot", "diag_grad_cos", "diag_coherence_full", "diag_coherence_selected"):
+        assert math.isfinite(one[key]), key
+        assert abs(one[key] - two[key]) <= 1e-4 * max(1.0, abs(one[key])), (key, one[key], two[key])
