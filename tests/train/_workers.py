@@ -91,3 +91,20 @@ def loss_vs_formula(rank: int, world: int, overrides: list[str], mbs_list: list[
 def run_methods(rank: int, world: int, runs: dict[str, list[str]]) -> dict[str, list[dict]]:
     """Each named run (overrides) in sequence; returns its metrics rows."""
     return {name: run_train(rank, world, o) for name, o in runs.items()}
+
+
+def sft_batch_check(rank: int, world: int, overrides: list[str]) -> list[tuple[list[int], list[int], str]]:
+    """(tokens under the loss mask, label ids there, the reference) for the first SFT rows."""
+    from megatron_camopd.config import load_spec
+    from megatron_camopd.session import open_session
+    from megatron_camopd.sft import sft_batch
+
+    session = open_session(load_spec(TINY_SPEC, overrides))
+    batch, _ = sft_batch(session, 0)
+    out = []
+    for r in range(2):
+        m = batch["loss_mask"][r] > 0
+        out.append((batch["labels"][r][m].tolist(), session.tokenizer.eos_id,
+                    session.tokenizer.decode(batch["labels"][r][m].tolist()[:-1])))
+    session.close()
+    return out
