@@ -30,7 +30,7 @@ from megatron.core import tensor_parallel
 
 from megatron_camopd.errors import CheckpointError
 
-_OPT_META = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+_OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshards over TP, PP and DP
 
 
 def _iter_name(step: int) -> str:
@@ -119,11 +119,25 @@ def save_checkpoint(root, step: int, models: list, optimizer=None, scheduler=Non
     return final
 
 
+def _check_optimizer_loadable(optimizer) -> None:
+    """megatron-core 0.16's distributed optimizer can only load its state with TE's or Apex's fused Adam (its
+    torch-Adam path keeps a per-parameter `step` the checkpoint format has no slot for). Say so plainly."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    if any(isinstance(s, distrib_optimizer.DistributedOptimizer) for s in subs) and \
+            not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False):
+        raise CheckpointError("resuming train.distributed_optimizer=true needs TransformerEngine or Apex (GPU); "
+                              "on CPU set train.distributed_optimizer=false (model-only loads work either way)")
+
+
 def load_checkpoint(path, models: list, optimizer=None, scheduler=None, *, strict: bool = True) -> dict:
     """Collective: load model (+ optimizer, scheduler, RNG when present) from `path`; returns train_state."""
     path = Path(path)
     if not (path / "train_state.json").exists():
         raise CheckpointError(f"{path}: not a complete checkpoint (no train_state.json)")
+    if optimizer is not None:
+        _check_optimizer_loadable(optimizer)
     sharded = _model_sharded(models)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=_OPT_META)

@@ -26,7 +26,8 @@ def test_tp2_pp2_dp2_match_tp1(tiny_root, tmp_path):
     base = run_on_ranks(run_train, 1, tiny_overrides(tiny_root, tmp_path / "tp1", f"train.steps={STEPS}"))[0]
     assert len(base) == STEPS and all(math.isfinite(x) for x in _losses(base))
     assert [r["branch"] for r in base] == ["general", "general", "general", "domain"]
-    for name, extra in (("tp2", "parallel.tp=2"), ("pp2", "parallel.pp=2"), ("dp2", "train.micro_batch_size=2")):
+    for name, extra in (("tp2", "parallel.tp=2"), ("pp2", "parallel.pp=2"), ("dp2", "train.micro_batch_size=2"),
+                        ("dp2_distopt", "train.distributed_optimizer=true")):
         rows = run_on_ranks(run_train, 2, tiny_overrides(tiny_root, tmp_path / name, f"train.steps={STEPS}", extra))[0]
         assert [r["branch"] for r in rows] == [r["branch"] for r in base], name
         for a, b in zip(_losses(base), _losses(rows)):
