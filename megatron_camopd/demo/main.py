@@ -115,9 +115,11 @@ def evaluate_all(s: DemoSetting, root: Path, data: dict, general: Path, g_digest
 
     sets = {"general": read_examples(data["eval_general"]), "domain": read_examples(data["eval_domain"])}
     cache = EvalCache(root / "evals.json")
+    # what is evaluated how: a changed eval set or decode length must not reuse cached accuracies
+    how = stable_hash([sets, s.max_new_tokens])
 
     def ev(key: str, path: Path) -> dict:
-        return cache.get(key, lambda: evaluate_model(sets, s.max_new_tokens, checkpoint=path))
+        return cache.get(f"{key}:{how}", lambda: evaluate_model(sets, s.max_new_tokens, checkpoint=path))
 
     models = {"general_teacher": ev(f"general_teacher:{g_digest}", _final(general)),
               "domain_teacher": ev(f"domain_teacher:{d_digest}", _final(domain))}

@@ -51,7 +51,7 @@ def write_spec(tiny_root: Path, run_dir: Path) -> Path:
     spec["train"]["steps"] = STEPS
     spec["checkpoint"].update(dir=str(run_dir / "ckpt"), save_interval=1)
     spec["logging"].update(diagnostics=False)
-    spec["launcher"] = {"nodes": 1, "gpus_per_node": 1, "teacher_nodes": 1, "teacher_gpus": 1, "time": "10:00",
+    spec["launcher"] = {"nodes": 1, "gpus_per_node": 1, "teacher_nodes": 1, "teacher_gpus": 1, "time": "60:00",
                         "log_dir": str(run_dir / "logs")}
     path = run_dir / "spec.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def camopd(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]
 
 
 def submit_hetjob(spec: Path) -> str:
-    proc = camopd("sbatch", str(spec), "--cpu", "--submit", "--health-timeout", "120", "--shutdown-timeout", "60")
+    proc = camopd("sbatch", str(spec), "--cpu", "--submit", "--health-timeout", "300", "--shutdown-timeout", "60")
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split("submitted hetjob job ")[1].split()[0]
 
