@@ -127,7 +127,7 @@ def check_checkpoint_matches(ckpt_dir: Path, chunks: list, vocab_size: int, meta
                 problems.append(f"'{key}' has shape {have}, expected ({vocab_size}+padding, {need[1]})")
         elif have != need:
             problems.append(f"'{key}' has shape {have}, the config implies {need}")
-    extra = sorted(set(meta) - set(expected))
+    extra = sorted(k for k in set(meta) - set(expected) if not k.startswith("optimizer."))  # training state
     if extra:
         problems.append(f"{len(extra)} tensor(s) the config has no place for, e.g. '{extra[0]}'")
     if problems:

@@ -108,3 +108,21 @@ def sft_batch_check(rank: int, world: int, overrides: list[str]) -> list[tuple[l
                     session.tokenizer.decode(batch["labels"][r][m].tolist()[:-1])))
     session.close()
     return out
+
+
+def megatron_logits(rank: int, world: int, ckpt: str, ids: list[int]):
+    """Logits [1, S, V] of a checkpoint written by `camopd train`, loaded at TP=1 (vocab padding dropped)."""
+    import torch
+
+    from megatron_camopd.backend.checkpoint import find_model_meta, load_model_only, resolve_checkpoint
+    from megatron_camopd.backend.cpu_runtime import init_distributed
+    from megatron_camopd.backend.engine import build_chunks
+    from megatron_camopd.backend.model import ModelArch
+
+    init_distributed(1, 1)
+    arch = ModelArch.from_hf_dir(find_model_meta(ckpt))
+    chunks, _ = build_chunks(arch, 1, 1, None)
+    load_model_only(resolve_checkpoint(ckpt), chunks)
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        return chunks[0](t, torch.arange(len(ids)).unsqueeze(0), None)[..., : arch.vocab_size].float()
