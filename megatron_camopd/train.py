@@ -65,8 +65,7 @@ def _loss_spec(spec) -> LossSpec:
 
 def _train_state(session: Session) -> dict:
     state = {"schedule": session.schedule.state_dict(),
-             "streams": {cfg.name: s.state_dict() for streams in session.streams.values() for cfg, s in streams},
-             "last_batches": None}
+             "streams": {cfg.name: s.state_dict() for streams in session.streams.values() for cfg, s in streams}}
     if hasattr(session.method, "state_dict"):
         state["method"] = session.method.state_dict()
     return state
