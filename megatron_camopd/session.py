@@ -34,8 +34,6 @@ from megatron_camopd.teachers.inprocess import MegatronTeacher
 
 log = logging.getLogger("megatron_camopd")
 
-# spec verifier names -> data.verifiers registry names
-VERIFIERS = {"exact": "exact_match", "numeric": "numeric", "multiple_choice": "mc_letter", "code": "code"}
 
 
 @dataclass
@@ -98,7 +96,7 @@ class Session:
     @property
     def is_mp_leader(self) -> bool:
         """First rank of its model-parallel group: talks to HTTP teachers, then shares the answers."""
-        return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+        return _is_mp_leader()
 
     @property
     def is_logger(self) -> bool:

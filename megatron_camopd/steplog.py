@@ -35,19 +35,19 @@ def step_row(step: int, branch: str, samples, sig, signals, out: dict, t_rollout
     return row
 
 
-def _per_sample_batches(session, samples, signals, sig, rows, width, loss_spec, force_keep: bool):
+def _per_sample_batches(session, samples, signals, sig, rows, width, loss_spec):
+    """One batch per candidate sample, each counted (a sample dropped by selection keeps its full-batch gradient)."""
     out = []
     for i in rows:
         b = train_batch(samples, signals, [i], session.tokenizer.pad_id, session.spec.train.micro_batch_size, width)
-        if force_keep:  # a candidate dropped by selection still has its gradient in the full batch
-            b["sample_weight"][0] = 1.0
+        b["sample_weight"][0] = 1.0
         if loss_spec.kind == "topk":
             add_topk(b, samples, [i], sig)
         out.append(b)
     return out
 
 
-def diagnostics_row(session, samples, signals, sig, batch, rows, width, loss_spec, branch, cache) -> dict:
+def diagnostics_row(session, samples, signals, sig, rows, width, loss_spec, branch, cache) -> dict:
     """Cross-branch gradient dot/cosine and within-branch coherence/GCG at the current parameters."""
     engine = session.engine
     row: dict = {}
@@ -56,7 +56,7 @@ def diagnostics_row(session, samples, signals, sig, batch, rows, width, loss_spe
     # the full candidate batch: the same method without selection (dropped samples keep their advantages)
     method = session.method
     full = dataclasses.replace(method, selection=False).prepare(sig) if hasattr(method, "selection") else signals
-    per = _per_sample_batches(session, samples, full, sig, valid, width, loss_spec, force_keep=True)
+    per = _per_sample_batches(session, samples, full, sig, valid, width, loss_spec)
     row.update({f"diag_{k}": v for k, v in gd.coherence_stats(engine, per, keep, loss_spec).items()})
     # cross-branch: the two halves of a mixed batch, or the active batch vs the other branch's latest batch
     if branch == "mixed":

@@ -116,7 +116,7 @@ def run_step(session: Session, step: int, loss_spec: LossSpec, cache: dict) -> d
         add_topk(batch, samples, rows, sig)
     row = {}
     if spec.logging.diagnostics and step % spec.logging.diagnostics_interval == 0:
-        row.update(diagnostics_row(session, samples, signals, sig, batch, rows, width, loss_spec, branch, cache))
+        row.update(diagnostics_row(session, samples, signals, sig, rows, width, loss_spec, branch, cache))
     cache[branch] = (samples, signals, sig)
     t1 = time.time()
     if float(signals.sample_weight.sum()) > 0:

@@ -22,13 +22,10 @@ sys.path.insert(0, str(REPO))
 
 
 def _tiny_overrides() -> list[str]:
-    from megatron_camopd.demo.tiny import make_tiny_setup
+    from megatron_camopd.demo.tiny import make_tiny_setup, tiny_spec_overrides
 
     root = make_tiny_setup(REPO / "runs" / "tiny_cpu")
-    return [f"model.hf_path={root / 'student'}", f"teachers.general.hf_path={root / 'teacher_general'}",
-            f"teachers.domain.hf_path={root / 'teacher_domain'}",
-            f"data.streams.0.path={root / 'data/general.jsonl'}",
-            f"data.streams.1.path={root / 'data/domain.jsonl'}", "rollout.prompts_per_step=16", "train.lr=1e-9"]
+    return [*tiny_spec_overrides(root), "rollout.prompts_per_step=16", "train.lr=1e-9"]
 
 
 def main() -> None:

@@ -144,6 +144,10 @@ _REGISTRY: dict[str, Verifier] = {
 }
 
 
+# the names a spec's `data.streams[].verifier` uses -> registry names
+VERIFIER_NAMES = {"exact": "exact_match", "numeric": "numeric", "multiple_choice": "mc_letter", "code": "code"}
+
+
 def get_verifier(name: str) -> Verifier:
     """The verifier registered as ``name`` (exact_match, numeric, mc_letter, code)."""
     try:

@@ -58,6 +58,15 @@ def make_tiny_data(root: str | Path, n: int = 256, seed: int = 0) -> dict[str, P
             "domain": write_jsonl(domain, root / "domain.jsonl")}
 
 
+def tiny_spec_overrides(root: str | Path) -> list[str]:
+    """Overrides pointing `yaml/examples/camopd_tiny_cpu.yaml` at a tiny setup made under `root`."""
+    root = Path(root)
+    return [f"model.hf_path={root / 'student'}", f"teachers.general.hf_path={root / 'teacher_general'}",
+            f"teachers.domain.hf_path={root / 'teacher_domain'}",
+            f"data.streams.0.path={root / 'data' / 'general.jsonl'}",
+            f"data.streams.1.path={root / 'data' / 'domain.jsonl'}"]
+
+
 def make_tiny_setup(root: str | Path, seed: int = 0) -> Path:
     """Everything the tiny CPU spec needs; idempotent (existing pieces are kept)."""
     root = Path(root)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_camopd.data.prompts import Prompt
-from megatron_camopd.data.verifiers import get_verifier
+from megatron_camopd.data.verifiers import VERIFIER_NAMES, get_verifier
 from megatron_camopd.errors import CamopdError, DataError, TeacherError
 from megatron_camopd.rollout.generate import Rollout, SamplingParams, generate, sample_seed
 
@@ -106,6 +106,14 @@ class _Loop:
         self.thread.join(timeout=5)
 
 
+def sampling_params(spec, tokenizer) -> SamplingParams:
+    """The spec's rollout sampling (the tokenizer's end-of-turn tokens always stop a response)."""
+    r = spec.rollout
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=max(r.top_k, 0),
+                          max_new_tokens=r.max_new_tokens,
+                          stop_token_ids=tuple(r.stop_token_ids) + tuple(tokenizer.stop_ids))
+
+
 def teacher_top_k(session) -> int | None:
     m = session.spec.method
     k = m.topk if m.loss == "topk" else 0
@@ -161,10 +169,7 @@ def collect_step(session, step: int, branch: str) -> list[Sample]:
             teacher = session.teachers[s.teacher]
             futures[i] = loop.submit(teacher.score(rollout.ids, len(s.prompt.prompt_ids), top_k))
 
-    r = spec.rollout
-    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=max(r.top_k, 0),
-                            max_new_tokens=r.max_new_tokens,
-                            stop_token_ids=tuple(r.stop_token_ids) + tuple(session.tokenizer.stop_ids))
+    params = sampling_params(spec, session.tokenizer)
     tok = session.tokenizer
     generate(session.engine.forward, [s.prompt.prompt_ids for s in local], params, vocab_size=session.arch.vocab_size,
              eos_id=tok.eos_id, pad_id=tok.pad_id, max_context=spec.seq_length, tp_group=session.engine.groups.tp,
@@ -186,10 +191,8 @@ def collect_step(session, step: int, branch: str) -> list[Sample]:
             s.ref_lp = rs.logprobs
     for s in local:
         if s.verifier:
-            from megatron_camopd.session import VERIFIERS
-
             text = tok.decode(s.rollout.response_ids, skip_special_tokens=True)
-            s.reward = float(get_verifier(VERIFIERS[s.verifier])(text, s.prompt.reference))
+            s.reward = float(get_verifier(VERIFIER_NAMES[s.verifier])(text, s.prompt.reference))
     if session.dp_size > 1:
         gathered: list = [None] * session.dp_size
         dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())

@@ -20,8 +20,9 @@ import torch.distributed as dist
 
 from megatron_camopd.algo.uniopd import offline_difficulty_balance
 from megatron_camopd.data.prompts import PromptSource, PromptStream
-from megatron_camopd.data.verifiers import get_verifier
-from megatron_camopd.rollout.generate import SamplingParams, generate, sample_seed
+from megatron_camopd.data.verifiers import VERIFIER_NAMES, get_verifier
+from megatron_camopd.rollout.collect import sampling_params
+from megatron_camopd.rollout.generate import generate, sample_seed
 
 log = logging.getLogger("megatron_camopd")
 
@@ -35,14 +36,9 @@ def choose_shape(hist: list[int], shape: str) -> str:
 
 def pass_counts(session, prompts, verifier: str, n: int, batch: int = 32) -> list[int]:
     """Pass counts of `n` student samples per prompt (seeded like training rollouts; step index -1)."""
-    from megatron_camopd.session import VERIFIERS
-
     spec, tok = session.spec, session.tokenizer
-    r = spec.rollout
-    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=max(r.top_k, 0),
-                            max_new_tokens=r.max_new_tokens,
-                            stop_token_ids=tuple(r.stop_token_ids) + tuple(tok.stop_ids))
-    check = get_verifier(VERIFIERS[verifier])
+    params = sampling_params(spec, tok)
+    check = get_verifier(VERIFIER_NAMES[verifier])
     items = [(i, j) for i in range(len(prompts)) for j in range(n)]
     counts = [0] * len(prompts)
     for start in range(0, len(items), batch):

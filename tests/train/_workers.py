@@ -10,12 +10,10 @@ TINY_SPEC = REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml"
 
 def tiny_overrides(root: Path, ckpt: Path, *extra: str) -> list[str]:
     """Point the tiny example spec at a tiny setup made under `root` and a checkpoint dir."""
+    from megatron_camopd.demo.tiny import tiny_spec_overrides
+
     return [
-        f"model.hf_path={root / 'student'}",
-        f"teachers.general.hf_path={root / 'teacher_general'}",
-        f"teachers.domain.hf_path={root / 'teacher_domain'}",
-        f"data.streams.0.path={root / 'data' / 'general.jsonl'}",
-        f"data.streams.1.path={root / 'data' / 'domain.jsonl'}",
+        *tiny_spec_overrides(root),
         f"checkpoint.dir={ckpt}",
         "logging.progress=off",
         "logging.diagnostics=false",
