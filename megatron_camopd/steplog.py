@@ -52,6 +52,7 @@ def diagnostics_row(session, samples, signals, sig, rows, width, loss_spec, bran
     engine = session.engine
     row: dict = {}
     valid = [i for i in rows if torch.isfinite(sig.teacher_lp[i]).all()]
+    valid = valid[: session.spec.logging.diagnostics_samples]  # None: all
     keep = [bool(signals.sample_weight[i] > 0) for i in valid]
     # the full candidate batch: the same method without selection (dropped samples keep their advantages)
     method = session.method

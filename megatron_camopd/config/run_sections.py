@@ -120,9 +120,12 @@ class LoggingConfig(Section):
     wandb: WandbConfig = field(default_factory=WandbConfig)
     diagnostics: bool = False  # gradient dot/cosine/coherence: extra backward passes
     diagnostics_interval: int = 10
+    # coherence/GCG from per-sample gradients (one backward each) of at most this many rollouts per rank (the
+    # first ones of the step's batch); null = every rollout
+    diagnostics_samples: int | None = None
 
     def validate(self) -> None:
-        positive(self, "log_interval", "diagnostics_interval")
+        positive(self, "log_interval", "diagnostics_interval", "diagnostics_samples")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -142,8 +143,9 @@ def demo_main(argv: list[str]) -> int:
     ap.add_argument("--out", required=True, help="output directory (phases are cached there)")
     ap.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline in ~1-2 minutes")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (tiny models gain little from more; 1 is fastest on a shared CPU)")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                    help="torch threads (default: 2 where there are 2 cores; measured ~1.5x faster than 1 on an "
+                         "idle 2-core machine; use 1 on a busy one)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     logging.getLogger("megatron_camopd").setLevel(logging.WARNING)

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from megatron_camopd.demo.setting import LABELS, DemoSetting
+from megatron_camopd.demo.setting import LABELS, DemoSetting, proxy_label
 from megatron_camopd.metrics import read_metrics
 
 BRANCHES = ("general", "domain")
@@ -126,8 +126,8 @@ def report_markdown(s: DemoSetting, summary: dict, models: dict, curves: dict, s
              f"`{s.domain_task}` ({s.sft_domain_steps} steps, lr {s.sft_domain_lr:g}, {100 * s.domain_replay:.0f}% general "
              "replay in its data) and forgets. The student starts "
              "from the domain teacher and is distilled on-policy: general teacher on *proxy* general prompts "
-             f"({', '.join(s.proxy_tasks)} only: the proxy covers the general distribution incompletely), domain "
-             "teacher on domain prompts."), "",
+             f"({'; '.join(f'{t}: {proxy_label(s, t)}' for t in s.general_tasks)}: the proxy covers the "
+             "general distribution incompletely), domain teacher on domain prompts."), "",
              *(["**Quick mode**: step counts are tiny, so the numbers below only show that the pipeline runs.", ""]
                if s.quick_mode else []),
              "## Accuracy (held-out, greedy decoding, exact match, %)", "",
@@ -137,7 +137,7 @@ def report_markdown(s: DemoSetting, summary: dict, models: dict, curves: dict, s
                      f"{_pct(summary['domain'][n])} |")
     lines += ["", "### General accuracy per task (%)", ""]
     tasks = sorted({t for r in models.values() for t in r["general"]["per_task"]})
-    lines += ["| model | " + " | ".join(t + (" (proxy)" if t in s.proxy_tasks else " (not in proxy)")
+    lines += ["| model | " + " | ".join(f"{t} ({proxy_label(s, t)})" if t in s.general_tasks else t
                                         for t in tasks) + " |",
               "| --- |" + " ---: |" * len(tasks)]
     for n in names:

@@ -18,6 +18,7 @@ RUNS = {
     "mopd_3to1": ("method.name=mopd", "schedule.mode=mixed", "schedule.mix_ratio=[3,1]"),
     "camopd_mixed": ("method.name=camopd", *MIXED, "logging.diagnostics=true", "logging.diagnostics_interval=1"),
     "camopd_alt_diag": ("logging.diagnostics=true", "logging.diagnostics_interval=1", "schedule.n_g=1"),
+    "camopd_diag_one": ("logging.diagnostics=true", "logging.diagnostics_samples=1"),
     "uniopd": ("method.name=uniopd", *MIXED, "rollout.n_samples=2", "rollout.prompts_per_step=4",
                "data.streams.0.verifier=exact", "data.streams.1.verifier=exact"),
     "uniopd_offline": ("method.name=uniopd", *MIXED, "rollout.n_samples=2", "rollout.prompts_per_step=4",
@@ -53,3 +54,6 @@ def test_all_methods_train(tiny_root, tmp_path):
     alt = res["camopd_alt_diag"]  # G, D: the second step compares against the cached general batch
     assert alt[0]["branch"] == "general" and alt[1]["branch"] == "domain"
     assert "diag_grad_dot" not in alt[0] and math.isfinite(alt[1]["diag_grad_dot"])
+    # capped per-sample gradients: the coherence of a single gradient is exactly 1 (the full batch's is below 1)
+    assert res["camopd_diag_one"][0]["diag_coherence_full"] == pytest.approx(1.0, abs=1e-9)
+    assert mixed["diag_coherence_full"] < 0.999
