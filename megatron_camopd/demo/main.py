@@ -5,7 +5,8 @@ Phases (each cached under DIR, skipped on a re-run while its settings hash is un
   2. general teacher: SFT of the base model on general tasks (arithmetic, reversal, sorting, copying);
   3. domain teacher: SFT of the general teacher on the domain task (cipher) at a high LR -> it forgets;
   4. on-policy distillation from the domain teacher (student init) with the general teacher on *proxy* general
-     prompts (a subset of the general tasks) and the domain teacher on domain prompts: CaMOPD and vanilla MOPD;
+     prompts (shorter strings than the evaluation's) and the domain teacher on domain prompts: CaMOPD and
+     vanilla MOPD;
   5. greedy exact-match evaluation of every model (and of each distillation checkpoint, for the curves);
 then `DIR/report.md`, `DIR/summary.json`, `DIR/metrics.jsonl` and PNG plots (see demo/report.py).
 """

@@ -3,9 +3,10 @@
 The CaMOPD paper's setting in miniature: a general teacher (a tiny Qwen3 model SFT-ed on general tasks with
 checkable answers), a domain teacher (that model specialised by SFT on one domain task at a high learning rate,
 so it forgets), and on-policy distillation from the domain teacher with *proxy* general prompts that cover the
-general distribution incompletely (a subset of the general tasks, like the paper's Nemotron proxy) plus domain
-prompts. `DemoSetting.quick()` shrinks everything for CI. Specs are plain dicts written as YAML files so every
-phase can be re-run by hand with `camopd sft|train SPEC`.
+general distribution incompletely (every general task, but only its shorter strings: the evaluation goes beyond
+them, like the paper's Nemotron proxy; a task subset is also configurable) plus domain prompts.
+`DemoSetting.quick()` shrinks everything for CI. Specs are plain dicts written as YAML files so every phase can be
+re-run by hand with `camopd sft|train SPEC`.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class DemoSetting:
     distill_lr: float = 3e-4  # 5e-4: the domain drops ~4.5 points; 1e-3: CaMOPD's general accuracy collapses
     distill_batch: int = 64  # 32: slower recovery per step and more domain drift
     distill_loss: str = "topk"  # "topk": teacher top-k distribution matching; "pg": sampled-token policy gradient
+    rollout_temperature: float = 1.0
     eval_every: int = 32
     max_new_tokens: int = 10
     diagnostics_interval: int = 20
@@ -190,6 +192,7 @@ def distill_spec(s: DemoSetting, name: str, student: Path, general_teacher: Path
     """CaMOPD from the domain teacher (the method section is then overridden per variant, see METHODS)."""
     spec = _common(s, name, ckpt_dir, s.distill_steps, s.distill_lr, s.distill_batch, s.eval_every)
     spec["train"].update(lr_decay="constant", warmup_steps=0, min_lr=0.0)
+    spec["rollout"].update(temperature=s.rollout_temperature)
     spec["logging"].update(diagnostics=True, diagnostics_interval=s.diagnostics_interval,
                            diagnostics_samples=s.diagnostics_samples, log_interval=1)
     spec.update(
