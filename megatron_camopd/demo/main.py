@@ -76,9 +76,9 @@ def run_pipeline(s: DemoSetting, root: Path) -> dict:
     t0 = time.time()
     base, base_digest = make_base(s, root)
     data = write_data(s, root / "data")
+
     def data_digest(*names: str) -> str:
         return stable_hash([data[n].read_text() for n in names])
-
 
     say(f"phase 2/{TOTAL_PHASES}: general teacher = SFT of the base model on {', '.join(s.general_tasks)}")
     spec = sft_spec(s, "general_teacher", {"hf_path": str(base)}, data["sft_general"], "general",
@@ -96,11 +96,12 @@ def run_pipeline(s: DemoSetting, root: Path) -> dict:
     say(f"phase 4/{TOTAL_PHASES}: on-policy distillation from the domain teacher "
         f"(proxy general prompts: {', '.join(s.proxy_tasks)}; methods: {', '.join(s.demo_methods)})")
     runs: dict[str, tuple[Path, str]] = {}
+    prompts_digest = data_digest("proxy_general", "prompts_domain")  # the same prompts for every method
     for m in s.demo_methods:
         spec = distill_spec(s, f"distill_{m}", _final(domain), _final(general), _final(domain), data,
                             root / f"distill_{m}")
         overrides = method_overrides(m, ["none", "none"], s.distill_batch, s.distill_batch)
-        digest = stable_hash([_portable(spec, root), overrides, d_digest, data_digest("proxy_general", "prompts_domain")])
+        digest = stable_hash([_portable(spec, root), overrides, d_digest, prompts_digest])
         run_dir, _ = run_phase(root, f"distill_{m}", spec, digest, overrides)
         runs[m] = (run_dir, digest)
 
