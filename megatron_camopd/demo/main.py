@@ -148,11 +148,14 @@ def demo_main(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                     help="torch threads (default: 2 where there are 2 cores; measured ~1.5x faster than 1 on an "
                          "idle 2-core machine; use 1 on a busy one)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a setting of the demo (a DemoSetting field, value in YAML), e.g. "
+                         "--set distill_steps=192; repeatable; the changed phases re-run, the rest stay cached")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     logging.getLogger("megatron_camopd").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
-    s = DemoSetting.quick(args.seed) if args.quick else DemoSetting(seed=args.seed)
+    s = (DemoSetting.quick(args.seed) if args.quick else DemoSetting(seed=args.seed)).with_overrides(args.set)
     root = Path(args.out)
     result = run_pipeline(s, root)
     from megatron_camopd.demo.report import write_report

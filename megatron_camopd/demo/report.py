@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from megatron_camopd.demo.setting import LABELS, DemoSetting, proxy_label
+from megatron_camopd.demo.setting import LABELS, DemoSetting, eval_overlap, proxy_label
 from megatron_camopd.metrics import read_metrics
 
 BRANCHES = ("general", "domain")
@@ -57,7 +57,7 @@ def plot_accuracy(curves: dict, models: dict, path: Path) -> Path:
         for name, style in (("general_teacher", "--"), ("domain_teacher", ":")):
             ax.axhline(100 * models[name][b]["accuracy"], color="grey", linestyle=style,
                        label=name.replace("_", " "))
-        ax.set_title(f"{b} accuracy (held-out, greedy exact match)")
+        ax.set_title(f"{b} accuracy (greedy exact match)")
         ax.set_ylim(-2, 102)
         _axes_style(ax)
     axes[0].set_ylabel("accuracy (%)")
@@ -118,7 +118,8 @@ def _story(summary: dict, method: str = "camopd") -> dict:
     return out
 
 
-def report_markdown(s: DemoSetting, summary: dict, models: dict, curves: dict, seconds: dict) -> str:
+def report_markdown(s: DemoSetting, summary: dict, models: dict, curves: dict, seconds: dict,
+                    overlap: dict | None = None) -> str:
     names = list(models)
     lines = ["# CaMOPD demo: general capability recovery with domain preservation", "",
              ("A tiny Qwen3-architecture model trained from scratch on one CPU. The **general teacher** is SFT-ed on "
@@ -130,11 +131,15 @@ def report_markdown(s: DemoSetting, summary: dict, models: dict, curves: dict, s
              "general distribution incompletely), domain teacher on domain prompts."), "",
              *(["**Quick mode**: step counts are tiny, so the numbers below only show that the pipeline runs.", ""]
                if s.quick_mode else []),
-             "## Accuracy (held-out, greedy decoding, exact match, %)", "",
+             "## Accuracy (greedy decoding, exact match, %)", "",
              "| model | general | domain |", "| --- | ---: | ---: |"]
     for n in names:
         lines.append(f"| {LABELS.get(n, n.replace('_', ' '))} | {_pct(summary['general'][n])} | "
                      f"{_pct(summary['domain'][n])} |")
+    if overlap:
+        seen = "; ".join(f"{t} {k}/{n}" for b in ("general", "domain") for t, (k, n) in overlap.get(b, {}).items())
+        lines += ["", ("Evaluation examples are drawn with their own seed. Prompts that also occur in a training or "
+                       f"prompt set: {seen} (small task spaces repeat: 1-digit arithmetic has 200 problems).")]
     lines += ["", "### General accuracy per task (%)", ""]
     tasks = sorted({t for r in models.values() for t in r["general"]["per_task"]})
     lines += ["| model | " + " | ".join(f"{t} ({proxy_label(s, t)})" if t in s.general_tasks else t
@@ -149,9 +154,15 @@ def report_markdown(s: DemoSetting, summary: dict, models: dict, curves: dict, s
                  "(general teacher -> domain teacher).")
     for m in curves:
         sm = _story(summary, m)
-        moved = "n/a" if sm["domain_drop"] is None else f"{-100 * sm['domain_drop']:+.1f}"
+        moved = "n/a" if sm["domain_drop"] is None else f"{0.0 - 100 * sm['domain_drop']:+.1f}"  # no "-0.0"
         lines.append(f"- {LABELS.get(m, m)} recovered {_pct(sm['recovered_fraction'])}% of that gap; its domain "
                      f"accuracy changed by {moved} points relative to the domain teacher.")
+    n_gen = models["general_teacher"]["general"].get("n") or 0
+    if n_gen:
+        p = summary["general"]["domain_teacher"]
+        lines.append(f"- With {n_gen} general evaluation examples one standard error of a general accuracy is about "
+                     f"{100 * math.sqrt(p * (1 - p) / n_gen):.1f} points: smaller differences between methods "
+                     "are noise.")
     held = "holds" if (st["recovered_fraction"] or 0) >= 0.5 and (st["domain_drop"] or 0) <= 0.02 else "does NOT hold"
     lines += [f"- The target (CaMOPD recovers >= 50% of the lost gap, domain within 2 points) **{held}** in this run.",
               "", "## Training curves", "", "![accuracy over steps](accuracy.png)", "",
@@ -182,5 +193,6 @@ def write_report(s: DemoSetting, root: Path, result: dict) -> dict:
     plot_signals(rows_by_method, root / "signals.png")
     names = ["general_teacher", "domain_teacher"] + [f"distill_{m}" for m in result["runs"]]
     seconds = {n: phase_seconds(root, n) for n in names}
-    (root / "report.md").write_text(report_markdown(s, summary, models, curves, seconds))
+    overlap = eval_overlap({k: Path(v) for k, v in result["data"].items()}) if result.get("data") else None
+    (root / "report.md").write_text(report_markdown(s, summary, models, curves, seconds, overlap))
     return summary

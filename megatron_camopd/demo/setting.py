@@ -3,14 +3,16 @@
 The CaMOPD paper's setting in miniature: a general teacher (a tiny Qwen3 model SFT-ed on general tasks with
 checkable answers), a domain teacher (that model specialised by SFT on one domain task at a high learning rate,
 so it forgets), and on-policy distillation from the domain teacher with *proxy* general prompts that cover the
-general distribution incompletely (every general task, but only its shorter strings: the evaluation goes beyond
-them, like the paper's Nemotron proxy; a task subset is also configurable) plus domain prompts.
+general distribution incompletely (every general task, but its strings shifted to the longer lengths: the
+evaluation also has shorter ones, like the paper's Nemotron proxy; a task subset is also configurable) plus domain
+prompts.
 `DemoSetting.quick()` shrinks everything for CI. Specs are plain dicts written as YAML files so every phase can be
 re-run by hand with `camopd sft|train SPEC`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,11 +41,13 @@ class DemoSetting:
         "arithmetic": [1, 1], "reverse": [3, 5], "sort": [3, 5], "copy": [3, 6]})
     domain_task: str = "cipher"
     domain_length: list[int] = field(default_factory=lambda: [3, 6])
-    # the proxy: every general task, but strings of at most 4 characters (evaluation goes to 5-6), like the
-    # paper's Nemotron proxy that covers the general teacher's distribution incompletely
+    # the proxy: every general task, but its strings shifted to the longer lengths (no 3-character strings, which
+    # the evaluation has), like the paper's Nemotron proxy that covers the general teacher's distribution
+    # incompletely. Measured: the shorter lengths 3-4 instead (lengths 5-6 unseen) leave CaMOPD at 46% recovery,
+    # because the damage sits mostly in the longer strings and does not transfer back across lengths
     proxy_tasks: list[str] = field(default_factory=lambda: ["arithmetic", "reverse", "sort", "copy"])
     proxy_lengths: dict[str, list[int]] = field(default_factory=lambda: {
-        "reverse": [3, 4], "sort": [3, 4], "copy": [3, 4]})  # task -> (lo, hi) shifted for the proxy
+        "reverse": [4, 5], "sort": [4, 5], "copy": [4, 6]})  # task -> (lo, hi) shifted for the proxy
     domain_replay: float = 0.3  # share of general examples mixed into the domain SFT data (partial forgetting)
     n_train: int = 2000  # per task
     n_eval: int = 100  # per task, held out (another seed)
@@ -53,8 +57,12 @@ class DemoSetting:
     sft_domain_steps: int = 200
     sft_domain_lr: float = 3e-3
     sft_batch: int = 64
-    distill_steps: int = 160  # measured: CaMOPD's general accuracy flattens by ~160 (81.2% at 160, 81.0 at 192, 80.3 at 224)
-    distill_lr: float = 3e-4  # 5e-4: the domain drops ~4.5 points; 1e-3: CaMOPD's general accuracy collapses
+    distill_steps: int = 160  # at a constant lr 3e-4 CaMOPD flattened by ~160 (81.2% at 160, 81.0 at 192, 80.3 at 224)
+    # cosine from 4e-4 to 3e-5. Measured (1 thread): 8e-4 cosine: CaMOPD 46% recovery (MOPD 64%); constant 3e-4:
+    # a plateau by ~100 steps; constant 1e-3: CaMOPD's general accuracy collapses
+    distill_lr: float = 4e-4
+    distill_lr_decay: str = "cosine"  # or "constant", "linear"
+    distill_min_lr: float = 3e-5
     distill_batch: int = 64  # 32: slower recovery per step and more domain drift
     distill_loss: str = "topk"  # "topk": teacher top-k distribution matching; "pg": sampled-token policy gradient
     rollout_temperature: float = 1.0  # 0.7: no measurable change
@@ -72,6 +80,34 @@ class DemoSetting:
                    sft_general_steps=4, sft_domain_steps=3, sft_batch=8, distill_steps=4, distill_batch=8,
                    eval_every=2, max_new_tokens=6, diagnostics_interval=1,
                    quick_mode=True)
+
+    def with_overrides(self, items: list[str]) -> DemoSetting:
+        """A copy with `key=value` items applied (values parsed as YAML), e.g. `distill_steps=192` or
+        `proxy_lengths={reverse: [4, 5]}`. Unknown keys and values of the wrong type are errors naming the key."""
+        from megatron_camopd.errors import SpecError
+
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            if not sep or key not in fields or key == "quick_mode":
+                known = ", ".join(n for n in fields if n != "quick_mode")
+                raise SpecError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {known}")
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                raise SpecError(f"--set {key}: {raw!r} is not a YAML value ({e})") from None
+            want = type(getattr(self, key))
+            ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+            if want is float and not ok and not isinstance(value, bool):
+                try:  # YAML reads 1e-3 (no dot) as a string
+                    value, ok = float(value), True
+                except (TypeError, ValueError):
+                    pass
+            if not ok:
+                raise SpecError(f"--set {key}: expected a {want.__name__}, got {value!r}")
+            changes[key] = value
+        return dataclasses.replace(self, **changes)
 
 
 # Method variants of the comparison: name -> spec overrides (dotted key -> value). MOPD/CaMOPD keep the spec's
@@ -160,6 +196,30 @@ def write_data(s: DemoSetting, data_dir: Path) -> dict[str, Path]:
     return {name: write_jsonl(rows, data_dir / f"{name}.jsonl") for name, rows in sets.items()}
 
 
+TRAIN_SETS = ("sft_general", "sft_domain", "proxy_general", "prompts_domain")
+
+
+def eval_overlap(data: dict[str, Path]) -> dict[str, dict[str, list[int]]]:
+    """Per evaluation set and task, [k, n]: k of its n prompts also occur in some training or prompt set.
+
+    Evaluation examples are drawn with another seed, not de-duplicated against training: large task spaces
+    (5-letter strings) barely overlap, small ones do (1-digit arithmetic has 200 distinct problems). The report
+    prints these counts so "fresh examples" is never mistaken for "unseen problems"."""
+    def prompts(path: Path) -> list[tuple[str, str]]:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [(r.get("task") or r["uid"].split("-")[0], r["messages"][-1]["content"]) for r in rows]
+
+    seen = {p for name in TRAIN_SETS for _, p in prompts(data[name])}
+    out: dict[str, dict[str, list[int]]] = {}
+    for name in ("eval_general", "eval_domain"):
+        per = out.setdefault(name.removeprefix("eval_"), {})
+        for task, p in prompts(data[name]):
+            k_n = per.setdefault(task, [0, 0])
+            k_n[0] += p in seen
+            k_n[1] += 1
+    return out
+
+
 def _common(s: DemoSetting, name: str, ckpt_dir: Path, steps: int, lr: float, batch: int, save_interval: int):
     return {
         "name": name,
@@ -191,7 +251,7 @@ def distill_spec(s: DemoSetting, name: str, student: Path, general_teacher: Path
                  data: dict[str, Path], ckpt_dir: Path) -> dict:
     """CaMOPD from the domain teacher (the method section is then overridden per variant, see METHODS)."""
     spec = _common(s, name, ckpt_dir, s.distill_steps, s.distill_lr, s.distill_batch, s.eval_every)
-    spec["train"].update(lr_decay="constant", warmup_steps=0, min_lr=0.0)
+    spec["train"].update(lr_decay=s.distill_lr_decay, warmup_steps=0, min_lr=s.distill_min_lr)
     spec["rollout"].update(temperature=s.rollout_temperature)
     spec["logging"].update(diagnostics=True, diagnostics_interval=s.diagnostics_interval,
                            diagnostics_samples=s.diagnostics_samples, log_interval=1)

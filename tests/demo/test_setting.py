@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import json
 
-from megatron_camopd.demo.setting import DemoSetting, proxy_label, write_data
+import pytest
+
+from megatron_camopd.demo.setting import (
+    DemoSetting,
+    eval_overlap,
+    proxy_label,
+    write_data,
+)
+from megatron_camopd.errors import SpecError
 
 
 def _rows(path):
@@ -27,3 +35,37 @@ def test_proxy_uses_shifted_lengths_and_task_subset(tmp_path):
     assert proxy_label(s, "reverse") == "proxy, lengths 3-4 of 3-6"
     assert proxy_label(s, "copy") == "proxy"
     assert proxy_label(s, "sort") == "not in proxy"
+
+
+def test_eval_overlap_counts_prompts_seen_in_training(tmp_path):
+    s = DemoSetting(n_train=300, n_eval=20, general_tasks={"arithmetic": [1, 1], "reverse": [6, 6]},
+                    proxy_tasks=["reverse"], proxy_lengths={}, domain_task="cipher", domain_length=[6, 6])
+    data = write_data(s, tmp_path)
+    ov = eval_overlap(data)
+    assert ov["general"]["arithmetic"][1] == 20 and ov["general"]["reverse"] == [0, 20]  # 26^6 strings: no repeats
+    assert ov["general"]["arithmetic"][0] >= 15  # only 200 distinct 1-digit problems, 600 training draws
+    assert ov["domain"] == {"cipher": [0, 40]}
+    # a training row planted with an evaluation prompt is counted
+    ev = _rows(data["eval_general"])
+    target = next(r for r in ev if r["uid"].startswith("reverse"))
+    with open(data["proxy_general"], "a") as f:
+        f.write(json.dumps(target) + "\n")
+    assert eval_overlap(data)["general"]["reverse"] == [1, 20]
+
+
+def test_set_overrides_change_fields_and_name_bad_keys():
+    s = DemoSetting().with_overrides(["distill_steps=12", "distill_lr=1e-3", "sft_domain_lr=1",
+                                      "proxy_lengths={reverse: [4, 5]}", "distill_lr_decay=cosine"])
+    assert (s.distill_steps, s.distill_lr, s.sft_domain_lr) == (12, 1e-3, 1.0)
+    assert s.proxy_lengths == {"reverse": [4, 5]} and s.distill_lr_decay == "cosine"
+    assert DemoSetting().with_overrides([]) == DemoSetting()
+    with pytest.raises(SpecError, match="distil_steps=3.*one of:.*distill_steps"):
+        DemoSetting().with_overrides(["distil_steps=3"])
+    with pytest.raises(SpecError, match="distill_steps: expected a int, got 'many'"):
+        DemoSetting().with_overrides(["distill_steps=many"])
+    with pytest.raises(SpecError, match="distill_steps: expected a int, got True"):
+        DemoSetting().with_overrides(["distill_steps=true"])
+    with pytest.raises(SpecError, match="proxy_tasks: .*not a YAML value"):
+        DemoSetting().with_overrides(["proxy_tasks=[a, b"])
+    with pytest.raises(SpecError, match="quick_mode=1"):
+        DemoSetting().with_overrides(["quick_mode=1"])
