@@ -139,7 +139,7 @@ def report_markdown(s: DemoSetting, summary: dict, models: dict, curves: dict, s
     if overlap:
         seen = "; ".join(f"{t} {k}/{n}" for b in ("general", "domain") for t, (k, n) in overlap.get(b, {}).items())
         lines += ["", ("Evaluation examples are drawn with their own seed. Prompts that also occur in a training or "
-                       f"prompt set: {seen} (small task spaces repeat: 1-digit arithmetic has 200 problems).")]
+                       f"prompt set: {seen} (small task spaces such as 1-digit arithmetic repeat).")]
     lines += ["", "### General accuracy per task (%)", ""]
     tasks = sorted({t for r in models.values() for t in r["general"]["per_task"]})
     lines += ["| model | " + " | ".join(f"{t} ({proxy_label(s, t)})" if t in s.general_tasks else t

@@ -50,7 +50,7 @@ class DemoSetting:
         "reverse": [4, 5], "sort": [4, 5], "copy": [4, 6]})  # task -> (lo, hi) shifted for the proxy
     domain_replay: float = 0.3  # share of general examples mixed into the domain SFT data (partial forgetting)
     n_train: int = 2000  # per task
-    n_eval: int = 100  # per task, held out (another seed)
+    n_eval: int = 100  # per task, fresh examples (own seed; see eval_overlap)
     # phases
     sft_general_steps: int = 1000
     sft_general_lr: float = 5e-3
@@ -175,7 +175,7 @@ def _with_replay(domain: list[dict], general: list[dict], share: float, seed: in
 
 
 def write_data(s: DemoSetting, data_dir: Path) -> dict[str, Path]:
-    """Training and held-out evaluation sets (JSONL, chat `messages` + `answer`)."""
+    """Training, prompt and evaluation sets (JSONL, chat `messages` + `answer`; evaluation with its own seed)."""
     data_dir.mkdir(parents=True, exist_ok=True)
 
     def examples(tasks: dict[str, list[int]], n: int, seed: int, domain: str) -> list[dict]:
