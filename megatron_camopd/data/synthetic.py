@@ -140,6 +140,17 @@ def write_jsonl(examples: Sequence[dict[str, Any]], path: str | Path, fmt: str =
     return p
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file written by `write_jsonl` (blank lines skipped)."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def task_of(row: dict[str, Any]) -> str:
+    """The task of a written row: its `task` field, else the prefix of its uid (`task-seed-i`)."""
+    return row.get("task") or row["uid"].split("-")[0]
+
+
 def write_parquet(examples: Sequence[dict[str, Any]], path: str | Path, fmt: str = "messages") -> Path:
     """Write examples as a Parquet table of format ``fmt``; returns the path."""
     import pyarrow as pa

@@ -96,14 +96,15 @@ def compare_main(argv: list[str]) -> int:
     torch.set_num_threads(max(1, args.threads))
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     from megatron_camopd.config import load_spec
-    from megatron_camopd.demo.scoring import evaluate_model, read_examples
+    from megatron_camopd.data.synthetic import read_jsonl
+    from megatron_camopd.demo.scoring import evaluate_model
 
     spec_path = Path(args.spec).resolve()
     base = load_spec(spec_path)
     out = Path(args.out) if args.out else spec_path.parent.parent / "compare"
     out.mkdir(parents=True, exist_ok=True)
     files = eval_files(base, args.eval)
-    sets = {d: read_examples(p) for d, p in files.items()}
+    sets = {d: read_jsonl(p) for d, p in files.items()}
     domains = sorted(sets)
     max_new = base.rollout.max_new_tokens
     cache = EvalCache(out / "evals.json")

@@ -5,7 +5,7 @@ Phases (each cached under DIR, skipped on a re-run while its settings hash is un
   2. general teacher: SFT of the base model on general tasks (arithmetic, reversal, sorting, copying);
   3. domain teacher: SFT of the general teacher on the domain task (cipher) at a high LR -> it forgets;
   4. on-policy distillation from the domain teacher (student init) with the general teacher on *proxy* general
-     prompts (shorter strings than the evaluation's) and the domain teacher on domain prompts: CaMOPD and
+     prompts (every general task, only its longer strings) and the domain teacher on domain prompts: CaMOPD and
      vanilla MOPD;
   5. greedy exact-match evaluation of every model (and of each distillation checkpoint, for the curves);
 then `DIR/report.md`, `DIR/summary.json`, `DIR/metrics.jsonl` and PNG plots (see demo/report.py).
@@ -114,9 +114,10 @@ def run_pipeline(s: DemoSetting, root: Path) -> dict:
 def evaluate_all(s: DemoSetting, root: Path, data: dict, general: Path, g_digest: str, domain: Path,
                  d_digest: str, runs: dict) -> dict:
     """{"models": {name: {"general": acc-dict, "domain": acc-dict}}, "curves": {method: [(step, evals)]}}."""
-    from megatron_camopd.demo.scoring import evaluate_model, read_examples
+    from megatron_camopd.data.synthetic import read_jsonl
+    from megatron_camopd.demo.scoring import evaluate_model
 
-    sets = {"general": read_examples(data["eval_general"]), "domain": read_examples(data["eval_domain"])}
+    sets = {"general": read_jsonl(data["eval_general"]), "domain": read_jsonl(data["eval_domain"])}
     cache = EvalCache(root / "evals.json")
     # what is evaluated how: a changed eval set or decode length must not reuse cached accuracies
     how = stable_hash([sets, s.max_new_tokens])

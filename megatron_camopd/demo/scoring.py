@@ -8,7 +8,6 @@ compare with the reference answer (`data.synthetic.score_exact`). Accuracy is re
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,14 +16,9 @@ import torch
 from megatron_camopd.backend.cpu_runtime import init_distributed
 from megatron_camopd.backend.engine import build_chunks
 from megatron_camopd.backend.forward import ParallelGroups, forward_collect
-from megatron_camopd.data.synthetic import score_exact
+from megatron_camopd.data.synthetic import score_exact, task_of
 from megatron_camopd.data.tokenizer import Tokenizer
 from megatron_camopd.rollout.generate import SamplingParams, generate
-
-
-def read_examples(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 class GreedyModel:
@@ -67,7 +61,7 @@ class GreedyModel:
             answers = self.answer(prompts, max_new_tokens)
         per: dict[str, list[float]] = defaultdict(list)
         for ex, a in zip(examples, answers):
-            per[ex.get("task") or ex["uid"].split("-")[0]].append(score_exact(a, str(ex["answer"])))
+            per[task_of(ex)].append(score_exact(a, str(ex["answer"])))
         scores = [v for vals in per.values() for v in vals]
         return {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores),
                 "per_task": {k: sum(v) / len(v) for k, v in sorted(per.items())},

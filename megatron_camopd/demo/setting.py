@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from megatron_camopd.data.synthetic import make_examples, write_jsonl
+from megatron_camopd.data.synthetic import (
+    make_examples,
+    read_jsonl,
+    task_of,
+    write_jsonl,
+)
 
 
 @dataclass
@@ -82,30 +87,25 @@ class DemoSetting:
                    quick_mode=True)
 
     def with_overrides(self, items: list[str]) -> DemoSetting:
-        """A copy with `key=value` items applied (values parsed as YAML), e.g. `distill_steps=192` or
-        `proxy_lengths={reverse: [4, 5]}`. Unknown keys and values of the wrong type are errors naming the key."""
+        """A copy with `key=value` items applied, e.g. `distill_steps=192` or `proxy_lengths={reverse: [4, 5]}`:
+        values parsed and type-checked by the spec loader's rules (`config.yamlio.parse_scalar`,
+        `config.fields.type_problem`; an int may stand for a float). Errors name the key."""
+        from megatron_camopd.config.fields import type_hints, type_problem
+        from megatron_camopd.config.yamlio import parse_scalar
         from megatron_camopd.errors import SpecError
 
-        fields = {f.name: f for f in dataclasses.fields(self)}
+        hints = {k: v for k, v in type_hints(DemoSetting).items() if k != "quick_mode"}
         changes: dict[str, Any] = {}
         for item in items:
             key, sep, raw = item.partition("=")
-            if not sep or key not in fields or key == "quick_mode":
-                known = ", ".join(n for n in fields if n != "quick_mode")
-                raise SpecError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {known}")
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError as e:
-                raise SpecError(f"--set {key}: {raw!r} is not a YAML value ({e})") from None
-            want = type(getattr(self, key))
-            ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-            if want is float and not ok and not isinstance(value, bool):
-                try:  # YAML reads 1e-3 (no dot) as a string
-                    value, ok = float(value), True
-                except (TypeError, ValueError):
-                    pass
-            if not ok:
-                raise SpecError(f"--set {key}: expected a {want.__name__}, got {value!r}")
+            if not sep or key not in hints:
+                raise SpecError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {', '.join(hints)}")
+            value = parse_scalar(raw, f"--set {key}")
+            if hints[key] is float and type(value) is int:
+                value = float(value)
+            problem = type_problem(value, hints[key])
+            if problem:
+                raise SpecError(f"--set {key}: {problem}")
             changes[key] = value
         return dataclasses.replace(self, **changes)
 
@@ -206,8 +206,7 @@ def eval_overlap(data: dict[str, Path]) -> dict[str, dict[str, list[int]]]:
     (5-letter strings) barely overlap, small ones do (1-digit arithmetic has 200 distinct problems). The report
     prints these counts so "fresh examples" is never mistaken for "unseen problems"."""
     def prompts(path: Path) -> list[tuple[str, str]]:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [(r.get("task") or r["uid"].split("-")[0], r["messages"][-1]["content"]) for r in rows]
+        return [(task_of(r), r["messages"][-1]["content"]) for r in read_jsonl(path)]
 
     seen = {p for name in TRAIN_SETS for _, p in prompts(data[name])}
     out: dict[str, dict[str, list[int]]] = {}

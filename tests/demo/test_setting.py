@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from megatron_camopd.data.synthetic import read_jsonl
 from megatron_camopd.demo.setting import (
     DemoSetting,
     eval_overlap,
@@ -15,22 +16,18 @@ from megatron_camopd.demo.setting import (
 from megatron_camopd.errors import SpecError
 
 
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_proxy_uses_shifted_lengths_and_task_subset(tmp_path):
     s = DemoSetting(n_train=40, n_eval=10, general_tasks={"reverse": [3, 6], "copy": [3, 6], "sort": [3, 5]},
                     proxy_tasks=["reverse", "copy"], proxy_lengths={"reverse": [3, 4]})
     data = write_data(s, tmp_path)
-    proxy = _rows(data["proxy_general"])
+    proxy = read_jsonl(data["proxy_general"])
     tasks = {r["uid"].split("-")[0] for r in proxy}
     assert tasks == {"reverse", "copy"}  # sort is held out of the proxy
     rev = [len(r["answer"]) for r in proxy if r["uid"].startswith("reverse")]
     cp = [len(r["answer"]) for r in proxy if r["uid"].startswith("copy")]
     assert max(rev) == 4 and min(rev) == 3  # shifted lengths for reverse ...
     assert max(cp) > 4  # ... the full range for copy
-    ev = [len(r["answer"]) for r in _rows(data["eval_general"]) if r["uid"].startswith("reverse")]
+    ev = [len(r["answer"]) for r in read_jsonl(data["eval_general"]) if r["uid"].startswith("reverse")]
     assert max(ev) > 4  # the evaluation covers lengths the proxy never shows
     assert proxy_label(s, "reverse") == "proxy, lengths 3-4 of 3-6"
     assert proxy_label(s, "copy") == "proxy"
@@ -46,7 +43,7 @@ def test_eval_overlap_counts_prompts_seen_in_training(tmp_path):
     assert ov["general"]["arithmetic"][0] >= 15  # only 200 distinct 1-digit problems, 600 training draws
     assert ov["domain"] == {"cipher": [0, 40]}
     # a training row planted with an evaluation prompt is counted
-    ev = _rows(data["eval_general"])
+    ev = read_jsonl(data["eval_general"])
     target = next(r for r in ev if r["uid"].startswith("reverse"))
     with open(data["proxy_general"], "a") as f:
         f.write(json.dumps(target) + "\n")
@@ -61,11 +58,13 @@ def test_set_overrides_change_fields_and_name_bad_keys():
     assert DemoSetting().with_overrides([]) == DemoSetting()
     with pytest.raises(SpecError, match="distil_steps=3.*one of:.*distill_steps"):
         DemoSetting().with_overrides(["distil_steps=3"])
-    with pytest.raises(SpecError, match="distill_steps: expected a int, got 'many'"):
+    with pytest.raises(SpecError, match="distill_steps: expected int, got string 'many'"):
         DemoSetting().with_overrides(["distill_steps=many"])
-    with pytest.raises(SpecError, match="distill_steps: expected a int, got True"):
+    with pytest.raises(SpecError, match="distill_steps: expected int, got bool True"):
         DemoSetting().with_overrides(["distill_steps=true"])
-    with pytest.raises(SpecError, match="proxy_tasks: .*not a YAML value"):
+    with pytest.raises(SpecError, match="proxy_tasks:1: malformed YAML"):
         DemoSetting().with_overrides(["proxy_tasks=[a, b"])
+    with pytest.raises(SpecError, match=r"proxy_lengths: reverse: item 0: expected int, got string 'a'"):
+        DemoSetting().with_overrides(["proxy_lengths={reverse: [a, 5]}"])
     with pytest.raises(SpecError, match="quick_mode=1"):
         DemoSetting().with_overrides(["quick_mode=1"])
