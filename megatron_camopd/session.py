@@ -30,6 +30,7 @@ from megatron_camopd.config import ExperimentSpec
 from megatron_camopd.data.prompts import PromptSource, PromptStream
 from megatron_camopd.data.tokenizer import Tokenizer
 from megatron_camopd.errors import SpecError, TeacherError
+from megatron_camopd.rollout.sampler import InProcessModel, Sampler, build_sampler
 from megatron_camopd.teachers.inprocess import MegatronTeacher
 
 log = logging.getLogger("megatron_camopd")
@@ -82,6 +83,7 @@ class Session:
     streams: dict[str, list[tuple[object, PromptStream]]]  # branch ("general"|"domain"|"all") -> streams
     method: Method | None
     schedule: BranchSchedule
+    sampler: Sampler | None = None  # rollout.engine: every student rollout goes through it
     reference: MegatronTeacher | None = None
     extra: dict = field(default_factory=dict)
 
@@ -103,6 +105,8 @@ class Session:
         return dist.get_rank() == 0
 
     def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
         for t in list(self.teachers.values()) + [self.reference]:
             if t is not None:
                 t.close()
@@ -209,9 +213,19 @@ def open_session(spec: ExperimentSpec) -> Session:
     s = spec.schedule
     ratio = tuple(int(r) for r in (s.mix_ratio or [1, 1]))
     schedule = BranchSchedule(mode=s.mode or "mixed", n_g=s.n_g, ratio=ratio)
+    r = spec.rollout
+    sampler = build_sampler(r.engine, student_model(engine, arch, tokenizer, spec.seq_length), kv_cache_gb=r.kv_cache_gb,
+                            servers=r.sglang, trainer=engine, seed=spec.train.seed)
     return Session(spec=spec, tokenizer=tokenizer, arch=arch, student_source=student, engine=engine,
                    teachers={k: v for k, v in teachers.items()}, streams=_build_streams(spec, tokenizer),
-                   method=method, schedule=schedule, reference=reference)
+                   method=method, schedule=schedule, sampler=sampler, reference=reference)
+
+
+def student_model(engine: Engine, arch: ModelArch, tokenizer: Tokenizer, max_context: int) -> InProcessModel:
+    """The student's chunks as an in-process rollout engine sees them."""
+    return InProcessModel(chunks=engine.chunks, groups=engine.groups, vocab_size=arch.vocab_size,
+                          max_context=max_context, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
+                          micro_batch_size=engine.micro_batch_size)
 
 
 def _is_mp_leader() -> bool:

@@ -13,7 +13,7 @@ import torch
 from megatron_camopd.errors import DataError
 from megatron_camopd.rollout.assemble import train_batch
 from megatron_camopd.rollout.collect import Sample, largest_remainder
-from megatron_camopd.rollout.generate import Rollout
+from megatron_camopd.rollout.sampling import Rollout
 
 
 def _draw(session, n: int):

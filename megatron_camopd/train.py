@@ -126,6 +126,7 @@ def run_step(session: Session, step: int, loss_spec: LossSpec, cache: dict) -> d
         session.engine.scheduler.step(increment=1)
     t_train = time.time() - t1
     row.update(step_row(step + 1, branch, samples, sig, signals, out, t_rollout, t_train))
+    row.update(session.sampler.update_weights(step + 1))  # served rollout engines sample with the new weights
     return row
 
 

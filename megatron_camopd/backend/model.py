@@ -258,6 +258,8 @@ def build_gpt_model(
     """
     from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 
+    from megatron_camopd.backend.kv_attention import with_kv_attention
+
     use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
     if use_te:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
@@ -265,6 +267,7 @@ def build_gpt_model(
         if getattr(config, "fp8", None):
             raise SpecError("fp8.enabled: FP8 needs the TransformerEngine layer spec")
         spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec = with_kv_attention(spec, local=not use_te)  # KV-cached decoding without per-step cache copies
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,

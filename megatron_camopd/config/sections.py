@@ -249,9 +249,54 @@ class ScheduleConfig(Section):
 
 
 @dataclass
-class RolloutConfig(Section):
-    """Student sampling per step."""
+class RolloutServersConfig(Section):
+    """SGLang rollout servers of the student (`rollout.engine: sglang`): where they are, how the launcher starts
+    them, how the trainer's weights reach them after every optimizer step, and how stale a rollout may be."""
 
+    urls: list[str] | None = None  # running servers; else the launcher starts them and writes discovery_file
+    discovery_file: str | None = path_field()  # `host:port` lines written by the launcher
+    nodes: int = 1  # launcher: nodes of rollout servers (one server per node)
+    gpus_per_node: int = 8
+    tp: int = 1  # SGLang --tp-size of each server
+    dp: int = 8  # SGLang --dp-size of each server (tp * dp GPUs per node)
+    mem_fraction_static: float = 0.8
+    context_length: int | None = None  # None: the model's sequence length (data.max_prompt_tokens + max_new)
+    port: int = 30100
+    extra_args: list[str] = field(default_factory=list)  # more `python -m sglang.launch_server` arguments
+    env: dict[str, str] = field(default_factory=lambda: {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"})
+    weight_sync: Literal["distributed", "disk"] = "distributed"
+    sync_dir: str | None = path_field()  # disk sync: where HF weights are written; None: <checkpoint.dir>/weights
+    bucket_mb: int = 1024  # distributed sync: parameters per broadcast bucket
+    max_staleness: int = 0  # optimizer steps a rollout's weight_version may lag (IS-weighted within it)
+    on_stale: Literal["error", "drop"] = "error"  # beyond max_staleness: stop, or drop the sample and count it
+    timeout_s: float = 3600.0  # one /generate request (a 32k-token response takes a while)
+    max_in_flight: int = 256
+    retries: int = 3
+    discovery_timeout_s: float = 3600.0
+    dead_deadline_s: float = 300.0
+
+    def validate(self) -> None:
+        check(self.urls is None or self.discovery_file is None, "urls", "give urls or discovery_file, not both")
+        if self.urls is not None:
+            check(len(self.urls) > 0, "urls", "must list at least one server")
+            for i, url in enumerate(self.urls):
+                parsed = urllib.parse.urlparse(url)
+                ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and _has_port(parsed)
+                check(ok, f"urls.{i}", f"must look like http://host:port, got {url!r}")
+        positive(self, "nodes", "gpus_per_node", "tp", "dp", "context_length", "bucket_mb", "timeout_s",
+                 "max_in_flight", "discovery_timeout_s", "dead_deadline_s")
+        non_negative(self, "retries", "max_staleness")
+        in_range(self, "mem_fraction_static", 0.0, 1.0, low_open=True, high_open=True)
+        in_range(self, "port", 1, 65535, low_open=False, high_open=False)
+
+
+@dataclass
+class RolloutConfig(Section):
+    """Student sampling per step, and the engine that does it (see rollout/sampler.py)."""
+
+    engine: Literal["megatron", "sglang", "reference"] = "megatron"
+    kv_cache_gb: float = 16.0  # megatron engine: KV cache budget per rank; larger batches are split
+    sglang: RolloutServersConfig = field(default_factory=RolloutServersConfig)
     prompts_per_step: int = 512
     n_samples: int | None = None  # responses per prompt; None: 16 for uniopd (its group size n), else 1
     temperature: float = 1.0
@@ -262,6 +307,6 @@ class RolloutConfig(Section):
     stop_strings: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        positive(self, "prompts_per_step", "n_samples", "temperature", "max_new_tokens")
+        positive(self, "prompts_per_step", "n_samples", "temperature", "max_new_tokens", "kv_cache_gb")
         in_range(self, "top_p", 0.0, 1.0, low_open=True, high_open=False)
         check(self.top_k == -1 or self.top_k >= 1, "top_k", f"must be -1 (off) or >= 1, got {self.top_k!r}")

@@ -58,6 +58,7 @@ class ExperimentSpec(Section):
         self._check_method()
         self._check_lengths()
         self._check_parallel()
+        self._check_rollout()
 
     def _resolve_defaults(self) -> None:
         self.method.resolve()
@@ -133,6 +134,17 @@ class ExperimentSpec(Section):
         if self.parallel.dp is not None:
             check(self.parallel.dp * mp == world, "parallel.dp",
                   f"tp*pp*dp = {self.parallel.dp * mp} must equal the launcher world size {world}")
+
+    def _check_rollout(self) -> None:
+        r = self.rollout
+        if r.engine == "megatron":
+            check(self.parallel.vpp is None, "rollout.engine",
+                  "megatron-core's inference does not support interleaved pipelining (parallel.vpp); "
+                  "use engine: sglang (or reference)")
+        if r.engine == "sglang":
+            check(r.sglang.urls is not None or r.sglang.discovery_file is not None or self.launcher is not None,
+                  "rollout.sglang", "engine sglang needs urls or discovery_file (or a launcher section that "
+                  "starts the servers)")
 
     @property
     def seq_length(self) -> int:

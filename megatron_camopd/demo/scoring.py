@@ -1,9 +1,8 @@
 """Greedy exact-match accuracy of a model of this project (HF dir or Megatron checkpoint), in process.
 
 The demo and `camopd compare` evaluate every model the same way: render each held-out example's chat messages
-with the tokenizer's template, decode greedily with the Megatron engine (`rollout.generate` with
-`SamplingParams(greedy=True)`, all prompts of a batch in one forward per token), cut at the first stop token and
-compare with the reference answer (`data.synthetic.score_exact`). Accuracy is reported overall and per task.
+with the tokenizer's template, decode greedily through the rollout `Sampler` seam (the KV-cached `megatron` engine by
+default, `SamplingParams(greedy=True)`), cut at the first stop token and compare with the reference answer (`data.synthetic.score_exact`). Accuracy is reported overall and per task.
 """
 
 from __future__ import annotations
@@ -15,16 +14,18 @@ import torch
 
 from megatron_camopd.backend.cpu_runtime import init_distributed
 from megatron_camopd.backend.engine import build_chunks
-from megatron_camopd.backend.forward import ParallelGroups, forward_collect
+from megatron_camopd.backend.forward import ParallelGroups
 from megatron_camopd.data.synthetic import score_exact, task_of
 from megatron_camopd.data.tokenizer import Tokenizer
-from megatron_camopd.rollout.generate import SamplingParams, generate
+from megatron_camopd.rollout.sampler import InProcessModel, build_sampler
+from megatron_camopd.rollout.sampling import SamplingParams
 
 
 class GreedyModel:
     """A frozen model loaded for evaluation (world size 1 or the current parallel layout at TP=PP=1)."""
 
-    def __init__(self, *, hf_path: str | Path | None = None, checkpoint: str | Path | None = None) -> None:
+    def __init__(self, *, hf_path: str | Path | None = None, checkpoint: str | Path | None = None,
+                 engine: str = "megatron") -> None:
         from megatron_camopd.session import ModelSource
 
         init_distributed(1, 1, None, seed=0)
@@ -37,19 +38,19 @@ class GreedyModel:
             c.eval()
         self.tokenizer = Tokenizer.from_dir(src.config_dir)
         self.groups = ParallelGroups.from_parallel_state()
-
-    def _forward(self, batch: dict, fn) -> dict:
-        return forward_collect(self.chunks, batch, fn, self.groups, micro_batch_size=batch["tokens"].shape[0])
+        self.engine = engine
 
     def answer(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 128) -> list[str]:
         tok = self.tokenizer
         params = SamplingParams(greedy=True, max_new_tokens=max_new_tokens, stop_token_ids=tuple(tok.stop_ids))
+        model = InProcessModel(self.chunks, self.groups, self.arch.vocab_size,
+                               max_context=max(len(p) for p in prompts) + max_new_tokens, pad_id=tok.pad_id,
+                               eos_id=tok.eos_id, micro_batch_size=batch_size)
+        sampler = build_sampler(self.engine, model)
         out: list[str] = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i: i + batch_size]
-            rolls = generate(self._forward, chunk, params, vocab_size=self.arch.vocab_size, eos_id=tok.eos_id,
-                             pad_id=tok.pad_id, max_context=max(len(p) for p in chunk) + max_new_tokens,
-                             tp_group=self.groups.tp, seeds=[0] * len(chunk))
+            rolls = sampler.generate(chunk, params, [0] * len(chunk))
             out.extend(tok.decode(r.response_ids, skip_special_tokens=True) for r in rolls)
         return out
 

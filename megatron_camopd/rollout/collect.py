@@ -24,7 +24,7 @@ from megatron.core import parallel_state as ps
 from megatron_camopd.data.prompts import Prompt
 from megatron_camopd.data.verifiers import VERIFIER_NAMES, get_verifier
 from megatron_camopd.errors import CamopdError, DataError, TeacherError
-from megatron_camopd.rollout.generate import Rollout, SamplingParams, generate, sample_seed
+from megatron_camopd.rollout.sampling import Rollout, SamplingParams, sample_seed
 
 
 @dataclass
@@ -171,9 +171,8 @@ def collect_step(session, step: int, branch: str) -> list[Sample]:
 
     params = sampling_params(spec, session.tokenizer)
     tok = session.tokenizer
-    generate(session.engine.forward, [s.prompt.prompt_ids for s in local], params, vocab_size=session.arch.vocab_size,
-             eos_id=tok.eos_id, pad_id=tok.pad_id, max_context=spec.seq_length, tp_group=session.engine.groups.tp,
-             seeds=[sample_seed(spec.train.seed, step, s.index) for s in local], on_finish=on_finish)
+    session.sampler.generate([s.prompt.prompt_ids for s in local], params,
+                             [sample_seed(spec.train.seed, step, s.index) for s in local], on_finish=on_finish)
     if loop is not None:
         for i, fut in futures.items():
             try:

@@ -22,7 +22,7 @@ from megatron_camopd.algo.uniopd import offline_difficulty_balance
 from megatron_camopd.data.prompts import PromptSource, PromptStream
 from megatron_camopd.data.verifiers import VERIFIER_NAMES, get_verifier
 from megatron_camopd.rollout.collect import sampling_params
-from megatron_camopd.rollout.generate import generate, sample_seed
+from megatron_camopd.rollout.sampling import sample_seed
 
 log = logging.getLogger("megatron_camopd")
 
@@ -34,7 +34,7 @@ def choose_shape(hist: list[int], shape: str) -> str:
     return "u" if hist[0] >= 0.2 * total and hist[-1] >= 0.2 * total else "mirrored_j"
 
 
-def pass_counts(session, prompts, verifier: str, n: int, batch: int = 32) -> list[int]:
+def pass_counts(session, prompts, verifier: str, n: int, batch: int = 256) -> list[int]:
     """Pass counts of `n` student samples per prompt (seeded like training rollouts; step index -1)."""
     spec, tok = session.spec, session.tokenizer
     params = sampling_params(spec, tok)
@@ -43,10 +43,8 @@ def pass_counts(session, prompts, verifier: str, n: int, batch: int = 32) -> lis
     counts = [0] * len(prompts)
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        outs = generate(session.engine.forward, [prompts[i].prompt_ids for i, _ in chunk], params,
-                        vocab_size=session.arch.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                        max_context=spec.seq_length, tp_group=session.engine.groups.tp,
-                        seeds=[sample_seed(spec.train.seed, -1, i * n + j) for i, j in chunk])
+        outs = session.sampler.generate([prompts[i].prompt_ids for i, _ in chunk], params,
+                                        [sample_seed(spec.train.seed, -1, i * n + j) for i, j in chunk])
         for (i, _), out in zip(chunk, outs):
             counts[i] += int(check(tok.decode(out.response_ids, skip_special_tokens=True), prompts[i].reference))
     return counts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_camopd.rollout.generate import SamplingParams, choose_tokens, sample_seed
+from megatron_camopd.rollout.sampling import SamplingParams, choose_tokens, sample_seed
 
 
 def test_greedy_and_degenerate_filters_pick_argmax():

@@ -1,0 +1,245 @@
+"""The `megatron` rollout engine: KV-cached decoding through megatron-core's inference context on the student's
+own model chunks (the default in process).
+
+Per batch of prompts: one prefill forward over the shortest prompt length, then one token per forward with a
+`StaticInferenceContext` KV cache. Every row of a batch occupies the same cache positions (no padding inside
+the cache): a row whose prompt is longer than the prefill feeds its remaining prompt tokens one per step (its
+sampled outputs are ignored until its prompt is consumed), as megatron-core's own static text generation does,
+so RoPE positions and attention are exact for every row with no attention mask. Rows are sorted by prompt
+length and grouped so that this tail stays short (see `plan_groups`).
+
+Layouts: TP shards the cache by key/value head groups (each rank caches its own heads) and `runtime_gather_output`
+gathers only the last position's logits; PP keeps each stage's layers' cache on that stage and passes the
+step's hidden states through the stages with megatron-core's inference p2p (`recv_from_prev_pipeline_rank_` /
+`send_to_next_pipeline_rank`); the last stage samples and broadcasts the step's tokens and statistics to every
+stage. Interleaved (virtual) pipelining is not supported by megatron-core's inference and is refused.
+
+Finished rows stop costing compute: their cache rows are dropped (the cache is compacted) as soon as they
+finish. KV memory is bounded by `kv_cache_gb` per rank: a group holds at most
+    rows <= kv_cache_gb * 2**30 / (kv_bytes_per_token * (longest prompt + max_new_tokens))
+with kv_bytes_per_token = 2 (K and V) * layers on this rank * (kv heads / tp) * head_dim * bytes per element.
+
+Sampling is the shared seeded inverse-CDF of `rollout/sampling.py`: for the same seeds this engine samples the
+tokens the `reference` engine samples, up to float rounding (greedy decoding: identical tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from megatron_camopd.backend.cpu_runtime import cpu_runtime_active
+from megatron_camopd.backend.engine import unwrap
+from megatron_camopd.backend.forward import comm_device
+from megatron_camopd.errors import SpecError
+from megatron_camopd.rollout.sampler import InProcessModel, OnFinish
+from megatron_camopd.rollout.sampling import Rollout, SamplingParams, make_rollout, sample_uniforms, token_stats
+
+_STATS = ("token", "logprob", "entropy", "top1")
+
+
+def kv_bytes_per_token(models: list) -> int:
+    """KV cache bytes one token costs on this rank (all of its layers, its share of the KV heads)."""
+    cfg = models[0].config
+    layers = sum(len(m.decoder.layers) for m in models)
+    tp = cfg.tensor_model_parallel_size
+    groups = (cfg.num_query_groups or cfg.num_attention_heads) // tp
+    return 2 * layers * groups * cfg.kv_channels * cfg.params_dtype.itemsize
+
+
+def plan_groups(prompt_lens: list[int], max_new: int, bytes_per_token: int, budget_bytes: float) -> list[list[int]]:
+    """Decode groups (lists of prompt indices, each sorted by prompt length).
+
+    Sorted by length (stable); a group is closed when one more row would exceed the KV budget, or would make the
+    group's forced prompt tail (longest - shortest prompt) longer than max(64, max_new // 4) steps.
+    """
+    order = sorted(range(len(prompt_lens)), key=lambda i: prompt_lens[i])
+    spread = max(64, max_new // 4)
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur:
+            rows, longest = len(cur) + 1, prompt_lens[i]
+            too_big = rows * (longest + max_new) * bytes_per_token > budget_bytes
+            if too_big or longest - prompt_lens[cur[0]] > spread:
+                groups.append(cur)
+                cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+class MegatronSampler:
+    engine = "megatron"
+
+    def __init__(self, model: InProcessModel, kv_cache_gb: float = 16.0) -> None:
+        from megatron.core.inference.communication_utils import recv_from_prev_pipeline_rank_, send_to_next_pipeline_rank
+
+        self.model = model
+        self.models = [unwrap(c) for c in model.chunks]
+        if len(self.models) > 1:
+            raise SpecError("rollout.engine: megatron-core's inference does not support interleaved pipelining "
+                            "(parallel.vpp); use rollout.engine=sglang (or reference)")
+        self.kv_budget = float(kv_cache_gb) * 2**30
+        self._recv, self._send = recv_from_prev_pipeline_rank_, send_to_next_pipeline_rank
+        g = model.groups
+        self.pp_size, self.pp_rank = g.pp_size, g.pp_rank
+        self.first, self.last = self.pp_rank == 0, self.pp_rank == self.pp_size - 1
+
+    def update_weights(self, step: int) -> dict[str, float]:
+        return {}  # decodes with the trainer's own chunks
+
+    def close(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ one forward through the pipeline
+    def _forward(self, tokens: torch.Tensor, ctx) -> torch.Tensor | None:
+        """Run `tokens` [n, s] at cache positions [offset, offset + s); the last stage returns [n, V] fp32 logits
+        of the last position (true vocabulary), other stages None."""
+        model = self.models[0]
+        n, s = tokens.shape
+        dev = comm_device()
+        pos = torch.arange(ctx.sequence_len_offset, ctx.sequence_len_offset + s, device=dev).expand(n, s)
+        if not self.first:
+            buf = torch.empty((s, n, model.config.hidden_size), dtype=model.config.pipeline_dtype, device=dev)
+            self._recv(buf, self.model.groups.pp)
+            model.set_input_tensor(buf)
+        out = model(tokens.to(dev), pos, None, inference_context=ctx, runtime_gather_output=True)
+        ctx.sequence_len_offset += s
+        if not self.last:
+            self._send(out.to(model.config.pipeline_dtype).contiguous(), self.model.groups.pp)
+            return None
+        return out[:, -1, : self.model.vocab_size].float()
+
+    def _share(self, stats: torch.Tensor | None, n: int) -> torch.Tensor:
+        """[n, 4] float64 (token, logprob, entropy, top1) from the last stage to every stage of the pipeline."""
+        if self.pp_size == 1:
+            return stats
+        g = self.model.groups.pp
+        buf = stats.to(comm_device()) if self.last else torch.empty((n, 4), dtype=torch.float64, device=comm_device())
+        dist.broadcast(buf, src=dist.get_global_rank(g, self.pp_size - 1), group=g)
+        return buf.cpu()
+
+    # ------------------------------------------------------------------ decoding
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
+                 on_finish: OnFinish | None = None) -> list[Rollout]:
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        m = self.model
+        results: list[Rollout | None] = [None] * len(prompts)
+
+        def done(i: int, out: dict, reason: str) -> None:
+            results[i] = make_rollout(prompts[i], out, reason, {"engine": self.engine})
+            if on_finish is not None:
+                on_finish(i, results[i])
+
+        live = []
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) >= m.max_context or params.max_new_tokens <= 0:
+                done(i, {k: [] for k in _STATS}, "context")
+            else:
+                live.append(i)
+        if not live:
+            return list(results)
+        max_new = min(params.max_new_tokens, m.max_context - min(len(prompts[i]) for i in live))
+        groups = plan_groups([len(prompts[i]) for i in live], max_new, kv_bytes_per_token(self.models),
+                             self.kv_budget)
+        model = self.models[0]
+        sp = bool(model.config.sequence_parallel)
+        for c in self.models:
+            c.eval()
+        if sp:  # megatron-core's inference runs without sequence parallelism (as its text generation does)
+            set_model_to_sequence_parallel(model, False)
+        try:
+            with torch.inference_mode():
+                for group in groups:
+                    rows = [live[j] for j in group]
+                    self._decode_group(rows, prompts, params, [seeds[i] for i in rows], max_new, done)
+        finally:
+            if sp:
+                set_model_to_sequence_parallel(model, True)
+        return list(results)
+
+    def _decode_group(self, rows: list[int], prompts, params: SamplingParams, seeds: list[int], max_new: int,
+                      done) -> None:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        m = self.model
+        lens = [len(prompts[i]) for i in rows]
+        n, p0 = len(rows), min(lens)
+        ctx = StaticInferenceContext(n, min(m.max_context, max(lens) + max_new))
+        uniforms = sample_uniforms(seeds, max_new)
+        stops = set(params.stop_token_ids) | ({m.eos_id} if m.eos_id is not None else set())
+        out = [{k: [] for k in _STATS} for _ in rows]
+        alive = list(range(n))  # positions (within the group) of the rows still in the cache, in cache order
+        prefill = torch.tensor([prompts[i][:p0] for i in rows], dtype=torch.long)
+        logits = self._forward(prefill, ctx)
+        shim = _bypass_cpu_shim() if cpu_runtime_active() else contextlib.nullcontext()
+        with shim:
+            while alive:
+                s = ctx.sequence_len_offset  # tokens in the cache; the logits predict position s
+                gen = [j for j in range(len(alive)) if s >= lens[alive[j]]]  # rows past their prompt
+                stats = None
+                if gen and self.last:
+                    a = torch.tensor(gen)
+                    resp = [s - lens[alive[j]] for j in gen]
+                    u = uniforms[[alive[j] for j in gen], resp]
+                    st = token_stats(logits[a], u, params)
+                    stats = torch.stack([st[k].double() for k in _STATS], dim=1)
+                if gen:
+                    stats = self._share(stats, len(gen))
+                nxt, keep = [], []
+                row_of = dict(zip(gen, range(len(gen))))
+                for j, g in enumerate(alive):
+                    if j not in row_of:
+                        nxt.append(prompts[rows[g]][s])  # still consuming its prompt
+                        keep.append(j)
+                        continue
+                    tok, lp, ent, top1 = stats[row_of[j]].tolist()
+                    tok = int(tok)
+                    o = out[g]
+                    o["token"].append(tok)
+                    o["logprob"].append(lp)
+                    o["entropy"].append(ent)
+                    o["top1"].append(int(top1))
+                    if tok in stops:
+                        done(rows[g], o, "stop")
+                    elif len(o["token"]) >= params.max_new_tokens:
+                        done(rows[g], o, "length")
+                    elif s + 1 >= m.max_context:
+                        done(rows[g], o, "context")
+                    else:
+                        nxt.append(tok)
+                        keep.append(j)
+                if len(keep) < len(alive):
+                    alive = [alive[j] for j in keep]
+                    if alive:
+                        _compact(ctx, torch.tensor(keep), s)
+                if alive:
+                    logits = self._forward(torch.tensor(nxt, dtype=torch.long).unsqueeze(1), ctx)
+
+
+def _compact(ctx, keep: torch.Tensor, length: int) -> None:
+    """Keep only cache rows `keep` (positions [0, length) are copied); finished rows stop costing compute."""
+    for layer, (k, v) in list(ctx.key_value_memory_dict.items()):
+        idx = keep.to(k.device)
+        nk = k.new_empty((k.size(0), len(keep), *k.shape[2:]))
+        nv = v.new_empty((v.size(0), len(keep), *v.shape[2:]))
+        nk[:length] = k[:length].index_select(1, idx)
+        nv[:length] = v[:length].index_select(1, idx)
+        ctx.key_value_memory_dict[layer] = (nk, nv)
+    ctx.max_batch_size = len(keep)
+
+
+@contextlib.contextmanager
+def _bypass_cpu_shim():
+    """Decoding steps allocate nothing on a "cuda" device (the cache exists after the prefill, the patched
+    `torch.cuda.current_device` already answers "cpu"), so the CPU runtime's per-op device rewriting
+    (`cpu_runtime._CpuDeviceMode`) is bypassed for them: measured ~15% of a step on the tiny CPU model."""
+    with torch._C.DisableTorchFunction():
+        yield
