@@ -15,7 +15,7 @@ step's hidden states through the stages with megatron-core's inference p2p (`rec
 stage. Interleaved (virtual) pipelining is not supported by megatron-core's inference and is refused.
 
 Finished rows stop costing compute: their cache rows are dropped (the cache is compacted) as soon as they
-finish. KV memory is bounded by `kv_cache_gb` per rank: a group holds at most
+finish. With FP8 every forward's rows are padded to a multiple of 16 (filler rows, never read). KV memory is bounded by `kv_cache_gb` per rank: a group holds at most
     rows <= kv_cache_gb * 2**30 / (kv_bytes_per_token * (longest prompt + max_new_tokens))
 with kv_bytes_per_token = 2 (K and V) * layers on this rank * (kv heads / tp) * head_dim * bytes per element.
 
@@ -88,6 +88,9 @@ class MegatronSampler:
         g = model.groups
         self.pp_size, self.pp_rank = g.pp_size, g.pp_rank
         self.first, self.last = self.pp_rank == 0, self.pp_rank == self.pp_size - 1
+        # rows per forward are padded to a multiple of this: TransformerEngine's FP8 GEMMs need the token
+        # dimension (rows x tokens) divisible by 8, 16 for every recipe (spec.md §10)
+        self.row_multiple = 16 if getattr(self.models[0].config, "fp8", None) else 1
 
     def update_weights(self, step: int) -> dict[str, float]:
         return {}  # decodes with the trainer's own chunks
@@ -172,56 +175,58 @@ class MegatronSampler:
         m = self.model
         lens = [len(prompts[i]) for i in rows]
         n, p0 = len(rows), min(lens)
-        ctx = StaticInferenceContext(n, min(m.max_context, max(lens) + max_new))
+        mult = self.row_multiple
+        # cache row r decodes group member slot[r]; None marks a filler row (FP8 width padding), never read
+        slot: list[int | None] = list(range(n)) + [None] * (-n % mult)
+        ctx = StaticInferenceContext(len(slot), min(m.max_context, max(lens) + max_new))
         uniforms = sample_uniforms(seeds, max_new)
         stops = set(params.stop_token_ids) | ({m.eos_id} if m.eos_id is not None else set())
         out = [{k: [] for k in _STATS} for _ in rows]
-        alive = list(range(n))  # positions (within the group) of the rows still in the cache, in cache order
-        prefill = torch.tensor([prompts[i][:p0] for i in rows], dtype=torch.long)
+        prefill = torch.tensor([prompts[rows[g if g is not None else n - 1]][:p0] for g in slot], dtype=torch.long)
         logits = self._forward(prefill, ctx)
         shim = _bypass_cpu_shim() if cpu_runtime_active() else contextlib.nullcontext()
         with shim:
-            while alive:
+            while any(g is not None for g in slot):
                 s = ctx.sequence_len_offset  # tokens in the cache; the logits predict position s
-                gen = [j for j in range(len(alive)) if s >= lens[alive[j]]]  # rows past their prompt
+                gen = [r for r, g in enumerate(slot) if g is not None and s >= lens[g]]  # rows past their prompt
                 stats = None
                 if gen and self.last:
-                    a = torch.tensor(gen)
-                    resp = [s - lens[alive[j]] for j in gen]
-                    u = uniforms[[alive[j] for j in gen], resp]
-                    st = token_stats(logits[a], u, params)
+                    resp = [s - lens[slot[r]] for r in gen]
+                    u = uniforms[[slot[r] for r in gen], resp]
+                    st = token_stats(logits[torch.tensor(gen)], u, params)
                     stats = torch.stack([st[k].double() for k in _STATS], dim=1)
                 if gen:
                     stats = self._share(stats, len(gen))
-                nxt, keep = [], []
-                row_of = dict(zip(gen, range(len(gen))))
-                for j, g in enumerate(alive):
-                    if j not in row_of:
-                        nxt.append(prompts[rows[g]][s])  # still consuming its prompt
-                        keep.append(j)
+                stat_of = dict(zip(gen, range(len(gen))))
+                nxt: list[int] = []
+                for r, g in enumerate(slot):
+                    if g is None:
+                        nxt.append(m.pad_id)
                         continue
-                    tok, lp, ent, top1 = stats[row_of[j]].tolist()
+                    if r not in stat_of:
+                        nxt.append(prompts[rows[g]][s])  # still consuming its prompt
+                        continue
+                    tok, lp, ent, top1 = stats[stat_of[r]].tolist()
                     tok = int(tok)
                     o = out[g]
                     o["token"].append(tok)
                     o["logprob"].append(lp)
                     o["entropy"].append(ent)
                     o["top1"].append(int(top1))
-                    if tok in stops:
-                        done(rows[g], o, "stop")
-                    elif len(o["token"]) >= params.max_new_tokens:
-                        done(rows[g], o, "length")
-                    elif s + 1 >= m.max_context:
-                        done(rows[g], o, "context")
-                    else:
-                        nxt.append(tok)
-                        keep.append(j)
-                if len(keep) < len(alive):
-                    alive = [alive[j] for j in keep]
-                    if alive:
-                        _compact(ctx, torch.tensor(keep), s)
-                if alive:
-                    logits = self._forward(torch.tensor(nxt, dtype=torch.long).unsqueeze(1), ctx)
+                    reason = ("stop" if tok in stops else "length" if len(o["token"]) >= params.max_new_tokens
+                              else "context" if s + 1 >= m.max_context else None)
+                    if reason is not None:
+                        done(rows[g], o, reason)
+                        slot[r] = None
+                    nxt.append(tok)
+                live = [r for r, g in enumerate(slot) if g is not None]
+                if not live:
+                    break
+                keep = live + [r for r, g in enumerate(slot) if g is None][: -len(live) % mult]
+                if len(keep) < len(slot):  # finished rows leave the cache (fillers only to keep the multiple)
+                    _compact(ctx, torch.tensor(keep), s)
+                    slot, nxt = [slot[r] for r in keep], [nxt[r] for r in keep]
+                logits = self._forward(torch.tensor(nxt, dtype=torch.long).unsqueeze(1), ctx)
 
 
 def _compact(ctx, keep: torch.Tensor, length: int) -> None:
