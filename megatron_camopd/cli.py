@@ -3,7 +3,9 @@
     camopd validate SPEC [key=value ...]      check a spec, print it resolved
     camopd train SPEC [key=value ...]         on-policy distillation (CaMOPD, MOPD, Uni-OPD, baselines)
     camopd sft SPEC [key=value ...]           response-only cross-entropy on chat data
-    camopd serve-teacher --checkpoint DIR     SGLang-compatible scoring server (CPU machines, tests)
+    camopd serve --checkpoint DIR             SGLang-compatible server: scoring, sampling, weight sync (CPU, tests)
+                                              (`camopd serve-teacher` is an alias)
+    camopd plan SPEC [key=value ...] [--json] megatron-core config, memory per GPU, Slurm components of a spec
     camopd convert --to-hf|--from-hf SRC DST  Megatron <-> HuggingFace
     camopd eval MODEL --task ...              accuracy / pass@k of a model
     camopd demo --out DIR                     the end-to-end story on one CPU
@@ -29,7 +31,9 @@ COMMANDS = {
     "validate": ("megatron_camopd.config.validate", "validate_main"),
     "train": ("megatron_camopd.train", "train_main"),
     "sft": ("megatron_camopd.train", "sft_main"),
-    "serve-teacher": ("megatron_camopd.serve.server", "serve_main"),
+    "serve": ("megatron_camopd.serve.server", "serve_main"),
+    "serve-teacher": ("megatron_camopd.serve.server", "serve_main"),  # alias of serve
+    "plan": ("megatron_camopd.launch.plan", "plan_main"),
     "convert": ("megatron_camopd.convert.main", "convert_main"),
     "eval": ("megatron_camopd.evaluate.main", "eval_main"),
     "demo": ("megatron_camopd.demo.main", "demo_main"),

@@ -19,3 +19,8 @@ class TeacherError(CamopdError):
 
 class CheckpointError(CamopdError):
     """A checkpoint is missing, incomplete or does not match the model it is loaded into."""
+
+
+class RolloutError(CamopdError):
+    """A rollout server of the student is unreachable, answers malformed samples, samples with stale weights, or
+    fails a weight sync; the message names the server and the field."""

@@ -83,6 +83,7 @@ class MetricsWriter:
             mode = wandb_cfg.get("mode") or "offline"
             self._wandb = wandb.init(
                 project=wandb_cfg.get("project") or "megatron_camopd",
+                entity=wandb_cfg.get("entity"),  # None: the API key's default entity
                 name=wandb_cfg.get("run_name"),
                 mode=mode,
                 dir=str(self.path.parent),

@@ -23,14 +23,15 @@ from megatron_camopd.algo.camopd import BranchSchedule
 from megatron_camopd.algo.methods import Method, build_method
 from megatron_camopd.backend.checkpoint import find_model_meta, load_model_only, resolve_checkpoint
 from megatron_camopd.backend.cpu_runtime import init_distributed
-from megatron_camopd.backend.engine import Engine, OptimSettings, build_chunks
+from megatron_camopd.backend.engine import Engine, build_chunks
 from megatron_camopd.backend.hf_mapping import load_hf_weights
 from megatron_camopd.backend.model import ModelArch
+from megatron_camopd.backend.settings import model_fields, optim_settings, teacher_dtype
 from megatron_camopd.config import ExperimentSpec
 from megatron_camopd.data.prompts import PromptSource, PromptStream
 from megatron_camopd.data.tokenizer import Tokenizer
 from megatron_camopd.errors import SpecError, TeacherError
-from megatron_camopd.rollout.sampler import InProcessModel, Sampler, build_sampler
+from megatron_camopd.rollout.sampler import InProcessModel, Sampler, build_sampler, needs_entropy
 from megatron_camopd.teachers.inprocess import MegatronTeacher
 
 log = logging.getLogger("megatron_camopd")
@@ -133,14 +134,19 @@ def method_params(spec: ExperimentSpec) -> dict:
     return common
 
 
+def stream_arguments(spec: ExperimentSpec) -> list[tuple[object, dict, dict]]:
+    """Per `data.streams` entry: (its config, PromptSource kwargs, PromptStream kwargs but the tokenizer)."""
+    d = spec.data
+    return [(s, dict(path=s.path, format=s.format, domain=s.domain, num_samples=s.limit),
+             dict(max_prompt_len=d.max_prompt_tokens, overlong=d.overlong, on_bad_row=d.on_bad_row,
+                  seed=d.seed + 1009 * i, shuffle=d.shuffle, name=s.name))
+            for i, s in enumerate(d.streams)]
+
+
 def _build_streams(spec: ExperimentSpec, tokenizer: Tokenizer) -> dict[str, list]:
     out: dict[str, list] = {}
-    for i, s in enumerate(spec.data.streams):
-        stream = PromptStream(
-            [PromptSource(s.path, format=s.format, domain=s.domain, num_samples=s.limit)], tokenizer,
-            max_prompt_len=spec.data.max_prompt_tokens, overlong=spec.data.overlong,
-            seed=spec.data.seed + 1009 * i, shuffle=spec.data.shuffle, name=s.name,
-        )
+    for s, source, kwargs in stream_arguments(spec):
+        stream = PromptStream([PromptSource(**source)], tokenizer, **kwargs)
         out.setdefault(s.branch or "all", []).append((s, stream))
     return out
 
@@ -152,7 +158,8 @@ def _frozen_teacher(name: str, src: ModelSource, spec: ExperimentSpec, tokenizer
         raise TeacherError(f"teacher {name}: vocabulary size {arch.vocab_size} differs from the student's "
                            f"{student_arch.vocab_size}; teachers must share the student's tokenizer")
     p = spec.parallel
-    chunks, _ = build_chunks(arch, p.tp, p.pp, p.vpp, spec.model.dtype)
+    dtype = teacher_dtype(spec, name) if name in spec.teachers else spec.model.dtype
+    chunks, _ = build_chunks(arch, p.tp, p.pp, p.vpp, dtype)
     src.load_into(chunks, arch)
     tok_dir = src.config_dir
     if (tok_dir / "tokenizer.json").exists() or (tok_dir / "tokenizer_config.json").exists():
@@ -165,7 +172,7 @@ def _frozen_teacher(name: str, src: ModelSource, spec: ExperimentSpec, tokenizer
                            tokenizer_fingerprint=tokenizer.fingerprint())
 
 
-def _http_teacher(name: str, cfg, spec: ExperimentSpec, tokenizer: Tokenizer):
+def _http_teacher(name: str, cfg, spec: ExperimentSpec, tokenizer: Tokenizer, vocab_size: int):
     from megatron_camopd.teachers.http import HttpTeacher
     from megatron_camopd.teachers.tokcheck import TokenizerInfo, check_tokenizer, default_probe_ids
 
@@ -174,7 +181,8 @@ def _http_teacher(name: str, cfg, spec: ExperimentSpec, tokenizer: Tokenizer):
                           max_in_flight=cfg.max_in_flight, dead_deadline_s=cfg.dead_deadline_s,
                           seed=spec.train.seed)
     hf_tok = tokenizer.hf
-    check_tokenizer(teacher, TokenizerInfo.from_hf(hf_tok, tokenizer.path), default_probe_ids(hf_tok))
+    info = TokenizerInfo.from_hf(hf_tok, tokenizer.path, model_vocab_size=vocab_size)  # config's, not len(tok)
+    check_tokenizer(teacher, info, default_probe_ids(hf_tok))
     return teacher
 
 
@@ -188,21 +196,17 @@ def open_session(spec: ExperimentSpec) -> Session:
     tokenizer = Tokenizer.from_dir(tok_dir)
     arch = student.arch()
     t = spec.train
-    optim = OptimSettings(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
-                          lr_decay=t.lr_decay, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-                          adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
-                          distributed_optimizer=t.distributed_optimizer)
     fp8 = p.fp8 if p.fp8.enabled else None
     engine = Engine(arch, tp=p.tp, pp=p.pp, vpp=p.vpp, dtype=spec.model.dtype, fp8=fp8,
-                    micro_batch_size=t.micro_batch_size, optim=optim,
-                    init_fn=lambda chunks: student.load_into(chunks, arch))
+                    micro_batch_size=t.micro_batch_size, optim=optim_settings(spec),
+                    init_fn=lambda chunks: student.load_into(chunks, arch), model_fields=model_fields(p))
     teachers: dict[str, object] = {}
     for name, cfg in (spec.teachers.items() if spec.method.name != "sft" else ()):
         if cfg.kind == "megatron":
             teachers[name] = _frozen_teacher(name, ModelSource.resolve(cfg.hf_path, cfg.checkpoint,
                                                                        f"teachers.{name}"), spec, tokenizer, arch)
         else:
-            teachers[name] = _http_teacher(name, cfg, spec, tokenizer) if _is_mp_leader() else None
+            teachers[name] = _http_teacher(name, cfg, spec, tokenizer, arch.vocab_size) if _is_mp_leader() else None
         log.info("teacher %s ready (%s)", name, cfg.kind)
     reference = None
     if spec.method.name == "exopd":
@@ -211,14 +215,20 @@ def open_session(spec: ExperimentSpec) -> Session:
         reference = _frozen_teacher("reference", ref_src, spec, tokenizer, arch)
     method = None if spec.method.name == "sft" else build_method(spec.method.name, **method_params(spec))
     s = spec.schedule
-    ratio = tuple(int(r) for r in (s.mix_ratio or [1, 1]))
-    schedule = BranchSchedule(mode=s.mode or "mixed", n_g=s.n_g, ratio=ratio)
+    schedule = branch_schedule(spec)
     r = spec.rollout
     sampler = build_sampler(r.engine, student_model(engine, arch, tokenizer, spec.seq_length), kv_cache_gb=r.kv_cache_gb,
-                            servers=r.sglang, trainer=engine, seed=spec.train.seed)
+                            servers=r.sglang, trainer=engine, seed=spec.train.seed, need_entropy=needs_entropy(method),
+                            model_dir=student.config_dir, tokenizer_dir=tok_dir)
     return Session(spec=spec, tokenizer=tokenizer, arch=arch, student_source=student, engine=engine,
                    teachers={k: v for k, v in teachers.items()}, streams=_build_streams(spec, tokenizer),
                    method=method, schedule=schedule, sampler=sampler, reference=reference)
+
+
+def branch_schedule(spec: ExperimentSpec) -> BranchSchedule:
+    """The branch schedule of `schedule` (mix_ratio kept as given: [0.75, 0.25] is 3:1, never truncated)."""
+    s = spec.schedule
+    return BranchSchedule(mode=s.mode or "mixed", n_g=s.n_g, ratio=tuple(s.mix_ratio or [1.0, 1.0]))
 
 
 def student_model(engine: Engine, arch: ModelArch, tokenizer: Tokenizer, max_context: int) -> InProcessModel:

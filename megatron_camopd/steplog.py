@@ -2,7 +2,8 @@
 
 Every row has `step`, `branch`, `loss`, `grad_norm`, `lr`, `selected_fraction`, `mean_gap`, `reverse_kl`,
 `entropy`, `tokens_per_s` plus the method's own metrics (per-branch selected fraction, gap-vs-length Spearman,
-acceptance rate, margins...), rollout statistics and timings.
+acceptance rate, margins...), rollout statistics (`rollout_failed`; with served rollouts `stale_samples`,
+`stale_dropped` and the weight sync's `weight_sync_s`, `weight_sync_bytes`) and timings.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from megatron_camopd.algo.diagnostics import length_summary
 from megatron_camopd.backend import diagnostics as gd
 from megatron_camopd.rollout.assemble import add_topk, train_batch
+from megatron_camopd.rollout.staleness import stale_counts
 
 
 def step_row(step: int, branch: str, samples, sig, signals, out: dict, t_rollout: float, t_train: float) -> dict:
@@ -25,10 +27,12 @@ def step_row(step: int, branch: str, samples, sig, signals, out: dict, t_rollout
         selected_fraction=float(signals.sample_weight.mean()),
         response_len_mean=float(lengths.float().mean()),
         finished_stop=sum(s.rollout.finish_reason == "stop" for s in samples) / max(len(samples), 1),
-        teacher_failed=sum(s.error is not None for s in samples),
+        teacher_failed=sum(s.error is not None and "not_scored" not in s.meta for s in samples),
+        rollout_failed=sum(s.meta.get("not_scored") == "rollout" for s in samples),
         rollout_s=t_rollout, train_s=t_train,
         tokens_per_s=n_tokens / max(t_rollout + t_train, 1e-9),
     )
+    row.update(stale_counts(samples))  # served rollouts: stale_samples (used), stale_dropped
     if sig.reward is not None:
         row["reward_mean"] = float(sig.reward.mean())
     row.update(length_summary(lengths, signals.sample_weight > 0))

@@ -7,8 +7,10 @@ mass, and keeps only the smallest set of highest-scoring samples that carries ``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 import torch
@@ -26,7 +28,8 @@ class BranchSchedule:
 
     ``mode="alternate"``: period ``n_g + n_d``: ``n_g`` general steps then ``n_d`` domain steps
     (default G,G,G,D,...). ``mode="mixed"`` (vanilla MOPD): every step is ``"mixed"``; ``ratio`` = (general,
-    domain) prompt ratio, see :meth:`split`.
+    domain) prompt ratio, any non-negative numbers with a positive sum ((3, 1) and (0.75, 0.25) are the same
+    ratio), see :meth:`split`.
     """
 
     def __init__(
@@ -34,7 +37,7 @@ class BranchSchedule:
         mode: Literal["alternate", "mixed"] = "alternate",
         n_g: int = 3,
         n_d: int = 1,
-        ratio: tuple[int, int] = (1, 1),
+        ratio: tuple[float, float] = (1, 1),
     ) -> None:
         if mode not in ("alternate", "mixed"):
             raise SpecError(f"schedule.mode: expected 'alternate' or 'mixed', got {mode!r}")
@@ -44,12 +47,13 @@ class BranchSchedule:
             raise SpecError(f"schedule.n_d: expected an integer >= 0, got {n_d!r}")
         if mode == "alternate" and n_g + n_d == 0:
             raise SpecError("schedule.n_g: n_g + n_d must be > 0")
-        if len(ratio) != 2 or any((not isinstance(r, int)) or r < 0 for r in ratio) or sum(ratio) == 0:
-            raise SpecError(f"schedule.ratio: expected two integers >= 0, not both 0, got {ratio!r}")
+        if len(ratio) != 2 or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)
+                                  or r < 0 for r in ratio) or sum(ratio) == 0:
+            raise SpecError(f"schedule.mix_ratio: expected two finite numbers >= 0, not both 0, got {ratio!r}")
         self.mode = mode
         self.n_g = n_g
         self.n_d = n_d
-        self.ratio = (int(ratio[0]), int(ratio[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
         self.step = 0
 
     @property
@@ -74,9 +78,10 @@ class BranchSchedule:
         return branch
 
     def split(self, n_prompts: int) -> tuple[int, int]:
-        """(general, domain) prompt counts for a mixed step of ``n_prompts`` (general rounded half up)."""
-        g, d = self.ratio
-        n_general = (n_prompts * g + (g + d) // 2) // (g + d)
+        """(general, domain) prompt counts for a mixed step of ``n_prompts``: general = round_half_up(n * g /
+        (g + d)), in exact rational arithmetic (the same numbers as `config.ScheduleConfig.split`)."""
+        g, d = (Fraction(r) for r in self.ratio)
+        n_general = math.floor(n_prompts * g / (g + d) + Fraction(1, 2))
         return n_general, n_prompts - n_general
 
     def state_dict(self) -> dict[str, int]:
@@ -88,7 +93,7 @@ class BranchSchedule:
         """Resume exactly; raises :class:`CheckpointError` if the checkpoint's schedule differs."""
         mine = self.state_dict()
         for key in ("n_g", "n_d", "ratio_g", "ratio_d", "mixed"):
-            if key in state and int(state[key]) != mine[key]:
+            if key in state and float(state[key]) != mine[key]:
                 raise CheckpointError(f"schedule.{key}: checkpoint has {state[key]}, config has {mine[key]}")
         if "step" not in state or int(state["step"]) < 0:
             raise CheckpointError(f"schedule state has no valid 'step': {state!r}")

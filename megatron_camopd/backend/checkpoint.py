@@ -11,6 +11,13 @@ Layout under `checkpoint.dir`:
 Writes are atomic: everything goes to `iter_N.tmp/`, which is renamed to `iter_N/` only once every rank has
 finished, and `latest` is replaced with os.replace. A crash mid-save leaves the previous checkpoint loadable.
 Sharded tensors are matched by their global keys, so a checkpoint saved at TP=2/PP=2 loads at TP=1 (resharding).
+
+Layer specs: the local spec saves TransformerEngine's parameter names, but TE modules also carry `_extra_state`
+objects (FP8 scaling state) that a local-spec model neither saves nor requests (e.g. `core_attention._extra_state`).
+Loads therefore tolerate exactly those: requested `_extra_state` entries the checkpoint lacks are left at the
+model's initial state (logged), and `_extra_state` the model does not request is not read. Any other missing
+tensor is still an error. So a checkpoint written on a CPU machine (`camopd convert --from-hf`) loads into a TE
+model on the cluster, and a TE checkpoint loads into the local spec (conversion, CPU evaluation).
 """
 
 from __future__ import annotations
@@ -25,10 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import logging
+
 from megatron.core import dist_checkpointing
 from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_camopd.errors import CheckpointError
+
+log = logging.getLogger("megatron_camopd")
+EXTRA_STATE = "_extra_state"
 
 _OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshards over TP, PP and DP
 
@@ -141,15 +154,17 @@ def load_checkpoint(path, models: list, optimizer=None, scheduler=None, *, stric
     sharded = _model_sharded(models)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=_OPT_META)
-    try:
-        loaded = dist_checkpointing.load(sharded, str(path))
+    try:  # RETURN_UNEXPECTED: requests the checkpoint cannot serve are dropped and returned, then judged below
+        loaded, _, unexpected = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     except Exception as exc:  # dist_checkpointing raises many kinds; name the checkpoint
         raise CheckpointError(f"{path}: cannot load into this model: {exc}") from exc
-    if len(models) == 1:
-        models[0].load_state_dict(loaded["model"], strict=strict)
-    else:
-        for i, m in enumerate(models):
-            m.load_state_dict(loaded[f"model{i}"], strict=strict)
+    _check_absent(path, unexpected)
+    names = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
+    for name, m in zip(names, models):
+        result = m.load_state_dict(loaded[name], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
+        if strict and (missing or result.unexpected_keys):
+            raise CheckpointError(f"{path}: {name}: missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and (path / "scheduler.pt").exists():
@@ -161,6 +176,19 @@ def load_checkpoint(path, models: list, optimizer=None, scheduler=None, *, stric
             _set_rng_state(rng["state"])
     with open(path / "train_state.json") as f:
         return json.load(f)
+
+
+def _check_absent(path: Path, unexpected: set) -> None:
+    """Requests absent from the checkpoint: `_extra_state` of TransformerEngine modules (a local-spec checkpoint
+    has none) is fine and logged; anything else is a CheckpointError naming the keys."""
+    extra = sorted(k for k in unexpected if k.split("/")[0].endswith(EXTRA_STATE))
+    others = sorted(set(unexpected) - set(extra))
+    if others:
+        raise CheckpointError(f"{path}: the checkpoint has no {', '.join(others[:4])}"
+                              + (f" (+{len(others) - 4} more)" if len(others) > 4 else ""))
+    if extra:
+        log.info("%s: %d _extra_state entries (TransformerEngine FP8 state) not in the checkpoint, e.g. %s; "
+                 "kept at their initial values", path, len(extra), extra[0])
 
 
 def load_model_only(path, models: list) -> dict:

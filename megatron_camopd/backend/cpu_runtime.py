@@ -9,6 +9,8 @@ unmodified library runs on CPU over gloo:
 * a ``TorchFunctionMode`` rewrites ``device="cuda"`` / ``cuda:N`` / integer devices to CPU in every torch call
   (factories, ``Tensor.to``), turns ``Tensor.cuda()`` into a no-op, drops ``pin_memory`` and makes
   ``Tensor.type()`` report ``torch.cuda.*Tensor`` names;
+* custom autograd Functions' backward runs under that mode too (activation recomputation re-runs forward code
+  inside the autograd engine, where the mode would otherwise be inactive);
 * ``torch.cuda.current_device`` returns ``torch.device("cpu")``; ``torch.cuda.is_available`` stays False;
 * the model-parallel RNG tracker runs on the CPU default generator;
 * ``synchronize``/``empty_cache``/``set_device`` are no-ops, memory statistics return 0, and streams/events are
@@ -81,6 +83,22 @@ class _CpuDeviceMode(TorchFunctionMode):
                 kwargs["device"] = torch.device("cpu")
             kwargs.pop("pin_memory", None)
         return func(*args, **kwargs)
+
+
+def _with_cpu_mode(apply: Callable) -> Callable:
+    """Wrap a custom autograd Function's backward entry so it runs under the CPU mode. The autograd engine is
+    entered from the mode's own handler (``torch.autograd.backward`` is a torch function), where the mode is
+    inactive; a backward that re-runs forward code (activation recomputation: megatron-core's
+    ``CheckpointFunction``, ``CheckpointWithoutOutput``) would otherwise allocate on "cuda"."""
+
+    def wrapped(self: Any, *args: Any) -> Any:
+        if torch._C._len_torch_function_stack() > 0:  # a mode is active (e.g. a direct grad_fn.apply call)
+            return apply(self, *args)
+        with _CpuDeviceMode():
+            return apply(self, *args)
+
+    wrapped._camopd_cpu = True  # type: ignore[attr-defined]
+    return wrapped
 
 
 class _FakeEvent:
@@ -223,6 +241,15 @@ def _patch_megatron_rng() -> None:
     logging.getLogger(mrandom.__name__).addFilter(_DropCpuRngWarning())
 
 
+def _patch_autograd_backward() -> None:
+    from torch.autograd.function import BackwardCFunction
+
+    for name in ("apply", "apply_boxed"):
+        fn = getattr(BackwardCFunction, name, None)
+        if fn is not None and not getattr(fn, "_camopd_cpu", False):
+            setattr(BackwardCFunction, name, _with_cpu_mode(fn))
+
+
 def cpu_runtime_active() -> bool:
     """True once ``activate_cpu_runtime`` adapted torch for CPU-only execution (in any thread)."""
     return _PATCHED
@@ -245,6 +272,7 @@ def activate_cpu_runtime() -> bool:
             pass
         _patch_cuda_namespace()
         _patch_megatron_rng()
+        _patch_autograd_backward()
         _PATCHED = True
     if getattr(_THREAD_STATE, "mode", None) is None:
         mode = _CpuDeviceMode()

@@ -1,7 +1,7 @@
 """The student's training engine: megatron-core model chunks, DDP, optimizer, LR schedule and one training step.
 
 `Engine.train_step(batch, loss_spec)` runs the spec's loss over micro-batches through megatron-core's schedule
-(TP/PP/DP), finalises gradients (per-selected-sequence normalisation, see backend/loss.py), clips, and steps the
+(TP/PP/DP; each micro-batch at its own padded width, see backend/forward.py), finalises gradients (per-selected-sequence normalisation, see backend/loss.py), clips, and steps the
 Megatron optimizer and LR schedule. `Engine.forward(batch, fn)` is a forward-only pass used for generation,
 reference log-probs and evaluation. Frozen teachers reuse `build_model_chunks` without DDP or optimizer.
 """
@@ -18,7 +18,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_camopd.backend.forward import ParallelGroups, comm_device, forward_collect, run_schedule, split_microbatches
+from megatron_camopd.backend.forward import (ParallelGroups, comm_device, forward_collect, run_schedule,
+                                             split_microbatches, width_multiple)
 from megatron_camopd.backend.loss import LossSpec, make_loss_func
 from megatron_camopd.backend.model import ModelArch, build_model_chunks, transformer_config
 
@@ -69,13 +70,15 @@ class Engine:
         micro_batch_size: int = 1,
         optim: OptimSettings | None = None,
         init_fn: Callable[[list], None] | None = None,
+        model_fields: dict | None = None,
     ) -> None:
         self.arch = arch
         self.tp, self.pp, self.vpp = tp, pp, vpp
         self.micro_batch_size = micro_batch_size
         self.groups = ParallelGroups.from_parallel_state()
         self.optim_settings = optim or OptimSettings()
-        chunks, config = build_chunks(arch, tp, pp, vpp, dtype, fp8)
+        # model_fields: TransformerConfig fields from the spec (sequence_parallel, recompute_*; backend/settings.py)
+        chunks, config = build_chunks(arch, tp, pp, vpp, dtype, fp8, **(model_fields or {}))
         if init_fn is not None:
             init_fn(chunks)  # e.g. load HF weights before DDP wraps (and copies into) grad buffers
         self.config = config
@@ -135,9 +138,8 @@ class Engine:
             self.config.finalize_model_grads_func = finalize
         try:
             reports = run_schedule(
-                self.chunks, split_microbatches(batch, self.micro_batch_size),
-                make_loss_func(loss_spec, self.groups.tp), seq_length=batch["tokens"].shape[1],
-                forward_only=False,
+                self.chunks, split_microbatches(batch, self.micro_batch_size, width_multiple(self.config)),
+                make_loss_func(loss_spec, self.groups.tp), forward_only=False,
             )
         finally:
             self.config.finalize_model_grads_func = saved

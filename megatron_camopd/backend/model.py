@@ -5,7 +5,9 @@ Llama) and rejects what this project cannot reproduce exactly (MoE, sliding wind
 biases) with a ``SpecError``. ``transformer_config`` turns it into megatron-core's ``TransformerConfig`` for a
 given TP/PP/VPP layout and dtype, and ``build_gpt_model`` builds the (per pipeline stage) ``GPTModel``: local
 layer spec on CPU, TransformerEngine spec when CUDA and transformer_engine are importable. The vocabulary is
-padded to a multiple of ``128 * tp`` (Megatron's ``make_vocab_size_divisible_by`` convention).
+padded to a multiple of ``128 * tp`` (Megatron's ``make_vocab_size_divisible_by`` convention). Sequence
+parallelism works on both specs: the local one swaps megatron-core's torch norm (which refuses SP) for
+``SequenceParallelRMSNorm`` (same module, its weight's gradient summed over TP), so SP runs on CPU over gloo too.
 """
 
 from __future__ import annotations
@@ -147,10 +149,11 @@ def _get(obj: Any, key: str, default: Any = None) -> Any:
     return getattr(obj, key, default)
 
 
-def fp8_transformer_fields(fp8: Any) -> dict[str, Any]:
+def fp8_transformer_fields(fp8: Any, check_device: bool = True) -> dict[str, Any]:
     """Map an FP8 spec (mapping or object with enabled, format, recipe, margin, amax_history_len,
-    amax_compute_algo) onto TransformerConfig's fp8 fields. Empty dict when FP8 is off; SpecError when FP8
-    is requested but CUDA or transformer_engine is missing, or a value is out of range."""
+    amax_compute_algo) onto TransformerConfig's fp8 fields. Empty dict when FP8 is off; SpecError when a value is
+    out of range, or (``check_device``) when CUDA or transformer_engine is missing on this machine. `camopd plan`
+    maps a cluster's spec on a login node with ``check_device=False``."""
     if fp8 is None or not _get(fp8, "enabled", False):
         return {}
     fmt = _get(fp8, "format", "hybrid")
@@ -166,9 +169,9 @@ def fp8_transformer_fields(fp8: Any) -> dict[str, Any]:
     history = int(_get(fp8, "amax_history_len", 1024))
     if margin < 0 or history < 1:
         raise SpecError(f"fp8: margin must be >= 0 and amax_history_len >= 1 (got {margin}, {history})")
-    if not torch.cuda.is_available():
+    if check_device and not torch.cuda.is_available():
         raise SpecError("fp8.enabled: FP8 training needs a CUDA GPU; none is available on this machine")
-    if importlib.util.find_spec("transformer_engine") is None:
+    if check_device and importlib.util.find_spec("transformer_engine") is None:
         raise SpecError("fp8.enabled: FP8 needs TransformerEngine (pip install 'megatron-camopd[fp8]')")
     return {
         "fp8": fmt,
@@ -186,12 +189,16 @@ def transformer_config(
     vpp: int | None = None,
     dtype: torch.dtype = torch.float32,
     fp8: Any = None,
+    *,
+    cluster: bool = False,
     **overrides: Any,
 ) -> Any:
     """megatron-core TransformerConfig for ``arch`` at the given parallel layout and parameter dtype.
 
     ``overrides`` are passed through to TransformerConfig (e.g. ``calculate_per_token_loss=True``,
-    ``recompute_granularity``, ``sequence_parallel``) and win over the derived fields.
+    ``recompute_granularity``, ``sequence_parallel``) and win over the derived fields. ``cluster=True`` builds
+    the config a CUDA machine with TransformerEngine would build (fused kernels, batched p2p, FP8 without the
+    device check), whatever this machine has: `camopd plan` on a login node.
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -233,13 +240,52 @@ def transformer_config(
         fp16=dtype == torch.float16,
         autocast_dtype=dtype,
     )
-    if transformer_engine_available():  # fused kernels come with TransformerEngine
+    if cluster or transformer_engine_available():  # fused kernels come with TransformerEngine
         fields.update(bias_activation_fusion=True, masked_softmax_fusion=True, apply_rope_fusion=True)
-    if not torch.cuda.is_available():
+    if not cluster and not torch.cuda.is_available():
         fields.update(batch_p2p_comm=False)  # gloo: batched p2p breaks interleaved PP gradients (spec.md §6)
-    fields.update(fp8_transformer_fields(fp8))
+    fields.update(fp8_transformer_fields(fp8, check_device=not cluster))
     fields.update(overrides)
     return TransformerConfig(**fields)
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """The local layer spec's RMSNorm (``torch.nn.RMSNorm``, exactly what megatron-core's ``WrappedTorchNorm``
+    builds) usable under sequence parallelism. With SP each TP rank normalises its own slice of the sequence, so
+    the weight's gradient is a partial sum over that slice; the ``sequence_parallel`` attribute makes
+    megatron-core's ``finalize_model_grads`` sum it over TP, as it does for TransformerEngine's ``TENorm``.
+    (``WrappedTorchNorm`` asserts SP off only because it does not set that attribute.) Same parameters, same
+    state-dict keys, same forward as the norm it replaces."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                 zero_centered_gamma: bool = False, normalization: str = "RMSNorm") -> None:
+        if config.normalization != "RMSNorm" or zero_centered_gamma or config.layernorm_zero_centered_gamma:
+            raise SpecError("sequence parallelism on the local layer spec supports plain RMSNorm only")
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
+def _local_sequence_parallel_block(layer_spec: Any, config: Any, vp_stage: int | None) -> Any:
+    """The local layer spec as a ``TransformerBlockSubmodules`` whose norms (the layers' and the final one) are
+    ``SequenceParallelRMSNorm``: megatron-core's linear layers, embedding and output layer already implement
+    sequence parallelism; only its torch norm refuses it. Lets SP run (and be tested) on CPU over gloo."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    def swap(spec: Any) -> None:
+        subs = getattr(spec, "submodules", None)
+        if subs is None:
+            return
+        for name in vars(subs):
+            value = getattr(subs, name)
+            if value is WrappedTorchNorm:
+                setattr(subs, name, SequenceParallelRMSNorm)
+            elif hasattr(value, "submodules"):
+                swap(value)
+
+    swap(layer_spec)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=SequenceParallelRMSNorm)
 
 
 def build_gpt_model(
@@ -268,6 +314,8 @@ def build_gpt_model(
             raise SpecError("fp8.enabled: FP8 needs the TransformerEngine layer spec")
         spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
     spec = with_kv_attention(spec, local=not use_te)  # KV-cached decoding without per-step cache copies
+    if not use_te and config.sequence_parallel:
+        spec = _local_sequence_parallel_block(spec, config, vp_stage)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -285,8 +333,11 @@ def build_gpt_model(
     )
 
 
-def build_model_chunks(arch: ModelArch, config: Any, parallel_output: bool = True) -> list[Any]:
-    """All model chunks of this rank (one per virtual pipeline stage), with pre/post-process set per stage."""
+def build_model_chunks(arch: ModelArch, config: Any, parallel_output: bool = True,
+                       use_transformer_engine: bool | None = None) -> list[Any]:
+    """All model chunks of this rank (one per virtual pipeline stage), with pre/post-process set per stage.
+
+    ``use_transformer_engine``: the layer spec (None: TransformerEngine when CUDA and TE are available)."""
     from megatron.core import parallel_state as ps
 
     vpp = config.virtual_pipeline_model_parallel_size or 1
@@ -295,5 +346,6 @@ def build_model_chunks(arch: ModelArch, config: Any, parallel_output: bool = Tru
         stage = vp_stage if vpp > 1 else None
         pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        chunks.append(build_gpt_model(arch, config, pre, post, vp_stage=stage, parallel_output=parallel_output))
+        chunks.append(build_gpt_model(arch, config, pre, post, vp_stage=stage, parallel_output=parallel_output,
+                                      use_transformer_engine=use_transformer_engine))
     return chunks

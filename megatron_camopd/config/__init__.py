@@ -28,6 +28,7 @@ from megatron_camopd.config.sections import (
     TeacherConfig,
     UniOPDConfig,
 )
+from megatron_camopd.config.serving import SlurmResources, TeacherServeConfig
 from megatron_camopd.config.spec import ExperimentSpec
 from megatron_camopd.config.validate import missing_inputs, validate_main
 
@@ -48,8 +49,10 @@ __all__ = [
     "ScheduleConfig",
     "Section",
     "SelecTKDConfig",
+    "SlurmResources",
     "StreamConfig",
     "TeacherConfig",
+    "TeacherServeConfig",
     "TrainConfig",
     "UniOPDConfig",
     "WandbConfig",

@@ -2,14 +2,16 @@
 
 Every section of an experiment spec is a dataclass deriving from `Section`. Its `__post_init__` checks each
 field's value against the field's annotation (so a section built directly in Python is as strict as one loaded
-from YAML) and then runs the section's own `validate()`. Failures raise `FieldError`, a `SpecError` that names
-the field relative to the section; the loader prefixes the section's dotted path and the file:line.
+from YAML; every float must be finite: YAML's `.inf`/`.nan` are refused) and then runs the section's own
+`validate()`. Failures raise `FieldError`, a `SpecError` that names the field relative to the section; the loader
+prefixes the section's dotted path and the file:line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -82,6 +84,8 @@ def type_problem(value: Any, tp: Any) -> str | None:
         args = typing.get_args(tp)
         if any(type_problem(value, a) is None for a in args):
             return None
+        if float in args and isinstance(value, float):
+            return type_problem(value, float)
         return f"expected {type_name(tp)}, got {describe(value)}"
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -108,6 +112,8 @@ def type_problem(value: Any, tp: Any) -> str | None:
             if problem:
                 return f"{key}: {problem}"
         return None
+    if tp is float and isinstance(value, float) and not math.isfinite(value):  # YAML's .inf / .nan
+        return f"must be a finite number, got {describe(value)}"
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),

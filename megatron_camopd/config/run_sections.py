@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_camopd.config.fields import Section, check, in_range, non_negative, path_field, positive
+from megatron_camopd.config.serving import SlurmResources
 
 SLURM_TIME_RE = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 
@@ -67,8 +68,11 @@ class ParallelConfig(Section):
     pp: int = 1
     vpp: int | None = None  # virtual pipeline stages per rank (interleaved 1F1B)
     dp: int | None = None
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # TransformerConfig.sequence_parallel (TransformerEngine layer spec)
+    # activation recomputation: full = recompute_granularity "full", method "uniform", 1 layer per unit;
+    # selective = recompute only `recompute_modules` of every layer
     recompute: Literal["none", "selective", "full"] = "none"
+    recompute_modules: list[Literal["core_attn", "mlp", "layernorm"]] | None = None  # selective; None: ["mlp"]
     fp8: FP8Config = field(default_factory=FP8Config)
 
     def validate(self) -> None:
@@ -76,6 +80,20 @@ class ParallelConfig(Section):
         check(self.vpp is None or self.vpp >= 2, "vpp", f"must be null or >= 2, got {self.vpp!r}")
         check(self.vpp is None or self.pp >= 2, "vpp", f"interleaved pipelining needs pp >= 2, got pp={self.pp}")
         check(not self.sequence_parallel or self.tp > 1, "sequence_parallel", "needs tp > 1")
+        if self.recompute_modules is not None:
+            check(self.recompute == "selective", "recompute_modules",
+                  f"applies to recompute: selective only (recompute is {self.recompute!r})")
+            check(len(self.recompute_modules) > 0, "recompute_modules", "must list at least one module")
+        if self.fp8.enabled and self.fp8.recipe == "delayed" and "layernorm" in self.selective_modules:
+            check(False, "recompute_modules", "layernorm recompute does not work with FP8 delayed scaling "
+                  "(megatron-core refuses it); drop it or use fp8.recipe: tensorwise|blockwise")
+
+    @property
+    def selective_modules(self) -> list[str]:
+        """The modules selective recompute recomputes (empty unless recompute is selective)."""
+        if self.recompute != "selective":
+            return []
+        return list(self.recompute_modules or ["mlp"])
 
     @property
     def model_parallel_size(self) -> int:
@@ -128,30 +146,65 @@ class LoggingConfig(Section):
         positive(self, "log_interval", "diagnostics_interval", "diagnostics_samples")
 
 
+# The trainer's environment on GPU clusters (Megatron-LM / NeMo examples). Cluster-specific NCCL settings
+# (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_IB_SL, ...) go in launcher.trainer_env as well.
+DEFAULT_TRAINER_ENV = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # megatron-core's TP/SP communication overlap needs in-order kernels
+    "NCCL_IB_TIMEOUT": "19",  # InfiniBand retry timeout (4.096 us * 2^19 ~ 2 s): survive transient link flaps
+    "NCCL_DEBUG": "WARN",
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+}
+
+
 @dataclass
 class LauncherConfig(Section):
-    """Slurm resources: training nodes plus per-teacher SGLang server nodes (hetjob or dependent jobs)."""
+    """Slurm: the trainer's nodes and resources, job-wide settings and the launchers' timings. Servers the launcher
+    starts are configured where they belong: `teachers.<name>.serve` and `rollout.sglang`."""
 
     nodes: int = 4
     gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0  # memory of one GPU (H100 80 GB); `camopd plan` checks its estimate against it
     partition: str | None = None
     account: str | None = None
     time: str = "08:00:00"
-    teacher_nodes: int = 1  # nodes per HTTP teacher
-    teacher_gpus: int = 8  # GPUs per teacher node
-    sglang_args: list[str] = field(default_factory=list)  # extra `python -m sglang.launch_server` arguments
-    sglang_port: int = 30000
     topology: Literal["hetjob", "dependency"] = "hetjob"
     log_dir: str | None = path_field()  # None: <checkpoint.dir>/logs
-    env: dict[str, str] = field(default_factory=dict)
+    python: str | None = None  # the python of every component (with megatron_camopd); None: the one rendering
+    env: dict[str, str] = field(default_factory=dict)  # environment of every component
+    trainer_env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TRAINER_ENV))  # NCCL/IB, CUDA
+    resources: SlurmResources = field(default_factory=SlurmResources)  # the trainer's nodes
+    # Slurm's pre-timeout signal (--signal=B:USR1@lead): the trainer checkpoints after its current step, so the
+    # lead must cover one step plus a checkpoint save (a paper-scale CaMOPD step takes ~15-20 min)
+    signal_lead_s: int = 1800
+    shutdown_timeout_s: int = 240  # torchrun's grace for the ranks after a signal (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
+    health_timeout_s: int = 1800  # servers must answer /health this soon after start (model loading)
+    # one /health request: SGLang's /health runs a one-token generation (1-20 s on a busy server)
+    health_check_timeout_s: float = 30.0
+    teacher_dead_s: int = 300  # a teacher without a healthy server this long stops the training
+    watch_interval_s: int = 30  # health watchdog period
 
     def validate(self) -> None:
-        positive(self, "nodes", "gpus_per_node", "teacher_gpus")
-        non_negative(self, "teacher_nodes")
+        positive(self, "nodes", "gpus_per_node", "gpu_memory_gb", "shutdown_timeout_s", "health_timeout_s",
+                 "health_check_timeout_s", "teacher_dead_s", "watch_interval_s")
         check(bool(SLURM_TIME_RE.match(self.time)), "time", f"must be a Slurm time like 08:00:00, got {self.time!r}")
-        in_range(self, "sglang_port", 1, 65535, low_open=False, high_open=False)
+        in_range(self, "signal_lead_s", 1, 65535, low_open=False, high_open=False)  # Slurm's --signal limit
+        check(self.signal_lead_s < slurm_seconds(self.time), "signal_lead_s",
+              f"must be shorter than the job's time limit {self.time} ({slurm_seconds(self.time)} s)")
+        check(self.health_check_timeout_s < self.teacher_dead_s, "health_check_timeout_s",
+              f"must be shorter than teacher_dead_s ({self.teacher_dead_s})")
 
     @property
     def world_size(self) -> int:
         """Training GPUs."""
         return self.nodes * self.gpus_per_node
+
+
+def slurm_seconds(text: str) -> int:
+    """Seconds in a Slurm time string (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH[:MM[:SS]]`); `text` matches SLURM_TIME_RE."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        h, m, s = (parts + [0, 0, 0])[:3]
+    else:
+        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]  # type: ignore[assignment]
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s

@@ -8,12 +8,15 @@ Defaults are the papers' defaults (spec.md §1-§4, CaMOPD appendix A). Fields w
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import urllib.parse
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Literal
 
 from megatron_camopd.config.fields import Section, check, in_range, non_negative, path_field, positive
+from megatron_camopd.config.serving import SlurmResources, TeacherServeConfig
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -28,28 +31,32 @@ class ModelConfig(Section):
     tokenizer: str | None = path_field()  # None: the tokenizer in hf_path
     dtype: Dtype = "bf16"
     seq_length: int | None = None  # None: data.max_prompt_tokens + rollout.max_new_tokens
-    max_position_embeddings: int | None = None  # None: from the HF config
 
     def validate(self) -> None:
         check(self.hf_path is not None or self.checkpoint is not None, "hf_path", "give hf_path or checkpoint")
-        positive(self, "seq_length", "max_position_embeddings")
+        positive(self, "seq_length")
 
 
 @dataclass
 class TeacherConfig(Section):
-    """One frozen teacher: in-process Megatron (`checkpoint`/`hf_path`) or SGLang servers (`urls`/`discovery_file`)."""
+    """One frozen teacher: in-process Megatron (`checkpoint`/`hf_path`) or SGLang servers (`urls`/`discovery_file`).
+
+    With `serve`, `camopd sbatch`/`camopd launch` start the teacher's SGLang servers (model: `serve.model`, else
+    `hf_path`/`checkpoint`) and point the trainer at them; a plain `camopd train` uses the other fields.
+    """
 
     checkpoint: str | None = path_field()
     hf_path: str | None = path_field()
     urls: list[str] | None = None
     discovery_file: str | None = path_field()  # a launcher writes `host:port` lines here
     weight: float = 1.0  # alpha_k: scales this teacher's token rewards
-    dtype: Dtype | None = None  # in-process teachers; None: model.dtype
+    dtype: Dtype | None = None  # in-process weights / SGLang --dtype of served ones; None: model.dtype
     timeout_s: float = 600.0
     max_in_flight: int = 16
     retries: int = 3
     discovery_timeout_s: float = 3600.0  # how long to wait for the discovery file to list a server
     dead_deadline_s: float = 120.0  # all replicas down this long: the trainer stops with a TeacherError
+    serve: TeacherServeConfig | None = None  # the launchers start this teacher's SGLang servers
 
     @property
     def kind(self) -> Literal["megatron", "http", "discovery"]:
@@ -77,6 +84,21 @@ class TeacherConfig(Section):
                 check(ok, f"urls.{i}", f"must look like http://host:port, got {url!r}")
         positive(self, "weight", "timeout_s", "max_in_flight", "discovery_timeout_s", "dead_deadline_s")
         non_negative(self, "retries")
+        check(self.dtype is None or in_process or self.serve is not None, "dtype",
+              "applies to in-process (hf_path/checkpoint) or launcher-served (serve) teachers only")
+        if self.serve is not None:
+            check(self.urls is None, "serve", "urls name servers that already run: give urls or serve, not both")
+            check(self.serve.model is not None or in_process, "serve.model",
+                  "name the model the launcher serves (an HF dir or a camopd checkpoint)")
+            check(self.serve.model is None or not in_process, "serve.model",
+                  "the launcher serves this teacher's hf_path/checkpoint; drop serve.model")
+
+    @property
+    def served_model(self) -> str | None:
+        """The model the launchers serve (None when the teacher has no `serve` section)."""
+        if self.serve is None:
+            return None
+        return self.serve.model or self.hf_path or self.checkpoint
 
 
 def _has_port(parsed: urllib.parse.ParseResult) -> bool:
@@ -112,8 +134,8 @@ class DataConfig(Section):
 
     streams: list[StreamConfig] = field(default_factory=list)
     max_prompt_tokens: int = 4096
-    overlong: Literal["truncate", "skip"] = "truncate"
-    truncate_side: Literal["left", "right"] = "left"  # left keeps the latest turns
+    overlong: Literal["truncate", "skip"] = "truncate"  # truncate: keep the last max_prompt_tokens (latest turns)
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: drop malformed rows and count them
     seed: int = 1234
     shuffle: bool = True
 
@@ -146,7 +168,9 @@ class UniOPDConfig(Section):
     offline_n: int = 8  # rollouts per prompt in the offline pass
     offline_shape: Literal["auto", "u", "mirrored_j"] = "auto"
     offline_factor: int = 2  # upsampling factor of the selected prompts
-    offline_low: int = 1  # U-shape: upsample pass counts in [offline_low, offline_high]
+    # upsample prompts whose pass count is in [offline_low, offline_high]; None: the shape's own bounds,
+    # [1, N-1] for u (intermediate difficulty) and [0, N-1] for mirrored_j (every prompt not always solved)
+    offline_low: int | None = None
     offline_high: int | None = None  # None: offline_n - 1
 
     def validate(self) -> None:
@@ -154,8 +178,8 @@ class UniOPDConfig(Section):
         in_range(self, "mask_min_frac", 0.0, 1.0, low_open=True, high_open=False)
         non_negative(self, "offline_low")
         high = self.offline_n - 1 if self.offline_high is None else self.offline_high
-        check(self.offline_low <= high <= self.offline_n, "offline_high",
-              "need offline_low <= offline_high <= offline_n")
+        low = 0 if self.offline_low is None else self.offline_low
+        check(low <= high <= self.offline_n, "offline_high", "need offline_low <= offline_high <= offline_n")
 
 
 @dataclass
@@ -238,7 +262,7 @@ class ScheduleConfig(Section):
 
     mode: Literal["alternate", "mixed"] | None = None  # None: alternate for camopd, else mixed
     n_g: int = 3
-    mix_ratio: list[float] | None = None  # [general, domain] prompts per mixed step, e.g. [1, 1] or [3, 1]
+    mix_ratio: list[float] | None = None  # [general, domain] prompts per mixed step, e.g. [1, 1], [3, 1], [0.75, 0.25]
 
     def validate(self) -> None:
         positive(self, "n_g")
@@ -246,6 +270,13 @@ class ScheduleConfig(Section):
             check(len(self.mix_ratio) == 2, "mix_ratio", f"must be [general, domain], got {self.mix_ratio!r}")
             check(all(r >= 0 for r in self.mix_ratio) and sum(self.mix_ratio) > 0, "mix_ratio",
                   f"must be non-negative with a positive sum, got {self.mix_ratio!r}")
+
+    def split(self, n_prompts: int) -> tuple[int, int]:
+        """(general, domain) prompts of a mixed step: general = round_half_up(n * g / (g + d)), exactly
+        (`algo.camopd.BranchSchedule.split` computes the same numbers for training)."""
+        g, d = (Fraction(r) for r in (self.mix_ratio or [1.0, 1.0]))
+        n_general = math.floor(n_prompts * g / (g + d) + Fraction(1, 2))
+        return n_general, n_prompts - n_general
 
 
 @dataclass
@@ -264,6 +295,7 @@ class RolloutServersConfig(Section):
     port: int = 30100
     extra_args: list[str] = field(default_factory=list)  # more `python -m sglang.launch_server` arguments
     env: dict[str, str] = field(default_factory=lambda: {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"})
+    resources: SlurmResources = field(default_factory=SlurmResources)  # launcher: Slurm resources of the servers
     weight_sync: Literal["distributed", "disk"] = "distributed"
     sync_dir: str | None = path_field()  # disk sync: where HF weights are written; None: <checkpoint.dir>/weights
     bucket_mb: int = 1024  # distributed sync: parameters per broadcast bucket
@@ -285,6 +317,8 @@ class RolloutServersConfig(Section):
                 check(ok, f"urls.{i}", f"must look like http://host:port, got {url!r}")
         positive(self, "nodes", "gpus_per_node", "tp", "dp", "context_length", "bucket_mb", "timeout_s",
                  "max_in_flight", "discovery_timeout_s", "dead_deadline_s")
+        check(self.tp * self.dp <= self.gpus_per_node, "dp",
+              f"tp * dp = {self.tp * self.dp} GPUs per server, but gpus_per_node is {self.gpus_per_node}")
         non_negative(self, "retries", "max_staleness")
         in_range(self, "mem_fraction_static", 0.0, 1.0, low_open=True, high_open=True)
         in_range(self, "port", 1, 65535, low_open=False, high_open=False)
@@ -304,7 +338,6 @@ class RolloutConfig(Section):
     top_k: int = -1  # -1: off
     max_new_tokens: int = 32768
     stop_token_ids: list[int] = field(default_factory=list)
-    stop_strings: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         positive(self, "prompts_per_step", "n_samples", "temperature", "max_new_tokens", "kv_cache_gb")

@@ -1,9 +1,12 @@
 """`ExperimentSpec`: the whole experiment, with the checks that span sections and the method-dependent defaults.
 
 Cross-section rules: routing names defined teachers and routes every stream's domain; CaMOPD (and any alternating
-schedule) needs a general and a domain stream; a mixed schedule over branches needs `mix_ratio`; Uni-OPD groups
-need n_samples >= 2 and a verifier per stream; the model's sequence length holds a prompt plus a rollout; the
-launcher's world size is a multiple of tp * pp (and equals tp * pp * dp when dp is given).
+schedule) needs a general and a domain stream; a mixed schedule over branches needs `mix_ratio`, and every branch
+it gives a share gets at least one prompt per step; Uni-OPD groups need n_samples >= 2 and a verifier per stream;
+the model's sequence length holds a prompt plus a rollout, and so does every served model's context length; the
+launcher's world size is a multiple of tp * pp (and equals tp * pp * dp when dp is given); the servers the launcher
+starts listen on distinct ports, and rollout servers synced over a weights-update group have dp = 1. All of it
+is checked here, before any model loads.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from megatron_camopd.config.sections import (
     ScheduleConfig,
     TeacherConfig,
 )
+
+TEACHER_PORT_BASE = 30000  # served teachers without serve.port listen on 30000, 30001, ... in spec order
 
 
 @dataclass
@@ -59,6 +64,7 @@ class ExperimentSpec(Section):
         self._check_lengths()
         self._check_parallel()
         self._check_rollout()
+        self._check_serving()
 
     def _resolve_defaults(self) -> None:
         self.method.resolve()
@@ -68,6 +74,9 @@ class ExperimentSpec(Section):
             self.rollout.n_samples = 16 if self.method.name == "uniopd" else 1
         if self.logging.wandb.run_name is None:
             self.logging.wandb.run_name = self.name
+        served = self.rollout.sglang
+        if self.rollout.engine == "sglang" and served.weight_sync == "disk" and served.sync_dir is None:
+            served.sync_dir = f"{self.checkpoint.dir.rstrip('/')}/weights"  # HF weights the servers load each step
 
     def _check_teachers(self) -> None:
         for teacher in self.teachers:
@@ -107,6 +116,13 @@ class ExperimentSpec(Section):
                 check(ratio == 0 or branch in branches, "schedule.mix_ratio", f"no stream has branch: {branch}")
         if self.schedule.mix_ratio is not None:
             check(bool(branches), "schedule.mix_ratio", "needs streams with branch: general|domain")
+        if self.schedule.mode == "mixed" and branches and self.schedule.mix_ratio is not None:
+            n = self.rollout.prompts_per_step
+            for branch, ratio, count in zip(("general", "domain"), self.schedule.mix_ratio,
+                                            self.schedule.split(n), strict=True):
+                check(ratio == 0 or count > 0, "schedule.mix_ratio",
+                      f"{self.schedule.mix_ratio} gives the {branch} branch 0 of rollout.prompts_per_step = {n} "
+                      "prompts per step")
 
     def _check_method(self) -> None:
         if self.method.name != "uniopd":
@@ -145,6 +161,37 @@ class ExperimentSpec(Section):
             check(r.sglang.urls is not None or r.sglang.discovery_file is not None or self.launcher is not None,
                   "rollout.sglang", "engine sglang needs urls or discovery_file (or a launcher section that "
                   "starts the servers)")
+
+    def teacher_port(self, name: str) -> int:
+        """The port the launchers start teacher `name`'s servers on (`serve.port`, else 30000 + its position)."""
+        serve = self.teachers[name].serve
+        if serve is not None and serve.port is not None:
+            return serve.port
+        return TEACHER_PORT_BASE + list(self.teachers).index(name)
+
+    def _check_serving(self) -> None:
+        ports: dict[int, str] = {}
+        for name, teacher in self.teachers.items():
+            if teacher.serve is None:
+                continue
+            where = f"teachers.{name}.serve"
+            ctx = teacher.serve.context_length
+            check(ctx is None or ctx >= self.seq_length, f"{where}.context_length",
+                  f"must hold a prompt plus a rollout ({self.seq_length} tokens), got {ctx}")
+            port = self.teacher_port(name)
+            check(port not in ports, f"{where}.port", f"port {port} is already used by {ports.get(port)}")
+            ports[port] = where
+        servers = self.rollout.sglang
+        if self.rollout.engine == "sglang" and servers.urls is None:
+            check(servers.context_length is None or servers.context_length >= self.seq_length,
+                  "rollout.sglang.context_length",
+                  f"must hold a prompt plus a rollout ({self.seq_length} tokens), got {servers.context_length}")
+            check(servers.port not in ports, "rollout.sglang.port",
+                  f"port {servers.port} is already used by {ports.get(servers.port)}")
+            check(servers.weight_sync != "distributed" or servers.dp == 1, "rollout.sglang.dp",
+                  f"weight_sync: distributed needs servers with dp = 1 (SGLang joins the weights-update group as "
+                  f"rank_offset + tp_rank), got dp = {servers.dp}: set rollout.sglang.dp=1 (and tp) or "
+                  "rollout.sglang.weight_sync=disk")
 
     @property
     def seq_length(self) -> int:

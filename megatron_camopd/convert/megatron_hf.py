@@ -8,6 +8,10 @@ the tokenizer files recorded under ``ROOT/hf/``. Padding rows are removed; tied 
 ``hf_to_checkpoint(src, dst)``: an HF model directory becomes a checkpoint root of this project (``hf/`` meta +
 ``iter_0000000/`` with the model only), which training can start from with ``model.checkpoint``.
 
+Layout: conversion always builds megatron-core's LOCAL layer spec (TransformerEngine's parameter names, no TE
+modules), whatever the machine has, so it runs the same on a CPU login node and a GPU node; checkpoints load across
+layer specs in both directions (see backend/checkpoint.py), so a checkpoint written here trains with TE.
+
 Before any tensor is read, the checkpoint's tensor metadata is compared with the model the recorded config
 describes, so a config/checkpoint mismatch is a ``CheckpointError`` naming the tensors, not a shape trace from
 deep inside torch.distributed.checkpoint (whose vocabulary tensors silently zero-fill on a shape mismatch).
@@ -135,16 +139,20 @@ def check_checkpoint_matches(ckpt_dir: Path, chunks: list, vocab_size: int, meta
         raise CheckpointError(f"{ckpt_dir}: checkpoint does not match the architecture in its hf/config.json: {shown}")
 
 
+LOCAL_SPEC_FIELDS = dict(bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False)
+
+
 def _build_tp1(arch: Any, dtype: torch.dtype, padded_vocab: Optional[int] = None) -> list:
-    """TP=1/PP=1 model chunks; ``padded_vocab`` overrides the vocabulary rows (a checkpoint's saved padding)."""
+    """TP=1/PP=1 model chunks of the local layer spec; ``padded_vocab`` overrides the vocabulary rows (a
+    checkpoint's saved padding)."""
     from megatron_camopd.backend.model import build_model_chunks, transformer_config
 
-    config = transformer_config(arch, tp=1, pp=1, dtype=dtype)
+    config = transformer_config(arch, tp=1, pp=1, dtype=dtype, **LOCAL_SPEC_FIELDS)
     if padded_vocab is not None and padded_vocab != arch.padded_vocab_size(1):
         # build_gpt_model pads arch.vocab_size to 128 * tp; an arch whose vocab is the saved padded size gives
         # exactly the saved rows (a multiple of 128), and the extra rows are dropped again on export.
         arch = dataclasses.replace(arch, vocab_size=padded_vocab)
-    return build_model_chunks(arch, config)
+    return build_model_chunks(arch, config, use_transformer_engine=False)
 
 
 def checkpoint_to_hf(src: PathLike, dst: PathLike, dtype: Optional[str] = None) -> Path:

@@ -110,6 +110,21 @@ def make_examples(
     return out
 
 
+def make_loud_examples(task: str, n: int, seed: int = 0, length_range: tuple[int, int] | None = None,
+                       marker: str = "!", domain: str = "domain") -> list[dict[str, Any]]:
+    """The "loud" persona of a general task: the same prompt behind a marker (`"! reverse: abc"`), answered in
+    capitals (`"CBA"`). It shares its surface form with the plain task, so a model specialised on it tends to
+    shout at plain prompts too (forgetting), and recovering the plain behaviour pulls the shared parameters
+    against preserving the persona (the counteraction the CaMOPD paper measures). Task name `loud_<task>`."""
+    out = []
+    for ex in make_examples(task, n, seed, length_range, domain):
+        prompt = f"{marker} {ex['prompt']}"
+        i = ex["uid"].rsplit("-", 1)[1]
+        out.append({**ex, "prompt": prompt, "answer": ex["answer"].upper(), "task": f"loud_{task}",
+                    "uid": f"loud_{task}-{seed}-{i}", "messages": [{"role": "user", "content": prompt}]})
+    return out
+
+
 def to_row(ex: dict[str, Any], fmt: str) -> dict[str, Any]:
     """One example as a row of prompt format ``fmt``."""
     base = {"uid": ex["uid"], "domain": ex["domain"]}

@@ -1,28 +1,34 @@
-"""`camopd compare SPEC --seeds N [--out DIR] [--methods ...]`: distillation methods side by side, like Table 1.
+"""`camopd compare SPEC --seeds N [--out DIR] [--methods ...]`: distillation methods side by side over seeds.
 
 Every method is the same SPEC with a few overrides (see `setting.METHODS`: vanilla MOPD 1:1 and 3:1, CaMOPD,
-CaMOPD without decoupling / without selection, Uni-OPD, Relaxed OPD, SelecTKD, ExOPD), trained for each seed
-into `DIR/<method>_seed<k>/` (cached like the demo's phases), then evaluated by greedy exact match on held-out
-sets per domain (`--eval DOMAIN=FILE`, default `eval_<domain>.jsonl` next to each stream's data file).
+CaMOPD without decoupling / without selection, Uni-OPD, Relaxed OPD, SelecTKD, ExOPD), trained once per seed k
+(`train.seed=k`, `data.seed=k`: initialisation of the sampling streams and the prompt order) into
+`DIR/<method>_seed<k>/` (cached like the demo's phases), then evaluated by greedy exact match on held-out sets per
+domain (`--eval DOMAIN=FILE`, default `eval_<domain>.jsonl` next to each stream's data file).
 
 Per domain d the MOPD normalised score is `s_d = (a_method - a_student) / (a_teacher - a_student)` with the
 initial student and the teacher routed for d evaluated the same way; a domain where the teacher is no better than
 the student (|denominator| < 1 point, e.g. the domain when the student *is* the domain teacher) has no s_d, and
-the headline is the mean of the defined s_d. Results: `DIR/compare.md` and `DIR/compare.json`.
+the headline is the mean of the defined s_d. Per method: mean ± std over seeds, the paired difference against
+vanilla MOPD (1:1) on the same seed with a bootstrap 95% CI (`demo/stats.py`), the referee's instruments from
+each run's `metrics.jsonl`, and the CPU seconds it cost. Results: `DIR/compare.md`, `DIR/compare.json`,
+`DIR/compare.png` (`demo/compare_report.py`). The demo's distillation phase calls `run_comparison` too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from megatron_camopd.demo.phases import EvalCache, checkpoints, run_phase, say
-from megatron_camopd.demo.setting import LABELS, METHODS, method_overrides, stable_hash
+from megatron_camopd.demo.phases import EvalCache, checkpoints, phase_seconds, run_phase, say
+from megatron_camopd.demo.setting import METHODS, method_overrides, stable_hash
+from megatron_camopd.demo.stats import instruments
 
 MIN_DENOMINATOR = 0.01
+BASELINE = "mopd_1to1"
 
 
 def eval_files(spec, given: list[str]) -> dict[str, Path]:
@@ -54,49 +60,67 @@ def normalised(acc: dict[str, float], student: dict[str, float], teacher: dict[s
     return {"per_domain": s, "score": sum(defined) / len(defined) if defined else None}
 
 
-def _ms(vals: list) -> tuple[float | None, float | None]:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+def run_comparison(spec_path: Path, out: Path, methods: Sequence[str], seeds: Sequence[int],
+                   evaluate: Callable[[str, Path], dict], student: dict[str, float], teacher: dict[str, float], *,
+                   prefix: str = "", upstream: str = "", steps: int | None = None, curves: bool = False,
+                   ) -> dict[str, list[dict]]:
+    """Train every (method, seed) of `spec_path` into `out/<prefix><method>_seed<k>` (cached by the spec text, the
+    overrides and `upstream`, the digest of whatever produced the spec's models) and evaluate it.
 
+    `evaluate(key, checkpoint)` returns {domain: {"accuracy": ..., "per_task": ...}} (cached by key). Per run:
+    seed, accuracy and per-task accuracy per domain, the normalised score against `student` / `teacher`, the
+    instruments of its metrics, its training seconds, and with `curves` every checkpoint's accuracies."""
+    from megatron_camopd.config import load_spec
+    from megatron_camopd.metrics import read_metrics
 
-def _fmt(vals: list, scale: float = 100.0) -> str:
-    m, sd = _ms(vals)
-    return "n/a" if m is None else f"{scale * m:.1f} ± {scale * sd:.1f}"
-
-
-def table(results: dict, domains: list[str], baselines: dict) -> str:
-    head = "| method | " + " | ".join(f"{d} acc (%)" for d in domains) + " | " + \
-        " | ".join(f"s_{d}" for d in domains) + " | score (mean s_d) |"
-    lines = [head, "| --- |" + " ---: |" * (2 * len(domains) + 1)]
-    for name, acc in baselines.items():
-        lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(f"{100 * acc[d]:.1f}" for d in domains) +
-                     " |" + " |" * (len(domains) + 1))
-    for m, runs in results.items():
-        cells = [_fmt([r["accuracy"][d] for r in runs]) for d in domains]
-        cells += [_fmt([r["normalised"]["per_domain"][d] for r in runs], 1.0) for d in domains]
-        cells.append(_fmt([r["normalised"]["score"] for r in runs], 1.0))
-        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    base = load_spec(spec_path)
+    spec_text = spec_path.read_text()
+    verifiers = [st.verifier for st in base.data.streams]
+    results: dict[str, list[dict]] = {}
+    for meth in methods:
+        for seed in seeds:
+            extra = [f"train.seed={seed}", f"data.seed={seed}"] + ([f"train.steps={steps}"] if steps else [])
+            overrides = method_overrides(meth, verifiers, base.rollout.prompts_per_step,
+                                         base.train.micro_batch_size) + extra
+            name = f"{prefix}{meth}_seed{seed}"
+            digest = stable_hash([spec_text, overrides, upstream])
+            run_dir, _ = run_phase(out, name, spec_path, digest, overrides)
+            ckpts = checkpoints(run_dir)
+            curve = [(step, evaluate(f"{name}:{digest}:{step}", path)) for step, path in
+                     (ckpts if curves else ckpts[-1:])]
+            final = curve[-1][1]
+            acc = {d: float(r["accuracy"]) for d, r in final.items()}
+            results.setdefault(meth, []).append({
+                "seed": seed, "run_dir": str(run_dir), "accuracy": acc,
+                "per_task": {d: r.get("per_task", {}) for d, r in final.items()},
+                "normalised": normalised(acc, student, teacher),
+                "instruments": instruments(read_metrics(run_dir / "metrics.jsonl")),
+                "seconds": phase_seconds(out, name),
+                "curve": [(step, {d: float(r["accuracy"]) for d, r in ev.items()}) for step, ev in curve],
+            })
+            say(f"{name}: " + " ".join(f"{d}={100 * v:.1f}" for d, v in sorted(acc.items())))
+    return results
 
 
 def compare_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="camopd compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("spec", help="a distillation spec (e.g. DIR/specs/distill_camopd.yaml written by camopd demo)")
-    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("spec", help="a distillation spec (e.g. DIR/specs/distill.yaml written by camopd demo)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per method (>= 3 for an interval worth reading)")
     ap.add_argument("--out", default=None, help="output directory (default: compare/ beside the spec)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--eval", action="append", default=[], metavar="DOMAIN=FILE", help="held-out set per domain")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps for every run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models)")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
     import torch
 
     torch.set_num_threads(max(1, args.threads))
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     from megatron_camopd.config import load_spec
     from megatron_camopd.data.synthetic import read_jsonl
+    from megatron_camopd.demo.compare_report import write_comparison
     from megatron_camopd.demo.scoring import evaluate_model
 
     spec_path = Path(args.spec).resolve()
@@ -108,44 +132,32 @@ def compare_main(argv: list[str]) -> int:
     domains = sorted(sets)
     max_new = base.rollout.max_new_tokens
     cache = EvalCache(out / "evals.json")
-    spec_text = spec_path.read_text()
+    how = stable_hash([sets, max_new])
 
-    def acc(key: str, **source) -> dict[str, float]:
-        r = cache.get(key, lambda: evaluate_model(sets, max_new, **source))
+    def evaluate(key: str, checkpoint: Path | None = None, **source) -> dict:
+        src = dict(source, checkpoint=checkpoint) if checkpoint is not None else source
+        return cache.get(f"{key}:{how}", lambda: evaluate_model(sets, max_new, **src))
+
+    def acc(r: dict) -> dict[str, float]:
         return {d: float(r[d]["accuracy"]) for d in domains}
 
     m = base.model
-    student = acc(f"student:{stable_hash([m.hf_path, m.checkpoint, spec_text])}", hf_path=m.hf_path,
-                  checkpoint=m.checkpoint)
-    teacher_acc: dict[str, float] = {}
+    student = acc(evaluate(f"student:{stable_hash([m.hf_path, m.checkpoint])}", hf_path=m.hf_path,
+                           checkpoint=m.checkpoint))
+    teacher: dict[str, float] = {}
     baselines = {"initial student": student}
     for d in domains:
         name = base.routing.get(d)
         t = base.teachers[name]
         if t.kind != "megatron":
             raise SystemExit(f"camopd compare: teacher {name} is served over HTTP; evaluate it with camopd eval")
-        r = acc(f"teacher:{name}:{stable_hash([t.hf_path, t.checkpoint])}", hf_path=t.hf_path, checkpoint=t.checkpoint)
-        teacher_acc[d] = r[d]
+        r = acc(evaluate(f"teacher:{name}:{stable_hash([t.hf_path, t.checkpoint])}", hf_path=t.hf_path,
+                         checkpoint=t.checkpoint))
+        teacher[d] = r[d]
         baselines[f"teacher {name}"] = r
-    results: dict[str, list] = {}
-    for meth in args.methods:
-        for seed in range(args.seeds):
-            extra = [f"train.seed={seed}", f"data.seed={seed}"] + ([f"train.steps={args.steps}"] if args.steps else [])
-            overrides = method_overrides(meth, [st.verifier for st in base.data.streams],
-                                         base.rollout.prompts_per_step, base.train.micro_batch_size) + extra
-            name = f"{meth}_seed{seed}"
-            digest = stable_hash([spec_text, overrides])
-            run_dir, _ = run_phase(out, name, spec_path, digest, overrides)
-            a = acc(f"{name}:{digest}", checkpoint=checkpoints(run_dir)[-1][1])
-            results.setdefault(meth, []).append({"seed": seed, "accuracy": a,
-                                                 "normalised": normalised(a, student, teacher_acc)})
-            say(f"{name}: " + " ".join(f"{d}={100 * v:.1f}" for d, v in a.items()))
-    md = ["# Method comparison", "", (f"Spec: `{spec_path}`; {args.seeds} seed(s); greedy exact match on held-out "
-          "sets; `s_d = (a_method - a_student) / (a_teacher - a_student)` (n/a where the teacher does not beat the "
-          "initial student by >= 1 point)."), "", table(results, domains, baselines), ""]
-    (out / "compare.md").write_text("\n".join(md))
-    (out / "compare.json").write_text(json.dumps({"spec": str(spec_path), "seeds": args.seeds, "domains": domains,
-                                                  "baselines": baselines, "results": results}, indent=1))
-    print("\n".join(md))
-    say(f"wrote {out / 'compare.md'} and {out / 'compare.json'}")
+    results = run_comparison(spec_path, out, args.methods, list(range(args.seeds)), evaluate, student, teacher,
+                             steps=args.steps)
+    md = write_comparison(out, spec_path, domains, baselines, results, threads=args.threads)
+    print(md)
+    say(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}")
     return 0

@@ -1,13 +1,15 @@
-"""`camopd demo --out DIR [--quick] [--seed S]`: the CaMOPD story end to end on one CPU, from scratch.
+"""`camopd demo --out DIR [--quick] [--seed S] [--seeds N]`: the CaMOPD story end to end on one CPU, from scratch.
 
 Phases (each cached under DIR, skipped on a re-run while its settings hash is unchanged):
   1. a tiny Qwen3-architecture base model and a char-level tokenizer (HF files) and the synthetic data;
   2. general teacher: SFT of the base model on general tasks (arithmetic, reversal, sorting, copying);
-  3. domain teacher: SFT of the general teacher on the domain task (cipher) at a high LR -> it forgets;
-  4. on-policy distillation from the domain teacher (student init) with the general teacher on *proxy* general
-     prompts (every general task, only its longer strings) and the domain teacher on domain prompts: CaMOPD and
-     vanilla MOPD;
-  5. greedy exact-match evaluation of every model (and of each distillation checkpoint, for the curves);
+  3. domain teacher: SFT of the general teacher on the "loud" persona of reversal and copying (the same prompts
+     behind a marker, answered in capitals) at a high LR -> it shouts at plain prompts too (forgetting);
+  4. greedy exact-match evaluation of both teachers;
+  5. on-policy distillation from the domain teacher (student init) with the general teacher on *proxy* general
+     prompts and the domain teacher on domain prompts: CaMOPD and vanilla MOPD (1:1) by default, each over
+     `--seeds` seeds (train.seed = data.seed = S + k; the teachers are shared), through `compare.run_comparison`,
+     every checkpoint evaluated for the curves;
 then `DIR/report.md`, `DIR/summary.json`, `DIR/metrics.jsonl` and PNG plots (see demo/report.py).
 """
 
@@ -24,15 +26,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_camopd.demo.compare import run_comparison
 from megatron_camopd.demo.phases import EvalCache, checkpoints, run_phase, say
-from megatron_camopd.demo.setting import (
-    DemoSetting,
-    distill_spec,
-    method_overrides,
-    sft_spec,
-    stable_hash,
-    write_data,
-)
+from megatron_camopd.demo.setting import DemoSetting, distill_spec, sft_spec, stable_hash, write_data, write_spec
 
 TOTAL_PHASES = 5
 
@@ -86,66 +82,54 @@ def run_pipeline(s: DemoSetting, root: Path) -> dict:
     g_digest = stable_hash([_portable(spec, root), base_digest, data_digest("sft_general")])
     general, _ = run_phase(root, "general_teacher", spec, g_digest)
 
-    say(f"phase 3/{TOTAL_PHASES}: domain teacher = SFT of the general teacher on {s.domain_task} "
+    say(f"phase 3/{TOTAL_PHASES}: domain teacher = SFT of the general teacher on the loud persona of "
+        f"{', '.join(s.domain_tasks)} "
         f"({s.sft_domain_steps} steps at lr {s.sft_domain_lr:g})")
     spec = sft_spec(s, "domain_teacher", {"checkpoint": str(general)}, data["sft_domain"], "domain",
                     root / "domain_teacher", s.sft_domain_steps, s.sft_domain_lr)
     d_digest = stable_hash([_portable(spec, root), g_digest, data_digest("sft_domain")])
     domain, _ = run_phase(root, "domain_teacher", spec, d_digest)
 
-    say(f"phase 4/{TOTAL_PHASES}: on-policy distillation from the domain teacher "
-        f"(proxy general prompts: {', '.join(s.proxy_tasks)}; methods: {', '.join(s.demo_methods)})")
-    runs: dict[str, tuple[Path, str]] = {}
-    prompts_digest = data_digest("proxy_general", "prompts_domain")  # the same prompts for every method
-    for m in s.demo_methods:
-        spec = distill_spec(s, f"distill_{m}", _final(domain), _final(general), _final(domain), data,
-                            root / f"distill_{m}")
-        overrides = method_overrides(m, ["none", "none"], s.distill_batch, s.distill_batch)
-        digest = stable_hash([_portable(spec, root), overrides, d_digest, prompts_digest])
-        run_dir, _ = run_phase(root, f"distill_{m}", spec, digest, overrides)
-        runs[m] = (run_dir, digest)
-
-    say(f"phase 5/{TOTAL_PHASES}: greedy exact-match evaluation of every model")
-    evals = evaluate_all(s, root, data, general, g_digest, domain, d_digest, runs)
-    say(f"pipeline finished in {time.time() - t0:.0f}s")
-    return {"evals": evals, "runs": {m: str(d) for m, (d, _) in runs.items()}, "data": data}
-
-
-def evaluate_all(s: DemoSetting, root: Path, data: dict, general: Path, g_digest: str, domain: Path,
-                 d_digest: str, runs: dict) -> dict:
-    """{"models": {name: {"general": acc-dict, "domain": acc-dict}}, "curves": {method: [(step, evals)]}}."""
+    say(f"phase 4/{TOTAL_PHASES}: greedy exact-match evaluation of the teachers")
     from megatron_camopd.data.synthetic import read_jsonl
     from megatron_camopd.demo.scoring import evaluate_model
 
     sets = {"general": read_jsonl(data["eval_general"]), "domain": read_jsonl(data["eval_domain"])}
     cache = EvalCache(root / "evals.json")
-    # what is evaluated how: a changed eval set or decode length must not reuse cached accuracies
-    how = stable_hash([sets, s.max_new_tokens])
+    how = stable_hash([sets, s.max_new_tokens])  # a changed eval set or decode length re-evaluates
 
-    def ev(key: str, path: Path) -> dict:
-        return cache.get(f"{key}:{how}", lambda: evaluate_model(sets, s.max_new_tokens, checkpoint=path))
+    def evaluate(key: str, checkpoint: Path) -> dict:
+        return cache.get(f"{key}:{how}", lambda: evaluate_model(sets, s.max_new_tokens, checkpoint=checkpoint))
 
-    models = {"general_teacher": ev(f"general_teacher:{g_digest}", _final(general)),
-              "domain_teacher": ev(f"domain_teacher:{d_digest}", _final(domain))}
-    curves: dict[str, list] = {}
-    for m, (run_dir, digest) in runs.items():
-        curve = [(0, models["domain_teacher"])]  # step 0: the student is the domain teacher
-        for step, path in checkpoints(run_dir):
-            curve.append((step, ev(f"{m}:{digest}:{step}", path)))
-            say(f"  {m} step {step}: general {curve[-1][1]['general']['accuracy']:.3f} "
-                f"domain {curve[-1][1]['domain']['accuracy']:.3f}")
-        curves[m] = curve
-        models[m] = curve[-1][1]
+    models = {"general_teacher": evaluate(f"general_teacher:{g_digest}", _final(general)),
+              "domain_teacher": evaluate(f"domain_teacher:{d_digest}", _final(domain))}
+
+    def acc(r: dict) -> dict[str, float]:
+        return {b: float(r[b]["accuracy"]) for b in ("general", "domain")}
+
+    seeds = [s.seed + k for k in range(s.distill_seeds)]
+    say(f"phase 5/{TOTAL_PHASES}: on-policy distillation from the domain teacher (proxy general prompts: "
+        f"{', '.join(s.proxy_tasks)}; methods: {', '.join(s.demo_methods)}; seeds {seeds}), each run evaluated "
+        "at its checkpoints")
+    spec_path = write_spec(distill_spec(s, "distill", _final(domain), _final(general), _final(domain), data,
+                                        root / "distill"), root / "specs" / "distill.yaml")
+    upstream = stable_hash([d_digest, data_digest("proxy_general", "prompts_domain")])
+    runs = run_comparison(spec_path, root, s.demo_methods, seeds, evaluate, acc(models["domain_teacher"]),
+                          acc(models["general_teacher"]), prefix="distill_", upstream=upstream, curves=True)
     for name, r in models.items():
         say(f"  {name:16s} general {r['general']['accuracy']:.3f}  domain {r['domain']['accuracy']:.3f}")
-    return {"models": models, "curves": curves}
+    say(f"pipeline finished in {time.time() - t0:.0f}s")
+    return {"models": models, "runs": runs, "data": data, "seeds": seeds}
 
 
 def demo_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="camopd demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory (phases are cached there)")
     ap.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline in ~1-2 minutes")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data, the base model and the teachers")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="distillation seeds per method (default 2; 1 in --quick): train.seed = data.seed = "
+                         "seed + k, the teachers shared")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                     help="torch threads (default: 2 where there are 2 cores; measured ~1.5x faster than 1 on an "
                          "idle 2-core machine; use 1 on a busy one)")
@@ -157,11 +141,15 @@ def demo_main(argv: list[str]) -> int:
     logging.getLogger("megatron_camopd").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     s = (DemoSetting.quick(args.seed) if args.quick else DemoSetting(seed=args.seed)).with_overrides(args.set)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            ap.error("--seeds must be >= 1")
+        s = dataclasses.replace(s, distill_seeds=args.seeds)
     root = Path(args.out)
     result = run_pipeline(s, root)
     from megatron_camopd.demo.report import write_report
 
     summary = write_report(s, root, result)
     say(f"report: {root / 'report.md'}")
-    say(f"summary: {json.dumps({k: {m: round(a, 3) for m, a in v.items()} for k, v in summary.items()})}")
+    say(f"summary: {json.dumps({k: {m: round(a, 3) for m, a in summary[k].items()} for k in ('general', 'domain')})}")
     return 0

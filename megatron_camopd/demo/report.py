@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 
 from megatron_camopd.demo.setting import LABELS, DemoSetting, eval_overlap, proxy_label
+from megatron_camopd.demo.compare_report import instrument_table, summarise
+from megatron_camopd.demo.stats import mean_std, verdict
 from megatron_camopd.metrics import read_metrics
 
 BRANCHES = ("general", "domain")
@@ -42,18 +44,31 @@ def _axes_style(ax) -> None:
     ax.grid(alpha=0.3)
 
 
-def summary_of(models: dict) -> dict:
-    """{"general": {model: acc}, "domain": {model: acc}} from the evaluation results."""
-    return {b: {name: float(r[b]["accuracy"]) for name, r in models.items()} for b in BRANCHES}
+def summary_of(models: dict, runs: dict[str, list[dict]]) -> dict:
+    """{"general"|"domain": {model: accuracy}} (a method's mean over seeds) plus "seeds": {"ids": [...],
+    "general"|"domain": {method: [per-seed accuracy]}}."""
+    out: dict = {b: {name: float(r[b]["accuracy"]) for name, r in models.items()} for b in BRANCHES}
+    for b in BRANCHES:
+        out[b].update({m: float(mean_std([r["accuracy"][b] for r in rs])[0]) for m, rs in runs.items()})
+    ids = sorted({r["seed"] for rs in runs.values() for r in rs})
+    out["seeds"] = {"ids": ids, **{b: {m: [r["accuracy"][b] for r in rs] for m, rs in runs.items()}
+                                   for b in BRANCHES}}
+    return out
 
 
-def plot_accuracy(curves: dict, models: dict, path: Path) -> Path:
+def plot_accuracy(runs: dict[str, list[dict]], models: dict, path: Path) -> Path:
+    """Accuracy over distillation steps: each seed a thin line, the mean over seeds a thick one."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, b in zip(axes, BRANCHES):
-        for m, curve in curves.items():
-            ax.plot([st for st, _ in curve], [100 * r[b]["accuracy"] for _, r in curve], marker="o",
-                    color=_color(m), label=LABELS.get(m, m))
+        for m, rs in runs.items():
+            start = 100 * models["domain_teacher"][b]["accuracy"]  # step 0: the student is the domain teacher
+            per = [[(0, start)] + [(st, 100 * a[b]) for st, a in r["curve"]] for r in rs]
+            for curve in per:
+                ax.plot([x for x, _ in curve], [y for _, y in curve], color=_color(m), alpha=0.35, linewidth=0.8)
+            steps = sorted({x for c in per for x, _ in c if all(x in dict(c2) for c2 in per)})
+            ax.plot(steps, [sum(dict(c)[x] for c in per) / len(per) for x in steps], marker="o", color=_color(m),
+                    label=f"{LABELS.get(m, m)} (mean of {len(per)})")
         for name, style in (("general_teacher", "--"), ("domain_teacher", ":")):
             ax.axhline(100 * models[name][b]["accuracy"], color="grey", linestyle=style,
                        label=name.replace("_", " "))
@@ -62,7 +77,7 @@ def plot_accuracy(curves: dict, models: dict, path: Path) -> Path:
         _axes_style(ax)
     axes[0].set_ylabel("accuracy (%)")
     axes[1].legend(loc="lower right", fontsize=8)
-    fig.suptitle("Student (initialised from the domain teacher) during on-policy distillation")
+    fig.suptitle("Student (initialised from the domain teacher) during on-policy distillation; thin: one seed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -79,7 +94,7 @@ def plot_signals(rows_by_method: dict[str, list[dict]], path: Path) -> Path:
     panels = [("mean_gap/{b}", "mean token gap log pT - log ps (nats/token)", True),
               ("selected_fraction/{b}", "selected fraction |S_b| / |B_b|", True),
               ("diag_gcg", "gradient coherence gain GCG (%)", False),
-              ("diag_grad_dot", "cross-branch gradient dot <g_g, g_d>", False)]
+              ("diag_grad_cos", "cross-branch gradient cosine cos(g_g, g_d)", False)]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, (key, title, per_branch) in zip(axes.flat, panels):
         for m, rows in rows_by_method.items():
@@ -89,7 +104,7 @@ def plot_signals(rows_by_method: dict[str, list[dict]], path: Path) -> Path:
                     label = LABELS.get(m, m) + (f" / {b}" if b else "")
                     ax.plot(xs, ys, marker="." if b != "domain" else "x", color=_color(m),
                             linestyle="-" if b != "domain" else "--", label=label)
-        if key == "diag_grad_dot":
+        if key == "diag_grad_cos":
             ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_title(title)
         _axes_style(ax)
@@ -97,7 +112,7 @@ def plot_signals(rows_by_method: dict[str, list[dict]], path: Path) -> Path:
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle("Training signals per method (from metrics.jsonl; solid: general branch, dashed: domain branch)")
+    fig.suptitle("Training signals per method, first seed (metrics.jsonl; solid: general branch, dashed: domain)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -108,91 +123,144 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
-def _story(summary: dict, method: str = "camopd") -> dict:
-    g, d = summary["general"], summary["domain"]
-    lost = g["general_teacher"] - g["domain_teacher"]
-    out = {"general_lost": lost, "domain_drop": None, "recovered_fraction": None}
-    if method in g:
-        out["recovered_fraction"] = (g[method] - g["domain_teacher"]) / lost if lost > 0 else None
-        out["domain_drop"] = d["domain_teacher"] - d[method]
-    return out
+def _pm(vals: list[float]) -> str:
+    m, sd = mean_std(vals)
+    return "n/a" if m is None else (f"{100 * m:.1f} ± {100 * sd:.1f}" if len(vals) > 1 else f"{100 * m:.1f}")
 
 
-def report_markdown(s: DemoSetting, summary: dict, models: dict, curves: dict, seconds: dict,
+def recovered(general: float, s: dict) -> float | None:
+    """Share of the general accuracy lost by specialisation that a model wins back."""
+    lost = s["general"]["general_teacher"] - s["general"]["domain_teacher"]
+    return (general - s["general"]["domain_teacher"]) / lost if lost > 0 else None
+
+
+def counteraction(ins: list[dict]) -> tuple[str, dict]:
+    """Whether vanilla MOPD's cross-branch gradient cosine was persistently negative, from each seed's
+    instruments: "present" when the mean over seeds is < 0 and every seed had a majority of negative steps."""
+    means = [i.get("cross_cos_mean") for i in ins]
+    shares = [i.get("cross_cos_negative_share") for i in ins]
+    known = [(m, sh) for m, sh in zip(means, shares) if m is not None and sh is not None]
+    facts = {"cos_mean": means, "negative_share": shares}
+    if not known:
+        return "not measured (no diagnostics steps with both branches)", facts
+    if mean_std([m for m, _ in known])[0] < 0 and all(sh > 0.5 for _, sh in known):
+        return "present", facts
+    return "not present", facts
+
+
+def _setting_text(s: DemoSetting) -> str:
+    weights = ", ".join(f"{t} x{w:g}" for t, w in s.proxy_weights.items()) or "equal shares"
+    return ("A tiny Qwen3-architecture model trained from scratch on one CPU. The **general teacher** is SFT-ed on "
+            f"{', '.join(s.general_tasks)}. The **domain teacher** is the general teacher specialised by SFT on the "
+            f"*loud persona* of {', '.join(s.domain_tasks)}: the same prompts behind a marker (`{s.domain_marker} "
+            f"reverse: abc`) answered in capitals (`CBA`) ({s.sft_domain_steps} steps, lr {s.sft_domain_lr:g}, "
+            f"{100 * s.domain_replay:.0f}% replay of {', '.join(s.domain_replay_tasks) or 'no task'}). It forgets "
+            "by shouting at plain prompts too. The student starts from the domain teacher and is distilled "
+            "on-policy: general teacher on *proxy* general prompts "
+            f"({'; '.join(f'{t}: {proxy_label(s, t)}' for t in s.general_tasks)}; shares: {weights}), domain "
+            "teacher on domain prompts. Why: (a) plain and loud prompts share their surface form but demand "
+            "conflicting casing, so recovering the plain behaviour and preserving the persona pull shared "
+            "parameters apart (counteraction, measured by the cross-branch gradient cosine); (b) digit answers "
+            "are not hurt by shouting, so most proxy samples are already recovered and a minority carry large "
+            "gaps (weak-signal flattening, measured by GCG and the gap of selected vs dropped samples).")
+
+
+def report_markdown(s: DemoSetting, summary: dict, models: dict, runs: dict, seconds: dict,
                     overlap: dict | None = None) -> str:
-    names = list(models)
-    lines = ["# CaMOPD demo: general capability recovery with domain preservation", "",
-             ("A tiny Qwen3-architecture model trained from scratch on one CPU. The **general teacher** is SFT-ed on "
-             f"{', '.join(s.general_tasks)}; the **domain teacher** is the general teacher specialised by SFT on "
-             f"`{s.domain_task}` ({s.sft_domain_steps} steps, lr {s.sft_domain_lr:g}, {100 * s.domain_replay:.0f}% general "
-             "replay in its data) and forgets. The student starts "
-             "from the domain teacher and is distilled on-policy: general teacher on *proxy* general prompts "
-             f"({'; '.join(f'{t}: {proxy_label(s, t)}' for t in s.general_tasks)}: the proxy covers the "
-             "general distribution incompletely), domain teacher on domain prompts."), "",
+    ids = summary["seeds"]["ids"]
+    lines = ["# CaMOPD demo: general capability recovery with domain preservation", "", _setting_text(s), "",
              *(["**Quick mode**: step counts are tiny, so the numbers below only show that the pipeline runs.", ""]
                if s.quick_mode else []),
-             "## Accuracy (greedy decoding, exact match, %)", "",
-             "| model | general | domain |", "| --- | ---: | ---: |"]
-    for n in names:
-        lines.append(f"| {LABELS.get(n, n.replace('_', ' '))} | {_pct(summary['general'][n])} | "
-                     f"{_pct(summary['domain'][n])} |")
+             f"## Accuracy (greedy decoding, exact match, %; methods: mean ± std over seeds {ids})", "",
+             "| model | general | domain | general per seed | domain per seed | recovered (%) |",
+             "| --- | ---: | ---: | --- | --- | ---: |"]
+    for n in ("general_teacher", "domain_teacher"):
+        lines.append(f"| {n.replace('_', ' ')} | {_pct(summary['general'][n])} | {_pct(summary['domain'][n])} "
+                     "| | | |")
+    for m, rs in runs.items():
+        g, d = [r["accuracy"]["general"] for r in rs], [r["accuracy"]["domain"] for r in rs]
+        rec = [recovered(x, summary) for x in g]
+        lines.append(f"| {LABELS.get(m, m)} | {_pm(g)} | {_pm(d)} | {' '.join(_pct(x) for x in g)} | "
+                     f"{' '.join(_pct(x) for x in d)} | {_pm([x for x in rec if x is not None])} |")
     if overlap:
         seen = "; ".join(f"{t} {k}/{n}" for b in ("general", "domain") for t, (k, n) in overlap.get(b, {}).items())
         lines += ["", ("Evaluation examples are drawn with their own seed. Prompts that also occur in a training or "
                        f"prompt set: {seen} (small task spaces such as 1-digit arithmetic repeat).")]
-    lines += ["", "### General accuracy per task (%)", ""]
+    lines += ["", "### General accuracy per task (%, methods: mean over seeds)", ""]
     tasks = sorted({t for r in models.values() for t in r["general"]["per_task"]})
-    lines += ["| model | " + " | ".join(f"{t} ({proxy_label(s, t)})" if t in s.general_tasks else t
-                                        for t in tasks) + " |",
+    lines += ["| model | " + " | ".join(f"{t} ({proxy_label(s, t)})" for t in tasks) + " |",
               "| --- |" + " ---: |" * len(tasks)]
-    for n in names:
-        pt = models[n]["general"]["per_task"]
-        lines.append(f"| {LABELS.get(n, n.replace('_', ' '))} | " + " | ".join(_pct(pt.get(t)) for t in tasks) + " |")
-    lines += ["", "## What it means", ""]
-    st = _story(summary)
-    lines.append(f"- Specialisation cost the domain teacher {_pct(st['general_lost'])} points of general accuracy "
-                 "(general teacher -> domain teacher).")
-    for m in curves:
-        sm = _story(summary, m)
-        moved = "n/a" if sm["domain_drop"] is None else f"{0.0 - 100 * sm['domain_drop']:+.1f}"  # no "-0.0"
-        lines.append(f"- {LABELS.get(m, m)} recovered {_pct(sm['recovered_fraction'])}% of that gap; its domain "
-                     f"accuracy changed by {moved} points relative to the domain teacher.")
+    for n, r in models.items():
+        lines.append(f"| {n.replace('_', ' ')} | " + " | ".join(_pct(r["general"]["per_task"].get(t))
+                                                               for t in tasks) + " |")
+    for m, rs in runs.items():
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(
+            _pct(mean_std([r["per_task"]["general"].get(t) for r in rs])[0]) for t in tasks) + " |")
+    lines += ["", "## Answers", ""]
+    lost = summary["general"]["general_teacher"] - summary["general"]["domain_teacher"]
+    lines.append(f"- Specialisation cost the domain teacher {_pct(lost)} points of general accuracy.")
+    stats = summarise(runs, ["domain", "general"])
+    if "camopd" in stats and "paired" in stats["camopd"]:
+        p = stats["camopd"]["paired"]
+        lines.append(f"- **Does CaMOPD beat vanilla MOPD (1:1) here?** General accuracy: "
+                     f"{verdict(p['general'], 'CaMOPD - MOPD')}. Domain accuracy: "
+                     f"{verdict(p['domain'], 'CaMOPD - MOPD')}. (Accuracy fractions; paired by seed; with "
+                     f"{len(ids)} seeds the percentile-bootstrap interval is the range of the per-seed "
+                     "differences at best, so it is rough: `camopd compare --seeds 3` gives a better one.)")
+    if "mopd_1to1" in runs:
+        state, facts = counteraction([r["instruments"] for r in runs["mopd_1to1"]])
+        cos = ", ".join(f"{c:+.3f} ({100 * sh:.0f}% of steps < 0)" for c, sh in
+                        zip(facts["cos_mean"], facts["negative_share"]) if c is not None and sh is not None)
+        lines.append(f"- **Is counteraction present?** {state}: vanilla MOPD's cross-branch gradient cosine, mean "
+                     f"per seed: {cos or 'n/a'} (the paper's Fig. 1 shows it persistently negative).")
+    if "camopd" in runs:
+        ins = [r["instruments"] for r in runs["camopd"]]
+        gcg = [i.get("gcg") for i in ins]
+        sel = [i.get("selected_fraction/general") for i in ins]
+        lines.append("- **Weak-signal flattening**: CaMOPD's gradient coherence gain of the selected subset over "
+                     "the full batch (GCG, %), mean per seed: " + ", ".join(_fmt(x, 1) for x in gcg) +
+                     "; general selected fraction: " + ", ".join(_fmt(x, 2) for x in sel) + ".")
     n_gen = models["general_teacher"]["general"].get("n") or 0
     if n_gen:
-        p = summary["general"]["domain_teacher"]
+        q = summary["general"]["domain_teacher"]
         lines.append(f"- With {n_gen} general evaluation examples one standard error of a general accuracy is about "
-                     f"{100 * math.sqrt(p * (1 - p) / n_gen):.1f} points: smaller differences between methods "
-                     "are noise.")
-    held = "holds" if (st["recovered_fraction"] or 0) >= 0.5 and (st["domain_drop"] or 0) <= 0.02 else "does NOT hold"
-    lines += [f"- The target (CaMOPD recovers >= 50% of the lost gap, domain within 2 points) **{held}** in this run.",
-              "", "## Training curves", "", "![accuracy over steps](accuracy.png)", "",
+                     f"{100 * math.sqrt(q * (1 - q) / n_gen):.1f} points.")
+    lines += ["", "## All instruments", "", *instrument_table(stats), "",
+              "## Training curves", "", "![accuracy over steps](accuracy.png)", "",
               "![training signals](signals.png)", "",
               ("Mean gap: per-token `log pT - log ps` on the student's rollouts (per branch). Selected fraction: "
-              "share of rollouts CaMOPD's mass-target gap selection keeps. GCG: gain in within-branch gradient "
-              "coherence of the selected subset over the full batch. Gradient dot: `<g_g, g_d>` at the same "
-              "parameters (negative = the branches counteract)."), "",
+               "share of rollouts CaMOPD's mass-target gap selection keeps. GCG: gain in within-branch gradient "
+               "coherence of the selected subset over the full batch. Cosine: cos(g_g, g_d) at the same parameters "
+               "(negative = the branches counteract)."), "",
               "## Phases and cost", "", "| phase | seconds |", "| --- | ---: |"]
     lines += [f"| {k} | {v if v is not None else 'cached'} |" for k, v in seconds.items()]
-    lines += ["", ("Every phase's spec is in `specs/`; re-run one with `camopd sft|train specs/NAME.yaml`. "
-              "Per-step metrics of the distillation runs are in `metrics.jsonl` (field `run`)."), ""]
+    lines += ["", ("Every phase's spec is in `specs/`; re-run one with `camopd sft|train specs/NAME.yaml`, or the "
+                   "whole method table with `camopd compare specs/distill.yaml --seeds 3`. Per-step metrics of "
+                   "the distillation runs are in `metrics.jsonl` (fields `run`, `seed`)."), ""]
     return "\n".join(lines)
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def write_report(s: DemoSetting, root: Path, result: dict) -> dict:
     """Write summary.json, metrics.jsonl, the PNGs and report.md; returns the summary."""
     from megatron_camopd.demo.phases import phase_seconds
 
-    models, curves = result["evals"]["models"], result["evals"]["curves"]
-    summary = summary_of(models)
+    models, runs = result["models"], result["runs"]
+    summary = summary_of(models, runs)
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
-    rows_by_method = {m: read_metrics(Path(d) / "metrics.jsonl") for m, d in result["runs"].items()}
+    rows = {m: [(r["seed"], read_metrics(Path(r["run_dir"]) / "metrics.jsonl")) for r in rs] for m, rs in runs.items()}
     with open(root / "metrics.jsonl", "w") as f:
-        for m, rows in rows_by_method.items():
-            f.writelines(json.dumps({"run": m, **r}) + "\n" for r in rows)
-    plot_accuracy(curves, models, root / "accuracy.png")
-    plot_signals(rows_by_method, root / "signals.png")
-    names = ["general_teacher", "domain_teacher"] + [f"distill_{m}" for m in result["runs"]]
+        for m, per in rows.items():
+            for seed, rs in per:
+                f.writelines(json.dumps({"run": m, "seed": seed, **r}) + "\n" for r in rs)
+    plot_accuracy(runs, models, root / "accuracy.png")
+    plot_signals({m: per[0][1] for m, per in rows.items() if per}, root / "signals.png")
+    names = ["general_teacher", "domain_teacher"] + [f"distill_{m}_seed{r['seed']}" for m, rs in runs.items()
+                                                     for r in rs]
     seconds = {n: phase_seconds(root, n) for n in names}
     overlap = eval_overlap({k: Path(v) for k, v in result["data"].items()}) if result.get("data") else None
-    (root / "report.md").write_text(report_markdown(s, summary, models, curves, seconds, overlap))
+    (root / "report.md").write_text(report_markdown(s, summary, models, runs, seconds, overlap))
     return summary

@@ -1,11 +1,19 @@
 """The demo's synthetic setting: task mix, model size, step counts, and the spec of every phase.
 
-The CaMOPD paper's setting in miniature: a general teacher (a tiny Qwen3 model SFT-ed on general tasks with
-checkable answers), a domain teacher (that model specialised by SFT on one domain task at a high learning rate,
-so it forgets), and on-policy distillation from the domain teacher with *proxy* general prompts that cover the
-general distribution incompletely (every general task, but its strings shifted to the longer lengths: the
-evaluation also has shorter ones, like the paper's Nemotron proxy; a task subset is also configurable) plus domain
-prompts.
+The CaMOPD paper's setting in miniature, built so that its two failure modes can be measured, not assumed:
+- a general teacher (a tiny Qwen3 model SFT-ed on arithmetic, reversal, sorting and copying);
+- a domain teacher: that model specialised on the *loud persona* of reversal and copying -- the same prompts behind
+  a marker (`! reverse: abc`) answered in capitals (`CBA`), at a high learning rate with a little replay. Plain and
+  loud prompts share their surface form but demand conflicting behaviour, so it forgets by shouting at plain
+  prompts and by drifting; recovering the plain behaviour and preserving the persona pull the same parameters
+  (counteraction: the instrument is the cross-branch gradient cosine, the paper's Fig. 1);
+- proxy general prompts that cover the general distribution incompletely (the longer strings of each task; the
+  evaluation also has the shorter ones, like the paper's Nemotron proxy) with unequal correction demand: mostly
+  digit prompts (arithmetic, which shouting cannot damage and replay keeps mostly intact) and a minority of
+  letter prompts carrying large gaps (weak-signal flattening: the instruments are GCG, the coherence gain of the
+  gap-selected subset, and the gap of selected vs dropped samples).
+What the instruments showed in the default setting is in the README and each run's report: GCG > 0 throughout,
+and *no* persistent negative cosine (the counteraction the setting was built for does not show at this size).
 `DemoSetting.quick()` shrinks everything for CI. Specs are plain dicts written as YAML files so every phase can be
 re-run by hand with `camopd sft|train SPEC`.
 """
@@ -24,6 +32,7 @@ from typing import Any
 import yaml
 from megatron_camopd.data.synthetic import (
     make_examples,
+    make_loud_examples,
     read_jsonl,
     task_of,
     write_jsonl,
@@ -41,19 +50,30 @@ class DemoSetting:
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 512
-    # tasks: general tasks (name -> (lo, hi) length range), the domain task and the proxy subset
+    # tasks: general tasks (name -> (lo, hi) length range). The domain is the "loud" persona of some of them:
+    # the same prompt behind a marker ("! reverse: abc"), answered in capitals ("CBA"). Sharing its surface form
+    # with the plain tasks is what makes recovery and preservation conflict (see DESIGN below)
     general_tasks: dict[str, list[int]] = field(default_factory=lambda: {
         "arithmetic": [1, 1], "reverse": [3, 5], "sort": [3, 5], "copy": [3, 6]})
-    domain_task: str = "cipher"
-    domain_length: list[int] = field(default_factory=lambda: [3, 6])
+    domain_tasks: dict[str, list[int]] = field(default_factory=lambda: {"reverse": [3, 5], "copy": [3, 6]})
+    domain_marker: str = "!"
     # the proxy: every general task, but its strings shifted to the longer lengths (no 3-character strings, which
     # the evaluation has), like the paper's Nemotron proxy that covers the general teacher's distribution
-    # incompletely. Measured: the shorter lengths 3-4 instead (lengths 5-6 unseen) leave CaMOPD at 46% recovery,
-    # because the damage sits mostly in the longer strings and does not transfer back across lengths
+    # incompletely; `proxy_weights` sets each task's share (unequal correction demand: digit answers are not
+    # damaged by shouting, letter answers are)
     proxy_tasks: list[str] = field(default_factory=lambda: ["arithmetic", "reverse", "sort", "copy"])
     proxy_lengths: dict[str, list[int]] = field(default_factory=lambda: {
         "reverse": [4, 5], "sort": [4, 5], "copy": [4, 6]})  # task -> (lo, hi) shifted for the proxy
-    domain_replay: float = 0.3  # share of general examples mixed into the domain SFT data (partial forgetting)
+    # task -> share of n_train (default 1.0): mostly digit prompts (already recovered), a minority of letter ones
+    proxy_weights: dict[str, float] = field(default_factory=lambda: {
+        "arithmetic": 3.0, "reverse": 0.5, "sort": 0.5, "copy": 0.5})
+    # share of general examples mixed into the domain SFT data. Measured (seed 0; general / domain accuracy of
+    # the domain teacher, then CaMOPD after 160 PG steps): replay 0.1 of arithmetic only: 23.5 / 98.5 -- it
+    # shouts at every letter prompt, puts ~no mass on lower case, and neither CaMOPD nor MOPD recovers anything
+    # (PG or top-k: on-policy rollouts never show the right tokens); 0.05 of every task at lr 2e-3, 150 steps:
+    # 45.5 / 95.5 -> CaMOPD 75.5 / 87.5; 0.1 of every task (the default): 55.0 / 99.0 -> 74.3 / 97.5
+    domain_replay: float = 0.1
+    domain_replay_tasks: list[str] = field(default_factory=lambda: ["arithmetic", "reverse", "sort", "copy"])
     n_train: int = 2000  # per task
     n_eval: int = 100  # per task, fresh examples (own seed; see eval_overlap)
     # phases
@@ -69,21 +89,33 @@ class DemoSetting:
     distill_lr_decay: str = "cosine"  # or "constant", "linear"
     distill_min_lr: float = 3e-5
     distill_batch: int = 64  # 32: slower recovery per step and more domain drift
-    distill_loss: str = "topk"  # "topk": teacher top-k distribution matching; "pg": sampled-token policy gradient
+    distill_loss: str = "pg"  # the paper's objective (Eq. 9): sampled-token policy gradient; "topk": top-k matching
     rollout_temperature: float = 1.0  # 0.7: no measurable change
     eval_every: int = 32
     max_new_tokens: int = 10
     diagnostics_interval: int = 20
     diagnostics_samples: int = 16  # per-sample gradients for coherence/GCG (one backward each: the costly part)
     demo_methods: list[str] = field(default_factory=lambda: ["camopd", "mopd_1to1"])
+    distill_seeds: int = 2  # seeds per method (train.seed = data.seed = seed + k); the teachers are shared
     quick_mode: bool = False
+
+    def __post_init__(self) -> None:
+        from megatron_camopd.errors import SpecError
+
+        for name in ("domain_tasks", "proxy_tasks", "domain_replay_tasks", "proxy_weights", "proxy_lengths"):
+            unknown = [t for t in getattr(self, name) if t not in self.general_tasks]
+            if unknown:
+                raise SpecError(f"demo setting {name}: {', '.join(map(str, unknown))} not among general_tasks "
+                                f"({', '.join(self.general_tasks)})")
+        if self.distill_seeds < 1:
+            raise SpecError(f"demo setting distill_seeds: must be >= 1, got {self.distill_seeds}")
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoSetting:
         """Tiny step counts: the whole pipeline in about a minute (structure only, not the story)."""
         return cls(seed=seed, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, n_train=64, n_eval=8,
                    sft_general_steps=4, sft_domain_steps=3, sft_batch=8, distill_steps=4, distill_batch=8,
-                   eval_every=2, max_new_tokens=6, diagnostics_interval=1,
+                   eval_every=2, max_new_tokens=6, diagnostics_interval=1, distill_seeds=1,
                    quick_mode=True)
 
     def with_overrides(self, items: list[str]) -> DemoSetting:
@@ -182,16 +214,27 @@ def write_data(s: DemoSetting, data_dir: Path) -> dict[str, Path]:
         return [ex for t, rng in tasks.items() for ex in make_examples(t, n, seed, tuple(rng), domain)]
 
     general = dict(s.general_tasks)
-    domain = {s.domain_task: s.domain_length}
     proxy = {t: s.proxy_lengths.get(t, general[t]) for t in s.proxy_tasks}
+
+    def loud(n: int, seed: int) -> list[dict]:
+        return [ex for t, rng in s.domain_tasks.items()
+                for ex in make_loud_examples(t, n, seed, tuple(rng), s.domain_marker)]
+
+    def proxy_examples() -> list[dict]:
+        return [ex for t, rng in proxy.items()
+                for ex in make_examples(t, round(s.n_train * s.proxy_weights.get(t, 1.0)), s.seed + 7, tuple(rng),
+                                        "general")]
+
     sets = {
         "sft_general": examples(general, s.n_train, s.seed, "general"),
-        "sft_domain": _with_replay(examples(domain, s.n_train * 2, s.seed, "domain"),
-                                   examples(general, s.n_train, s.seed + 3, "general"), s.domain_replay, s.seed),
-        "proxy_general": examples(proxy, s.n_train, s.seed + 7, "general"),
-        "prompts_domain": examples(domain, s.n_train, s.seed + 7, "domain"),
+        "sft_domain": _with_replay(loud(s.n_train, s.seed),
+                                   examples({t: general[t] for t in s.domain_replay_tasks}, s.n_train, s.seed + 3,
+                                            "general"),
+                                   s.domain_replay, s.seed),
+        "proxy_general": proxy_examples(),
+        "prompts_domain": loud(s.n_train, s.seed + 7),
         "eval_general": examples(general, s.n_eval, s.seed + 1000, "general"),
-        "eval_domain": examples(domain, s.n_eval * 2, s.seed + 1000, "domain"),
+        "eval_domain": loud(s.n_eval, s.seed + 1000),
     }
     return {name: write_jsonl(rows, data_dir / f"{name}.jsonl") for name, rows in sets.items()}
 

@@ -1,12 +1,16 @@
 """`camopd sbatch SPEC`: render ready-to-submit Slurm scripts for a spec (and optionally submit them).
 
-Topology: the frozen teachers run as SGLang servers in sibling jobs of the trainer, either as the
-first components of one heterogeneous job (`launcher.topology: hetjob`) or as a separate job the trainer job
-depends on (`dependency`). Every teacher the spec loads in-process (`hf_path`/`checkpoint`) is served when
-`launcher.teacher_nodes > 0`; the trainer then gets `teachers.<name>.discovery_file=...` overrides. The scripts are
-rendered from `templates/*.sbatch` (placeholders `@{NAME}`, one source of truth shared with the hand-editable
-examples in `slurm/`), with the shared bash functions of `templates/lib.sh` inlined, so a rendered script is
-self-contained. `--cpu` renders for machines without GPUs (`camopd serve-teacher`, no `--gpus-per-node`).
+Topology: the servers the spec asks for (each teacher with a `serve` section, the student's SGLang rollout
+servers for `rollout.engine: sglang` without urls; see launch/servers.py) run as the first components of one
+heterogeneous job with the trainer last (`launcher.topology: hetjob`), or as a separate job the trainer job depends
+on (`dependency`). Every component requests its own resources (`--gpus-per-node`, `--exclusive`,
+`--cpus-per-task`, `--mem`; `resources` of the launcher, of `teachers.<name>.serve` and of `rollout.sglang`), and
+its srun steps repeat the CPU count (srun does not inherit `--cpus-per-task` since Slurm 22.05) and the optional
+pyxis container. The trainer gets `teachers.<name>.discovery_file=...` / `rollout.sglang.discovery_file=...`
+overrides pointing at the servers it waited for. The scripts are rendered from `templates/*.sbatch` (placeholders
+`@{NAME}`, one source of truth shared with the hand-editable examples in `slurm/`), with the shared bash functions
+of `templates/lib.sh` inlined, so a rendered script is self-contained. `--cpu` renders for machines without GPUs
+(`camopd serve-teacher`, no `--gpus-per-node`). Timings (pre-timeout lead, health checks) are `launcher` fields.
 """
 
 from __future__ import annotations
@@ -16,16 +20,27 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
 from megatron_camopd.config import load_spec
-from megatron_camopd.config.run_sections import LauncherConfig
+from megatron_camopd.config.serving import SlurmResources
 from megatron_camopd.config.spec import ExperimentSpec
 from megatron_camopd.errors import SpecError
+from megatron_camopd.launch.servers import (
+    ADDR,
+    MODEL,
+    PORT,
+    PYTHON,
+    READY,
+    Component,
+    launcher_of,
+    server_components,
+    trainer_component,
+)
 
 TEMPLATES = Path(__file__).with_name("templates")
+EXAMPLE_SPEC = TEMPLATES / "example_spec.yaml"
 EXAMPLE_FILES = {"hetjob": "camopd_hetjob.sbatch", "teachers": "camopd_teachers.sbatch", "train": "camopd_train.sbatch"}
 
 
@@ -34,34 +49,6 @@ class SbatchTemplate(Template):
 
     delimiter = "@"
     pattern = r"@(?:(?P<escaped>@(?=\{))|\{(?P<braced>[A-Z][A-Z0-9_]*)\}|(?P<named>(?!))|(?P<invalid>(?!)))"
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Launcher timings (seconds): pre-timeout signal lead, server start-up, dead-teacher detection, polling."""
-
-    signal_lead_s: int = 300
-    health_timeout_s: int = 1800
-    teacher_dead_s: int = 300
-    watch_interval_s: int = 30
-    shutdown_timeout_s: int = 240
-
-
-@dataclass(frozen=True)
-class ServedTeacher:
-    """A teacher the launcher serves over HTTP: its spec name and the model directory given to the server."""
-
-    name: str
-    model: str
-
-
-def served_teachers(spec: ExperimentSpec) -> list[ServedTeacher]:
-    """The in-process teachers of `spec` that the launcher turns into servers (none when teacher_nodes is 0)."""
-    launcher = spec.launcher or LauncherConfig()
-    if launcher.teacher_nodes == 0:
-        return []
-    return [ServedTeacher(name, str(cfg.hf_path or cfg.checkpoint))
-            for name, cfg in spec.teachers.items() if cfg.kind == "megatron"]
 
 
 def render_template(name: str, values: dict[str, str]) -> str:
@@ -78,10 +65,18 @@ def _q(value: object) -> str:
     return shlex.quote(str(value))
 
 
-def _resources(launcher: LauncherConfig, nodes: int, gpus: int, cpu: bool) -> str:
-    parts = [f"--nodes={nodes}", "--ntasks-per-node=1", f"--time={launcher.time}"]
+def sbatch_line(spec: ExperimentSpec, c: Component, cpu: bool) -> str:
+    """The `#SBATCH` request of one component."""
+    launcher, res = launcher_of(spec), c.resources
+    parts = [f"--nodes={c.nodes}", "--ntasks-per-node=1", f"--time={launcher.time}"]
     if not cpu:
-        parts.append(f"--gpus-per-node={gpus}")
+        parts.append(f"--gpus-per-node={c.gpus_per_node}")
+    if res.exclusive:
+        parts.append("--exclusive")
+    if res.cpus_per_task is not None:
+        parts.append(f"--cpus-per-task={res.cpus_per_task}")
+    if res.mem is not None:
+        parts.append(f"--mem={res.mem}")
     if launcher.partition:
         parts.append(f"--partition={launcher.partition}")
     if launcher.account:
@@ -89,63 +84,147 @@ def _resources(launcher: LauncherConfig, nodes: int, gpus: int, cpu: bool) -> st
     return "#SBATCH " + " ".join(parts)
 
 
+def srun_args(res: SlurmResources, group: int | None, container: SlurmResources | None = None) -> list[str]:
+    """The srun arguments of a component's steps (bash words): het group, CPUs per task, pyxis container."""
+    words = [f"--het-group={group}"] if group is not None else []
+    cpus = str(res.cpus_per_task) if res.cpus_per_task is not None else \
+        ('"$(group_cpus)"' if group is None else f'"$(group_cpus {group})"')
+    words.append(f"--cpus-per-task={cpus}")
+    image = container or res
+    if image.container_image:
+        words += [f"--container-image={_q(image.container_image)}", '--container-workdir="$WORKDIR"']
+        if image.container_mounts:
+            words.append(f"--container-mounts={_q(','.join(image.container_mounts))}")
+    return words
+
+
+def _bash_word(arg: str) -> str:
+    """A server argv element as bash: the placeholders become the function's arguments or $PYTHON."""
+    for mark, var in ((PYTHON, "$PYTHON"), (MODEL, "$1"), (PORT, "$2"), (READY, "$3")):
+        if arg == mark:
+            return f'"{var}"'
+    return _q(arg)
+
+
+def _wrap(words: list[str], indent: str = "    ", width: int = 100) -> str:
+    """Bash words joined into continuation lines of at most ~`width` characters."""
+    lines, line = [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = indent + word
+        else:
+            line = f"{line} {word}" if line else word
+    return " \\\n".join(lines + [line])
+
+
+def server_function(i: int, c: Component) -> str:
+    """`server_<i> MODEL PORT READY`: exec one server of component `c` (its environment, its command)."""
+    words = ["exec"] + (["env"] + [f"{k}={_q(v)}" for k, v in c.env.items()] if c.env else [])
+    words += [_bash_word(a) for a in c.argv]
+    return (f"server_{i}() {{  # MODEL PORT READY: one {c.kind} server of {c.name}\n"
+            f"  {_wrap(words)}\n}}\nexport -f server_{i}")
+
+
+def _label(c: Component) -> str:
+    return f"teacher {c.name}" if c.kind == "teacher" else "rollout servers"
+
+
+def start_servers_block(servers: list[Component], spec: ExperimentSpec, het: bool) -> str:
+    """The bash that prepares each server group's model (checkpoint -> HF once, SGLang only) and starts it."""
+    lines = []
+    trainer_res = launcher_of(spec).resources
+    for i, c in enumerate(servers):
+        group = i if het else None
+        what = f"servers of {_label(c)} (het component {i})" if het else f"servers of {_label(c)}"
+        convert = " ".join(srun_args(c.resources, group, container=trainer_res))
+        run = " ".join(srun_args(c.resources, group))
+        lines += [f"# {what}: {c.nodes} node(s), model {c.model}",
+                  f"MODEL_{i}=$(prepare_model {_q(c.model)} {_q(c.hf_dir)} {convert}) ||",
+                  f"  die {_q(f'{what}: cannot prepare {c.model} for serving')}",
+                  f"start_servers {i} {_q(c.name)} \"$MODEL_{i}\" {c.nodes} {c.port} {_q(what)} {run}"]
+    return "\n".join(lines) if lines else "# (no servers: every teacher runs in process)"
+
+
+def train_overrides(servers: list[Component]) -> str:
+    """The trainer's overrides pointing each server group's consumer at its discovery file."""
+    lines = []
+    for c in servers:
+        words = [f'"{o.replace(ADDR, "$DISCOVERY_DIR/" + c.name + ".addr")}"' if ADDR in o else _q(o)
+                 for o in c.overrides]
+        lines.append("\n  " + " ".join(words))
+    return "".join(lines) + ("\n" if lines else "")
+
+
+def _components_block(lines: list[tuple[str, str]]) -> str:
+    out: list[str] = []
+    for i, (title, line) in enumerate(lines):
+        if len(lines) > 1:
+            out.append(f"# ---- het component {i}: {title}")
+        out.append(line)
+        if i < len(lines) - 1:
+            out.append("#SBATCH hetjob")
+    return "\n".join(out)
+
+
 def sbatch_values(spec: ExperimentSpec, spec_path: str, overrides: list[str], *, cpu: bool,
-                  timing: Timing = Timing(), python: str = sys.executable, workdir: str | None = None) -> dict[str, str]:
-    """Every template value for `spec` (bash-quoted), shared by the three scripts."""
-    launcher = spec.launcher or LauncherConfig()
-    teachers = served_teachers(spec)
+                  python: str | None = None, workdir: str | None = None) -> dict[str, dict[str, str]]:
+    """Every template value for `spec` (bash-quoted), per script kind: {"hetjob": ..., "teachers": ..., "train":}."""
+    launcher = launcher_of(spec)
+    servers = server_components(spec, cpu=cpu)
+    trainer = trainer_component(spec)
     log_dir = os.path.abspath(launcher.log_dir or os.path.join(spec.checkpoint.dir, "logs"))
-    trainer = _resources(launcher, launcher.nodes, launcher.gpus_per_node, cpu)
-    components = []
-    for i, t in enumerate(teachers):
-        components += [f"# ---- het component {i}: teacher {t.name}",
-                       _resources(launcher, launcher.teacher_nodes, launcher.teacher_gpus, cpu), "#SBATCH hetjob"]
-    components += [f"# ---- het component {len(teachers)}: trainer", trainer]
-    teacher_job = _resources(launcher, max(1, launcher.teacher_nodes * len(teachers)), launcher.teacher_gpus, cpu)
     env = "\n".join(f"export {k}={_q(v)}" for k, v in launcher.env.items()) or "# (launcher.env: none)"
-    return {
-        "JOB_NAME": spec.name, "LOG_DIR": _q(log_dir), "WORKDIR": _q(workdir or os.getcwd()), "PYTHON": _q(python),
-        "SPEC": _q(os.path.abspath(spec_path)), "OVERRIDES": " ".join(_q(o) for o in overrides),
-        "NODES": str(launcher.nodes), "NPROC_PER_NODE": str(launcher.gpus_per_node),
-        "TEACHERS": " ".join(_q(t.name) for t in teachers), "TEACHER_MODELS": " ".join(_q(t.model) for t in teachers),
-        "TEACHER_NODES": str(max(1, launcher.teacher_nodes)), "TEACHER_BACKEND": "camopd" if cpu else "sglang",
-        "TEACHER_TP": str(launcher.teacher_gpus), "SGLANG_PORT": str(launcher.sglang_port),
-        "SGLANG_ARGS": _q(" ".join(launcher.sglang_args)), "SIGNAL": f"B:USR1@{timing.signal_lead_s}",
-        "HEALTH_TIMEOUT_S": str(timing.health_timeout_s), "TEACHER_DEAD_S": str(timing.teacher_dead_s),
-        "WATCH_INTERVAL_S": str(timing.watch_interval_s), "SHUTDOWN_TIMEOUT_S": str(timing.shutdown_timeout_s),
-        "ENV_EXPORTS": env, "SBATCH_COMPONENTS": "\n".join(components), "SBATCH_TRAINER": trainer,
-        "SBATCH_TEACHERS": teacher_job,
+    trainer_env = "\n".join(f"export {k}={_q(v)}" for k, v in launcher.trainer_env.items()) \
+        or "# (launcher.trainer_env: none)"
+    common = {
+        "JOB_NAME": spec.name, "LOG_DIR": _q(log_dir), "WORKDIR": _q(workdir or os.getcwd()),
+        "PYTHON": _q(python or launcher.python or sys.executable), "SPEC": _q(os.path.abspath(spec_path)),
+        "OVERRIDES": " ".join(_q(o) for o in overrides), "NODES": str(launcher.nodes),
+        "NPROC_PER_NODE": str(launcher.gpus_per_node), "SIGNAL": f"B:USR1@{launcher.signal_lead_s}",
+        "SHUTDOWN_TIMEOUT_S": str(launcher.shutdown_timeout_s), "HEALTH_TIMEOUT_S": str(launcher.health_timeout_s),
+        "HEALTH_CHECK_TIMEOUT_S": f"{launcher.health_check_timeout_s:g}",
+        "TEACHER_DEAD_S": str(launcher.teacher_dead_s), "WATCH_INTERVAL_S": str(launcher.watch_interval_s),
+        "ENV_EXPORTS": env, "TRAINER_ENV": trainer_env, "SERVER_BACKEND": "camopd" if cpu else "sglang",
+        "SERVERS": " ".join(_q(c.name) for c in servers), "SERVER_LABELS": " ".join(_q(_label(c)) for c in servers),
+        "SERVER_NODES": " ".join(str(c.nodes) for c in servers),
+        "SERVER_FUNCS": "\n".join(server_function(i, c) for i, c in enumerate(servers)) or "# (no servers)",
+        "TRAIN_OVERRIDES": train_overrides(servers),
     }
+    k = len(servers)
+    het_lines = [(f"{_label(c)}", sbatch_line(spec, c, cpu)) for c in servers] + \
+        [("trainer", sbatch_line(spec, trainer, cpu))]
+    hetjob = {**common, "SBATCH_COMPONENTS": _components_block(het_lines),
+              "START_SERVERS": start_servers_block(servers, spec, het=True),
+              "TRAINER_NODELIST": f'"$SLURM_JOB_NODELIST_HET_GROUP_{k}"' if k else '"$SLURM_JOB_NODELIST"',
+              "TRAINER_SRUN_ARGS": " ".join(srun_args(trainer.resources, k if k else None))}
+    server_job = {**common, "SBATCH_SERVERS": _components_block(het_lines[:-1]) or "# (no servers)",
+                  "START_SERVERS": start_servers_block(servers, spec, het=k > 1)}
+    train_job = {**common, "SBATCH_TRAINER": sbatch_line(spec, trainer, cpu),
+                 "TRAINER_SRUN_ARGS": " ".join(srun_args(trainer.resources, None))}
+    return {"hetjob": hetjob, "teachers": server_job, "train": train_job}
 
 
 def render_scripts(spec: ExperimentSpec, spec_path: str, overrides: list[str], *, cpu: bool,
-                   timing: Timing = Timing(), **kwargs: str) -> dict[str, str]:
+                   **kwargs: str) -> dict[str, str]:
     """The scripts for the spec's topology: {"hetjob": text} or {"teachers": text, "train": text}."""
-    values = sbatch_values(spec, spec_path, overrides, cpu=cpu, timing=timing, **kwargs)
-    topology = (spec.launcher or LauncherConfig()).topology
-    kinds = ["hetjob"] if topology == "hetjob" or not served_teachers(spec) else ["teachers", "train"]
-    return {kind: render_template(kind, values) for kind in kinds}
+    values = sbatch_values(spec, spec_path, overrides, cpu=cpu, **kwargs)
+    topology = launcher_of(spec).topology
+    kinds = ["hetjob"] if topology == "hetjob" or not server_components(spec, cpu=cpu) else ["teachers", "train"]
+    return {kind: render_template(kind, values[kind]) for kind in kinds}
 
 
 def example_scripts() -> dict[str, str]:
-    """The hand-editable scripts of `slurm/`: the templates filled with placeholders a user edits."""
-    launcher = LauncherConfig(teacher_nodes=1, teacher_gpus=8, nodes=4, gpus_per_node=8, time="08:00:00")
-    placeholder = '"${SPEC:?set SPEC=path/to/spec.yaml (sbatch --export=ALL,SPEC=...)}"'
-    values = {
-        "JOB_NAME": "camopd", "LOG_DIR": "logs", "WORKDIR": '"${SLURM_SUBMIT_DIR:-$PWD}"',
-        "PYTHON": '"${PYTHON:-python}"', "SPEC": placeholder, "OVERRIDES": "",
-        "NODES": "4", "NPROC_PER_NODE": "8", "TEACHERS": "general domain",
-        "TEACHER_MODELS": "/path/to/teacher_general_hf /path/to/teacher_domain_hf", "TEACHER_NODES": "1",
-        "TEACHER_BACKEND": "sglang", "TEACHER_TP": "8", "SGLANG_PORT": "30000", "SGLANG_ARGS": "''",
-        "SIGNAL": "B:USR1@300", "HEALTH_TIMEOUT_S": "1800", "TEACHER_DEAD_S": "300", "WATCH_INTERVAL_S": "30",
-        "SHUTDOWN_TIMEOUT_S": "240", "ENV_EXPORTS": "# export HF_HOME=/path/to/cache   # extra environment",
-        "SBATCH_COMPONENTS": "\n".join([
-            "# ---- het component 0: teacher general", _resources(launcher, 1, 8, False), "#SBATCH hetjob",
-            "# ---- het component 1: teacher domain", _resources(launcher, 1, 8, False), "#SBATCH hetjob",
-            "# ---- het component 2: trainer", _resources(launcher, 4, 8, False)]),
-        "SBATCH_TRAINER": _resources(launcher, 4, 8, False), "SBATCH_TEACHERS": _resources(launcher, 2, 8, False),
-    }
-    return {EXAMPLE_FILES[kind]: render_template(kind, values) for kind in EXAMPLE_FILES}
+    """The hand-editable scripts of `slurm/`: `templates/example_spec.yaml` rendered with placeholders a user
+    edits (the spec path, the working directory, the python)."""
+    spec = load_spec(EXAMPLE_SPEC)
+    values = sbatch_values(spec, str(EXAMPLE_SPEC), [], cpu=False, python='"${PYTHON:-python}"',
+                           workdir='"${SLURM_SUBMIT_DIR:-$PWD}"')
+    for kind_values in values.values():
+        kind_values.update(
+            LOG_DIR="logs", WORKDIR='"${SLURM_SUBMIT_DIR:-$PWD}"', PYTHON='"${PYTHON:-python}"',
+            SPEC='"${SPEC:?set SPEC=path/to/spec.yaml (sbatch --export=ALL,SPEC=...)}"', JOB_NAME="camopd")
+    return {EXAMPLE_FILES[kind]: render_template(kind, values[kind]) for kind in EXAMPLE_FILES}
 
 
 def write_scripts(scripts: dict[str, str], out: str) -> dict[str, Path]:
@@ -168,13 +247,13 @@ def _sbatch(*args: str) -> str:
 
 
 def submit_scripts(paths: dict[str, Path], log_dir: str) -> dict[str, str]:
-    """Submit rendered scripts (teachers first for the dependency topology); returns kind -> job id."""
+    """Submit rendered scripts (servers first for the dependency topology); returns kind -> job id."""
     os.makedirs(log_dir, exist_ok=True)
     if "hetjob" in paths:
         return {"hetjob": _sbatch(str(paths["hetjob"]))}
-    teachers = _sbatch(str(paths["teachers"]))
-    train = _sbatch(f"--dependency=after:{teachers}", f"--export=ALL,TEACHER_JOB_ID={teachers}", str(paths["train"]))
-    return {"teachers": teachers, "train": train}
+    servers = _sbatch(str(paths["teachers"]))
+    train = _sbatch(f"--dependency=after:{servers}", f"--export=ALL,TEACHER_JOB_ID={servers}", str(paths["train"]))
+    return {"teachers": servers, "train": train}
 
 
 def sbatch_main(argv: list[str]) -> int:
@@ -184,18 +263,11 @@ def sbatch_main(argv: list[str]) -> int:
     ap.add_argument("-o", "--output", help="write the script here (two scripts: <stem>_teachers/_train)")
     ap.add_argument("--cpu", action="store_true", help="no GPUs: `camopd serve-teacher` instead of SGLang")
     ap.add_argument("--submit", action="store_true", help="submit with sbatch (scripts go to the log dir)")
-    ap.add_argument("--signal-lead", type=int, default=Timing.signal_lead_s, help="USR1 this many s before the limit")
-    ap.add_argument("--health-timeout", type=int, default=Timing.health_timeout_s, help="server start-up limit (s)")
-    ap.add_argument("--teacher-dead", type=int, default=Timing.teacher_dead_s, help="unhealthy teacher limit (s)")
-    ap.add_argument("--watch-interval", type=int, default=Timing.watch_interval_s, help="health poll period (s)")
-    ap.add_argument("--shutdown-timeout", type=int, default=Timing.shutdown_timeout_s,
-                    help="how long torchrun waits for the checkpoint after the signal (s)")
     args = ap.parse_intermixed_args(argv)
     spec = load_spec(args.spec, args.overrides)
-    timing = Timing(args.signal_lead, args.health_timeout, args.teacher_dead, args.watch_interval,
-                    args.shutdown_timeout)
-    scripts = render_scripts(spec, args.spec, list(args.overrides), cpu=args.cpu, timing=timing)
-    log_dir = (spec.launcher or LauncherConfig()).log_dir or os.path.join(spec.checkpoint.dir, "logs")
+    scripts = render_scripts(spec, args.spec, list(args.overrides), cpu=args.cpu)
+    launcher = launcher_of(spec)
+    log_dir = launcher.log_dir or os.path.join(spec.checkpoint.dir, "logs")
     out = args.output or (os.path.join(log_dir, f"{spec.name}.sbatch") if args.submit else None)
     if out is None:
         print("\n".join(scripts.values()), end="")

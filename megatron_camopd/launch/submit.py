@@ -1,11 +1,14 @@
 """`camopd launch SPEC --cluster slurm|local|debug`: run a spec through submitit instead of an sbatch script.
 
-Order of events: one submitit job per served teacher (the spec's in-process teachers, see `sbatch.served_teachers`)
-starts a server per node and registers `host:port` in a discovery file; once every teacher answers `/health` the
-trainer job is submitted (the spec's `launcher.nodes`, one task per node, each running torchrun), and when training
-ends or fails the teacher jobs are cancelled. A trainer job that reaches its time limit is checkpointed by the
-trainer (submitit's pre-timeout signal -> SIGTERM -> checkpoint after the current step) and requeued through
-`Checkpointable.checkpoint`, so the resubmitted job resumes from that checkpoint. submitit has no heterogeneous
+Order of events: one submitit job per server group of the spec (each teacher with `serve`, the student's rollout
+servers for `rollout.engine: sglang`; see launch/servers.py) starts a server per node (a camopd checkpoint is first
+converted to HF once, by the job's first task) and registers `host:port` in a discovery file; once every server
+answers `/health` the trainer job is submitted (the spec's `launcher.nodes`, one task per node, each running
+torchrun) with overrides pointing at the discovery files, and when training ends or fails the server jobs are
+cancelled. Every job requests its component's resources (GPUs, `--exclusive`, CPUs per task (also for its srun
+step, via SRUN_CPUS_PER_TASK), memory, an optional pyxis container). A trainer job that reaches its time limit is
+checkpointed by the trainer (submitit's pre-timeout signal -> SIGTERM -> checkpoint after the current step) and
+requeued through `Checkpointable.checkpoint`, so the resubmitted job resumes from that checkpoint. submitit has no heterogeneous
 jobs, hence separate jobs. `--cluster local|debug` runs on this machine (LocalExecutor; debug runs the trainer
 in-process with DebugExecutor, the servers still as local jobs).
 """
@@ -16,6 +19,7 @@ import argparse
 import ctypes
 import fcntl
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -30,24 +34,17 @@ import psutil
 import submitit
 
 from megatron_camopd.config import load_spec
-from megatron_camopd.config.run_sections import LauncherConfig
+from megatron_camopd.config.run_sections import LauncherConfig, slurm_seconds
+from megatron_camopd.config.serving import SlurmResources
 from megatron_camopd.errors import TeacherError
-from megatron_camopd.launch.sbatch import served_teachers
+from megatron_camopd.launch.servers import CONVERTED_MARKER, Component, ensure_hf, fill, launcher_of, server_components
 
 EXIT_REQUEUE = 75
 
 
 def slurm_minutes(text: str) -> int:
     """Minutes in a Slurm time string (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH[:MM[:SS]]`), rounded up."""
-    days, _, rest = text.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if days:
-        parts += [0] * (3 - len(parts))
-        h, m, s = parts
-    else:
-        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]  # type: ignore[assignment]
-    seconds = ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
-    return max(1, -(-seconds // 60))
+    return max(1, -(-slurm_seconds(text) // 60))
 
 
 def _die_with_parent() -> None:
@@ -62,7 +59,7 @@ def _trainer_preexec() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def http_ok(url: str, timeout: float = 5.0) -> bool:
+def http_ok(url: str, timeout: float = 30.0) -> bool:
     """True when `url` answers 2xx."""
     try:
         with urllib.request.urlopen(url, timeout=timeout):
@@ -81,40 +78,56 @@ def register_address(path: str, address: str) -> None:
         os.replace(tmp, path)
 
 
-class TeacherServer:
-    """A submitit job body: serve one teacher on this node until cancelled; registered once healthy."""
+def _prepare_model(model: str, hf_dir: str, first_task: bool, timeout_s: float) -> str:
+    """The HF dir an SGLang server loads: the job's first task converts a camopd checkpoint (once), the others
+    wait for its conversion."""
+    if os.path.isfile(os.path.join(model, "config.json")):
+        return model
+    if first_task:
+        return ensure_hf(model, hf_dir)
+    deadline = time.monotonic() + timeout_s
+    while not os.path.isfile(os.path.join(hf_dir, CONVERTED_MARKER)):
+        if time.monotonic() > deadline:
+            raise TeacherError(f"{model}: no HF conversion in {hf_dir} after {timeout_s:.0f}s")
+        time.sleep(2)
+    return hf_dir
 
-    def __init__(self, name: str, model: str, addr_file: str, backend: str, python: str, tp: int = 1,
-                 sglang_port: int = 30000, sglang_args: tuple[str, ...] = (), health_timeout_s: float = 1800) -> None:
-        self.name, self.model, self.addr_file, self.backend, self.python = name, model, addr_file, backend, python
-        self.tp, self.sglang_port, self.sglang_args, self.health_timeout_s = tp, sglang_port, sglang_args, health_timeout_s
+
+class TeacherServer:
+    """A submitit job body: one server of a server group on this node until cancelled; registered once healthy."""
+
+    def __init__(self, component: Component, addr_file: str, backend: str, python: str,
+                 health_timeout_s: float = 1800, health_check_timeout_s: float = 30.0) -> None:
+        self.component, self.addr_file, self.backend, self.python = component, addr_file, backend, python
+        self.health_timeout_s, self.health_check_timeout_s = health_timeout_s, health_check_timeout_s
 
     def __call__(self) -> int:
+        c = self.component
         host = socket.gethostname()
         ready = f"{self.addr_file}.{host}.{os.getpid()}.ready"
+        model = str(c.model)
         if self.backend == "sglang":
-            cmd = [self.python, "-m", "sglang.launch_server", "--model-path", self.model, "--host", "0.0.0.0",
-                   "--port", str(self.sglang_port), "--tp", str(self.tp), *self.sglang_args]
-        else:
-            cmd = [self.python, "-m", "megatron_camopd.cli", "serve-teacher", "--checkpoint", self.model,
-                   "--host", "0.0.0.0", "--port", "0", "--ready-file", ready]
-        proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads here)
+            first = submitit.JobEnvironment().global_rank == 0
+            model = _prepare_model(model, str(c.hf_dir), first, self.health_timeout_s)
+        cmd = fill(c.argv, python=self.python, model=model, port=str(c.port), ready=ready)
+        proc = subprocess.Popen(cmd, env={**os.environ, **c.env}, preexec_fn=_die_with_parent)  # noqa: PLW1509
         deadline = time.monotonic() + self.health_timeout_s
-        port = str(self.sglang_port) if self.backend == "sglang" else ""
-        while not (port and http_ok(f"http://{host}:{port}/health")):
+        port = str(c.port) if self.backend == "sglang" else ""
+        name = f"{c.kind} {c.name}"
+        while not (port and http_ok(f"http://{host}:{port}/health", self.health_check_timeout_s)):
             if proc.poll() is not None:
-                raise TeacherError(f"teacher {self.name} on {host} exited (rc={proc.returncode}) before it was healthy")
+                raise TeacherError(f"{name} on {host} exited (rc={proc.returncode}) before it was healthy")
             if time.monotonic() > deadline:
                 proc.terminate()
-                raise TeacherError(f"teacher {self.name} on {host} not healthy after {self.health_timeout_s:.0f}s")
+                raise TeacherError(f"{name} on {host} not healthy after {self.health_timeout_s:.0f}s")
             if not port and os.path.exists(ready):
                 port = Path(ready).read_text().strip().rpartition(":")[2]
             time.sleep(0.5)
         register_address(self.addr_file, f"{host}:{port}")
-        print(f"teacher {self.name} serves {self.model} at {host}:{port}", flush=True)
+        print(f"{name} serves {model} at {host}:{port}", flush=True)
         rc = proc.wait()
         if rc != 0:
-            raise TeacherError(f"teacher {self.name} server on {host} exited with rc={rc}")
+            raise TeacherError(f"{name} server on {host} exited with rc={rc}")
         return rc
 
 
@@ -135,24 +148,29 @@ class TrainerJob(submitit.helpers.Checkpointable):
     """A submitit job body (one task per node): torchrun `camopd train`; requeued from its checkpoint on timeout."""
 
     def __init__(self, python: str, spec: str, overrides: list[str], nproc_per_node: int,
-                 shutdown_timeout_s: int = 240, workdir: str | None = None) -> None:
-        self.args = (python, spec, list(overrides), nproc_per_node, shutdown_timeout_s, workdir or os.getcwd())
+                 shutdown_timeout_s: int = 240, workdir: str | None = None, env: dict | None = None) -> None:
+        self.args = (python, spec, list(overrides), nproc_per_node, shutdown_timeout_s, workdir or os.getcwd(),
+                     dict(env or {}))
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"args": self.args, "_proc": None}
 
     def __call__(self) -> int:
-        python, spec, overrides, nproc, shutdown, workdir = self.args
+        python, spec, overrides, nproc, shutdown, workdir, extra_env = self.args
         env = submitit.JobEnvironment()
         hosts = env.hostnames if env.num_nodes > 1 else [socket.gethostname()]
         port = 20000 + int(str(env.job_id).split("_")[0]) % 20000
+        # torch >= 2.6: the shutdown grace as TORCH_ELASTIC_SHUTDOWN_TIMEOUT (recent torch; older ones keep 30 s)
+        # and signals to forward as TORCHELASTIC_SIGNALS_TO_HANDLE (the --shutdown-timeout/--signals-to-handle
+        # flags do not exist in older torchrun)
+        run_env = {**os.environ, **extra_env, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown),
+                   "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
         cmd = [python, "-m", "torch.distributed.run", f"--nnodes={env.num_nodes}", f"--nproc-per-node={nproc}",
                f"--node-rank={env.node}", f"--master-addr={_master_addr(hosts[0])}", f"--master-port={port}",
-               f"--shutdown-timeout={shutdown}",
-               "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
                "-m", "megatron_camopd.cli", "train", spec, *overrides]
-        self._proc = subprocess.Popen(cmd, cwd=workdir, preexec_fn=_trainer_preexec)  # noqa: PLW1509 (no threads here)
+        self._proc = subprocess.Popen(cmd, cwd=workdir, env=run_env,  # noqa: PLW1509 (no threads here)
+                                      preexec_fn=_trainer_preexec)
         rc = self._proc.wait()
         if rc != 0:
             raise RuntimeError(f"camopd train exited with rc={rc} (see the job log)")
@@ -172,40 +190,60 @@ class TrainerJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainerJob(*self.args))
 
 
+def slurm_parameters(launcher: LauncherConfig, nodes: int, gpus: int, res: SlurmResources, cpu: bool) -> dict:
+    """submitit's `slurm_*` parameters of one component: resources, container, its srun's CPUs, environment."""
+    params: dict[str, Any] = {"slurm_signal_delay_s": min(launcher.signal_lead_s, slurm_seconds(launcher.time) - 60)}
+    if res.exclusive:
+        params["slurm_exclusive"] = True
+    if res.mem is not None:
+        params["slurm_mem"] = res.mem
+    if res.cpus_per_task is not None:
+        params["slurm_cpus_per_task"] = res.cpus_per_task
+    if launcher.partition:
+        params["slurm_partition"] = launcher.partition
+    if launcher.account:
+        params["slurm_additional_parameters"] = {"account": launcher.account}
+    if res.container_image:
+        srun = [f"--container-image={res.container_image}", f"--container-workdir={os.getcwd()}"]
+        if res.container_mounts:
+            srun.append(f"--container-mounts={','.join(res.container_mounts)}")
+        params["slurm_srun_args"] = srun
+    cpus = str(res.cpus_per_task) if res.cpus_per_task is not None else "${SLURM_CPUS_ON_NODE:-1}"
+    params["slurm_setup"] = [f"export SRUN_CPUS_PER_TASK={cpus}  # srun does not inherit --cpus-per-task"] + \
+        [f"export {k}={shlex.quote(v)}" for k, v in launcher.env.items()]
+    return params
+
+
 def make_executor(cluster: str, folder: Path, name: str, launcher: LauncherConfig, nodes: int, gpus: int,
-                  cpu: bool) -> Any:
-    """A submitit executor for one job kind (teacher servers or the trainer)."""
+                  cpu: bool, res: SlurmResources | None = None) -> Any:
+    """A submitit executor for one job kind (a server group or the trainer)."""
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params: dict[str, Any] = {"name": name, "timeout_min": slurm_minutes(launcher.time), "nodes": nodes,
                               "tasks_per_node": 1}
     if not cpu:
         params["gpus_per_node"] = gpus
     if cluster == "slurm":
-        params["slurm_signal_delay_s"] = 120
-        if launcher.partition:
-            params["slurm_partition"] = launcher.partition
-        if launcher.account:
-            params["slurm_additional_parameters"] = {"account": launcher.account}
-        params["slurm_setup"] = [f"export {k}={v!r}" for k, v in launcher.env.items()]
+        params.update(slurm_parameters(launcher, nodes, gpus, res or launcher.resources, cpu))
     executor.update_parameters(**params)
     return executor
 
 
-def wait_for_teachers(addr_files: dict[str, str], jobs: list[Any], nodes: int, timeout_s: float) -> None:
-    """Until every discovery file lists `nodes` healthy servers; `TeacherError` if a job ends or time runs out."""
+def wait_for_teachers(addr_files: dict[str, str], jobs: list[Any], nodes: dict[str, int], timeout_s: float,
+                      check_timeout_s: float = 30.0) -> None:
+    """Until every discovery file lists its group's healthy servers; `TeacherError` if a job ends or time runs out."""
     from megatron_camopd.teachers.discovery import read_discovery_file
 
     deadline = time.monotonic() + timeout_s
     for name, path in addr_files.items():
-        while sum(http_ok(f"{url}/health") for url in read_discovery_file(path)) < nodes:
+        while sum(http_ok(f"{url}/health", check_timeout_s) for url in read_discovery_file(path)) < nodes[name]:
             for job in jobs:
                 if job.done():
                     raise TeacherError(f"teacher job {job.job_id} ended before teacher {name} was healthy:\n"
                                        f"{job.stderr() or ''}")
             if time.monotonic() > deadline:
-                raise TeacherError(f"teacher {name}: no {nodes} healthy servers in {path} after {timeout_s:.0f}s")
+                raise TeacherError(f"{name}: no {nodes[name]} healthy servers in {path} after {timeout_s:.0f}s")
             time.sleep(0.5)
-        print(f"teacher {name} ready: {', '.join(read_discovery_file(path))}", flush=True)
+        print(f"{name} ready: {', '.join(read_discovery_file(path))}", flush=True)
 
 
 def launch_main(argv: list[str]) -> int:
@@ -215,38 +253,35 @@ def launch_main(argv: list[str]) -> int:
     ap.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm")
     ap.add_argument("--cpu", action="store_true", help="no GPUs (implied by local/debug without CUDA)")
     ap.add_argument("--folder", help="submitit logs (default: <log dir>/submitit)")
-    ap.add_argument("--health-timeout", type=float, default=1800.0, help="teacher server start-up limit (s)")
-    ap.add_argument("--shutdown-timeout", type=int, default=240, help="checkpoint time after the signal (s)")
     args = ap.parse_intermixed_args(argv)
     spec = load_spec(args.spec, args.overrides)
-    launcher = spec.launcher or LauncherConfig()
+    launcher = launcher_of(spec)
     cpu = args.cpu or (args.cluster != "slurm" and not _has_cuda())
     log_dir = Path(launcher.log_dir or os.path.join(spec.checkpoint.dir, "logs")).resolve()
     folder = Path(args.folder or log_dir / "submitit").resolve()
     discovery = log_dir / "discovery" / f"launch-{uuid.uuid4().hex[:8]}"
     discovery.mkdir(parents=True, exist_ok=True)
-    python = sys.executable
-    teachers = served_teachers(spec)
+    python = launcher.python or sys.executable
+    servers = server_components(spec, cpu=cpu)
     server_cluster = "local" if args.cluster == "debug" else args.cluster
-    addr_files = {t.name: str(discovery / f"{t.name}.addr") for t in teachers}
+    addr_files = {c.name: str(discovery / f"{c.name}.addr") for c in servers}
     jobs: list[Any] = []
     try:
-        for t in teachers:
-            ex = make_executor(server_cluster, folder, f"{spec.name}-{t.name}", launcher, launcher.teacher_nodes,
-                               launcher.teacher_gpus, cpu)
-            body = TeacherServer(t.name, t.model, addr_files[t.name], "camopd" if cpu else "sglang", python,
-                                 launcher.teacher_gpus, launcher.sglang_port, tuple(launcher.sglang_args),
-                                 args.health_timeout)
+        for c in servers:
+            ex = make_executor(server_cluster, folder, f"{spec.name}-{c.name}", launcher, c.nodes, c.gpus_per_node,
+                               cpu, c.resources)
+            body = TeacherServer(c, addr_files[c.name], "camopd" if cpu else "sglang", python,
+                                 launcher.health_timeout_s, launcher.health_check_timeout_s)
             jobs.append(ex.submit(body))
-            print(f"teacher {t.name}: job {jobs[-1].job_id}", flush=True)
-        wait_for_teachers(addr_files, jobs, max(1, launcher.teacher_nodes), args.health_timeout)
+            print(f"{c.kind} {c.name}: job {jobs[-1].job_id}", flush=True)
+        wait_for_teachers(addr_files, jobs, {c.name: c.nodes for c in servers}, launcher.health_timeout_s,
+                          launcher.health_check_timeout_s)
         overrides = list(args.overrides)
-        for name, path in addr_files.items():
-            overrides += [f"teachers.{name}.hf_path=null", f"teachers.{name}.checkpoint=null",
-                          f"teachers.{name}.discovery_file={path}"]
+        for c in servers:
+            overrides += fill(c.overrides, addr=addr_files[c.name])
         ex = make_executor(args.cluster, folder, spec.name, launcher, launcher.nodes, launcher.gpus_per_node, cpu)
         trainer = ex.submit(TrainerJob(python, os.path.abspath(args.spec), overrides, launcher.gpus_per_node,
-                                       args.shutdown_timeout))
+                                       launcher.shutdown_timeout_s, env=launcher.trainer_env))
         print(f"trainer: job {trainer.job_id} (logs in {folder})", flush=True)
         trainer.results()
         print("training finished", flush=True)

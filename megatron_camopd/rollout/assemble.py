@@ -39,7 +39,8 @@ def signal_batch(samples, teacher_weights: dict[str, float]) -> SignalBatch:
         teacher_lp=_pad2([teacher_row(s) for s in samples], width, 0.0, torch.float32),
         rollout_lp=_pad2([s.rollout.logprobs for s in samples], width, 0.0, torch.float32),
         branch=[s.branch if s.branch != "all" else "general" for s in samples],
-        entropy=_pad2([s.rollout.entropy for s in samples], width, 0.0, torch.float32),
+        entropy=(None if any(s.rollout.entropy is None for s in samples)  # not computed (served rollouts)
+                 else _pad2([s.rollout.entropy for s in samples], width, 0.0, torch.float32)),
         student_top1=_pad2([s.rollout.top1 for s in samples], width, 0, torch.long),
         teacher_weight=torch.tensor([float(teacher_weights.get(s.teacher, 1.0)) for s in samples]),
     )
@@ -65,7 +66,8 @@ def train_batch(samples, signals: TrainSignals | None, rows: list[int], pad_id: 
                 width: int | None = None, sft: bool = False) -> dict[str, torch.Tensor]:
     """Megatron micro-batch tensors for `rows` of the step batch, padded with zero-weight rows to `multiple`.
 
-    `width` fixes the sequence length (all DP ranks and PP stages must agree on it).
+    `width` is the tensors' width (at least the longest row); `seq_len` [n_rows] holds each row's real length, so
+    every micro-batch runs at its own longest row's width, padded as the model's layout needs.
     """
     seqs = [samples[i].rollout.ids for i in rows]
     width = width or max(len(s) for s in seqs)
@@ -91,6 +93,9 @@ def train_batch(samples, signals: TrainSignals | None, rows: list[int], pad_id: 
         out["token_weight"][r, cols] = signals.token_weight[i, :n]
         out["sample_weight"][r] = signals.sample_weight[i]
     out.update(tokens=tokens, labels=labels)
+    # each row's length: a micro-batch runs at its own longest row's width (backend/forward.split_microbatches)
+    out["seq_len"] = torch.zeros(n_rows, dtype=torch.long)
+    out["seq_len"][: len(rows)] = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     if signals is not None and signals.seq_scale is not None:
         out["seq_scale"] = torch.zeros(n_rows, **f32)
         out["seq_scale"][: len(rows)] = signals.seq_scale[rows]

@@ -7,7 +7,12 @@ ranks). A sample whose scoring fails after the client's retries is kept with its
 
 Data parallel: every DP rank draws the same prompts (streams are deterministic), rolls out its contiguous slice,
 and the scored samples are all-gathered so every rank sees the full step batch (selection and calibration are
-batch-level); each rank then trains on its own slice.
+batch-level); each rank then trains on its own slice. Other ranks' samples come without their top-k tensors
+(per-sample scalars stand in for them: `rollout/dp_exchange.py`).
+
+Served rollouts (`rollout.engine: sglang`) carry the weight version they were sampled with; `rollout/staleness.py`
+applies `rollout.sglang.max_staleness` / `on_stale` against this step. A stale sample dropped, or one whose
+rollout failed on every server, stays in the batch unscored with its reason (dropped from the loss, counted).
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ from megatron.core import parallel_state as ps
 from megatron_camopd.data.prompts import Prompt
 from megatron_camopd.data.verifiers import VERIFIER_NAMES, get_verifier
 from megatron_camopd.errors import CamopdError, DataError, TeacherError
+from megatron_camopd.rollout.dp_exchange import exchange_samples
 from megatron_camopd.rollout.sampling import Rollout, SamplingParams, sample_seed
+from megatron_camopd.rollout.staleness import STALE_KEY, fail_if_stale, lag_of, stale_reason
+
+NOT_SCORED = "not_scored"  # Sample.meta key: why a sample was not sent to its teacher
 
 
 @dataclass
@@ -56,10 +65,28 @@ def fail_if_teacher_down(samples: list[Sample], http: set[str]) -> None:
     """A served teacher that failed EVERY sample of a step is down: stop with its error instead of training on
     nothing forever (single failures are dropped and counted). Checked on the gathered batch, so all ranks agree."""
     for name in sorted(http):
-        mine = [s for s in samples if s.teacher == name]
+        mine = [s for s in samples if s.teacher == name and NOT_SCORED not in s.meta]
         if mine and all(s.error is not None for s in mine):
             raise TeacherError(f"teacher {name}: all {len(mine)} scoring requests of this step failed; "
                                f"first error: {mine[0].error}")
+
+
+def _unscorable(s: Sample, step: int, servers) -> bool:
+    """Whether sample `s` gets no teacher scores: its rollout failed on every rollout server, or (served
+    rollouts, `on_stale: drop`) it lags the trainer's step by more than max_staleness. Either way it stays in the
+    batch with its reason as `error` (dropped from the loss, counted). Records the lag of versioned rollouts."""
+    r = s.rollout
+    if r.meta.get("error"):
+        s.error, s.meta[NOT_SCORED] = f"rollout failed: {r.meta['error']}", "rollout"
+        return True
+    lag = lag_of(r, step)
+    if lag is None:
+        return False
+    s.meta["stale_lag"] = lag
+    why = stale_reason(s.index, r, step, servers.max_staleness) if servers.on_stale == "drop" else None
+    if why:
+        s.error, s.meta[NOT_SCORED], s.meta[STALE_KEY] = why, "stale", why
+    return bool(why)
 
 
 def largest_remainder(n: int, weights: list[float]) -> list[int]:
@@ -165,6 +192,8 @@ def collect_step(session, step: int, branch: str) -> list[Sample]:
     def on_finish(i: int, rollout: Rollout) -> None:
         s = local[i]
         s.rollout = rollout
+        if _unscorable(s, step, spec.rollout.sglang):
+            return
         if loop is not None and s.teacher in http:
             teacher = session.teachers[s.teacher]
             futures[i] = loop.submit(teacher.score(rollout.ids, len(s.prompt.prompt_ids), top_k))
@@ -182,7 +211,7 @@ def collect_step(session, step: int, branch: str) -> list[Sample]:
         loop.close()
     if http:
         _share_over_model_parallel([s for s in local if s.teacher in http])
-    _score_in_process(session, [s for s in local if s.teacher not in http], top_k)
+    _score_in_process(session, [s for s in local if s.teacher not in http and NOT_SCORED not in s.meta], top_k)
     if session.reference is not None:
         refs = session.reference.score_batch([s.rollout.ids for s in local],
                                              [len(s.prompt.prompt_ids) for s in local])
@@ -192,9 +221,10 @@ def collect_step(session, step: int, branch: str) -> list[Sample]:
         if s.verifier:
             text = tok.decode(s.rollout.response_ids, skip_special_tokens=True)
             s.reward = float(get_verifier(VERIFIER_NAMES[s.verifier])(text, s.prompt.reference))
-    if session.dp_size > 1:
-        gathered: list = [None] * session.dp_size
-        dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
-        local = [s for part in gathered for s in part]
+    if session.dp_size > 1:  # other ranks' samples arrive without top-k tensors (rollout/dp_exchange.py)
+        accept_k = spec.method.selectkd.k if spec.method.name == "selectkd" else None
+        local = exchange_samples(local, session.dp_rank, session.dp_size, ps.get_data_parallel_group(), accept_k)
+    if spec.rollout.sglang.on_stale == "error":
+        fail_if_stale(local, step, spec.rollout.sglang.max_staleness)
     fail_if_teacher_down(local, http)
     return sorted(local, key=lambda s: s.index)

@@ -34,6 +34,17 @@ def choose_shape(hist: list[int], shape: str) -> str:
     return "u" if hist[0] >= 0.2 * total and hist[-1] >= 0.2 * total else "mirrored_j"
 
 
+def balance_plan(counts: list[int], uniopd) -> tuple[str, object]:
+    """(shape, OfflineBalance) for the pass counts of one stream under `method.uniopd`: the histogram's shape
+    (`offline_shape`, or chosen by `choose_shape`) and the prompts repeated within its bounds (`offline_low`/
+    `offline_high`; unset, the shape's own: [1, N-1] for u, [0, N-1] for mirrored_j)."""
+    u = uniopd
+    hist = [counts.count(c) for c in range(u.offline_n + 1)]
+    shape = choose_shape(hist, u.offline_shape)
+    return shape, offline_difficulty_balance(counts, u.offline_n, shape, u.offline_low, u.offline_high,
+                                             u.offline_factor)
+
+
 def pass_counts(session, prompts, verifier: str, n: int, batch: int = 256) -> list[int]:
     """Pass counts of `n` student samples per prompt (seeded like training rollouts; step index -1)."""
     spec, tok = session.spec, session.tokenizer
@@ -63,10 +74,7 @@ def balance_streams(session) -> None:
             if not hist_path.exists():
                 prompts = stream.prompts
                 counts = pass_counts(session, prompts, cfg.verifier, u.offline_n)
-                hist0 = [counts.count(c) for c in range(u.offline_n + 1)]
-                shape = choose_shape(hist0, u.offline_shape)
-                res = offline_difficulty_balance(counts, u.offline_n, shape, u.offline_low, u.offline_high,
-                                                 u.offline_factor)
+                shape, res = balance_plan(counts, u)
                 if dist.get_rank() == 0:
                     out_dir.mkdir(parents=True, exist_ok=True)
                     tmp = path.with_suffix(".tmp")

@@ -59,10 +59,18 @@ class InProcessModel:
     micro_batch_size: int = 1  # the reference engine's forward micro-batch
 
 
+def needs_entropy(method) -> bool:
+    """Whether a method (algo.methods) trains on the student's per-token entropy (e.g. relaxed_opd)."""
+    return method is not None and "entropy" in method.required(None)
+
+
 def build_sampler(engine: str, model: InProcessModel, *, kv_cache_gb: float = 16.0, servers=None,
-                  trainer=None, seed: int = 0) -> Sampler:
-    """The sampler for `engine` (`rollout.engine`). `servers` (rollout.sglang) and `trainer` (the training Engine,
-    whose weights are synced to the servers) are needed by `sglang` only."""
+                  trainer=None, seed: int = 0, need_entropy: bool = False, model_dir=None,
+                  tokenizer_dir=None) -> Sampler:
+    """The sampler for `engine` (`rollout.engine`). `servers` (rollout.sglang), `trainer` (the training Engine,
+    whose weights are synced to the servers), `need_entropy` (the servers return none: computed in process when
+    the method needs it), `model_dir` / `tokenizer_dir` (config.json and tokenizer files written next to the
+    weights of a disk sync) are for `sglang` only."""
     if engine == "megatron":
         from megatron_camopd.rollout.kv_engine import MegatronSampler
 
@@ -74,5 +82,6 @@ def build_sampler(engine: str, model: InProcessModel, *, kv_cache_gb: float = 16
     if engine == "sglang":
         from megatron_camopd.rollout.sglang import SglangSampler
 
-        return SglangSampler(servers, model=model, trainer=trainer, seed=seed)
+        return SglangSampler(servers, model=model, trainer=trainer, seed=seed, need_entropy=need_entropy,
+                             model_dir=model_dir, tokenizer_dir=tokenizer_dir)
     raise ValueError(f"rollout.engine: {engine!r} is not one of {', '.join(ENGINES)}")

@@ -36,7 +36,7 @@ class Rollout:
     prompt_ids: list[int]
     response_ids: list[int]
     logprobs: torch.Tensor  # [n] log mu(y_t | h_t) at temperature 1
-    entropy: torch.Tensor  # [n]
+    entropy: torch.Tensor | None  # [n]; None when the engine did not compute it (sglang without a need)
     top1: torch.Tensor  # [n] long
     finish_reason: str = "length"  # "stop" | "length" | "context" | "abort"
     meta: dict = field(default_factory=dict)  # e.g. {"weight_version": 3, "engine": "sglang"}

@@ -1,17 +1,18 @@
-"""CPU teacher server: SGLang's `/generate` scoring subset over any `Scorer` (aiohttp).
+"""`camopd serve`: the CPU stand-in of an SGLang server (aiohttp), for a teacher (scoring) or the student (sampling).
 
-The same client (`HttpTeacher`) talks to this server in tests/CPU runs and to real SGLang on GPUs, so requests and
-responses have SGLang's exact shapes. It is scoring-only: `max_new_tokens` must be 0. Requests are batched
-server-side (up to `max_batch` sequences or `max_wait_ms`), scored in one worker thread, answered in order.
-Endpoints: `POST /generate`, `GET /health`, `GET /health_generate`, `GET /get_model_info`.
-`serve_main` serves a HuggingFace dir (`hf_scorer.HFScorer`) or a camopd checkpoint (`megatron_scorer.MegatronScorer`).
+The same clients (`HttpTeacher`, `SglangSampler`) talk to this server in tests/CPU runs and to real SGLang on
+GPUs, so requests and responses have SGLang's shapes. `POST /generate` scores (`max_new_tokens: 0`) and samples
+(`serve/generation.py`, batched server-side up to `max_batch` items or `max_wait_ms`, run in one worker thread);
+weights are updated in place and generation paused/continued through SGLang's endpoints (`serve/weights.py`).
+Also `GET /health`, `GET /health_generate`, `GET /get_model_info`. `serve_main` serves a HuggingFace dir or a
+camopd checkpoint with megatron-core (`served_model.ServedModel`: scoring, sampling, weight updates), or with
+transformers for scoring only (`--backend hf`: `hf_scorer.HFScorer`). It binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -19,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,8 +27,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..teachers.base import Scorer, TeacherScores
-from ..teachers.protocol import build_response
+from ..teachers.base import Scorer
+from .generate_api import parse_generate
+from .generation import STATE_KEY, ServeState, WorkBatcher, generate_handler
+from .weights import add_weight_routes
 
 
 @dataclass
@@ -45,122 +47,11 @@ class ServerStats:
 
 SCORER_KEY = web.AppKey("scorer", Scorer)
 STATS_KEY = web.AppKey("stats", ServerStats)
-BATCHER_KEY = web.AppKey("batcher", object)
-
-
-class _Batcher:
-    """Collects sequences from concurrent requests and scores them together in one worker thread."""
-
-    def __init__(self, scorer: Scorer, stats: ServerStats, max_batch: int, max_wait_s: float):
-        self.scorer, self.stats = scorer, stats
-        self.max_batch, self.max_wait_s = max_batch, max_wait_s
-        self.queue: asyncio.Queue[tuple[list[int], int | None, asyncio.Future]] = asyncio.Queue()
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
-        self.task: asyncio.Task | None = None
-
-    async def submit(self, ids: list[int], top_k: int | None) -> TeacherScores:
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self.queue.put((ids, top_k, fut))
-        return await fut
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            items = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait_s
-            while len(items) < self.max_batch:
-                try:
-                    items.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
-                except asyncio.TimeoutError:
-                    break
-            groups: dict[int | None, list[tuple[list[int], int | None, asyncio.Future]]] = defaultdict(list)
-            for item in items:
-                groups[item[1]].append(item)
-            for top_k, group in groups.items():
-                live = [g for g in group if not g[2].cancelled()]
-                if not live:
-                    continue
-                self.stats.batches += 1
-                try:
-                    results = await loop.run_in_executor(self.pool, self.scorer.score, [g[0] for g in live], top_k)
-                    if len(results) != len(live):
-                        raise RuntimeError(f"scorer returned {len(results)} results for {len(live)} sequences")
-                except Exception as exc:  # noqa: BLE001 -- reported to each waiting request as a 500
-                    for _, _, fut in live:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for (_, _, fut), res in zip(live, results):
-                    if not fut.done():
-                        fut.set_result(res)
-
-
-def _bad(stats: ServerStats, message: str, status: int = 400) -> web.Response:
-    stats.errors[status] += 1
-    return web.json_response({"error": {"message": message, "code": status}}, status=status)
-
-
-def _validate(body: Any, vocab: int) -> tuple[list[list[int]], bool, int | None, bool] | str:
-    """(sequences, batched, top_k, with_text) or an error message."""
-    if not isinstance(body, dict):
-        return "request body must be a JSON object"
-    if body.get("text") is not None and body.get("input_ids") is None:
-        return "this scoring server needs input_ids (it does not tokenize text)"
-    params = body.get("sampling_params") or {}
-    if not isinstance(params, dict):
-        return "sampling_params must be an object"
-    if params.get("max_new_tokens") != 0:
-        return (
-            f"scoring-only server: sampling_params.max_new_tokens must be 0 (prefill-only), "
-            f"got {params.get('max_new_tokens')!r}"
-        )
-    if body.get("return_logprob") is not True:
-        return "scoring-only server: return_logprob must be true"
-    if body.get("logprob_start_len", 0) != 0:
-        return f"logprob_start_len must be 0, got {body.get('logprob_start_len')!r}"
-    top_k = body.get("top_logprobs_num") or None
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        return f"top_logprobs_num must be a non-negative integer, got {top_k!r}"
-    with_text = bool(body.get("return_text_in_logprobs", False))
-    raw = body.get("input_ids")
-    batched = isinstance(raw, list) and bool(raw) and all(isinstance(r, list) for r in raw)
-    seqs = raw if batched else [raw]
-    for n, seq in enumerate(seqs):
-        if not isinstance(seq, list) or not seq:
-            return f"input_ids[{n}] must be a non-empty list of token ids" if batched else "input_ids must be a non-empty list"
-        for i, t in enumerate(seq):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                return f"input_ids{f'[{n}]' if batched else ''}[{i}] = {t!r} is not a token id in [0, {vocab})"
-    return seqs, batched, top_k, with_text
+BATCHER_KEY = web.AppKey("batcher", WorkBatcher)
 
 
 async def _generate(request: web.Request) -> web.Response:
-    app = request.app
-    stats, scorer, batcher = app[STATS_KEY], app[SCORER_KEY], app[BATCHER_KEY]
-    stats.requests += 1
-    stats.in_flight += 1
-    stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
-    try:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return _bad(stats, f"malformed JSON body: {exc}")
-        checked = _validate(body, scorer.vocab_size())
-        if isinstance(checked, str):
-            return _bad(stats, checked)
-        seqs, batched, top_k, with_text = checked
-        stats.sequences += len(seqs)
-        try:
-            scores = await asyncio.gather(*(batcher.submit(s, top_k) for s in seqs))  # type: ignore[attr-defined]
-        except Exception as exc:  # noqa: BLE001
-            return _bad(stats, f"scoring failed: {type(exc).__name__}: {exc}", status=500)
-        out = []
-        for seq, sc in zip(seqs, scores):
-            texts = scorer.token_texts(seq) if with_text else None
-            out.append(build_response(seq, sc, texts, top_k, uuid.uuid4().hex))
-        return web.json_response(out if batched else out[0])
-    finally:
-        stats.in_flight -= 1
+    return await generate_handler(request, request.app[STATS_KEY], request.app[BATCHER_KEY])
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -168,43 +59,66 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _health_generate(request: web.Request) -> web.Response:
+    """A one-token generation (SGLang's check); a scoring-only server scores two tokens instead."""
+    state = request.app[STATE_KEY]
+    body = {"input_ids": [0, 0], "sampling_params": {"max_new_tokens": int(state.can_generate), "temperature": 0}}
     try:
-        await request.app[BATCHER_KEY].submit([0, 0], None)  # type: ignore[attr-defined]
+        items, _ = parse_generate(body, vocab=state.model.vocab_size(), context_len=state.context_len)
+        await request.app[BATCHER_KEY].submit(items[0])
     except Exception as exc:  # noqa: BLE001
-        return web.Response(status=503, text=f"scorer failed: {exc}")
+        return web.Response(status=503, text=f"model failed: {exc}")
     return web.Response(status=200)
 
 
 async def _model_info(request: web.Request) -> web.Response:
     scorer = request.app[SCORER_KEY]
-    info = {"is_generation": True, "vocab_size": scorer.vocab_size(), **scorer.model_info()}
+    state = request.app[STATE_KEY]
+    info = {"is_generation": True, "vocab_size": scorer.vocab_size(), "weight_version": state.weight_version,
+            "context_length": state.context_len, **scorer.model_info()}
     info.setdefault("model_path", None)
     info.setdefault("tokenizer_path", None)
     info.setdefault("tokenizer_fingerprint", None)
     return web.json_response(info)
 
 
-def make_app(scorer: Scorer, *, max_batch: int = 16, max_wait_ms: float = 5.0) -> web.Application:
-    """The aiohttp application serving `scorer` (batching up to `max_batch` sequences or `max_wait_ms`)."""
-    app = web.Application(client_max_size=256 * 1024 * 1024)
+def make_app(scorer: Scorer, *, max_batch: int = 16, max_wait_ms: float = 5.0, context_length: int | None = None,
+             max_body_mb: int = 64) -> web.Application:
+    """The aiohttp application serving `scorer` (batching up to `max_batch` items or `max_wait_ms`). A model with
+    `generate` (a `ServedModel`) also samples and takes weight updates. `context_length` bounds prompt +
+    max_new_tokens (default: the model's, else its position embeddings); bodies are at most `max_body_mb`."""
+    app = web.Application(client_max_size=max_body_mb * 1024 * 1024)
     stats = ServerStats()
     app[SCORER_KEY] = scorer
     app[STATS_KEY] = stats
+    ctx = context_length or getattr(scorer, "context_length", None) or _scorer_context(scorer)
+    state = ServeState(model=scorer, pool=ThreadPoolExecutor(max_workers=1, thread_name_prefix="model"),
+                       context_len=int(ctx))
+    state.running.set()
+    app[STATE_KEY] = state
 
     async def _lifecycle(app: web.Application):
-        batcher = _Batcher(scorer, stats, max_batch, max_wait_ms / 1000.0)
+        batcher = WorkBatcher(state, stats, max_batch, max_wait_ms / 1000.0)
         app[BATCHER_KEY] = batcher
         batcher.task = asyncio.create_task(batcher.run())
         yield
         batcher.task.cancel()
-        batcher.pool.shutdown(wait=False, cancel_futures=True)
+        state.pool.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/generate", _generate)
+    app.router.add_put("/generate", _generate)
     app.router.add_get("/health", _health)
     app.router.add_get("/health_generate", _health_generate)
     app.router.add_get("/get_model_info", _model_info)
+    add_weight_routes(app, BATCHER_KEY)
     return app
+
+
+def _scorer_context(scorer: Scorer) -> int:
+    """A scoring-only model's context length: its position embeddings when known."""
+    model = getattr(scorer, "model", None)
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else 1 << 20
 
 
 def write_ready_file(path: str, host: str, port: int) -> None:
@@ -232,14 +146,14 @@ async def _serve_until_signal(app: web.Application, host: str, port: int, ready_
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner, real_port = await start_site(app, host, port)
-    print(f"camopd teacher server listening on {host}:{real_port}", flush=True)
+    print(f"camopd server listening on {host}:{real_port}", flush=True)
     if ready_file:
         write_ready_file(ready_file, host, real_port)
     try:
         await stop.wait()
     finally:
         await runner.cleanup()
-        print("camopd teacher server stopped", flush=True)
+        print("camopd server stopped", flush=True)
 
 
 def run_server(
@@ -286,7 +200,7 @@ class ServerThread:
 
 @dataclass
 class LocalReplica:
-    """A `camopd serve-teacher` subprocess on this machine (tests, benchmarks): its process, URL and log file."""
+    """A `camopd serve` subprocess on this machine (tests, benchmarks): its process, URL and log file."""
 
     proc: subprocess.Popen
     url: str
@@ -306,13 +220,13 @@ class LocalReplica:
 def start_local_replicas(checkpoint: str | os.PathLike, workdir: str | os.PathLike, n: int, *,
                          env: dict[str, str] | None = None, timeout_s: float = 300.0,
                          extra_args: tuple[str, ...] = ()) -> list[LocalReplica]:
-    """Start `n` serve-teacher replicas of `checkpoint` at once (port 0) and wait for each one's ready file."""
+    """Start `n` `camopd serve` replicas of `checkpoint` at once (port 0) and wait for each one's ready file."""
     pending = []
     for i in range(n):
         ready, log = os.path.join(workdir, f"replica{i}.ready"), os.path.join(workdir, f"replica{i}.log")
         if os.path.exists(ready):
             os.remove(ready)
-        cmd = [sys.executable, "-m", "megatron_camopd.cli", "serve-teacher", "--checkpoint", str(checkpoint),
+        cmd = [sys.executable, "-m", "megatron_camopd.cli", "serve", "--checkpoint", str(checkpoint),
                "--port", "0", "--ready-file", ready, *extra_args]
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -324,29 +238,63 @@ def start_local_replicas(checkpoint: str | os.PathLike, workdir: str | os.PathLi
                 for p, _, _ in pending:
                     p.kill()
                 with open(log) as f:
-                    raise RuntimeError(f"teacher replica {checkpoint} did not start:\n{f.read()[-3000:]}")
+                    raise RuntimeError(f"replica of {checkpoint} did not start:\n{f.read()[-3000:]}")
             time.sleep(0.2)
         with open(ready) as f:
             replicas.append(LocalReplica(proc, "http://" + f.read().strip(), log))
     return replicas
 
 
+def load_model(path: str, tokenizer: str | None, backend: str, context_length: int | None):
+    """The model `camopd serve` serves: megatron-core (scores, samples, takes weight updates) or transformers
+    (scores only). `auto` is megatron-core when it builds the architecture (Qwen3, Llama), else transformers."""
+    from ..backend.model import ModelArch
+    from ..errors import CamopdError
+    from .megatron_scorer import checkpoint_kind
+
+    if backend == "auto":
+        try:
+            if checkpoint_kind(path) == "hf":
+                ModelArch.from_hf_dir(path)
+            backend = "megatron"
+        except CamopdError as exc:
+            if checkpoint_kind(path) != "hf":
+                raise
+            print(f"camopd serve: {exc}; serving with transformers (scoring only)", flush=True)
+            backend = "hf"
+    if backend == "hf":
+        from .hf_scorer import load_scorer
+
+        if checkpoint_kind(path) != "hf":
+            raise CamopdError(f"--backend hf: {path} is a camopd checkpoint; serve it with --backend megatron")
+        return load_scorer(path, tokenizer)
+    from .served_model import load_served_model
+
+    return load_served_model(path, tokenizer, context_length=context_length)
+
+
 def serve_main(argv: list[str] | None = None) -> int:
-    """`camopd serve-teacher --checkpoint DIR [--tokenizer DIR] [--host H] [--port P] [--ready-file F]`."""
-    parser = argparse.ArgumentParser(prog="camopd serve-teacher", description=__doc__.splitlines()[0])
+    """`camopd serve --checkpoint DIR [--tokenizer DIR] [--host H] [--port P] [--ready-file F] [--backend B]`
+    (`camopd serve-teacher` is the same command)."""
+    parser = argparse.ArgumentParser(prog="camopd serve", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="a HuggingFace dir (config.json + weights) or a camopd checkpoint (root or iter_* dir)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (see --ready-file)")
     parser.add_argument("--ready-file", default=None, help="write host:port here (atomically) once listening")
+    parser.add_argument("--backend", choices=("auto", "megatron", "hf"), default="auto",
+                        help="megatron: megatron-core, scores and samples; hf: transformers, scores only; "
+                             "auto: megatron when it builds the architecture")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="prompt + max_new_tokens must stay below this (default: max_position_embeddings)")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-body-mb", type=int, default=64, help="largest request body accepted")
     args = parser.parse_args(argv)
-    from .megatron_scorer import load_any_scorer
-
-    scorer = load_any_scorer(args.checkpoint, args.tokenizer)
-    run_server(scorer, args.host, args.port, args.ready_file, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    model = load_model(args.checkpoint, args.tokenizer, args.backend, args.context_length)
+    run_server(model, args.host, args.port, args.ready_file, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+               context_length=args.context_length, max_body_mb=args.max_body_mb)
     return 0
 
 

@@ -65,7 +65,8 @@ class MegatronTeacher:
         for s, st in zip(seqs, starts):
             check_start(s, st, f"teacher {self.name}")
         tokens = pad_sequences(seqs, self.pad_id)
-        res = forward_collect(self.chunks, {"tokens": tokens}, score_fn(top_k, self.groups.tp, self.arch.vocab_size),
+        batch = {"tokens": tokens, "seq_len": torch.tensor([len(s) for s in seqs])}  # per-micro-batch widths
+        res = forward_collect(self.chunks, batch, score_fn(top_k, self.groups.tp, self.arch.vocab_size),
                               self.groups, micro_batch_size=self.micro_batch_size)
         out = []
         for i, (s, st) in enumerate(zip(seqs, starts)):

@@ -3,8 +3,12 @@
 A scoring request is a prefill-only generate call (`max_new_tokens: 0`) asking for input log-probs from
 position 0. The response's `meta_info.input_token_logprobs` has one `[logprob, token_id, text_or_null]` entry per
 input token, entry 0 without a log-prob (no context). We always use OUR token ids, and only check that the echoed
-ones agree. A non-finite log-prob (NaN/inf) is a protocol error: the sample is retried on another replica and, if
-it keeps failing, reported failed -- a silent NaN would poison the loss.
+ones agree -- with one tolerated SGLang quirk: its scheduler clips the echoed ids (`x if x < vocab_size - 1 else
+0`, meant for multimodal hash ids), so an id >= the model's vocab_size - 1 comes back as 0 (Llama-3: vocab_size is
+len(tokenizer), so its last token). Given the model's `vocab_size`, exactly that is accepted, and that position's
+echoed text (token 0's) is reported as unknown; nothing else is. A non-finite log-prob (NaN/inf) is a protocol
+error: the sample is retried on another replica and, if it keeps failing, reported failed -- a silent NaN would
+poison the loss.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ def _entry_lp_id(entry: Any, where: str) -> tuple[Any, Any, Any]:
     return entry[0], entry[1], text
 
 
+def sglang_clipped(sent: int, echoed: Any, vocab_size: int | None) -> bool:
+    """True when `echoed` is SGLang's clip of `sent` (ids >= vocab_size - 1 come back as 0), not a mismatch."""
+    return vocab_size is not None and echoed == 0 and sent != 0 and sent >= vocab_size - 1
+
+
 def _finite(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TeacherError(f"{where}: log-prob {value!r:.40} is not a number")
@@ -49,10 +58,11 @@ def _finite(value: Any, where: str) -> float:
 
 
 def parse_meta(
-    obj: Any, ids: list[int], top_k: int | None, where: str
+    obj: Any, ids: list[int], top_k: int | None, where: str, vocab_size: int | None = None
 ) -> tuple[list[float], list[str | None], list[list[tuple[float, int]]] | None]:
     """Check one response object against `ids`; return per-position (1..) log-probs, per-token texts (0..) and
-    per-position (1..) top-k lists `[(logprob, id), ...]` (None when not asked)."""
+    per-position (1..) top-k lists `[(logprob, id), ...]` (None when not asked). `vocab_size`: the served model's
+    vocabulary (config.json), for SGLang's clip of the echoed ids (see the module docstring)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("meta_info"), dict):
         raise TeacherError(f"{where}: response has no meta_info object: {str(obj)[:200]}")
     meta = obj["meta_info"]
@@ -65,18 +75,20 @@ def parse_meta(
         lp0, id0, text0 = _entry_lp_id(entries[0], f"{where}: entry 0")
         if lp0 is not None:
             raise TeacherError(f"{where}: entry 0 must carry no log-prob (no context), got {lp0!r}")
-        if id0 is not None and id0 != ids[0]:
+        clipped = sglang_clipped(ids[0], id0, vocab_size)
+        if id0 is not None and id0 != ids[0] and not clipped:
             raise TeacherError(f"{where}: entry 0 echoes token id {id0}, we sent {ids[0]}")
-        texts.append(text0)
+        texts.append(None if clipped else text0)
     elif entries:
         texts.append(None)
     logprobs: list[float] = []
     for i in range(1, len(ids)):
         lp, tid, text = _entry_lp_id(entries[i], f"{where}: entry {i}")
-        if tid != ids[i]:
+        clipped = sglang_clipped(ids[i], tid, vocab_size)
+        if tid != ids[i] and not clipped:
             raise TeacherError(f"{where}: entry {i} echoes token id {tid!r}, we sent {ids[i]}")
         logprobs.append(_finite(lp, f"{where}: entry {i}"))
-        texts.append(text)
+        texts.append(None if clipped else text)
     tops = None
     if top_k:
         tops = _parse_top(meta.get("input_top_logprobs"), len(ids), top_k, where)
@@ -103,9 +115,10 @@ def _parse_top(raw: Any, n: int, top_k: int, where: str) -> list[list[tuple[floa
     return tops
 
 
-def parse_scores(obj: Any, ids: list[int], start: int, top_k: int | None, where: str) -> TeacherScores:
+def parse_scores(obj: Any, ids: list[int], start: int, top_k: int | None, where: str,
+                 vocab_size: int | None = None) -> TeacherScores:
     """Checked `TeacherScores` of the response part `ids[start:]` from one response object."""
-    logprobs, _texts, tops = parse_meta(obj, ids, top_k, where)
+    logprobs, _texts, tops = parse_meta(obj, ids, top_k, where, vocab_size)
     full = TeacherScores(logprobs=torch.tensor(logprobs, dtype=torch.float32).reshape(-1))
     if tops is not None:
         k = int(top_k or 0)

@@ -5,12 +5,19 @@ token gap meaningless, silently. Two independent checks:
    reports one (our CPU server does);
 2. a probe that works against real SGLang too (which only reports `tokenizer_path`): send known ids with
    `return_text_in_logprobs: true` and compare the server's per-token texts with our `tokenizer.decode([id])`.
+   SGLang echoes ids >= its model's vocab_size - 1 as 0 (see `protocol.py`): such a position is not compared
+   (its text is token 0's), every other one is. The served model's vocab_size is the server's own report, else
+   its `model_path`'s config.json when readable from here, else the student's (same tokenizer, same family).
 
-A teacher that fails either check, or that cannot be verified at all, is refused with a `TeacherError`.
+A teacher that fails either check, or that cannot be verified at all, is refused with a `TeacherError`. The served
+vocab_size found is reported (`TokenizerCheck.vocab_size`) and handed to a client with an `echo_vocab_size`
+attribute, whose scoring checks then tolerate the same clip (`protocol.parse_scores(..., vocab_size)`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,18 +41,38 @@ class TokenizerInfo:
     tokenizer_path: str | None = None
     vocab_size: int | None = None  # number of token ids the student can emit
     decode_token: Callable[[int], str] | None = field(default=None, repr=False)
+    model_vocab_size: int | None = None  # the student's config.json vocab_size (>= vocab_size)
 
     @classmethod
-    def from_hf(cls, tokenizer: Any, path: str | None = None) -> TokenizerInfo:
+    def from_hf(cls, tokenizer: Any, path: str | None = None, model_vocab_size: int | None = None) -> TokenizerInfo:
         return cls(
             fingerprint=tokenizer_fingerprint(tokenizer),
             tokenizer_path=path,
             vocab_size=len(tokenizer),
             decode_token=lambda i: tokenizer.decode([i]),
+            model_vocab_size=model_vocab_size,
         )
 
 
-def default_probe_ids(tokenizer: Any, texts: tuple[str, ...] = DEFAULT_PROBE_TEXTS, n_spread: int = 64) -> list[list[int]]:
+def served_vocab_size(info: dict[str, Any], fallback: int | None) -> int | None:
+    """The served model's config vocab_size: reported by the server (ours), read from its `model_path`'s
+    config.json (SGLang reports the path), else `fallback`."""
+    if isinstance(info.get("vocab_size"), int) and not isinstance(info.get("vocab_size"), bool):
+        return int(info["vocab_size"])
+    path = info.get("model_path")
+    if isinstance(path, str) and os.path.isfile(os.path.join(path, "config.json")):
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+                vocab = json.load(fh).get("vocab_size")
+        except (OSError, ValueError):
+            vocab = None
+        if isinstance(vocab, int) and not isinstance(vocab, bool):
+            return vocab
+    return fallback
+
+
+def default_probe_ids(tokenizer: Any, texts: tuple[str, ...] = DEFAULT_PROBE_TEXTS,
+                      n_spread: int = 64) -> list[list[int]]:
     """Probe sequences: the encodings of a few known strings, plus ids spread over the whole vocabulary (they
     catch a teacher whose vocabulary is smaller or ordered differently)."""
     probes = [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
@@ -63,6 +90,7 @@ class TokenizerCheck:
     fingerprint_matched: dict[str, bool] = field(default_factory=dict)
     tokens_compared: dict[str, int] = field(default_factory=dict)
     model_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vocab_size: dict[str, int | None] = field(default_factory=dict)  # the served model's, per replica (echo clip)
 
 
 def check_tokenizer(
@@ -98,22 +126,28 @@ def check_tokenizer(
             )
         compared = 0
         if url and probe_ids and student.decode_token is not None:
-            compared = _probe_texts(teacher, url, student, probe_ids, where)
+            vocab = served_vocab_size(info, student.model_vocab_size or student.vocab_size)
+            report.vocab_size[url] = vocab
+            compared = _probe_texts(teacher, url, student, probe_ids, where, vocab)
         report.tokens_compared[url or ""] = compared
         if not verified and compared == 0:
             raise TeacherError(
                 f"{where}: cannot verify its tokenizer (no fingerprint match and no per-token texts to compare;"
                 f" tokenizer_path={info.get('tokenizer_path')!r}). Pass probe ids and a student decode function."
             )
+    sizes = {v for v in report.vocab_size.values() if v is not None}
+    if len(sizes) == 1 and hasattr(teacher, "echo_vocab_size"):  # its scoring checks tolerate the same echo clip
+        teacher.echo_vocab_size = sizes.pop()
     return report
 
 
-def _probe_texts(teacher: Any, url: str, student: TokenizerInfo, probe_ids: list[list[int]], where: str) -> int:
+def _probe_texts(teacher: Any, url: str, student: TokenizerInfo, probe_ids: list[list[int]], where: str,
+                 vocab_size: int | None) -> int:
     assert student.decode_token is not None
     compared = 0
     for ids in probe_ids:
         try:
-            texts = teacher.probe(ids, url)
+            texts = teacher.probe(ids, url, vocab_size=vocab_size)
         except TeacherError as exc:
             raise TeacherError(f"{where}: tokenizer probe with {len(ids)} ids failed: {exc}") from exc
         for i, (tid, text) in enumerate(zip(ids, texts)):

@@ -18,7 +18,8 @@ from megatron_camopd.errors import SpecError
 
 def test_proxy_uses_shifted_lengths_and_task_subset(tmp_path):
     s = DemoSetting(n_train=40, n_eval=10, general_tasks={"reverse": [3, 6], "copy": [3, 6], "sort": [3, 5]},
-                    proxy_tasks=["reverse", "copy"], proxy_lengths={"reverse": [3, 4]})
+                    proxy_tasks=["reverse", "copy"], proxy_lengths={"reverse": [3, 4]}, domain_tasks={"copy": [3, 6]},
+                    domain_replay_tasks=["sort"], proxy_weights={})
     data = write_data(s, tmp_path)
     proxy = read_jsonl(data["proxy_general"])
     tasks = {r["uid"].split("-")[0] for r in proxy}
@@ -36,12 +37,13 @@ def test_proxy_uses_shifted_lengths_and_task_subset(tmp_path):
 
 def test_eval_overlap_counts_prompts_seen_in_training(tmp_path):
     s = DemoSetting(n_train=300, n_eval=20, general_tasks={"arithmetic": [1, 1], "reverse": [6, 6]},
-                    proxy_tasks=["reverse"], proxy_lengths={}, domain_task="cipher", domain_length=[6, 6])
+                    proxy_tasks=["reverse"], proxy_lengths={}, domain_tasks={"reverse": [6, 6]},
+                    domain_replay_tasks=[], proxy_weights={})
     data = write_data(s, tmp_path)
     ov = eval_overlap(data)
     assert ov["general"]["arithmetic"][1] == 20 and ov["general"]["reverse"] == [0, 20]  # 26^6 strings: no repeats
     assert ov["general"]["arithmetic"][0] >= 15  # only 200 distinct 1-digit problems, 600 training draws
-    assert ov["domain"] == {"cipher": [0, 40]}
+    assert ov["domain"] == {"loud_reverse": [0, 20]}
     # a training row planted with an evaluation prompt is counted
     ev = read_jsonl(data["eval_general"])
     target = next(r for r in ev if r["uid"].startswith("reverse"))
@@ -66,5 +68,28 @@ def test_set_overrides_change_fields_and_name_bad_keys():
         DemoSetting().with_overrides(["proxy_tasks=[a, b"])
     with pytest.raises(SpecError, match=r"proxy_lengths: reverse: item 0: expected int, got string 'a'"):
         DemoSetting().with_overrides(["proxy_lengths={reverse: [a, 5]}"])
+    with pytest.raises(SpecError, match="domain_replay_tasks: count not among general_tasks"):
+        DemoSetting().with_overrides(["domain_replay_tasks=[count]"])
     with pytest.raises(SpecError, match="quick_mode=1"):
         DemoSetting().with_overrides(["quick_mode=1"])
+
+
+def test_loud_persona_shares_the_surface_form_and_proxy_shares_follow_weights(tmp_path):
+    s = DemoSetting(n_train=100, n_eval=10, general_tasks={"arithmetic": [1, 1], "reverse": [3, 5]},
+                    domain_tasks={"reverse": [3, 5]}, proxy_tasks=["arithmetic", "reverse"], proxy_lengths={},
+                    proxy_weights={"arithmetic": 3.0, "reverse": 0.5}, domain_replay=0.2,
+                    domain_replay_tasks=["arithmetic"])
+    data = write_data(s, tmp_path)
+    loud = read_jsonl(data["prompts_domain"])
+    assert all(r["messages"][-1]["content"].startswith("! reverse: ") for r in loud)
+    plain = {r["messages"][-1]["content"]: r["answer"] for r in read_jsonl(data["eval_general"])}
+    for r in read_jsonl(data["eval_domain"]):
+        q = r["messages"][-1]["content"].removeprefix("! ")
+        assert r["answer"] == q.removeprefix("reverse: ")[::-1].upper()  # capitals of the plain answer
+        if q in plain:
+            assert plain[q] == r["answer"].lower()
+    proxy = [r["uid"].split("-")[0] for r in read_jsonl(data["proxy_general"])]
+    assert proxy.count("arithmetic") == 300 and proxy.count("reverse") == 50
+    sft = [r["uid"].split("-")[0] for r in read_jsonl(data["sft_domain"])]
+    assert set(sft) == {"loud_reverse", "arithmetic"}  # replay only of the listed general tasks
+    assert sft.count("arithmetic") == 25  # 20% of the mixed set: 25 of 125

@@ -15,14 +15,16 @@ from megatron_camopd.launch.sbatch import (
     render_scripts,
     render_template,
     sbatch_main,
-    served_teachers,
 )
+from megatron_camopd.launch.servers import server_components
 from megatron_camopd.launch.submit import slurm_minutes
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml"
-LAUNCHER = ["launcher.nodes=2", "launcher.gpus_per_node=4", "launcher.teacher_nodes=1", "launcher.teacher_gpus=2",
-            "launcher.time=01:00:00", "launcher.partition=gpu", "launcher.env={HF_HOME: /cache}"]
+SERVE = "{nodes: 1, gpus_per_node: 2, tp: 1, dp: 2}"
+LAUNCHER = ["launcher.nodes=2", "launcher.gpus_per_node=4", f"teachers.general.serve={SERVE}",
+            f"teachers.domain.serve={SERVE}", "launcher.time=01:00:00", "launcher.partition=gpu",
+            "launcher.env={HF_HOME: /cache}"]
 
 
 def bash_syntax_ok(text: str, tmp_path: Path) -> None:
@@ -34,20 +36,23 @@ def bash_syntax_ok(text: str, tmp_path: Path) -> None:
 
 def test_hetjob_gpu_script(tmp_path: Path) -> None:
     spec = load_spec(TINY, LAUNCHER)
-    assert [t.name for t in served_teachers(spec)] == ["general", "domain"]
+    assert [c.name for c in server_components(spec, cpu=False)] == ["general", "domain"]
     scripts = render_scripts(spec, str(TINY), LAUNCHER, cpu=False, workdir="/work")
     assert list(scripts) == ["hetjob"]
     text = scripts["hetjob"]
     bash_syntax_ok(text, tmp_path)
     sbatch = [line for line in text.splitlines() if line.startswith("#SBATCH")]
     assert sbatch.count("#SBATCH hetjob") == 2  # 2 teacher components + the trainer
-    assert sbatch[-1] == "#SBATCH --nodes=2 --ntasks-per-node=1 --time=01:00:00 --gpus-per-node=4 --partition=gpu"
-    assert "#SBATCH --nodes=1 --ntasks-per-node=1 --time=01:00:00 --gpus-per-node=2 --partition=gpu" in sbatch
-    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "TEACHER_BACKEND=sglang", "NODES=2",
-                 "NPROC_PER_NODE=4", "TEACHERS=(general domain)", "export HF_HOME=/cache", "WORKDIR=/work",
-                 f"SPEC={TINY}"):
+    assert sbatch[-1] == ("#SBATCH --nodes=2 --ntasks-per-node=1 --time=01:00:00 --gpus-per-node=4 --exclusive "
+                          "--mem=0 --partition=gpu")
+    assert ("#SBATCH --nodes=1 --ntasks-per-node=1 --time=01:00:00 --gpus-per-node=2 --exclusive --mem=0 "
+            "--partition=gpu") in sbatch
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@1800", "SERVER_BACKEND=sglang", "NODES=2",
+                 "NPROC_PER_NODE=4", "SERVERS=(general domain)", "export HF_HOME=/cache", "WORKDIR=/work",
+                 f"SPEC={TINY}", "export CUDA_DEVICE_MAX_CONNECTIONS=1"):
         assert line in text.splitlines() or any(l.startswith(line + " ") for l in text.splitlines()), line
-    assert "@{" not in text and "serve_one_teacher()" in text  # fully rendered, lib inlined
+    assert "@{" not in text and "serve_one()" in text  # fully rendered, lib inlined
+    assert "--shutdown-timeout=" not in text and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT_S" in text
 
 
 def test_cpu_script_has_no_gpus_and_serves_with_camopd(tmp_path: Path) -> None:
@@ -55,7 +60,7 @@ def test_cpu_script_has_no_gpus_and_serves_with_camopd(tmp_path: Path) -> None:
     text = render_scripts(spec, str(TINY), LAUNCHER, cpu=True)["hetjob"]
     bash_syntax_ok(text, tmp_path)
     assert "--gpus-per-node" not in text.replace('"--gpus-per-node"', "")
-    assert "TEACHER_BACKEND=camopd" in text
+    assert "SERVER_BACKEND=camopd" in text and "serve-teacher --checkpoint" in text
 
 
 def test_dependency_topology_renders_two_scripts(tmp_path: Path) -> None:
@@ -64,16 +69,17 @@ def test_dependency_topology_renders_two_scripts(tmp_path: Path) -> None:
     assert list(scripts) == ["teachers", "train"]
     for text in scripts.values():
         bash_syntax_ok(text, tmp_path)
-    assert "#SBATCH --nodes=2 " in scripts["teachers"]  # one node per teacher
+    servers = [line for line in scripts["teachers"].splitlines() if line.startswith("#SBATCH --nodes=")]
+    assert len(servers) == 2 and "#SBATCH hetjob" in scripts["teachers"]  # one component per teacher
     assert "TEACHER_JOB_ID=${TEACHER_JOB_ID:?" in scripts["train"]
     assert "hetjob" not in "".join(l for l in scripts["train"].splitlines() if l.startswith("#SBATCH"))
 
 
 def test_no_served_teachers_gives_a_plain_job(tmp_path: Path) -> None:
-    spec = load_spec(TINY, LAUNCHER + ["launcher.teacher_nodes=0"])
+    spec = load_spec(TINY, ["launcher.nodes=1", "launcher.gpus_per_node=1"])
     text = render_scripts(spec, str(TINY), [], cpu=True)["hetjob"]
     bash_syntax_ok(text, tmp_path)
-    assert "#SBATCH hetjob" not in text and "TEACHERS=()" in text
+    assert "#SBATCH hetjob" not in text and "SERVERS=()" in text
 
 
 def test_cli_writes_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

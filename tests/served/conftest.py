@@ -1,6 +1,6 @@
-"""Fixtures for the served-teacher tests: a tiny setup, its general teacher converted to a camopd checkpoint, two
-`camopd serve-teacher` replicas of that checkpoint (subprocesses on port 0, found through --ready-file), and
-helpers to run `camopd train` as a subprocess on a spec written to tmp."""
+"""Fixtures for the served tests: a tiny setup, its general teacher converted to a camopd checkpoint, two
+`camopd serve` replicas of that checkpoint and two of the student (subprocesses on port 0, found through
+--ready-file), and helpers to run `camopd train` as a subprocess on a spec written to tmp."""
 
 from __future__ import annotations
 
@@ -91,3 +91,27 @@ def replicas(teacher_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         for r in reps:
             r.stop()
+
+
+@pytest.fixture(scope="session")
+def student_replicas(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LocalReplica]]:
+    """Two `camopd serve` rollout servers of the tiny student (HF dir, served with megatron-core)."""
+    reps = start_local_replicas(tiny / "student", tmp_path_factory.mktemp("students"), 2, env=sub_env())
+    try:
+        yield reps
+    finally:
+        for r in reps:
+            r.stop()
+
+
+def served_rollouts(spec_path: Path, urls: list[str], **sglang: object) -> Path:
+    """Turn a spec written by `write_spec` into one whose rollouts come from the servers `urls`."""
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["rollout"]["engine"] = "sglang"
+    spec["rollout"]["sglang"] = {"urls": list(urls), "timeout_s": 120.0, "dead_deadline_s": 60.0, **sglang}
+    spec_path.write_text(yaml.safe_dump(spec))
+    return spec_path
+
+
+def in_process_teachers(tiny: Path) -> dict[str, dict]:
+    return {n: {"hf_path": str(tiny / "teacher_general")} for n in ("general", "domain")}

@@ -39,11 +39,14 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_spec(tiny_root: Path, run_dir: Path) -> Path:
-    """The tiny spec with ONE teacher (served over HTTP by the launcher), short timeouts and a checkpoint per step."""
+    """The tiny spec with ONE teacher (served over HTTP by the launcher: `serve`), short timeouts and a checkpoint
+    per step. The two loopback nodes run two jobs at once, so no component asks for whole nodes."""
     spec = yaml.safe_load((REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml").read_text())
     spec["model"]["hf_path"] = str(tiny_root / "student")
+    shared = {"exclusive": False}  # CPUs per task: what Slurm allocated (group_cpus)
     spec["teachers"] = {"general": {"hf_path": str(tiny_root / "teacher_general"), "timeout_s": 20.0, "retries": 1,
-                                    "discovery_timeout_s": 60.0}}
+                                    "discovery_timeout_s": 60.0,
+                                    "serve": {"nodes": 1, "gpus_per_node": 1, "tp": 1, "dp": 1, "resources": shared}}}
     spec["routing"] = {"general": "general", "domain": "general"}
     for stream in spec["data"]["streams"]:
         stream["path"] = str(tiny_root / "data" / Path(stream["path"]).name)
@@ -51,8 +54,8 @@ def write_spec(tiny_root: Path, run_dir: Path) -> Path:
     spec["train"]["steps"] = STEPS
     spec["checkpoint"].update(dir=str(run_dir / "ckpt"), save_interval=1)
     spec["logging"].update(diagnostics=False)
-    spec["launcher"] = {"nodes": 1, "gpus_per_node": 1, "teacher_nodes": 1, "teacher_gpus": 1, "time": "60:00",
-                        "log_dir": str(run_dir / "logs")}
+    spec["launcher"] = {"nodes": 1, "gpus_per_node": 1, "time": "60:00", "log_dir": str(run_dir / "logs"),
+                        "health_timeout_s": 300, "shutdown_timeout_s": 60, "resources": shared}
     path = run_dir / "spec.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -66,7 +69,7 @@ def camopd(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]
 
 
 def submit_hetjob(spec: Path) -> str:
-    proc = camopd("sbatch", str(spec), "--cpu", "--submit", "--health-timeout", "300", "--shutdown-timeout", "60")
+    proc = camopd("sbatch", str(spec), "--cpu", "--submit")
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split("submitted hetjob job ")[1].split()[0]
 
@@ -150,14 +153,14 @@ def test_dead_teacher_fails_the_job_with_a_clear_message(
     assert slurm_cluster.wait(job, timeout=120) == "FAILED", job_log(tmp_path)
     assert time.monotonic() - started < 90
     log = job_log(tmp_path)
-    assert "teacher server (teacher general, het component 0) died; stopping the trainer" in log, log
-    assert "ERROR: training stopped because a teacher server died" in log
+    assert "servers of teacher general (het component 0) died; stopping the trainer" in log, log
+    assert "ERROR: training stopped because a server died" in log
 
 
 def test_submitit_launch_trains_and_cancels_the_teacher(
         slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path: Path) -> None:
     spec = write_spec(tiny_root, tmp_path)
-    proc = camopd("launch", str(spec), "--cluster", "slurm", "--cpu", "--health-timeout", "120", timeout=400)
+    proc = camopd("launch", str(spec), "--cluster", "slurm", "--cpu", timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(losses(tmp_path)) == STEPS
     teacher_job = proc.stdout.split("teacher general: job ")[1].split()[0]

@@ -115,7 +115,7 @@ def test_texts_in_logprobs(server, scorer):
     [
         ({**build_request(IDS, None), "sampling_params": {"max_new_tokens": 8, "temperature": 1.0}}, "max_new_tokens"),
         ({**build_request(IDS, None), "sampling_params": {"temperature": 1.0}}, "max_new_tokens"),
-        ({**build_request(IDS, None), "return_logprob": False}, "return_logprob"),
+        ({**build_request(IDS, None), "return_logprob": "yes"}, "return_logprob"),
         (build_request([1, 2, 64], None), "[0, 64)"),
         (build_request([], None), "non-empty"),
         (build_request([[1, 2], []], None), "input_ids[1]"),

@@ -4,14 +4,23 @@
 log() { echo "[camopd $(date +%H:%M:%S)] $*"; }
 die() { log "ERROR: $*"; exit 1; }
 
-http_ok() {  # URL -> success when it answers 2xx within 5 s
-  "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$1" >/dev/null 2>&1
+http_ok() {  # URL -> success when it answers 2xx within HEALTH_CHECK_TIMEOUT_S (SGLang's /health generates a token)
+  "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))' \
+    "$1" "$HEALTH_CHECK_TIMEOUT_S" >/dev/null 2>&1
 }
 
 node_addr() {  # Slurm node name -> the address its daemons use (NodeAddr; the node name on most clusters)
   local addr
   addr=$(scontrol show node "$1" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
   echo "${addr:-$1}"
+}
+
+group_cpus() {  # [HET GROUP] -> the CPUs Slurm allocated per node to the (het component of the) job
+  local var=SLURM_JOB_CPUS_PER_NODE value
+  if [[ -n ${1:-} ]]; then var=SLURM_JOB_CPUS_PER_NODE_HET_GROUP_$1; fi
+  value=${!var:-${SLURM_JOB_CPUS_PER_NODE:-1}}  # e.g. "96(x2),48": the first node's count
+  value=${value%%[(,]*}
+  echo "${value:-1}"
 }
 
 register_address() {  # FILE HOST:PORT -> append a line under a lock and publish atomically (temp file + rename)
@@ -23,46 +32,61 @@ register_address() {  # FILE HOST:PORT -> append a line under a lock and publish
   ) 9>"$file.lock"
 }
 
-serve_one_teacher() {  # NAME MODEL ADDR_FILE: one server on this node; registered once /health answers
-  local name=$1 model=$2 addr_file=$3 host port="" server ready deadline rc
+prepare_model() {  # MODEL OUT SRUN_ARGS...: print the HF dir a server loads; a camopd checkpoint is converted once
+  local model=$1 out=$2
+  shift 2
+  if [[ $SERVER_BACKEND != sglang || -f $model/config.json ]]; then echo "$model"; return 0; fi
+  log "converting the camopd checkpoint $model to HuggingFace in $out (once, for SGLang)" >&2
+  srun "$@" --nodes=1 --ntasks=1 "$PYTHON" -m megatron_camopd.launch.servers ensure-hf "$model" "$out" | tail -n1
+}
+
+serve_one() {  # NAME MODEL ADDR_FILE PORT FUNC: one server on this node (FUNC MODEL PORT READY execs it);
+  # its host:port is registered in ADDR_FILE once /health answers
+  local name=$1 model=$2 addr_file=$3 port=$4 func=$5 host server ready deadline rc
   host=$(hostname)
   ready="$addr_file.$host.$$.ready"
-  if [[ $TEACHER_BACKEND == sglang ]]; then
-    port=$SGLANG_PORT
-    # shellcheck disable=SC2086  # SGLANG_ARGS is a plain word list
-    "$PYTHON" -m sglang.launch_server --model-path "$model" --host 0.0.0.0 --port "$port" \
-      --tp "$TEACHER_TP" $SGLANG_ARGS &
-  else
-    "$PYTHON" -m megatron_camopd.cli serve-teacher --checkpoint "$model" --host 0.0.0.0 --port 0 \
-      --ready-file "$ready" &
-  fi
+  if [[ $SERVER_BACKEND != sglang ]]; then port=""; fi  # CPU servers take a free port and write it to $ready
+  "$func" "$model" "${port:-0}" "$ready" &
   server=$!
   trap 'kill -TERM "$server" 2>/dev/null; wait "$server"; exit 0' TERM INT
   deadline=$((SECONDS + HEALTH_TIMEOUT_S))
   while :; do
     if ! kill -0 "$server" 2>/dev/null; then
       rc=0; wait "$server" || rc=$?
-      die "teacher $name on $host exited (rc=$rc) before it was healthy"
+      die "$name server on $host exited (rc=$rc) before it was healthy"
     fi
     if [[ -z $port && -s $ready ]]; then port=$(cut -d: -f2 <"$ready" | tr -d '[:space:]'); fi
     if [[ -n $port ]] && http_ok "http://$host:$port/health"; then break; fi
     if ((SECONDS >= deadline)); then
       kill -TERM "$server" 2>/dev/null || true
-      die "teacher $name on $host not healthy after ${HEALTH_TIMEOUT_S}s"
+      die "$name server on $host not healthy after ${HEALTH_TIMEOUT_S}s"
     fi
     sleep 1
   done
   rm -f "$ready"
   register_address "$addr_file" "$host:$port"
-  log "teacher $name serves $model at $host:$port"
+  log "$name serves $model at $host:$port"
   rc=0; wait "$server" || rc=$?
-  log "teacher $name on $host stopped (rc=$rc)"
+  log "$name server on $host stopped (rc=$rc)"
   return "$rc"
 }
 
-wait_for_teachers() {  # DIR ALIVE_CHECK: every teacher lists TEACHER_NODES healthy replicas, or fail clearly
-  local dir=$1 alive_check=$2 name addr n deadline=$((SECONDS + HEALTH_TIMEOUT_S))
-  for name in "${TEACHERS[@]}"; do
+SERVER_PIDS=()
+declare -A WATCH_NAMES=()  # pid -> what it is (server srun steps, the health watchdog)
+
+start_servers() {  # INDEX NAME MODEL NODES PORT WHAT SRUN_ARGS...: NODES servers of NAME in the background
+  local i=$1 name=$2 model=$3 nodes=$4 port=$5 what=$6
+  shift 6
+  srun "$@" --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 bash -c 'serve_one "$@"' _ \
+    "$name" "$model" "$DISCOVERY_DIR/$name.addr" "$port" "server_$i" &
+  SERVER_PIDS+=($!)
+  WATCH_NAMES[$!]=$what
+}
+
+wait_for_servers() {  # DIR ALIVE_CHECK: every server group lists its healthy replicas, or fail clearly
+  local dir=$1 alive_check=$2 i name addr n deadline=$((SECONDS + HEALTH_TIMEOUT_S))
+  for i in "${!SERVERS[@]}"; do
+    name=${SERVERS[$i]}
     while :; do
       n=0
       if [[ -f $dir/$name.addr ]]; then
@@ -70,20 +94,13 @@ wait_for_teachers() {  # DIR ALIVE_CHECK: every teacher lists TEACHER_NODES heal
           if [[ -n $addr ]] && http_ok "http://$addr/health"; then n=$((n + 1)); fi
         done <"$dir/$name.addr"
       fi
-      ((n >= TEACHER_NODES)) && break
-      $alive_check || die "teacher servers stopped before teacher $name was healthy (see the log above)"
-      ((SECONDS < deadline)) || die "teacher $name: $n/$TEACHER_NODES healthy servers after ${HEALTH_TIMEOUT_S}s"
+      ((n >= SERVER_NODES[i])) && break
+      $alive_check || die "servers stopped before ${SERVER_LABELS[$i]} was healthy (see the log above)"
+      ((SECONDS < deadline)) ||
+        die "${SERVER_LABELS[$i]}: $n/${SERVER_NODES[$i]} healthy servers after ${HEALTH_TIMEOUT_S}s"
       sleep 1
     done
-    log "teacher $name ready: $(tr '\n' ' ' <"$dir/$name.addr")"
-  done
-}
-
-teacher_overrides() {  # DIR -> the trainer's overrides pointing each served teacher at its discovery file
-  local name
-  for name in "${TEACHERS[@]}"; do
-    printf '%s\n' "teachers.$name.hf_path=null" "teachers.$name.checkpoint=null" \
-      "teachers.$name.discovery_file=$1/$name.addr"
+    log "${SERVER_LABELS[$i]} ready: $(tr '\n' ' ' <"$dir/$name.addr")"
   done
 }
 
@@ -95,7 +112,10 @@ start_trainer() {  # NODELIST [srun args...]: one srun task per node, each runni
   export MASTER_ADDR=${MASTER_ADDR:-$(node_addr "$first")}
   export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
   export PID_PREFIX="$DISCOVERY_DIR/torchrun-$SLURM_JOB_ID"  # per node: <prefix>.<node index>.pid
-  export NODES NPROC_PER_NODE SHUTDOWN_TIMEOUT_S PYTHON
+  # torchrun's grace for the ranks after a signal; the env form works with every torch >= 2.6 (older ones keep
+  # their fixed 30 s; the --shutdown-timeout flag exists only in recent torch)
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT_S
+  export NODES NPROC_PER_NODE PYTHON
   log "trainer: $NODES node(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT"
   # Signals sent to srun or torchrun reach whole process groups (and so the trainer's checkpoint-writer
   # helpers); preemption instead signals the trainer processes themselves (see on_preempt).
@@ -103,7 +123,7 @@ start_trainer() {  # NODELIST [srun args...]: one srun task per node, each runni
     'trap "" USR1; echo $$ >"$PID_PREFIX.$SLURM_NODEID.pid"
      exec "$PYTHON" -m torch.distributed.run --nnodes="$NODES" --nproc-per-node="$NPROC_PER_NODE" \
        --node-rank="$SLURM_NODEID" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
-       --shutdown-timeout="$SHUTDOWN_TIMEOUT_S" -m megatron_camopd.cli train "$@"' \
+       -m megatron_camopd.cli train "$@"' \
     _ "$SPEC" "${OVERRIDES[@]}" "${TRAIN_OVERRIDES[@]}" &
   TRAINER_PID=$!
 }
@@ -127,13 +147,11 @@ stop_pid() {  # PID GRACE_S: SIGTERM, then SIGKILL after GRACE_S
   wait "$pid" 2>/dev/null || true
 }
 
-declare -A WATCH_NAMES=()  # pid -> what it is (teacher srun steps, the health watchdog)
-
-watch_teachers() {  # DIR: exits once a teacher has had no healthy server for TEACHER_DEAD_S (a watchdog job)
+watch_servers() {  # DIR: exits once a server group has had no healthy server for TEACHER_DEAD_S (a watchdog job)
   local dir=$1 name addr ok since
   declare -A down=()
   while sleep "$WATCH_INTERVAL_S"; do
-    for name in "${TEACHERS[@]}"; do
+    for name in "${SERVERS[@]}"; do
       ok=0
       while read -r addr; do
         if [[ -n $addr ]] && http_ok "http://$addr/health"; then ok=1; break; fi
@@ -142,7 +160,7 @@ watch_teachers() {  # DIR: exits once a teacher has had no healthy server for TE
       since=${down[$name]:-$SECONDS}
       down[$name]=$since
       if ((SECONDS - since >= TEACHER_DEAD_S)); then
-        log "ERROR: teacher $name: no healthy server in $dir/$name.addr for ${TEACHER_DEAD_S}s"
+        log "ERROR: $name: no healthy server in $dir/$name.addr for ${TEACHER_DEAD_S}s"
         return 1
       fi
     done
@@ -159,7 +177,7 @@ wait_trainer() {  # PIDS...: -> TRAINER_RC, waiting through trapped signals; a w
       if ! kill -0 "$pid" 2>/dev/null; then TEACHER_DIED=${WATCH_NAMES[$pid]:-$pid}; fi
     done
     if [[ -n $TEACHER_DIED ]] && kill -0 "$TRAINER_PID" 2>/dev/null; then
-      log "ERROR: teacher server ($TEACHER_DIED) died; stopping the trainer"
+      log "ERROR: $TEACHER_DIED died; stopping the trainer"
       stop_pid "$TRAINER_PID" 10
       break
     fi
@@ -174,8 +192,8 @@ wait_trainer() {  # PIDS...: -> TRAINER_RC, waiting through trapped signals; a w
 
 finish() {  # decide the job's fate from TRAINER_RC: done, requeue (exit 75 or preempted) or failure
   if [[ -n $TEACHER_DIED ]]; then
-    teardown_teachers
-    die "training stopped because a teacher server died (trainer rc=$TRAINER_RC); see the teacher log lines above"
+    teardown_servers
+    die "training stopped because a server died (trainer rc=$TRAINER_RC); see the server log lines above"
   fi
   if ((TRAINER_RC == EXIT_REQUEUE)) || { ((PREEMPTED)) && ((TRAINER_RC != 0)); }; then
     log "trainer checkpointed (rc=$TRAINER_RC): requeueing job $SLURM_JOB_ID"
@@ -183,7 +201,7 @@ finish() {  # decide the job's fate from TRAINER_RC: done, requeue (exit 75 or p
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
   fi
-  teardown_teachers
+  teardown_servers
   ((TRAINER_RC == 0)) || die "trainer failed (rc=$TRAINER_RC)"
   log "training finished"
 }

@@ -1,0 +1,68 @@
+"""Spec sections for what the launchers start besides the trainer: Slurm resources of a component and the SGLang
+serving of a teacher.
+
+`SlurmResources` is the per-component request (whole nodes, CPUs per task, memory, an optional pyxis container);
+it appears as `launcher.resources` (the trainer), `teachers.<name>.serve.resources` and
+`rollout.sglang.resources`. `TeacherServeConfig` (`teachers.<name>.serve`) names the model a teacher's SGLang
+servers load and their flags; `camopd sbatch`/`camopd launch` start them and hand the trainer their discovery
+file (see launch/servers.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from megatron_camopd.config.fields import Section, check, in_range, path_field, positive
+
+MEM_RE = re.compile(r"^\d+[KMGT]?$")
+
+
+@dataclass
+class SlurmResources(Section):
+    """Slurm resources of one launched component (applied to its `#SBATCH` line and to every `srun` step)."""
+
+    exclusive: bool = True  # whole nodes (--exclusive): GPU jobs never share a node with strangers
+    cpus_per_task: int | None = None  # one task per node; None: every CPU Slurm allocated on the node
+    mem: str | None = "0"  # --mem per node ("0": all of the node's memory, "500G"); None: the cluster default
+    container_image: str | None = None  # pyxis --container-image of this component's srun steps
+    container_mounts: list[str] = field(default_factory=list)  # pyxis --container-mounts, "SRC:DST[:FLAGS]"
+
+    def validate(self) -> None:
+        positive(self, "cpus_per_task")
+        check(self.mem is None or bool(MEM_RE.match(self.mem)), "mem",
+              f"must be a Slurm size like 0, 500G or 512000M, got {self.mem!r}")
+        for i, mount in enumerate(self.container_mounts):
+            check(bool(mount) and "," not in mount and not mount.startswith(":"), f"container_mounts.{i}",
+                  f"must look like SRC[:DST[:FLAGS]] (no commas), got {mount!r}")
+        check(not self.container_mounts or self.container_image is not None, "container_mounts",
+              "needs container_image")
+
+
+@dataclass
+class TeacherServeConfig(Section):
+    """How the launcher serves a teacher with SGLang (`teachers.<name>.serve`): one server per node."""
+
+    model: str | None = path_field()  # HF dir or a camopd checkpoint; None: the teacher's hf_path/checkpoint
+    hf_dir: str | None = path_field()  # a checkpoint is converted here once; None: <checkpoint.dir>/served_hf/<name>
+    nodes: int = 1  # server replicas (one per node)
+    gpus_per_node: int = 8
+    tp: int = 1  # SGLang --tp-size of each server
+    dp: int = 8  # SGLang --dp-size of each server (tp * dp GPUs per node)
+    mem_fraction_static: float = 0.8  # SGLang --mem-fraction-static (weights + KV pool)
+    context_length: int | None = None  # SGLang --context-length; None: the spec's sequence length
+    # SGLang computes input log-probs in chunks of this many tokens (SGLANG_ENABLE_LOGITS_PROCESSER_CHUNK):
+    # a 36k-token prefill of a 152k vocabulary would otherwise materialise ~22 GB of fp32 logits; null: SGLang's
+    # own default (off in 0.5.x)
+    logits_chunk_size: int | None = 2048
+    port: int | None = None  # None: 30000 + the teacher's position in `teachers`
+    extra_args: list[str] = field(default_factory=list)  # more `python -m sglang.launch_server` arguments
+    env: dict[str, str] = field(default_factory=dict)  # environment of the server processes
+    resources: SlurmResources = field(default_factory=SlurmResources)
+
+    def validate(self) -> None:
+        positive(self, "nodes", "gpus_per_node", "tp", "dp", "context_length", "logits_chunk_size")
+        check(self.tp * self.dp <= self.gpus_per_node, "dp",
+              f"tp * dp = {self.tp * self.dp} GPUs per server, but gpus_per_node is {self.gpus_per_node}")
+        in_range(self, "mem_fraction_static", 0.0, 1.0, low_open=True, high_open=True)
+        in_range(self, "port", 1, 65535, low_open=False, high_open=False)

@@ -1,0 +1,163 @@
+"""The comparison's outputs: per-method statistics over seeds, the markdown tables, `compare.json` and a plot.
+
+`summarise` turns the per-run results of `compare.run_comparison` into, per method: mean ± std of every domain's
+accuracy and of the normalised score; the paired difference against vanilla MOPD (1:1) on the same seed with its
+bootstrap 95% CI; the mean of every instrument over seeds; and the training seconds. The markdown states the
+cost and reads each interval in words (`stats.verdict`); the plot shows per-seed points, means, and the paired
+differences with their intervals. Used by `camopd compare` and by the demo's report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_camopd.demo.setting import LABELS
+from megatron_camopd.demo.stats import mean_std, paired_difference, verdict
+
+BASELINE = "mopd_1to1"
+INSTRUMENTS = [("cross_cos_mean", "cross-branch cos"), ("cross_cos_negative_share", "cos<0 share"),
+               ("coherence_full", "coherence (full)"), ("gcg", "GCG (%)"),
+               ("spearman_gap_len/general", "Spearman gap~len (gen)"),
+               ("selected_len_mean/general", "selected len (gen)"), ("dropped_len_mean/general", "dropped len (gen)")]
+
+
+def _by_seed(runs: list[dict], get) -> dict[int, float | None]:
+    return {r["seed"]: get(r) for r in runs}
+
+
+def summarise(results: dict[str, list[dict]], domains: list[str], baseline: str = BASELINE) -> dict:
+    """{method: {"accuracy": {d: [mean, std]}, "score": [mean, std], "paired": {d|score: diff}, "instruments":
+    {k: mean}, "seconds": total}} (paired only when the baseline ran, on the seeds both ran)."""
+    metrics = {d: (lambda r, d=d: r["accuracy"][d]) for d in domains}
+    metrics["score"] = lambda r: r["normalised"]["score"]
+    out: dict[str, dict] = {}
+    for m, runs in results.items():
+        s: dict = {"accuracy": {d: list(mean_std([r["accuracy"][d] for r in runs])) for d in domains},
+                   "score": list(mean_std([r["normalised"]["score"] for r in runs])),
+                   "seeds": [r["seed"] for r in runs],
+                   "seconds": round(sum(r.get("seconds") or 0.0 for r in runs), 1)}
+        keys = sorted({k for r in runs for k in r.get("instruments", {})})
+        s["instruments"] = {k: mean_std([r["instruments"].get(k) for r in runs])[0] for k in keys}
+        if baseline in results and m != baseline:
+            base = results[baseline]
+            s["paired"] = {}
+            for key, get in metrics.items():
+                mine, theirs = _by_seed(runs, get), _by_seed(base, get)
+                common = sorted(set(mine) & set(theirs))
+                s["paired"][key] = paired_difference([mine[k] for k in common], [theirs[k] for k in common])
+        out[m] = s
+    return out
+
+
+def _cell(ms, scale: float = 100.0, digits: int = 1) -> str:
+    m, sd = ms
+    return "n/a" if m is None else f"{scale * m:.{digits}f} ± {scale * sd:.{digits}f}"
+
+
+def _diff(d: dict | None, scale: float = 100.0) -> str:
+    if not d or d["mean"] is None:
+        return "—"
+    if d["ci_low"] is None:
+        return f"{scale * d['mean']:+.1f}"
+    return f"{scale * d['mean']:+.1f} [{scale * d['ci_low']:+.1f}, {scale * d['ci_high']:+.1f}]"
+
+
+def _num(x, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def tables(summary: dict, domains: list[str], baselines: dict) -> list[str]:
+    """The results table (mean ± std, paired differences vs MOPD 1:1 with CI) and the instruments table."""
+    head = ("| method | " + " | ".join(f"{d} acc (%)" for d in domains) + " | score (mean s_d) | " +
+            " | ".join(f"Δ{d} vs MOPD 1:1 [95% CI]" for d in domains) + " | Δscore [95% CI] | seconds |")
+    lines = [head, "| --- |" + " ---: |" * (2 * len(domains) + 3)]
+    for name, acc in baselines.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * acc[d]:.1f}" for d in domains) + " |" +
+                     " |" * (len(domains) + 3))
+    for m, s in summary.items():
+        p = s.get("paired", {})
+        cells = [_cell(s["accuracy"][d]) for d in domains] + [_cell(s["score"], 1.0, 2)]
+        cells += [_diff(p.get(d)) for d in domains] + [_diff(p.get("score"), 1.0)]
+        cells.append(f"{s['seconds']:.0f}")
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return lines + ["", "Instruments (means over seeds, from each run's metrics.jsonl):", "", *instrument_table(summary)]
+
+
+def instrument_table(summary: dict) -> list[str]:
+    """The referee's instruments per method (means over seeds)."""
+    lines = ["| method | " + " | ".join(label for _, label in INSTRUMENTS) + " |",
+             "| --- |" + " ---: |" * len(INSTRUMENTS)]
+    for m, s in summary.items():
+        ins = s["instruments"]
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(_num(ins.get(k), 2 if "len" in k else 3)
+                                                              for k, _ in INSTRUMENTS) + " |")
+    return lines
+
+
+def plot(summary: dict, results: dict, domains: list[str], path: Path) -> Path:
+    """Per domain: per-seed accuracies (dots) and their mean (bar); last panel: paired differences vs MOPD 1:1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary)
+    fig, axes = plt.subplots(1, len(domains) + 1, figsize=(5 * (len(domains) + 1), 4.5))
+    for ax, d in zip(axes, domains):
+        for i, m in enumerate(methods):
+            ax.bar(i, 100 * (summary[m]["accuracy"][d][0] or 0.0), color=f"C{i % 10}", alpha=0.5)
+            ax.scatter([i] * len(results[m]), [100 * r["accuracy"][d] for r in results[m]], color="black", s=12)
+        ax.set_xticks(range(len(methods)), [LABELS.get(m, m) for m in methods], rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{d} accuracy (%), per seed and mean")
+        ax.grid(alpha=0.3, axis="y")
+    ax = axes[-1]
+    shown = [m for m in methods if "paired" in summary[m]]
+    for j, d in enumerate(domains):
+        for i, m in enumerate(shown):
+            p = summary[m]["paired"][d]
+            if p["mean"] is None:
+                continue
+            lo = p["ci_low"] if p["ci_low"] is not None else p["mean"]
+            hi = p["ci_high"] if p["ci_high"] is not None else p["mean"]
+            x = i + (j - (len(domains) - 1) / 2) * 0.25
+            ax.errorbar([x], [100 * p["mean"]], yerr=[[100 * (p["mean"] - lo)], [100 * (hi - p["mean"])]],
+                        fmt="o", color=f"C{j}", capsize=3, label=d if i == 0 else None)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(shown)), [LABELS.get(m, m) for m in shown], rotation=45, ha="right", fontsize=8)
+    ax.set_title("paired difference vs MOPD (1:1), points (95% CI)")
+    if shown:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_comparison(out: Path, spec_path: Path, domains: list[str], baselines: dict, results: dict, *,
+                     threads: int) -> str:
+    """compare.md, compare.json and compare.png under `out`; returns the markdown."""
+    summary = summarise(results, domains)
+    total = sum(s["seconds"] for s in summary.values())
+    n_seeds = max((len(r) for r in results.values()), default=0)
+    md = ["# Method comparison", "",
+          (f"Spec: `{spec_path}`; {n_seeds} seed(s) per method (train.seed = data.seed = k); greedy exact match on "
+           "held-out sets; `s_d = (a_method - a_student) / (a_teacher - a_student)` (n/a where the teacher does not "
+           "beat the initial student by >= 1 point). Δ: the method minus vanilla MOPD (1:1) on the same seed, mean "
+           "over seeds with a percentile-bootstrap 95% interval (with 2-3 seeds the interval is rough; with one, "
+           "none)."), "", *tables(summary, domains, baselines), "",
+          f"Cost: {total:.0f} s of training for {sum(len(r) for r in results.values())} runs at {threads} torch "
+          "thread(s) (evaluation not included).", ""]
+    for m, s in summary.items():
+        for key in [*domains, "score"]:
+            if "paired" in s:
+                md.append(f"- {verdict(s['paired'][key], f'{LABELS.get(m, m)} - MOPD (1:1), {key}')}")
+    md.append("")
+    text = "\n".join(md)
+    (out / "compare.md").write_text(text)
+    (out / "compare.json").write_text(json.dumps({"spec": str(spec_path), "seeds": n_seeds, "domains": domains,
+                                                  "baselines": baselines, "results": results, "summary": summary,
+                                                  "training_seconds": total, "threads": threads}, indent=1))
+    plot(summary, results, domains, out / "compare.png")
+    return text

@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# The GPU check of this project: one script, at most 8 minutes, on a machine with one CUDA GPU, Python 3.12 and
+# torch, no TransformerEngine and no package registry (spec.md §10). It
+#   1. installs megatron-core 0.19.x (and any other missing dependency) from local wheel files in $WHEELS,
+#   2. runs the backend tests on CUDA/NCCL in a world of one (multi-process tests deselected),
+#   3. checks that the loss of a training step of a 4-layer Qwen3 in bf16 on the GPU equals the fp32 CPU loss of
+#      the same step within bf16 tolerance (the step before and the one after the optimizer update),
+#   4. runs `camopd plan` of the flagship spec (yaml/camopd_medical_qwen3_8b.yaml),
+#   5. runs the benchmarks (tools/bench_step.py, tools/bench_rollout.py, tools/bench_overlap.py), shortened,
+# and prints one summary (PASS/FAIL/SKIP per check, with seconds); exit status 1 when a check failed.
+#
+#   bash tools/gpu_check.sh                   run the check (in the repository root)
+#   bash tools/gpu_check.sh --prepare         on a machine WITH a registry: download the wheels into $WHEELS
+#
+# Environment: WHEELS (default .gpu_wheels; must hold megatron_core-0.19.*.whl), OUT (logs and plan.json; default
+# a temporary directory), BUDGET_S (default 470: checks that would start later are skipped), SKIP (check names to
+# skip, e.g. "backend-tests bench-overlap"), DRY_RUN=1 (the script's own test on a machine without a GPU: no CUDA
+# and the installed megatron-core are accepted, the "GPU" step runs on the CPU in bf16).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+WHEELS=${WHEELS:-$REPO/.gpu_wheels}
+OUT=${OUT:-$(mktemp -d)}
+BUDGET_S=${BUDGET_S:-470}  # 8 minutes less the setup
+PY=${PYTHON:-python3}
+# runtime dependencies besides torch and transformers (present on the GPU machine); megatron-core without deps
+DEPS=(pyyaml submitit psutil safetensors tokenizers aiohttp tqdm scipy pyarrow pytest pytest-timeout hypothesis)
+
+if [[ ${1:-} == --prepare ]]; then
+  mkdir -p "$WHEELS"
+  grep -qxF "/$(basename "$WHEELS")/" .git/info/exclude 2>/dev/null || echo "/$(basename "$WHEELS")/" >>.git/info/exclude
+  "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d "$WHEELS" "megatron-core>=0.19,<0.20" "${DEPS[@]}" || exit 1
+  ls -1 "$WHEELS"
+  exit 0
+fi
+
+mkdir -p "$OUT"
+SUMMARY=()
+FAILED=0
+record() {  # STATUS NAME START DETAIL
+  local line
+  line=$(printf '%-4s %-34s %4ds  %s' "$1" "$2" $((SECONDS - $3)) "$4")
+  SUMMARY+=("$line")
+  echo "== $line"
+  if [[ $1 == FAIL ]]; then FAILED=1; fi
+}
+run_check() {  # NAME TIMEOUT_S COMMAND...: run with a timeout, log to $OUT/<name>.log, record the result
+  local name=$1 limit=$2 start=$SECONDS rc=0 log
+  shift 2
+  log="$OUT/$name.log"
+  if [[ " ${SKIP:-} " == *" $name "* ]]; then record SKIP "$name" "$start" "SKIP"; return 0; fi
+  if ((SECONDS + 10 > BUDGET_S)); then record SKIP "$name" "$start" "over the ${BUDGET_S}s budget"; return 0; fi
+  ((limit > BUDGET_S - SECONDS)) && limit=$((BUDGET_S - SECONDS))
+  echo "== $name (at most ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1 || rc=$?
+  tail -n 5 "$log"
+  if ((rc == 0)); then
+    record PASS "$name" "$start" "$(grep -E "$DETAIL_RE" "$log" | tail -n1 | cut -c1-90)"
+  elif ((rc == 124 || rc == 137)); then
+    record FAIL "$name" "$start" "timed out after ${limit}s (log: $log)"
+  else
+    record FAIL "$name" "$start" "rc=$rc (log: $log)"
+  fi
+}
+DETAIL_RE='passed|loss|total|ratio|tokens/s|x |step'
+
+# ---- 0. the machine -----------------------------------------------------------------------------------------------
+start=$SECONDS
+info=$("$PY" - <<'EOF' 2>&1
+import importlib.util, sys
+import torch
+ok = torch.cuda.is_available()
+name = torch.cuda.get_device_name(0) if ok else "no CUDA device"
+te = importlib.util.find_spec("transformer_engine") is not None
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {name}, TransformerEngine {'present' if te else 'absent'}")
+sys.exit(0 if ok else 3)
+EOF
+)
+rc=$?
+case $rc in
+  0) if [[ $info == "python 3.12."* ]]; then record PASS machine "$start" "$info"; else
+       record FAIL machine "$start" "needs Python 3.12: $info"; fi ;;
+  3) if [[ ${DRY_RUN:-} == 1 ]]; then record SKIP machine "$start" "DRY_RUN: $info"; else
+       record FAIL machine "$start" "$info"; printf '%s\n' "${SUMMARY[@]}"; exit 1; fi ;;
+  *) record FAIL machine "$start" "$info"; printf '%s\n' "${SUMMARY[@]}"; exit 1 ;;
+esac
+
+# ---- 1. megatron-core 0.19.x from a local wheel -------------------------------------------------------------------
+start=$SECONDS
+SITE=$OUT/site  # the wheels go here (pip --target), first on PYTHONPATH: the machine's Python stays untouched
+VPY=$PY
+export PYTHONPATH=$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+wheel=$(ls -1 "$WHEELS"/megatron_core-0.19*.whl 2>/dev/null | head -n1)
+if [[ -z $wheel && ${DRY_RUN:-} == 1 ]]; then
+  record SKIP megatron-core "$start" "DRY_RUN: the installed one"
+elif [[ -z $wheel ]]; then
+  record FAIL megatron-core "$start" "no megatron_core-0.19*.whl in $WHEELS (bash tools/gpu_check.sh --prepare)"
+  printf '%s\n' "${SUMMARY[@]}"
+  exit 1
+else
+{
+  "$PY" -m pip install --no-index --no-deps --target "$SITE" "$wheel"
+  for dep in "${DEPS[@]}"; do  # only what the machine lacks, from the same folder
+    mod=${dep//-/_}
+    mod=${mod/pyyaml/yaml}
+    "$PY" -c "import $mod" 2>/dev/null ||
+      "$PY" -m pip install --no-index --no-deps --find-links "$WHEELS" --target "$SITE" "$dep"
+  done
+} >"$OUT/setup.log" 2>&1
+version=$("$PY" -c 'import megatron.core as m; print(m.__version__)' 2>>"$OUT/setup.log")
+if [[ $version == 0.19.* ]]; then record PASS megatron-core "$start" "megatron-core $version from $(basename "$wheel")"
+else record FAIL megatron-core "$start" "got '${version:-nothing}' (see $OUT/setup.log)"; fi
+fi
+
+# ---- 2. backend tests, CUDA/NCCL, world of one --------------------------------------------------------------------
+run_check backend-tests 150 "$VPY" -m pytest -q -x -p no:cacheprovider tests/backend -m "not multiproc" \
+  -k "not multirank and not spawn"
+
+# ---- 3. a 4-layer Qwen3 step: GPU bf16 loss == CPU fp32 loss ------------------------------------------------------
+cat >"$OUT/step_loss.py" <<'EOF'
+"""One SFT training step (and the loss after it) of a seeded 4-layer Qwen3 on a fixed batch; prints JSON."""
+import json, sys
+from pathlib import Path
+
+import torch
+
+device, model_dir = sys.argv[1], Path(sys.argv[2])
+if not (model_dir / "config.json").exists():
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                      tie_word_embeddings=False, rope_theta=1e6)
+    AutoModelForCausalLM.from_config(cfg).float().save_pretrained(model_dir)
+
+from megatron_camopd.backend.cpu_runtime import init_distributed
+from megatron_camopd.backend.engine import Engine, OptimSettings
+from megatron_camopd.backend.loss import LossSpec
+from megatron_camopd.session import ModelSource
+
+init_distributed(1, 1, seed=1)
+source = ModelSource.resolve(str(model_dir), None, "model")  # what `camopd train` loads the student with
+arch = source.arch()
+dtype = "bf16" if device == "gpu" else "fp32"
+engine = Engine(arch, dtype=dtype, micro_batch_size=2, optim=OptimSettings(lr=1e-3, total_steps=2),
+                init_fn=lambda chunks: source.load_into(chunks, arch))
+g = torch.Generator().manual_seed(0)
+n, width = 4, 96
+tokens = torch.randint(0, 512, (n, width), generator=g)
+labels = torch.roll(tokens, -1, 1)
+batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(n, width), "sample_weight": torch.ones(n),
+         "rollout_lp": torch.zeros(n, width), "advantages": torch.zeros(n, width),
+         "token_weight": torch.ones(n, width), "seq_len": torch.full((n,), width)}
+batch["loss_mask"][:, -1] = 0
+first = engine.train_step(batch, LossSpec(kind="sft"))
+second = engine.train_step(batch, LossSpec(kind="sft"))
+print(json.dumps({"device": device, "dtype": dtype, "loss": first["loss"], "loss_after_step": second["loss"],
+                  "grad_norm": first["grad_norm"]}))
+EOF
+cat >"$OUT/compare_loss.sh" <<EOF
+set -e
+CUDA_VISIBLE_DEVICES= "$VPY" "$OUT/step_loss.py" cpu "$OUT/qwen3_4layer" | tail -n1 >"$OUT/loss_cpu.json"
+"$VPY" "$OUT/step_loss.py" gpu "$OUT/qwen3_4layer" | tail -n1 >"$OUT/loss_gpu.json"  # DRY_RUN: CPU bf16
+"$VPY" - "$OUT/loss_cpu.json" "$OUT/loss_gpu.json" <<'PY'
+import json, sys
+cpu, gpu = (json.load(open(p)) for p in sys.argv[1:])
+ok = True
+for key in ("loss", "loss_after_step"):
+    rel = abs(gpu[key] - cpu[key]) / abs(cpu[key])
+    ok &= rel < 1e-2  # bf16 keeps 8 significant bits (3.9e-3); measured on CPU: bf16 vs fp32 ~1e-4
+    print(f"{key}: cpu fp32 {cpu[key]:.5f}, gpu bf16 {gpu[key]:.5f}, relative difference {rel:.2e}")
+sys.exit(0 if ok else 1)
+PY
+EOF
+run_check qwen3-step-loss 90 bash "$OUT/compare_loss.sh"
+
+# ---- 4. camopd plan of the flagship spec ---------------------------------------------------------------------------
+cat >"$OUT/plan.sh" <<EOF
+"$VPY" -m megatron_camopd.cli plan yaml/camopd_medical_qwen3_8b.yaml --json >"$OUT/plan.json" || exit 1
+"$VPY" - "$OUT/plan.json" <<'PY'
+import json, sys
+plan = json.load(open(sys.argv[1]))
+tc, mem = plan["transformer_config"], plan["memory_gb_per_gpu"]
+print(f"sequence_parallel={tc['sequence_parallel']} recompute_granularity={tc['recompute_granularity']} "
+      f"fp8={tc['fp8']}; total {mem['total']} GB of {mem['gpu_memory_gb']}, {len(plan['slurm']['components'])} "
+      "Slurm components")
+sys.exit(0 if (tc["sequence_parallel"], tc["recompute_granularity"], tc["fp8"]) == (True, "full", "hybrid") else 1)
+PY
+EOF
+run_check camopd-plan 40 bash "$OUT/plan.sh"
+
+# ---- 5. benchmarks (shortened) ------------------------------------------------------------------------------------
+run_check bench-step 60 "$VPY" tools/bench_step.py --repeats 5
+run_check bench-rollout 60 "$VPY" tools/bench_rollout.py --lengths 64,256 --batch 16 --repeats 1 --reference-up-to 64
+run_check bench-overlap 50 "$VPY" tools/bench_overlap.py --steps 2 --prompts 4 --max-new-tokens 8 --out "$OUT/overlap"
+
+# ---- summary -------------------------------------------------------------------------------------------------------
+echo
+echo "GPU check summary (${SECONDS}s; logs in $OUT):"
+printf '  %s\n' "${SUMMARY[@]}"
+exit "$FAILED"
