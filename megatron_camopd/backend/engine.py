@@ -55,6 +55,28 @@ def unwrap(chunk):
     return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
 
 
+def ddp_fields(o: OptimSettings) -> dict:
+    """megatron-core DistributedDataParallelConfig fields of the student (also printed by `camopd plan`)."""
+    return {"grad_reduce_in_fp32": True, "overlap_grad_reduce": False,
+            "use_distributed_optimizer": o.distributed_optimizer}
+
+
+def optimizer_fields(o: OptimSettings, dtype: str, params_dtype: torch.dtype) -> dict:
+    """megatron-core OptimizerConfig fields of the student (also printed by `camopd plan`)."""
+    return {"optimizer": "adam", "lr": o.lr, "min_lr": o.min_lr, "weight_decay": o.weight_decay,
+            "adam_beta1": o.adam_beta1, "adam_beta2": o.adam_beta2, "adam_eps": o.adam_eps, "clip_grad": o.clip_grad,
+            "use_distributed_optimizer": o.distributed_optimizer, "bf16": dtype == "bf16", "fp16": dtype == "fp16",
+            "params_dtype": params_dtype}
+
+
+def scheduler_fields(o: OptimSettings) -> dict:
+    """megatron-core OptimizerParamScheduler arguments (also printed by `camopd plan`)."""
+    return {"init_lr": 0.0 if o.warmup_steps else o.lr, "max_lr": o.lr, "min_lr": o.min_lr,
+            "lr_warmup_steps": o.warmup_steps, "lr_decay_steps": max(o.total_steps, 1),
+            "lr_decay_style": o.lr_decay, "start_wd": o.weight_decay, "end_wd": o.weight_decay,
+            "wd_incr_steps": max(o.total_steps, 1), "wd_incr_style": "constant"}
+
+
 class Engine:
     """Student model + Megatron DDP + Megatron optimizer + LR schedule on the current parallel layout."""
 
@@ -84,11 +106,7 @@ class Engine:
         self.config = config
         config.calculate_per_token_loss = True  # loss_func returns (sum, count): see backend/loss.py
         config.finalize_model_grads_func = finalize_model_grads
-        ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=self.optim_settings.distributed_optimizer,
-        )
+        ddp_cfg = DistributedDataParallelConfig(**ddp_fields(self.optim_settings))
         self.chunks = [
             DistributedDataParallel(config=config, ddp_config=ddp_cfg, module=c, disable_bucketing=(i > 0))
             for i, c in enumerate(chunks)
@@ -99,20 +117,9 @@ class Engine:
         if len(self.chunks) == 1:
             config.no_sync_func = config.no_sync_func[0]
         o = self.optim_settings
-        opt_cfg = OptimizerConfig(
-            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-            use_distributed_optimizer=o.distributed_optimizer,
-            bf16=(dtype == "bf16"), fp16=(dtype == "fp16"), params_dtype=config.params_dtype,
-        )
+        opt_cfg = OptimizerConfig(**optimizer_fields(o, dtype, config.params_dtype))
         self.optimizer = get_megatron_optimizer(opt_cfg, self.chunks)
-        decay = {"constant": "constant", "cosine": "cosine", "linear": "linear"}[o.lr_decay]
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(o.total_steps, 1), lr_decay_style=decay,
-            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(o.total_steps, 1),
-            wd_incr_style="constant",
-        )
+        self.scheduler = OptimizerParamScheduler(self.optimizer, **scheduler_fields(o))
 
     # ------------------------------------------------------------------ passes
     def models(self) -> list:

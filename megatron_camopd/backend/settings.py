@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from megatron_camopd.backend.engine import OptimSettings
+from megatron_camopd.backend.engine import OptimSettings, ddp_fields, optimizer_fields
+from megatron_camopd.backend.engine import scheduler_fields as engine_scheduler_fields
 from megatron_camopd.backend.model import (
     ModelArch,
     fp8_transformer_fields,
@@ -65,26 +66,19 @@ def optim_settings(spec: Any) -> OptimSettings:
 
 
 def ddp_config_fields(spec: Any) -> dict[str, Any]:
-    """megatron-core DistributedDataParallelConfig fields of the student (as backend/engine.py sets them)."""
-    return {"grad_reduce_in_fp32": True, "overlap_grad_reduce": False,
-            "use_distributed_optimizer": spec.train.distributed_optimizer}
+    """megatron-core DistributedDataParallelConfig fields of the student (the Engine's own, backend/engine.py)."""
+    return ddp_fields(optim_settings(spec))
 
 
 def optimizer_config_fields(spec: Any) -> dict[str, Any]:
-    """megatron-core OptimizerConfig fields of the student (as backend/engine.py sets them)."""
-    o, dtype = optim_settings(spec), spec.model.dtype
-    return {"optimizer": "adam", "lr": o.lr, "min_lr": o.min_lr, "weight_decay": o.weight_decay,
-            "adam_beta1": o.adam_beta1, "adam_beta2": o.adam_beta2, "adam_eps": o.adam_eps,
-            "clip_grad": o.clip_grad, "use_distributed_optimizer": o.distributed_optimizer,
-            "bf16": dtype == "bf16", "fp16": dtype == "fp16", "params_dtype": str(DTYPES[dtype])}
+    """megatron-core OptimizerConfig fields of the student (the Engine's own, backend/engine.py)."""
+    dtype = spec.model.dtype
+    return {**optimizer_fields(optim_settings(spec), dtype, DTYPES[dtype]), "params_dtype": str(DTYPES[dtype])}
 
 
 def scheduler_fields(spec: Any) -> dict[str, Any]:
-    """megatron-core OptimizerParamScheduler arguments (as backend/engine.py passes them)."""
-    o = optim_settings(spec)
-    return {"init_lr": 0.0 if o.warmup_steps else o.lr, "max_lr": o.lr, "min_lr": o.min_lr,
-            "lr_warmup_steps": o.warmup_steps, "lr_decay_steps": max(o.total_steps, 1),
-            "lr_decay_style": o.lr_decay, "start_wd": o.weight_decay, "end_wd": o.weight_decay}
+    """megatron-core OptimizerParamScheduler arguments (the Engine's own, backend/engine.py)."""
+    return engine_scheduler_fields(optim_settings(spec))
 
 
 def teacher_dtype(spec: Any, name: str) -> str:

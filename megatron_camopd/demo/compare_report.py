@@ -124,6 +124,7 @@ def plot(summary: dict, results: dict, domains: list[str], path: Path) -> Path:
             ax.errorbar([x], [100 * p["mean"]], yerr=[[100 * (p["mean"] - lo)], [100 * (hi - p["mean"])]],
                         fmt="o", color=f"C{j}", capsize=3, label=d if i == 0 else None)
     ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlim(-0.6, max(len(shown), 1) - 0.4)
     ax.set_xticks(range(len(shown)), [LABELS.get(m, m) for m in shown], rotation=45, ha="right", fontsize=8)
     ax.set_title("paired difference vs MOPD (1:1), points (95% CI)")
     if shown:
