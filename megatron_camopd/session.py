@@ -214,7 +214,6 @@ def open_session(spec: ExperimentSpec) -> Session:
             if spec.method.exopd.reference else student
         reference = _frozen_teacher("reference", ref_src, spec, tokenizer, arch)
     method = None if spec.method.name == "sft" else build_method(spec.method.name, **method_params(spec))
-    s = spec.schedule
     schedule = branch_schedule(spec)
     r = spec.rollout
     sampler = build_sampler(r.engine, student_model(engine, arch, tokenizer, spec.seq_length), kv_cache_gb=r.kv_cache_gb,

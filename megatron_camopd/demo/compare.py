@@ -18,7 +18,6 @@ each run's `metrics.jsonl`, and the CPU seconds it cost. Results: `DIR/compare.m
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +27,6 @@ from megatron_camopd.demo.setting import METHODS, method_overrides, stable_hash
 from megatron_camopd.demo.stats import instruments
 
 MIN_DENOMINATOR = 0.01
-BASELINE = "mopd_1to1"
 
 
 def eval_files(spec, given: list[str]) -> dict[str, Path]:

@@ -48,7 +48,6 @@ class HttpTeacher:
             max_in_flight=max_in_flight, health_interval_s=health_interval_s, health_timeout_s=health_timeout_s,
             dead_deadline_s=dead_deadline_s, seed=seed,
         )
-        self.timeout_s, self.retries, self.max_in_flight = timeout_s, retries, max_in_flight
         # the served model's vocab_size, set by the tokenizer check (teachers/tokcheck.py): SGLang echoes input
         # ids >= vocab_size - 1 as 0, which the response checks then tolerate (protocol.py)
         self.echo_vocab_size: int | None = None
