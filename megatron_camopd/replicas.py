@@ -28,7 +28,7 @@ from .errors import CamopdError
 
 
 # one `GET /health` may take this long: SGLang's /health is its generating health check (a one-token generation,
-# 1-20 s on a busy server; spec.md §9), so a short probe timeout would mark healthy-but-busy servers dead
+# 1-20 s on a busy server), so a short probe timeout would mark healthy-but-busy servers dead
 HEALTH_TIMEOUT_S = 30.0
 
 

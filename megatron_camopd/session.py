@@ -29,6 +29,8 @@ from megatron_camopd.backend.model import ModelArch
 from megatron_camopd.backend.settings import model_fields, optim_settings, teacher_dtype
 from megatron_camopd.config import ExperimentSpec
 from megatron_camopd.data.prompts import PromptSource, PromptStream
+from megatron_camopd.data.scan import routed_domains, scan_data
+from megatron_camopd.data.sandbox import ensure_available
 from megatron_camopd.data.tokenizer import Tokenizer
 from megatron_camopd.errors import SpecError, TeacherError
 from megatron_camopd.rollout.sampler import InProcessModel, Sampler, build_sampler, needs_entropy
@@ -139,7 +141,7 @@ def stream_arguments(spec: ExperimentSpec) -> list[tuple[object, dict, dict]]:
     d = spec.data
     return [(s, dict(path=s.path, format=s.format, domain=s.domain, num_samples=s.limit),
              dict(max_prompt_len=d.max_prompt_tokens, overlong=d.overlong, on_bad_row=d.on_bad_row,
-                  seed=d.seed + 1009 * i, shuffle=d.shuffle, name=s.name))
+                  seed=d.seed + 1009 * i, shuffle=d.shuffle, name=s.name, routed_domains=routed_domains(spec)))
             for i, s in enumerate(d.streams)]
 
 
@@ -186,14 +188,22 @@ def _http_teacher(name: str, cfg, spec: ExperimentSpec, tokenizer: Tokenizer, vo
     return teacher
 
 
+def student_tokenizer(spec: ExperimentSpec, tok_dir: Path) -> Tokenizer:
+    """The student's tokenizer, rendering prompts with the chat-template variables of `model.chat_template_kwargs`."""
+    return Tokenizer.from_dir(tok_dir, spec.model.chat_template_kwargs)
+
+
 def open_session(spec: ExperimentSpec) -> Session:
     """Initialise distributed state and build everything the run needs (collective over all ranks)."""
+    scan_data(spec)  # every data file, row by row: bad data stops here with file:line, before any model loads
+    if any(stream.verifier == "code" for stream in spec.data.streams):
+        ensure_available()  # model-written code never runs unconfined: refuse here, before any model loads
     p = spec.parallel
     init_distributed(p.tp, p.pp, p.vpp, seed=spec.train.seed)
     torch.manual_seed(spec.train.seed)
     student = ModelSource.resolve(spec.model.hf_path, spec.model.checkpoint, "model")
     tok_dir = Path(spec.model.tokenizer) if spec.model.tokenizer else student.config_dir
-    tokenizer = Tokenizer.from_dir(tok_dir)
+    tokenizer = student_tokenizer(spec, tok_dir)
     arch = student.arch()
     t = spec.train
     fp8 = p.fp8 if p.fp8.enabled else None
@@ -239,7 +249,3 @@ def student_model(engine: Engine, arch: ModelArch, tokenizer: Tokenizer, max_con
 
 def _is_mp_leader() -> bool:
     return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
-
-
-def world_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -3,7 +3,8 @@
 Every row has `step`, `branch`, `loss`, `grad_norm`, `lr`, `selected_fraction`, `mean_gap`, `reverse_kl`,
 `entropy`, `tokens_per_s` plus the method's own metrics (per-branch selected fraction, gap-vs-length Spearman,
 acceptance rate, margins...), rollout statistics (`rollout_failed`; with served rollouts `stale_samples`,
-`stale_dropped` and the weight sync's `weight_sync_s`, `weight_sync_bytes`) and timings.
+`stale_dropped` and the weight sync's `weight_sync_s`, `weight_sync_bytes`) and timings; the training loop adds
+`rollout_wait_s`, `weight_wait_s`, `rollout_staleness_max` and `rollout_staleness_mean` (rollout/pipeline.py).
 """
 
 from __future__ import annotations

@@ -6,10 +6,15 @@
                     engine.train_step(my DP slice, loss)         (Megatron forward/backward + optimizer)
                     metrics row, checkpoint, preemption check
 
-Resume: `checkpoint.resume: auto` continues from the newest complete checkpoint (model, optimizer, LR schedule,
-branch-schedule position, data positions, method state, RNG); a resumed CPU run reproduces the uninterrupted
-loss curve bit for bit. On SIGUSR1/SIGTERM (Slurm's warning before the time limit) the loop checkpoints after
+Resume: `checkpoint.resume: auto` continues from the newest checkpoint whose manifest verifies (model, optimizer,
+LR schedule, branch-schedule position, data positions, method state, RNG); a resumed CPU run reproduces the
+uninterrupted loss curve bit for bit. Spec changes since the checkpoint are reported, then applied or refused
+(resume.py). On SIGUSR1/SIGTERM (Slurm's warning before the time limit) the loop checkpoints after
 the current step and exits with code 75 so the launcher requeues the job.
+
+`rollout.max_staleness: k > 0` overlaps rollouts with training (`rollout/pipeline.py`): the batch of step t + k is
+sampled while step t trains; checkpoints drain the batches in flight and save their rollouts, so resume stays
+bitwise.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import argparse
 import logging
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_camopd.backend.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_model_meta
+from megatron_camopd.backend.checkpoint import load_checkpoint, save_checkpoint, write_model_meta
 from megatron_camopd.backend.forward import comm_device
 from megatron_camopd.backend.loss import LossSpec
 from megatron_camopd.config import load_spec
@@ -31,6 +37,9 @@ from megatron_camopd.metrics import MetricsWriter
 from megatron_camopd.rollout.assemble import add_topk, signal_batch, train_batch
 from megatron_camopd.rollout.collect import collect_step
 from megatron_camopd.rollout.offline import balance_streams
+from megatron_camopd.rollout.pipeline import RolloutPipeline
+from megatron_camopd.rollout.staleness import staleness_metrics
+from megatron_camopd.resume import ResumePlan, plan_resume
 from megatron_camopd.session import Session, open_session
 from megatron_camopd.steplog import diagnostics_row, step_row
 from megatron_camopd.errors import CheckpointError
@@ -64,7 +73,8 @@ def _loss_spec(spec) -> LossSpec:
 
 
 def _train_state(session: Session) -> dict:
-    state = {"schedule": session.schedule.state_dict(),
+    state = {"spec": session.spec.to_dict(),  # resume compares it with the new spec (resume.py)
+             "schedule": session.schedule.state_dict(),
              "streams": {cfg.name: s.state_dict() for streams in session.streams.values() for cfg, s in streams}}
     if hasattr(session.method, "state_dict"):
         state["method"] = session.method.state_dict()
@@ -82,15 +92,14 @@ def _restore(session: Session, state: dict) -> None:
         session.method.load_state_dict(state["method"])
 
 
-def _resume(session: Session) -> int:
-    spec = session.spec
-    mode = spec.checkpoint.resume
-    path = None if mode == "never" else (latest_checkpoint(spec.checkpoint.dir) if mode == "auto" else mode)
+def _resume(session: Session, plan: ResumePlan) -> int:
+    path = plan.path  # chosen and verified by plan_resume (with resume: auto, the newest that verifies)
     if path is None:
         return 0
     e = session.engine
-    state = load_checkpoint(path, e.models(), e.optimizer, e.scheduler)
+    state = load_checkpoint(path, e.models(), e.optimizer, e.scheduler, verify=False)
     _restore(session, state)
+    session.extra["resumed"] = (Path(path), state)  # rollouts in flight re-enter the pipeline (rollout/pipeline.py)
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
 
@@ -99,13 +108,18 @@ def _my_rows(n: int, session: Session) -> list[int]:
     return np.array_split(np.arange(n), session.dp_size)[session.dp_rank].tolist()
 
 
-def run_step(session: Session, step: int, loss_spec: LossSpec, cache: dict) -> dict:
-    """One on-policy step; returns its metrics row."""
+def run_step(session: Session, step: int, loss_spec: LossSpec, cache: dict, pipe: RolloutPipeline | None = None) -> dict:
+    """One on-policy step (with `pipe`: on the batch sampled while earlier steps trained); returns its metrics row."""
     spec, engine = session.spec, session.engine
     t0 = time.time()
-    branch = session.schedule.next()
-    samples = collect_step(session, step, branch)
+    if pipe is None:
+        branch = session.schedule.next()
+        samples = collect_step(session, step, branch)
+        overlap = {"weight_wait_s": 0.0, **staleness_metrics(samples, step)}
+    else:
+        branch, samples, overlap = pipe.batch(step)
     t_rollout = time.time() - t0
+    overlap.setdefault("rollout_wait_s", t_rollout)
     weights = {k: t.weight for k, t in spec.teachers.items()}
     sig = signal_batch(samples, weights)
     signals = session.method.prepare(sig)
@@ -125,19 +139,23 @@ def run_step(session: Session, step: int, loss_spec: LossSpec, cache: dict) -> d
         out = {"loss": float("nan"), "grad_norm": float("nan"), "skipped_update": True}
         session.engine.scheduler.step(increment=1)
     t_train = time.time() - t1
-    row.update(step_row(step + 1, branch, samples, sig, signals, out, t_rollout, t_train))
+    row.update(step_row(step + 1, branch, samples, sig, signals, out, t_rollout, t_train), **overlap)
+    if pipe is not None:  # served: the servers finish the batches of the old weights first
+        row["rollout_wait_s"] += pipe.before_sync(step + 1)
     row.update(session.sampler.update_weights(step + 1))  # served rollout engines sample with the new weights
     return row
 
 
 def train(spec) -> dict:
     """Run (or resume) training for `spec`; returns the last metrics row."""
+    plan = plan_resume(spec)  # checkpoint.dir, the checkpoint's manifest and spec changes: before any model loads
     session = open_session(spec)
     preempt = Preemption()
+    pipe = None
     try:
         if spec.method.name == "uniopd" and spec.method.uniopd.offline_balance:
             balance_streams(session)
-        start = _resume(session)
+        start = _resume(session, plan)
         if session.is_logger and start == 0:
             write_model_meta(spec.checkpoint.dir, session.student_source.hf_config(), session.tokenizer.path)
         writer = MetricsWriter(spec.checkpoint.dir, spec.train.steps, start_step=start, enabled=session.is_logger,
@@ -146,8 +164,10 @@ def train(spec) -> dict:
         loss_spec = _loss_spec(spec)
         cache: dict = {}
         row: dict = {"step": start}
+        if spec.rollout.max_staleness > 0 and spec.method.name != "sft":
+            pipe = RolloutPipeline(session, start, session.extra.get("resumed"))
         for step in range(start, spec.train.steps):
-            row = run_step(session, step, loss_spec, cache) if spec.method.name != "sft" \
+            row = run_step(session, step, loss_spec, cache, pipe) if spec.method.name != "sft" \
                 else sft_step(session, step, loss_spec)
             writer.log(row)
             done = step + 1
@@ -155,14 +175,21 @@ def train(spec) -> dict:
             stop = preempt.agreed()
             if save_now or done == spec.train.steps or stop:
                 e = session.engine
+                state = _train_state(session)
+                if pipe is not None and (inflight := pipe.checkpoint_state(spec.checkpoint.dir, done)):
+                    state["rollouts_in_flight"] = inflight
                 save_checkpoint(spec.checkpoint.dir, done, e.models(), e.optimizer, e.scheduler,
-                                _train_state(session), keep_last=spec.checkpoint.keep_last)
+                                state, keep_last=spec.checkpoint.keep_last)
+                if pipe is not None:
+                    pipe.prune(spec.checkpoint.dir)
             if stop:
                 row["preempted"] = True
                 break
         writer.close()
         return row
     finally:
+        if pipe is not None:
+            pipe.close()
         session.close()
 
 

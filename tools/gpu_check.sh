@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of this project: one script, at most 8 minutes, on a machine with one CUDA GPU, Python 3.12 and
-# torch, no TransformerEngine and no package registry (spec.md §10). It
+# torch, no TransformerEngine and no package registry. It
 #   1. installs megatron-core 0.19.x (and any other missing dependency) from local wheel files in $WHEELS,
 #   2. runs the backend tests on CUDA/NCCL in a world of one (multi-process tests deselected),
 #   3. checks that the loss of a training step of a 4-layer Qwen3 in bf16 on the GPU equals the fp32 CPU loss of

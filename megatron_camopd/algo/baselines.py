@@ -1,4 +1,4 @@
-"""Token-level signals of the baselines named by the papers (spec §4): Relaxed OPD, SelecTKD, ExOPD.
+"""Token-level signals of the baselines named by the papers (arXiv:2605.27115 §4.2; Relaxed OPD arXiv:2603.11137, SelecTKD arXiv:2510.24021): Relaxed OPD, SelecTKD, ExOPD.
 
 Each function maps rollout-time per-token quantities to a reward/advantage or a token weight; the method
 registry (``methods.py``) combines them with the shared policy-gradient loss.

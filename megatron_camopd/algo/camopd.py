@@ -1,4 +1,4 @@
-"""CaMOPD building blocks (spec §2): branch schedule, gap scores, mass-target selection, branch scales.
+"""CaMOPD building blocks (CaMOPD (arXiv:2605.27115) §3.3, Eqs. (5)-(9)): branch schedule, gap scores, mass-target selection, branch scales.
 
 CaMOPD decouples the general-recovery branch (teacher = original model) from the domain-preservation branch
 (teacher = specialised model) with an alternating schedule ``G x n_g, D``, scores each rollout by its token-gap

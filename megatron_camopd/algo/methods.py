@@ -27,7 +27,7 @@ from megatron_camopd.algo.diagnostics import length_summary, selected_fraction, 
 from megatron_camopd.algo.losses import clip_advantage
 from megatron_camopd.algo.signals import SignalBatch, TrainSignals
 from megatron_camopd.algo.tokens import as_bool_mask, masked_seq_mean, nonfinite_rows, seq_lengths
-from megatron_camopd.algo.weights import IS_MODES, is_weights
+from megatron_camopd.algo.weights import IS_MODES
 from megatron_camopd.errors import DataError, SpecError
 
 
@@ -77,10 +77,6 @@ class Method:
             raise SpecError(f"{self.name}.is_cap: expected cap > 0, got {self.is_cap}")
         if self.loss_form not in self.loss_forms:
             raise SpecError(f"{self.name}.loss_form: expected one of {self.loss_forms}, got {self.loss_form!r}")
-
-    def is_weights(self, train_lp: Tensor, rollout_lp: Tensor | None, mask: Tensor) -> Tensor:
-        """Detached IS weights with this method's mode and bounds."""
-        return is_weights(train_lp, rollout_lp, mask, self.is_mode, self.is_eps_low, self.is_eps_high, self.is_cap)
 
     def required(self, batch: SignalBatch) -> list[str]:
         """Optional batch fields this method needs (missing -> DataError; non-finite on a token -> drop)."""
@@ -153,7 +149,7 @@ class MOPD(OPD):
 
 @dataclass
 class CaMOPD(Method):
-    """CaMOPD: per-branch mass-target selection on gap scores and branch scales ``r_b`` (spec §2)."""
+    """CaMOPD: per-branch mass-target selection on gap scores and branch scales ``r_b`` (arXiv:2605.27115 §3.3, Eqs. (6)-(9))."""
 
     name: ClassVar[str] = "camopd"
     loss_forms: ClassVar[tuple[str, ...]] = ("pg", "topk")
@@ -204,7 +200,7 @@ class CaMOPD(Method):
 
 @dataclass
 class UniOPD(Method):
-    """Uni-OPD: online correctness balancing + outcome-guided margin calibration (spec §3)."""
+    """Uni-OPD: online correctness balancing + outcome-guided margin calibration (Uni-OPD §3.3-§3.4)."""
 
     name: ClassVar[str] = "uniopd"
     target_margin: float = 0.4

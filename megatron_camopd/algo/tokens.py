@@ -37,12 +37,6 @@ def masked_seq_mean(x: Tensor, mask: Tensor) -> Tensor:
     return masked_seq_sum(x, mask) / lengths.clamp(min=1)
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` over all response tokens of the batch (scalar); 0 when there is none."""
-    n = as_bool_mask(mask).sum()
-    return masked_fill_zero(x, mask).sum() / n.clamp(min=1)
-
-
 def token_gaps(teacher_lp: Tensor, student_lp: Tensor, mask: Tensor) -> Tensor:
     """Token gap ``delta_t = log pi_T(y_t|h_t) - log pi_s(y_t|h_t)``, zero on padding, ``[B, T]``.
 

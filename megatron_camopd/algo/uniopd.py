@@ -1,4 +1,4 @@
-"""Uni-OPD (spec §3): trajectory returns, outcome-guided margin calibration and data balancing.
+"""Uni-OPD (§3.3 data balancing, §3.4 outcome-guided margin calibration): trajectory returns, outcome-guided margin calibration and data balancing.
 
 Uni-OPD checks that the teacher's trajectory-level return ``G = (1/T) sum_t r_t`` ranks correct rollouts above
 incorrect ones of the same prompt by a margin ``delta*``; if not, it shifts the token rewards (Margin Shift) or

@@ -1,4 +1,4 @@
-"""Training/inference importance-sampling weights ``w_t`` (spec §1).
+"""Training/inference importance-sampling weights ``w_t`` (the truncated IS weight of MOPD §3.2 and arXiv:2605.27115 Eq. (2)).
 
 The rollout engine ``mu`` and the training engine ``pi_s`` compute slightly different probabilities for the same
 tokens; the MiMo-V2-Flash form (cited by CaMOPD Eq. 2) reweights each token by ``ratio_t = pi_s / mu`` and masks

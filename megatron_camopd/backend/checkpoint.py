@@ -5,11 +5,25 @@ Layout under `checkpoint.dir`:
         train_state.json     step, branch-schedule position, data-stream positions, anything JSON (rank 0)
         scheduler.pt         OptimizerParamScheduler state (rank 0)
         rng/rank{r}.pt       per-rank RNG states (restored only when the world layout is unchanged)
+        manifest.json        size + sha256 of every file above, written last (backend/manifest.py)
     latest                   text file naming the newest complete checkpoint
     metrics.jsonl            (written by metrics.py)
 
-Writes are atomic: everything goes to `iter_N.tmp/`, which is renamed to `iter_N/` only once every rank has
-finished, and `latest` is replaced with os.replace. A crash mid-save leaves the previous checkpoint loadable.
+Writes are atomic: everything goes to `iter_N.tmp/`; once every rank has finished, the files are hashed into
+`manifest.json` (written last, tmp+rename), then the directory is renamed to `iter_N/` and `latest` is replaced
+with os.replace. A crash mid-save leaves the previous checkpoint loadable. A checkpoint is complete only with its
+manifest; every load verifies it first and refuses a missing, truncated or corrupted file by name (a
+CheckpointError), and every other load failure (torch's CheckpointException, which is a BaseException, pickle or
+JSON errors, empty files) is a CheckpointError too. `resume_candidates` lists the complete checkpoints newest
+first, for `checkpoint.resume: auto` to fall back past ones that fail verification (train.py / resume.py).
+Checkpoints written before manifests existed (train_state.json, no manifest.json) are *unverified*: they are
+used, with a warning, only when a directory holds no verified checkpoint, or when named explicitly.
+
+No helper process outlives the trainer: megatron-core's torch_dist writer collects its results through a
+module-level queue that it creates, on first use, as a `spawn` multiprocessing Manager (a ~270 MB server process
+plus the multiprocessing resource tracker, both surviving a `kill -9` of the trainer). Saves here are synchronous
+and the results are read back in this process, so that queue is provided as an in-process `queue.Queue` before
+the first save (`_in_process_write_results`); the per-save forked writers exit when their files are written.
 Sharded tensors are matched by their global keys, so a checkpoint saved at TP=2/PP=2 loads at TP=1 (resharding).
 
 Layer specs: the local spec saves TransformerEngine's parameter names, but TE modules also carry `_extra_state`
@@ -24,9 +38,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import queue
 import random
 import shutil
 import signal
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +54,9 @@ import logging
 from megatron.core import dist_checkpointing
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_camopd.backend.manifest import MANIFEST, has_manifest, verify_manifest, write_manifest
 from megatron_camopd.errors import CheckpointError
 
 log = logging.getLogger("megatron_camopd")
@@ -50,17 +69,58 @@ def _iter_name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
+def _is_legacy(path: Path) -> bool:
+    """Written before manifests: complete by the old rule (train_state.json) but unverifiable."""
+    return (path / "train_state.json").is_file() and not has_manifest(path)
+
+
+def resume_candidates(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under `root`, newest first (the one `latest` names leads). Directories without a
+    manifest are skipped unless the root has no manifest at all (legacy checkpoints: unverified, warned)."""
+    root = Path(root)
+    dirs = sorted((p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    done = [p for p in dirs if has_manifest(p)]
+    if not done:
+        done = [p for p in dirs if _is_legacy(p)]
+    marker = root / "latest"
+    try:
+        named = root / marker.read_text().strip() if marker.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        named = None
+    if named in done:
+        done.remove(named)
+        done.insert(0, named)
+    return done
+
+
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint under `root` (via `latest`, else the highest complete iter_* dir)."""
-    root = Path(root)
-    marker = root / "latest"
-    if marker.exists():
-        path = root / marker.read_text().strip()
-        if (path / "train_state.json").exists():
-            return path
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / "train_state.json").exists())
-    return done[-1] if done else None
+    done = resume_candidates(root)
+    return done[0] if done else None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> Path:
+    """Collective: `path` is a complete checkpoint whose files match its manifest, else a CheckpointError naming
+    the file. A legacy checkpoint (no manifest) passes with a warning that it cannot be verified."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if not has_manifest(path):
+        if not _is_legacy(path):
+            raise CheckpointError(f"{path}: not a complete checkpoint (no {MANIFEST})")
+        log.warning("%s: no %s (written before checkpoint manifests); loading it unverified", path, MANIFEST)
+        return path
+    verify_manifest(path)
+    return path
+
+
+def _in_process_write_results() -> None:
+    """Give megatron-core's torch_dist writer an in-process results queue instead of the `spawn` Manager it
+    would start on first use (see the module docstring). Valid because saves here are synchronous."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _model_sharded(models: list) -> dict:
@@ -105,6 +165,7 @@ def save_checkpoint(root, step: int, models: list, optimizer=None, scheduler=Non
     # this very save. Block it while they start (they inherit the mask); a pending signal is delivered after.
     blocked = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    _in_process_write_results()
     try:
         dist_checkpointing.save(sharded, str(tmp))
     finally:
@@ -116,7 +177,7 @@ def save_checkpoint(root, step: int, models: list, optimizer=None, scheduler=Non
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         with open(tmp / "train_state.json", "w") as f:
             json.dump({"step": step, **(train_state or {})}, f, indent=1)
-    dist.barrier()
+    write_manifest(tmp)  # collective: barrier, hash the files spread over the ranks, rank 0 writes it last
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
@@ -144,11 +205,60 @@ def _check_optimizer_loadable(optimizer) -> None:
                               "on CPU set train.distributed_optimizer=false (model-only loads work either way)")
 
 
-def load_checkpoint(path, models: list, optimizer=None, scheduler=None, *, strict: bool = True) -> dict:
-    """Collective: load model (+ optimizer, scheduler, RNG when present) from `path`; returns train_state."""
+def _describe(exc: BaseException) -> str:
+    """One line for a load failure; torch's CheckpointException carries per-rank exceptions and their tracebacks
+    in its str(), which must not reach the user."""
+    if isinstance(exc, CheckpointException):
+        parts = {_describe(e) for e, *_ in exc.failures.values()}
+        return "; ".join(sorted(parts)) or "torch.distributed.checkpoint failed"
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ("file ended early (truncated?)" if isinstance(exc, EOFError) else "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
+               zipfile.BadZipFile, AttributeError, IndexError)
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, weights_only=False)
+    except _UNREADABLE as exc:
+        raise CheckpointError(f"{path}: unreadable ({_describe(exc)})") from None
+
+
+def _read_train_state(path: Path) -> dict:
+    f = path / "train_state.json"
+    try:
+        state = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{f}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{f}: unreadable ({_describe(exc)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{f}: no integer 'step' (is it a camopd checkpoint?)")
+    return state
+
+
+def read_train_state(path: str | os.PathLike) -> dict:
+    """train_state.json of a checkpoint (step, schedule/data positions, the spec it was trained with)."""
+    return _read_train_state(Path(path))
+
+
+def load_checkpoint(path, models: list, optimizer=None, scheduler=None, *, strict: bool = True,
+                    verify: bool = True) -> dict:
+    """Collective: load model (+ optimizer, scheduler, RNG when present) from `path`; returns train_state.
+
+    The manifest is verified first (skip with verify=False when the caller just did). Hyperparameters come from
+    the objects given, not the checkpoint: the scheduler keeps its own lr/min_lr/warmup/decay settings (only its
+    step count is restored) and the optimizer's param groups keep their max_lr/min_lr, so a resumed run follows
+    the spec's schedule from the resumed step on (train.py reports such spec differences)."""
     path = Path(path)
-    if not (path / "train_state.json").exists():
-        raise CheckpointError(f"{path}: not a complete checkpoint (no train_state.json)")
+    if verify:
+        verify_checkpoint(path)
+    elif not (has_manifest(path) or _is_legacy(path)):
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {MANIFEST})")
+    state = _read_train_state(path)
     if optimizer is not None:
         _check_optimizer_loadable(optimizer)
     sharded = _model_sharded(models)
@@ -156,8 +266,8 @@ def load_checkpoint(path, models: list, optimizer=None, scheduler=None, *, stric
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=_OPT_META)
     try:  # RETURN_UNEXPECTED: requests the checkpoint cannot serve are dropped and returned, then judged below
         loaded, _, unexpected = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
-    except Exception as exc:  # dist_checkpointing raises many kinds; name the checkpoint
-        raise CheckpointError(f"{path}: cannot load into this model: {exc}") from exc
+    except (Exception, CheckpointException) as exc:  # dist_checkpointing raises many kinds; name the checkpoint
+        raise CheckpointError(f"{path}: cannot load into this model: {_describe(exc)}") from None
     _check_absent(path, unexpected)
     names = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
     for name, m in zip(names, models):
@@ -166,16 +276,45 @@ def load_checkpoint(path, models: list, optimizer=None, scheduler=None, *, stric
         if strict and (missing or result.unexpected_keys):
             raise CheckpointError(f"{path}: {name}: missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer(path, optimizer, loaded["optimizer"])
     if scheduler is not None and (path / "scheduler.pt").exists():
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        _load_scheduler(path / "scheduler.pt", scheduler)
     rng_file = path / "rng" / f"rank{dist.get_rank()}.pt"
     if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
-        if rng["world"] == dist.get_world_size():
-            _set_rng_state(rng["state"])
-    with open(path / "train_state.json") as f:
-        return json.load(f)
+        rng = _torch_load(rng_file)
+        try:
+            if rng["world"] == dist.get_world_size():
+                _set_rng_state(rng["state"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{rng_file}: not an RNG state ({_describe(exc)})") from None
+    return state
+
+
+_GROUP_HPARAMS = ("max_lr", "min_lr")
+
+
+def _load_optimizer(path: Path, optimizer, state) -> None:
+    keep = [{k: g[k] for k in _GROUP_HPARAMS if k in g} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"{path}: optimizer state does not fit this optimizer: {_describe(exc)}") from None
+    groups = optimizer.param_groups
+    if len(groups) == len(keep):
+        for g, k in zip(groups, keep):
+            g.update(k)
+
+
+def _load_scheduler(file: Path, scheduler) -> None:
+    sd = _torch_load(file)
+    override = scheduler.override_opt_param_scheduler
+    scheduler.override_opt_param_scheduler = True  # the spec's lr schedule, the checkpoint's step count
+    try:
+        scheduler.load_state_dict(sd)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{file}: not an LR-scheduler state ({_describe(exc)})") from None
+    finally:
+        scheduler.override_opt_param_scheduler = override
 
 
 def _check_absent(path: Path, unexpected: set) -> None:
@@ -226,9 +365,11 @@ def find_model_meta(path) -> Path:
 def resolve_checkpoint(path) -> Path:
     """A checkpoint root (use its latest) or an iter_* dir -> the iter dir to load."""
     path = Path(path)
-    if (path / "train_state.json").exists():
+    if has_manifest(path) or _is_legacy(path):
         return path
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (a file)")
     latest = latest_checkpoint(path)
     if latest is None:
-        raise CheckpointError(f"{path}: no complete checkpoint found (expected iter_*/train_state.json)")
+        raise CheckpointError(f"{path}: no complete checkpoint found (expected iter_*/{MANIFEST})")
     return latest

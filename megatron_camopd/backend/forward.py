@@ -10,7 +10,7 @@ to every rank of the pipeline group, so all ranks continue with the same tensors
 Widths: every micro-batch is cut to its own longest sequence (the batch's optional `seq_len` [B] entry; without
 it, the batch width) and right-padded to `width_multiple(config)`: TP under sequence parallelism (the sequence
 is split over the TP ranks), 16 under FP8 (TransformerEngine's FP8 GEMMs need the token dimension divisible by 8,
-16 for every recipe; spec.md §10), 16 * TP with both (each rank's slice stays a multiple of 16). Every
+16 for every recipe, TransformerEngine's FP8 GEMM alignment), 16 * TP with both (each rank's slice stays a multiple of 16). Every
 `[B, W, ...]` tensor of a batch is position-aligned and cut or zero-padded with it; padding sits after every
 sequence, which causal attention never lets a real position see, and carries no loss (mask 0). When micro-batch
 widths differ under (1F1B) pipeline parallelism, megatron-core's `variable_seq_lengths` sends each activation's

@@ -243,7 +243,7 @@ def transformer_config(
     if cluster or transformer_engine_available():  # fused kernels come with TransformerEngine
         fields.update(bias_activation_fusion=True, masked_softmax_fusion=True, apply_rope_fusion=True)
     if not cluster and not torch.cuda.is_available():
-        fields.update(batch_p2p_comm=False)  # gloo: batched p2p breaks interleaved PP gradients (spec.md §6)
+        fields.update(batch_p2p_comm=False)  # gloo: batched p2p breaks interleaved PP gradients (measured on megatron-core 0.16.1)
     fields.update(fp8_transformer_fields(fp8, check_device=not cluster))
     fields.update(overrides)
     return TransformerConfig(**fields)

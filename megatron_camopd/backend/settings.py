@@ -2,7 +2,7 @@
 
 - `model_fields(parallel)`: the TransformerConfig fields (megatron-core's names) the spec sets beyond the
   architecture and layout: `sequence_parallel`, and `recompute_granularity` with, for `full`,
-  `recompute_method="uniform", recompute_num_layers=1` (every layer recomputed from its input; spec.md §10) or,
+  `recompute_method="uniform", recompute_num_layers=1` (every layer recomputed from its input) or,
   for `selective`, `recompute_modules`. The FP8 fields come from `backend.model.fp8_transformer_fields`.
 - `optim_settings(spec)`: the Engine's `OptimSettings`, from which it builds megatron-core's `OptimizerConfig`,
   `DistributedDataParallelConfig` and `OptimizerParamScheduler`.

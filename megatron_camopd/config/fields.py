@@ -23,6 +23,15 @@ def path_field(default: Any = None, keep: tuple[str, ...] = ()) -> Any:
     return dataclasses.field(default=default, metadata={"path": True, "keep": keep})  # MISSING: required
 
 
+def as_float(value: int) -> float:
+    """An integer given for a float field, as a float; one too large for a float is refused like `.inf`."""
+    try:
+        return float(value)
+    except OverflowError:  # > 1.8e308; such an integer may be too long to print (sys.int_info)
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        raise FieldError("", f"must be a finite number, got an integer of about {digits} digits") from None
+
+
 class FieldError(SpecError):
     """A field's value is invalid; `field` is dotted and relative to the section that raised it."""
 

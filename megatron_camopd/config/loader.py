@@ -17,7 +17,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from megatron_camopd.config.fields import FieldError, describe, optional_inner, type_hints, type_name, type_problem
+from megatron_camopd.config.fields import FieldError, as_float, describe, optional_inner, type_hints, type_name, type_problem
 from megatron_camopd.config.spec import ExperimentSpec
 from megatron_camopd.config.yamlio import KeyPath, Origin, dotted, dump_data, parse_scalar, read_yaml
 from megatron_camopd.errors import SpecError
@@ -144,7 +144,10 @@ class _Builder:
                     raise self.fail(path + (key,), f"keys must be strings, got {describe(key)}")
             return {k: self.convert(v, item_tp, path + (k,)) for k, v in value.items()}
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = as_float(value)
+            except FieldError as err:
+                raise self.fail(path, err.message) from None
         problem = type_problem(value, tp)
         if problem:
             close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)

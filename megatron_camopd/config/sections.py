@@ -1,6 +1,6 @@
 """Spec sections for what is trained on what: model, teachers, data streams, method, schedule, rollout.
 
-Defaults are the papers' defaults (spec.md §1-§4, CaMOPD appendix A). Fields whose default depends on the method
+Defaults are the papers' defaults (README "References": MOPD §3.2, CaMOPD arXiv:2605.27115 §3.3 and appendix A, Uni-OPD §3). Fields whose default depends on the method
 (`method.selection`, `schedule.mode`, `rollout.n_samples`) default to None here and are resolved by
 `ExperimentSpec`, so the printed spec always shows the value in force.
 """
@@ -29,6 +29,8 @@ class ModelConfig(Section):
     hf_path: str | None = path_field()
     checkpoint: str | None = path_field()
     tokenizer: str | None = path_field()  # None: the tokenizer in hf_path
+    # extra variables of the chat template when prompts are rendered, e.g. {enable_thinking: false} (Qwen3)
+    chat_template_kwargs: dict[str, bool | int | str] = field(default_factory=dict)
     dtype: Dtype = "bf16"
     seq_length: int | None = None  # None: data.max_prompt_tokens + rollout.max_new_tokens
 
@@ -154,7 +156,7 @@ class DataConfig(Section):
 
 @dataclass
 class UniOPDConfig(Section):
-    """Uni-OPD: outcome-guided margin calibration and data balancing (spec.md §3)."""
+    """Uni-OPD: outcome-guided margin calibration and data balancing (Uni-OPD §3.3-§3.4)."""
 
     calibration: Literal["shift", "mask", "none"] = "shift"
     delta_star: float = 0.4
@@ -282,7 +284,8 @@ class ScheduleConfig(Section):
 @dataclass
 class RolloutServersConfig(Section):
     """SGLang rollout servers of the student (`rollout.engine: sglang`): where they are, how the launcher starts
-    them, how the trainer's weights reach them after every optimizer step, and how stale a rollout may be."""
+    them, and how the trainer's weights reach them after every optimizer step (how stale a rollout may be is
+    `rollout.max_staleness`)."""
 
     urls: list[str] | None = None  # running servers; else the launcher starts them and writes discovery_file
     discovery_file: str | None = path_field()  # `host:port` lines written by the launcher
@@ -299,8 +302,6 @@ class RolloutServersConfig(Section):
     weight_sync: Literal["distributed", "disk"] = "distributed"
     sync_dir: str | None = path_field()  # disk sync: where HF weights are written; None: <checkpoint.dir>/weights
     bucket_mb: int = 1024  # distributed sync: parameters per broadcast bucket
-    max_staleness: int = 0  # optimizer steps a rollout's weight_version may lag (IS-weighted within it)
-    on_stale: Literal["error", "drop"] = "error"  # beyond max_staleness: stop, or drop the sample and count it
     timeout_s: float = 3600.0  # one /generate request (a 32k-token response takes a while)
     max_in_flight: int = 256
     retries: int = 3
@@ -319,7 +320,7 @@ class RolloutServersConfig(Section):
                  "max_in_flight", "discovery_timeout_s", "dead_deadline_s")
         check(self.tp * self.dp <= self.gpus_per_node, "dp",
               f"tp * dp = {self.tp * self.dp} GPUs per server, but gpus_per_node is {self.gpus_per_node}")
-        non_negative(self, "retries", "max_staleness")
+        non_negative(self, "retries")
         in_range(self, "mem_fraction_static", 0.0, 1.0, low_open=True, high_open=True)
         in_range(self, "port", 1, 65535, low_open=False, high_open=False)
 
@@ -338,8 +339,13 @@ class RolloutConfig(Section):
     top_k: int = -1  # -1: off
     max_new_tokens: int = 32768
     stop_token_ids: list[int] = field(default_factory=list)
+    # rollouts of step t + k are sampled while step t trains, with weights k versions old (rollout/pipeline.py);
+    # 0: on-policy, generate then train. Also the bound on a served rollout's weight_version lag.
+    max_staleness: int = 0
+    on_stale: Literal["error", "drop"] = "error"  # beyond max_staleness: stop, or drop the sample and count it
 
     def validate(self) -> None:
         positive(self, "prompts_per_step", "n_samples", "temperature", "max_new_tokens", "kv_cache_gb")
+        non_negative(self, "max_staleness")
         in_range(self, "top_p", 0.0, 1.0, low_open=True, high_open=False)
         check(self.top_k == -1 or self.top_k >= 1, "top_k", f"must be -1 (off) or >= 1, got {self.top_k!r}")

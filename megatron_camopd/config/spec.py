@@ -157,6 +157,13 @@ class ExperimentSpec(Section):
             check(self.parallel.vpp is None, "rollout.engine",
                   "megatron-core's inference does not support interleaved pipelining (parallel.vpp); "
                   "use engine: sglang (or reference)")
+        if r.max_staleness > 0 and r.engine != "sglang":
+            mp = (self.parallel.tp, self.parallel.pp, self.parallel.vpp)
+            check(mp == (1, 1, None), "rollout.max_staleness",
+                  f"overlapping in-process rollouts (rollout.engine: {r.engine}) with training needs parallel.tp = "
+                  f"parallel.pp = 1 and no vpp (the generating thread's collectives would interleave with the "
+                  f"trainer's), got tp={mp[0]}, pp={mp[1]}, vpp={mp[2]}: use rollout.engine: sglang, or "
+                  f"rollout.max_staleness: 0")
         if r.engine == "sglang":
             check(r.sglang.urls is not None or r.sglang.discovery_file is not None or self.launcher is not None,
                   "rollout.sglang", "engine sglang needs urls or discovery_file (or a launcher section that "

@@ -4,6 +4,12 @@ PyYAML implements YAML 1.1, where `off`/`no` are booleans, `8:00` is an integer 
 the YAML 1.2 core schema instead (only true/false are booleans; `2e-6` is a float). The reader composes the node
 tree, rejects duplicate keys, and records the 1-based line of every value under its key path, so later errors can
 say `spec.yaml:12: method.rho_g: ...`.
+
+Specs come from users and from generated sweeps, so the reader refuses hostile input quickly and with a line
+number instead of hanging or crashing: a file that is not UTF-8, more than `MAX_SPEC_BYTES`, nesting deeper than
+`MAX_DEPTH` (counting what aliases expand to), more than `MAX_ALIASES` alias uses, a document that expands to more
+than `MAX_NODES` nodes (a "billion laughs" alias bomb is ~300 bytes), and recursive aliases (`a: &a [*a]`). The
+limits are checked while the node graph is composed, before anything is expanded.
 """
 
 from __future__ import annotations
@@ -40,6 +46,72 @@ _Loader.add_implicit_resolver(
     re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."),
 )
+
+
+MAX_SPEC_BYTES = 4 << 20  # a spec is a few KB; refuse multi-megabyte files before parsing them
+MAX_DEPTH = 64  # nesting levels, alias expansions included
+MAX_NODES = 10_000  # nodes of the document once every alias is expanded
+MAX_ALIASES = 100  # alias (`*name`) uses per document
+
+
+class YAMLLimitError(yaml.MarkedYAMLError):
+    """The document breaks one of the reader's safety limits (depth, size, aliases); marked at the offending line."""
+
+
+class _SafeLoader(_Loader):
+    """`_Loader` whose composer enforces the limits above while it builds the node graph.
+
+    PyYAML's composer returns an alias as the anchored node itself, so the graph stays small while its expansion
+    (what `_to_python` walks) may be exponential or, with a recursive alias, infinite. Each composed node records
+    its expanded size and height; an alias adds its target's, so the limits hold for the expanded tree.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._open_anchors: set[str] = set()  # anchors whose node is still being composed
+        self._stats: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, expanded height)
+        self._heights: list[int] = []  # per open collection: the largest height of its children so far
+        self._nodes = 0
+        self._aliases = 0
+
+    def _refuse(self, problem: str, mark: Any) -> YAMLLimitError:
+        return YAMLLimitError(None, None, problem, mark)
+
+    def _account(self, size: int, height: int, mark: Any) -> None:
+        self._nodes += size
+        if self._nodes > MAX_NODES:
+            raise self._refuse(f"the document expands to more than {MAX_NODES} nodes (alias bomb?)", mark)
+        if len(self._heights) + height > MAX_DEPTH:
+            raise self._refuse(f"nesting deeper than {MAX_DEPTH} levels", mark)
+        if self._heights:
+            self._heights[-1] = max(self._heights[-1], height)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open_anchors:
+                raise self._refuse(f"recursive alias *{event.anchor} (it refers to a value that contains it)",
+                                   event.start_mark)
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise self._refuse(f"more than {MAX_ALIASES} alias uses", event.start_mark)
+            node = super().compose_node(parent, index)  # raises on an undefined alias
+            self._account(*self._stats[id(node)], event.start_mark)
+            return node
+        if len(self._heights) >= MAX_DEPTH:
+            raise self._refuse(f"nesting deeper than {MAX_DEPTH} levels", event.start_mark)
+        anchor = event.anchor
+        if anchor is not None:
+            self._open_anchors.add(anchor)
+        before = self._nodes
+        self._heights.append(0)
+        node = super().compose_node(parent, index)
+        height = self._heights.pop() + 1
+        self._open_anchors.discard(anchor)  # type: ignore[arg-type]
+        self._stats[id(node)] = (self._nodes - before + 1, height)
+        self._nodes = before  # _account adds the whole subtree back, with the height check
+        self._account(*self._stats[id(node)], event.start_mark)
+        return node
 
 
 @dataclass
@@ -81,7 +153,16 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _marked_error(where: str, err: yaml.YAMLError) -> SpecError:
+def _line_of(text: str, position: int) -> int:
+    return text.count("\n", 0, position) + 1
+
+
+def _marked_error(where: str, err: yaml.YAMLError, text: str = "") -> SpecError:
+    if isinstance(err, yaml.reader.ReaderError):  # unmarked: a control character such as NUL
+        char = f"#x{err.character:04x}" if isinstance(err.character, int) else repr(err.character)
+        return SpecError(f"{where}:{_line_of(text, err.position)}: malformed YAML: {err.reason} ({char})")
+    if isinstance(err, YAMLLimitError):
+        return SpecError(f"{where}:{err.problem_mark.line + 1}: refused YAML: {err.problem}")
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     line = f":{mark.line + 1}" if mark is not None else ""
     problem = getattr(err, "problem", None) or str(err)
@@ -115,17 +196,23 @@ def _to_python(loader: _Loader, node: yaml.Node, path: KeyPath, origin: Origin, 
         return loader.construct_object(node, deep=True)
     except yaml.YAMLError as err:
         raise _marked_error(where, err) from None
+    except ValueError as err:  # e.g. an integer with more digits than Python converts (sys.int_info)
+        raise SpecError(f"{where}:{node.start_mark.line + 1}: {dotted(path) or '<top>'}: "
+                        f"cannot read {node.value[:20]!r}...: {_one_line(str(err))}") from None
 
 
 def parse_yaml(text: str, where: str, origin: Origin | None = None, root: KeyPath = ()) -> Any:
     """Parse one YAML document; record value lines under `root` in `origin`. Errors name `where:line`."""
     origin = origin if origin is not None else Origin(where)
-    loader = _Loader(text)
+    try:
+        loader = _SafeLoader(text)  # the reader checks every character here
+    except yaml.YAMLError as err:
+        raise _marked_error(where, err, text) from None
     try:
         node = loader.get_single_node()
         return None if node is None else _to_python(loader, node, root, origin, where)
     except yaml.YAMLError as err:
-        raise _marked_error(where, err) from None
+        raise _marked_error(where, err, text) from None
     finally:
         loader.dispose()
 
@@ -134,10 +221,19 @@ def read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Origin]:
     """Read a spec file into a raw mapping and the origin of each value."""
     where = str(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_SPEC_BYTES + 1)
     except OSError as err:
         raise SpecError(f"{where}: cannot read spec: {err.strerror or err}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{where}: the spec is larger than {MAX_SPEC_BYTES >> 20} MiB; is this a spec file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise SpecError(f"{where}:{line}: the spec is not UTF-8 text (byte 0x{data[err.start]:02x} at column "
+                        f"{column}); save it as UTF-8") from None
     origin = Origin(where)
     raw = parse_yaml(text, where, origin)
     if raw is None:

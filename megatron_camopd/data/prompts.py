@@ -12,7 +12,9 @@ Policies:
   prompts are counted (``counters["truncated"]``). ``overlong="skip"`` drops them (``counters["skipped_overlong"]``).
 - Malformed rows: ``on_bad_row="error"`` (default) raises ``DataError`` naming ``file:line`` and the field;
   ``on_bad_row="skip"`` drops them and counts them (``counters["bad_rows"]``, first messages in ``bad_examples``).
-  For Parquet files and JSON arrays the "line" is the 1-based row number.
+  For Parquet files and JSON arrays the "line" is the 1-based row number. With ``routed_domains`` (the domains the
+  spec routes to a teacher), a row whose domain is not among them is a malformed row too: it would otherwise fail
+  only when first drawn, possibly hours into a run.
 
 ``PromptSource.num_samples`` keeps a seeded subset of a source's rows; for the ``nemotron`` format the subset is
 stratified by ``category`` so that category proportions are preserved (largest-remainder allocation), as the
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,48 +70,86 @@ class PromptSource:
             raise DataError(f"prompt source {self.path}: num_samples must be >= 1")
 
 
+def _not_utf8(where: str, data: bytes, exc: UnicodeDecodeError) -> str:
+    column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+    return f"{where}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column})"
+
+
 def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``(where, row)`` for every row of a ``.jsonl``/``.json``/``.parquet`` file (``where`` = ``file:line``)."""
+    """Yield ``(where, row)`` for every row of a ``.jsonl``/``.json``/``.parquet`` file (``where`` = ``file:line``).
+
+    Files are streamed (a JSONL line or a Parquet batch at a time; a ``.json`` array is read whole). A JSONL line
+    that is not UTF-8 or not JSON is yielded as a ``_BadJson`` row so that the caller's ``on_bad_row`` decides.
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"prompt file {p} does not exist")
     suffix = p.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
+        yield from _parquet_rows(p)
+    elif suffix == ".json":
+        data = p.read_bytes()
         try:
-            rows = pq.read_table(p).to_pylist()
-        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError on corrupt files
-            raise DataError(f"{p}: cannot read Parquet ({exc})") from exc
+            rows = json.loads(data.decode("utf-8-sig"))
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise DataError(_not_utf8(f"{p}:{line}", data, exc)) from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{p}: invalid JSON (nested too deeply)") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{p}: a .json prompt file must hold a list of rows")
         for i, row in enumerate(rows):
             yield f"{p}:{i + 1}", row
-    elif suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{p}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(data, list):
-            raise DataError(f"{p}: a .json prompt file must hold a list of rows")
-        for i, row in enumerate(data):
-            yield f"{p}:{i + 1}", row
     elif suffix == ".jsonl":
-        with p.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
+        with p.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                where = f"{p}:{lineno}"
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    yield where, _BadJson(_not_utf8(where, raw, exc))
+                    continue
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    yield f"{p}:{lineno}", _BadJson(f"{p}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
+                    yield where, _BadJson(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
                     continue
-                yield f"{p}:{lineno}", row
+                except RecursionError:
+                    yield where, _BadJson(f"{where}: invalid JSON (nested too deeply)")
+                    continue
+                yield where, row
     else:
         raise DataError(f"prompt file {p}: unsupported extension {suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def _parquet_rows(p: Path, batch_size: int = 4096) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    i = 0
+    try:
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=batch_size):
+            for row in batch.to_pylist():
+                i += 1
+                yield f"{p}:{i}", row
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError/... on corrupt files
+        raise DataError(f"{p}: cannot read Parquet ({exc})") from exc
 
 
 @dataclass
 class _BadJson:
     message: str
+
+
+def check_routed(row: ParsedRow, routed: frozenset[str] | None) -> ParsedRow:
+    """``row`` unchanged, or ``DataError`` when ``routed`` is given and does not hold the row's domain."""
+    if routed is not None and row.domain not in routed:
+        raise DataError(f"{row.source}: field 'domain': {row.domain!r} is not routed to a teacher "
+                        f"(routing has: {', '.join(sorted(routed)) or 'nothing'})")
+    return row
 
 
 def proportional_allocation(counts: dict[str, int], n: int) -> dict[str, int]:
@@ -165,6 +205,7 @@ class PromptStream:
         seed: int = 0,
         shuffle: bool = True,
         name: str = "prompts",
+        routed_domains: Collection[str] | None = None,
     ) -> None:
         if not sources:
             raise DataError(f"prompt stream {name!r}: no sources")
@@ -177,6 +218,7 @@ class PromptStream:
         self.name = name
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.routed_domains = None if routed_domains is None else frozenset(routed_domains)
         self._c = _Counters()
         self._prompts: list[Prompt] = []
         for i, src in enumerate(sources):
@@ -203,7 +245,7 @@ class PromptStream:
             try:
                 if isinstance(row, _BadJson):
                     raise DataError(row.message)
-                out.append(parse_row(row, src.format, where, src.domain))
+                out.append(check_routed(parse_row(row, src.format, where, src.domain), self.routed_domains))
             except DataError as exc:
                 if on_bad_row == "error":
                     raise

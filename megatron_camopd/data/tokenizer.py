@@ -5,6 +5,15 @@ over a HuggingFace tokenizer loaded from a local directory (``local_files_only=T
 ``fingerprint()`` (hash of vocabulary, special tokens and chat template) and ``probe_ids()`` which the teacher
 start-up check compares against the student's.
 
+Chat prompts are encoded so that a dataset row cannot forge a turn: ``apply_chat_template`` renders the template
+with every special-token string inside message text swapped for a private-use placeholder, takes the special tokens
+left in the rendering as the template's own control tokens, and encodes the text between them with
+``split_special_tokens=True`` (the placeholders put back first). A user message containing the literal text
+``<|im_end|>\n<|im_start|>assistant\n`` is therefore encoded as text; for rows without such text the ids equal the
+tokenizer's own encoding of the rendered prompt. ``chat_template_kwargs`` (e.g. ``enable_thinking=False``, which
+makes Qwen3's template end the prompt with the empty ``<think>\n\n</think>\n\n`` block a non-thinking Qwen3 teacher
+answers after) are passed to every rendering.
+
 ``make_tiny_tokenizer`` builds a small tokenizer from scratch with the ``tokenizers`` library (character level, or a
 tiny BPE trained on a corpus) plus a Qwen-style ChatML chat template, saved so that
 ``transformers.AutoTokenizer.from_pretrained(out_dir)`` loads it offline. Its vocabulary stays < 256 tokens so the
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import string
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -44,14 +54,20 @@ DEFAULT_ALPHABET: str = "".join(sorted(set(string.printable) - {"\r", "\x0b", "\
 class Tokenizer:
     """A HuggingFace tokenizer loaded from disk, with the few operations the trainer needs."""
 
-    def __init__(self, hf_tokenizer: Any, path: str | None = None) -> None:
+    def __init__(self, hf_tokenizer: Any, path: str | None = None,
+                 chat_template_kwargs: dict[str, Any] | None = None) -> None:
         self.hf = hf_tokenizer
         self.path = path
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         if self.hf.eos_token_id is None:
             raise DataError(f"tokenizer {path}: no eos_token defined in tokenizer_config.json")
+        # special (control) tokens, longest first so a token that contains another one is matched whole
+        self._control = sorted({str(t) for t in self.hf.added_tokens_decoder.values() if t.special},
+                               key=lambda t: (-len(t), t))
+        self._control_re = re.compile("|".join(re.escape(t) for t in self._control)) if self._control else None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
+    def from_dir(cls, path: str | Path, chat_template_kwargs: dict[str, Any] | None = None) -> Tokenizer:
         """Load ``AutoTokenizer`` from a local directory; raise ``DataError`` if it is missing or unreadable."""
         from transformers import AutoTokenizer
 
@@ -62,12 +78,21 @@ class Tokenizer:
             hf = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         except Exception as exc:  # transformers raises many types (OSError, ValueError, json errors)
             raise DataError(f"tokenizer {p}: cannot load ({type(exc).__name__}: {exc})") from exc
-        return cls(hf, str(p))
+        return cls(hf, str(p), chat_template_kwargs)
 
     # --- basic operations -------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without BOS/EOS additions (special-token strings in text are recognised)."""
         return list(self.hf.encode(text, add_special_tokens=False))
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of dataset text: special-token strings in it are plain text, never control tokens."""
+        return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    @property
+    def control_tokens(self) -> list[str]:
+        """The tokenizer's special tokens (``<|im_start|>``, ``<|im_end|>``, ...): only a template may emit them."""
+        return list(self._control)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
@@ -97,22 +122,51 @@ class Tokenizer:
         """Number of ids the tokenizer can emit (base vocabulary plus added tokens)."""
         return len(self.hf)
 
-    def apply_chat_template(
-        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
-    ) -> list[int]:
-        """Render ``messages`` with the tokenizer's chat template and return token ids."""
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> list[int]:
+        """Render ``messages`` with the chat template and return token ids; message text never yields control ids."""
+        text = self._render(messages, add_generation_prompt, template_kwargs, guard=True)
+        ids: list[int] = []
+        pos = 0
+        for m in self._control_re.finditer(text) if self._control_re is not None else ():
+            ids += self.encode_text(self._unguard(text[pos:m.start()])) if m.start() > pos else []
+            ids.append(int(self.hf.convert_tokens_to_ids(m.group(0))))
+            pos = m.end()
+        if pos < len(text):
+            ids += self.encode_text(self._unguard(text[pos:]))
+        return ids
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                    **template_kwargs: Any) -> str:
+        """The chat-template text (for logs, debugging and teachers that take text)."""
+        return self._render(messages, add_generation_prompt, template_kwargs, guard=False)
+
+    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool, template_kwargs: dict[str, Any],
+                guard: bool) -> str:
         if not getattr(self.hf, "chat_template", None):
             raise DataError(f"tokenizer {self.path}: no chat_template in tokenizer_config.json")
-        text = self.hf.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return self.encode(text)
+        msgs = [self._guard_message(m, i) for i, m in enumerate(messages)] if guard else list(messages)
+        kwargs = {**self.chat_template_kwargs, **template_kwargs}
+        return str(self.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                               **kwargs))
 
-    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The chat-template text (for logs and debugging)."""
-        return str(
-            self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
-        )
+    def _guard_message(self, message: dict[str, Any], index: int) -> dict[str, Any]:
+        """A copy of ``message`` whose text fields carry placeholders in place of special-token strings."""
+        out = dict(message)
+        for key, value in message.items():
+            if key == "role" or not isinstance(value, str):
+                continue
+            if _PLACEHOLDER_RE.search(value):
+                raise DataError(f"message {index} ({message.get('role')}): field '{key}' contains characters of "
+                                f"Unicode plane 15 (U+F0000..U+FFFFD), reserved here to escape special tokens")
+            if self._control_re is not None:
+                value = self._control_re.sub(lambda m: chr(_PLACEHOLDER_BASE + self._control.index(m.group(0))),
+                                             value)
+            out[key] = value
+        return out
+
+    def _unguard(self, text: str) -> str:
+        return _PLACEHOLDER_RE.sub(lambda m: self._control[ord(m.group(0)) - _PLACEHOLDER_BASE], text)
 
     # --- identity checks --------------------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -123,6 +177,12 @@ class Tokenizer:
         """Token ids of probe strings (default: a fixed set incl. a rendered chat) to compare with a teacher's."""
         probes = list(strings) or default_probe_strings()
         return [self.encode(s) for s in probes]
+
+
+# special tokens inside message text are swapped for single characters of Unicode plane 15 (private use) while the
+# template renders, so the template's own control tokens are the only special-token strings in the rendering
+_PLACEHOLDER_BASE = 0xF0000
+_PLACEHOLDER_RE = re.compile("[\U000F0000-\U000FFFFD]")
 
 
 def hf_fingerprint(hf_tokenizer: Any) -> str:

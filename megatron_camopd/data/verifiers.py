@@ -3,10 +3,12 @@
 - ``exact_match``: equal after whitespace normalisation (strip, collapse runs of whitespace).
 - ``numeric``: the LAST number in the response equals the reference within ``atol + rtol * |ref|``.
 - ``mc_letter``: the letter of the LAST ``Final answer: <letter>`` (case-insensitive) equals the reference letter.
-- ``code``: runs the response's program (last fenced code block, else the whole text) against test cases in a
-  sandboxed subprocess; see ``megatron_camopd.data.sandbox`` for the isolation guarantees.
+- ``code``: runs the response's program (last fenced code block, else the whole text) against test cases inside
+  a bubblewrap sandbox (``megatron_camopd.data.sandbox``: no network, no host files, unprivileged, rlimits). When
+  no sandbox can be made here it raises ``SandboxUnavailable`` (a ``CamopdError``) instead of scoring 0.
 
-``get_verifier(name)`` returns a callable ``(response, reference) -> float``.
+``get_verifier(name)`` returns a callable ``(response, reference) -> float``; for ``code`` it first checks that
+the sandbox works, so a trainer or evaluation fails with a clear message at its first lookup.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from megatron_camopd.data.sandbox import SandboxLimits, run_python
+from megatron_camopd.data.sandbox import SandboxLimits, ensure_available, run_python
 from megatron_camopd.errors import DataError, SpecError
 
 Verifier = Callable[[str, Any], float]
@@ -121,7 +123,9 @@ def _outputs_match(got: str, want: str) -> bool:
 
 
 def code(response: str, reference: Any, limits: SandboxLimits | None = None) -> float:
-    """1.0 when the program passes every stdin/stdout case and every assert inside the sandbox."""
+    """1.0 when the program passes every stdin/stdout case and every assert inside the sandbox.
+
+    Raises ``SandboxUnavailable`` (never returns 0.0 for every sample) when bubblewrap is missing or unusable."""
     io, asserts = parse_code_tests(reference)
     program = extract_code(response)
     lim = limits or SandboxLimits()
@@ -151,9 +155,12 @@ VERIFIER_NAMES = {"exact": "exact_match", "numeric": "numeric", "multiple_choice
 def get_verifier(name: str) -> Verifier:
     """The verifier registered as ``name`` (exact_match, numeric, mc_letter, code)."""
     try:
-        return _REGISTRY[name]
+        fn = _REGISTRY[name]
     except KeyError:
         raise SpecError(f"unknown verifier {name!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+    if fn is code:
+        ensure_available()  # SandboxUnavailable now rather than at the first scored response
+    return fn
 
 
 def register_verifier(name: str, fn: Verifier) -> None:

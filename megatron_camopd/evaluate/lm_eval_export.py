@@ -9,7 +9,7 @@
 * ``numeric``: a regex filter keeping the last number (thousands separators ignored), then exact match
   (string equality, so ``2.0`` vs ``2`` differs from the project's tolerance-based check).
 
-Run: ``lm_eval --model hf --model_args pretrained=HF_DIR --include_path OUT_DIR --tasks camopd_<task>
+Run: ``lm_eval run --model hf --model_args pretrained=HF_DIR --include_path OUT_DIR --tasks camopd_<task>
 --apply_chat_template`` (``prompt`` is the user turn; ``system`` goes to ``--system_instruction``).
 The ``code`` verifier has no lm-eval equivalent and is refused.
 """

@@ -19,7 +19,7 @@ Terms, in GB (1e9 bytes) on the most loaded pipeline stage of one rank:
   peak takes the larger of it and the activations), 0 for SGLang (other nodes) and the reference engine.
 - `overhead`: CUDA context, NCCL buffers and allocator fragmentation (a fixed 3 GB).
 
-It is an estimate (spec.md §10: Qwen3-8B TP2/PP2 with a 36,864-token micro-batch needs ~120 GB of activations on
+It is an estimate (Qwen3-8B TP2/PP2 with a 36,864-token micro-batch needs ~120 GB of activations on
 stage 0 without recompute and ~11 GB with full recompute); what it is for is telling a spec that cannot fit from
 one that can, and which term to shrink.
 """

@@ -8,8 +8,9 @@ on (`dependency`). Every component requests its own resources (`--gpus-per-node`
 its srun steps repeat the CPU count (srun does not inherit `--cpus-per-task` since Slurm 22.05) and the optional
 pyxis container. The trainer gets `teachers.<name>.discovery_file=...` / `rollout.sglang.discovery_file=...`
 overrides pointing at the servers it waited for. The scripts are rendered from `templates/*.sbatch` (placeholders
-`@{NAME}`, one source of truth shared with the hand-editable examples in `slurm/`), with the shared bash functions
-of `templates/lib.sh` inlined, so a rendered script is self-contained. `--cpu` renders for machines without GPUs
+`@{NAME}`, one source of truth shared with the examples in `slurm/`, which `python tools/render_slurm.py` writes
+and CI checks); a rendered script sources the shared bash functions of the installed package's `templates/lib.sh`,
+whose discovery and health steps are launch/protocol.py's (the same code `camopd launch` runs). `--cpu` renders for machines without GPUs
 (`camopd serve-teacher`, no `--gpus-per-node`). Timings (pre-timeout lead, health checks) are `launcher` fields.
 """
 
@@ -52,11 +53,10 @@ class SbatchTemplate(Template):
 
 
 def render_template(name: str, values: dict[str, str]) -> str:
-    """Fill `templates/<name>.sbatch`; a missing value is an error, `lib.sh` is inlined as `@{LIB}`."""
+    """Fill `templates/<name>.sbatch`; a missing value is an error."""
     text = (TEMPLATES / f"{name}.sbatch").read_text()
-    lib = (TEMPLATES / "lib.sh").read_text().rstrip("\n")
     try:
-        return SbatchTemplate(text).substitute({**values, "LIB": lib})
+        return SbatchTemplate(text).substitute(values)
     except KeyError as exc:
         raise SpecError(f"template {name}.sbatch needs a value for @{{{exc.args[0]}}}") from None
 
@@ -215,8 +215,8 @@ def render_scripts(spec: ExperimentSpec, spec_path: str, overrides: list[str], *
 
 
 def example_scripts() -> dict[str, str]:
-    """The hand-editable scripts of `slurm/`: `templates/example_spec.yaml` rendered with placeholders a user
-    edits (the spec path, the working directory, the python)."""
+    """The example scripts of `slurm/` (written by `tools/render_slurm.py`): `templates/example_spec.yaml` rendered
+    with environment placeholders for what differs per user (the spec path, the working directory, the python)."""
     spec = load_spec(EXAMPLE_SPEC)
     values = sbatch_values(spec, str(EXAMPLE_SPEC), [], cpu=False, python='"${PYTHON:-python}"',
                            workdir='"${SLURM_SUBMIT_DIR:-$PWD}"')

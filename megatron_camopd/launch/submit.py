@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import fcntl
 import os
 import shlex
 import signal
@@ -25,7 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from megatron_camopd.config import load_spec
 from megatron_camopd.config.run_sections import LauncherConfig, slurm_seconds
 from megatron_camopd.config.serving import SlurmResources
 from megatron_camopd.errors import TeacherError
+from megatron_camopd.launch.protocol import healthy_servers, http_ok, register_address
 from megatron_camopd.launch.servers import CONVERTED_MARKER, Component, ensure_hf, fill, launcher_of, server_components
 
 EXIT_REQUEUE = 75
@@ -57,25 +56,6 @@ def _trainer_preexec() -> None:
     to every process of the step; the job process handles it through `TrainerJob.checkpoint`)."""
     _die_with_parent()
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-
-def http_ok(url: str, timeout: float = 30.0) -> bool:
-    """True when `url` answers 2xx."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def register_address(path: str, address: str) -> None:
-    """Append `address` to the discovery file under a lock, publishing it atomically (temp file + rename)."""
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        old = Path(path).read_text() if os.path.exists(path) else ""
-        tmp = f"{path}.tmp.{os.getpid()}"
-        Path(tmp).write_text(old + f"{address}\n")
-        os.replace(tmp, path)
 
 
 def _prepare_model(model: str, hf_dir: str, first_task: bool, timeout_s: float) -> str:
@@ -235,7 +215,7 @@ def wait_for_teachers(addr_files: dict[str, str], jobs: list[Any], nodes: dict[s
 
     deadline = time.monotonic() + timeout_s
     for name, path in addr_files.items():
-        while sum(http_ok(f"{url}/health", check_timeout_s) for url in read_discovery_file(path)) < nodes[name]:
+        while len(healthy_servers(path, check_timeout_s)) < nodes[name]:
             for job in jobs:
                 if job.done():
                     raise TeacherError(f"teacher job {job.job_id} ended before teacher {name} was healthy:\n"

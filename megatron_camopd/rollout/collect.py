@@ -10,8 +10,9 @@ and the scored samples are all-gathered so every rank sees the full step batch (
 batch-level); each rank then trains on its own slice. Other ranks' samples come without their top-k tensors
 (per-sample scalars stand in for them: `rollout/dp_exchange.py`).
 
-Served rollouts (`rollout.engine: sglang`) carry the weight version they were sampled with; `rollout/staleness.py`
-applies `rollout.sglang.max_staleness` / `on_stale` against this step. A stale sample dropped, or one whose
+Served rollouts (`rollout.engine: sglang`), and every rollout of the overlapped pipeline (`rollout/pipeline.py`,
+which reuses the pieces below: plan, slice, score, gather), carry the weight version they were sampled with;
+`rollout/staleness.py` applies `rollout.max_staleness` / `on_stale` against this step. A stale sample dropped, or one whose
 rollout failed on every server, stays in the batch unscored with its reason (dropped from the loss, counted).
 """
 
@@ -71,10 +72,11 @@ def fail_if_teacher_down(samples: list[Sample], http: set[str]) -> None:
                                f"first error: {mine[0].error}")
 
 
-def _unscorable(s: Sample, step: int, servers) -> bool:
+def _unscorable(s: Sample, step: int, bound) -> bool:
     """Whether sample `s` gets no teacher scores: its rollout failed on every rollout server, or (served
     rollouts, `on_stale: drop`) it lags the trainer's step by more than max_staleness. Either way it stays in the
-    batch with its reason as `error` (dropped from the loss, counted). Records the lag of versioned rollouts."""
+    batch with its reason as `error` (dropped from the loss, counted). Records the lag of versioned rollouts.
+    `bound` holds max_staleness and on_stale (`spec.rollout`)."""
     r = s.rollout
     if r.meta.get("error"):
         s.error, s.meta[NOT_SCORED] = f"rollout failed: {r.meta['error']}", "rollout"
@@ -83,7 +85,7 @@ def _unscorable(s: Sample, step: int, servers) -> bool:
     if lag is None:
         return False
     s.meta["stale_lag"] = lag
-    why = stale_reason(s.index, r, step, servers.max_staleness) if servers.on_stale == "drop" else None
+    why = stale_reason(s.index, r, step, bound.max_staleness) if bound.on_stale == "drop" else None
     if why:
         s.error, s.meta[NOT_SCORED], s.meta[STALE_KEY] = why, "stale", why
     return bool(why)
@@ -172,59 +174,101 @@ def _share_over_model_parallel(samples: list[Sample]) -> None:
         s.scores, s.error = scores, err
 
 
-def collect_step(session, step: int, branch: str) -> list[Sample]:
-    """Roll out and score this step's batch; returns the full batch (all DP slices) on every rank."""
+def plan_batch(session, branch: str) -> list[Sample]:
+    """The step batch before rollout: prompts drawn (in step order) for `branch`, routed, n samples each."""
     spec = session.spec
     drawn = draw_prompts(session, branch)
     n = spec.rollout.n_samples
-    samples = [
+    return [
         Sample(index=g * n + j, group=g, branch=b, prompt=p, teacher=route(spec, p),
                verifier=(cfg.verifier if cfg.verifier != "none" else None))
         for g, (p, b, cfg) in enumerate(drawn) for j in range(n)
     ]
+
+
+def local_slice(session, samples: list[Sample]) -> list[Sample]:
+    """This DP rank's contiguous slice of the step batch."""
     mine = np.array_split(np.arange(len(samples)), session.dp_size)[session.dp_rank].tolist()
-    local = [samples[i] for i in mine]
-    top_k = teacher_top_k(session)
-    http = {k for k, cfg in spec.teachers.items() if cfg.kind != "megatron"}
-    futures: dict[int, object] = {}
-    loop = _Loop() if http and session.is_mp_leader else None
+    return [samples[i] for i in mine]
 
-    def on_finish(i: int, rollout: Rollout) -> None:
-        s = local[i]
+
+def http_teachers(spec) -> set[str]:
+    return {k for k, cfg in spec.teachers.items() if cfg.kind != "megatron"}
+
+
+class HttpScoring:
+    """Per-sample HTTP teacher scoring fired from `on_finish` as each rollout of `local` finishes (on the
+    model-parallel leader); `collect()` waits for the answers (a failure is recorded per sample, counted)."""
+
+    def __init__(self, session, step: int, local: list[Sample], http: set[str]) -> None:
+        self.session, self.step, self.local, self.http = session, step, local, http
+        self.top_k = teacher_top_k(session)
+        self.futures: dict[int, object] = {}
+        self.loop = _Loop() if http and session.is_mp_leader else None
+
+    def on_finish(self, i: int, rollout: Rollout) -> None:
+        s = self.local[i]
         s.rollout = rollout
-        if _unscorable(s, step, spec.rollout.sglang):
+        if _unscorable(s, self.step, self.session.spec.rollout):
             return
-        if loop is not None and s.teacher in http:
-            teacher = session.teachers[s.teacher]
-            futures[i] = loop.submit(teacher.score(rollout.ids, len(s.prompt.prompt_ids), top_k))
+        if self.loop is not None and s.teacher in self.http:
+            teacher = self.session.teachers[s.teacher]
+            self.futures[i] = self.loop.submit(teacher.score(rollout.ids, len(s.prompt.prompt_ids), self.top_k))
 
-    params = sampling_params(spec, session.tokenizer)
-    tok = session.tokenizer
-    session.sampler.generate([s.prompt.prompt_ids for s in local], params,
-                             [sample_seed(spec.train.seed, step, s.index) for s in local], on_finish=on_finish)
-    if loop is not None:
-        for i, fut in futures.items():
-            try:
-                local[i].scores = fut.result()
-            except Exception as exc:  # noqa: BLE001 -- recorded per sample, dropped from the loss, counted
-                local[i].error = f"{type(exc).__name__}: {exc}"
-        loop.close()
+    def collect(self) -> None:
+        if self.loop is None:
+            return
+        try:
+            for i, fut in self.futures.items():
+                try:
+                    self.local[i].scores = fut.result()
+                except Exception as exc:  # noqa: BLE001 -- recorded per sample, dropped from the loss, counted
+                    self.local[i].error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.loop.close()
+            self.loop = None
+
+
+def score_local(session, local: list[Sample], http: set[str]) -> None:
+    """After rollout: HTTP scores to the other model-parallel ranks, in-process teachers, the reference model,
+    the verifiers (collective over the model-parallel group when it is larger than one rank)."""
     if http:
         _share_over_model_parallel([s for s in local if s.teacher in http])
-    _score_in_process(session, [s for s in local if s.teacher not in http and NOT_SCORED not in s.meta], top_k)
+    _score_in_process(session, [s for s in local if s.teacher not in http and NOT_SCORED not in s.meta],
+                      teacher_top_k(session))
     if session.reference is not None:
         refs = session.reference.score_batch([s.rollout.ids for s in local],
                                              [len(s.prompt.prompt_ids) for s in local])
         for s, rs in zip(local, refs):
             s.ref_lp = rs.logprobs
+    tok = session.tokenizer
     for s in local:
         if s.verifier:
             text = tok.decode(s.rollout.response_ids, skip_special_tokens=True)
             s.reward = float(get_verifier(VERIFIER_NAMES[s.verifier])(text, s.prompt.reference))
+
+
+def gather_batch(session, step: int, local: list[Sample], http: set[str]) -> list[Sample]:
+    """The full step batch on every rank (DP exchange), checked for stale rollouts and dead teachers."""
+    spec = session.spec
     if session.dp_size > 1:  # other ranks' samples arrive without top-k tensors (rollout/dp_exchange.py)
         accept_k = spec.method.selectkd.k if spec.method.name == "selectkd" else None
         local = exchange_samples(local, session.dp_rank, session.dp_size, ps.get_data_parallel_group(), accept_k)
-    if spec.rollout.sglang.on_stale == "error":
-        fail_if_stale(local, step, spec.rollout.sglang.max_staleness)
+    if spec.rollout.on_stale == "error":
+        fail_if_stale(local, step, spec.rollout.max_staleness)
     fail_if_teacher_down(local, http)
     return sorted(local, key=lambda s: s.index)
+
+
+def collect_step(session, step: int, branch: str) -> list[Sample]:
+    """Roll out and score this step's batch; returns the full batch (all DP slices) on every rank."""
+    spec = session.spec
+    local = local_slice(session, plan_batch(session, branch))
+    http = http_teachers(spec)
+    scoring = HttpScoring(session, step, local, http)
+    session.sampler.generate([s.prompt.prompt_ids for s in local], sampling_params(spec, session.tokenizer),
+                             [sample_seed(spec.train.seed, step, s.index) for s in local],
+                             on_finish=scoring.on_finish)
+    scoring.collect()
+    score_local(session, local, http)
+    return gather_batch(session, step, local, http)

@@ -89,7 +89,7 @@ class MegatronSampler:
         self.pp_size, self.pp_rank = g.pp_size, g.pp_rank
         self.first, self.last = self.pp_rank == 0, self.pp_rank == self.pp_size - 1
         # rows per forward are padded to a multiple of this: TransformerEngine's FP8 GEMMs need the token
-        # dimension (rows x tokens) divisible by 8, 16 for every recipe (spec.md §10)
+        # dimension (rows x tokens) divisible by 8, 16 for every recipe (TransformerEngine's FP8 GEMM alignment)
         self.row_multiple = 16 if getattr(self.models[0].config, "fp8", None) else 1
 
     def update_weights(self, step: int) -> dict[str, float]:

@@ -3,7 +3,7 @@
 Each decoding step is a forward-only pass through megatron-core's schedule (`Engine.forward` machinery:
 `backend.forward.forward_collect`) over right-padded sequences (causal attention, so padding after a sequence
 never affects it); the last pipeline stage samples the next token and the result is broadcast to every pipeline
-rank. A T-token response costs ~T^2/2 token forwards (spec.md §9): this engine exists so the tests can check the
+rank. A T-token response costs ~T^2/2 token forwards: this engine exists so the tests can check the
 production engines against an implementation with no cache at all. Never select it for real training.
 """
 

@@ -14,7 +14,9 @@ Contract of `Sampler.generate(prompts, params, seeds, on_finish)`: every rank of
 with the same arguments and gets the same rollouts back, in prompt order; `on_finish(i, rollout)` is called once
 per sample on every rank, on the model-parallel leader as soon as sample i has finished (so teacher scoring
 overlaps generation). `update_weights(step)` runs after every optimizer step (a no-op in process; the weight sync
-of served engines) and returns metrics for the step's row.
+of served engines) and returns metrics for the step's row. With `rollout.max_staleness > 0` the training loop
+samples through `rollout/pipeline.py` instead (a thread beside the trainer: a second in-process model, or the
+served engine's collective-free `generate_detached`).
 """
 
 from __future__ import annotations

@@ -99,6 +99,43 @@ class SglangSampler:
                 r.entropy = None  # SGLang returns no entropy: metrics skip it rather than log zeros
         return results
 
+    # ------------------------------------------------------------------ overlapped pipeline (rollout/pipeline.py)
+    def ensure_synced(self) -> None:
+        """Collective (main thread): the servers hold the trainer's current weights before any detached call."""
+        if self.trainer is not None and self.version is None:
+            self.update_weights(int(self.trainer.scheduler.num_steps))
+
+    def generate_detached(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
+                          on_finish: OnFinish | None = None) -> list[Rollout] | None:
+        """`generate` without any collective, for a thread beside the trainer: the model-parallel leader samples
+        (`on_finish` as samples finish) and returns the rollouts, other ranks return None at once; `share` then
+        gives them to the model-parallel group and `fill_entropy` adds the entropy, on the main thread."""
+        if not self.is_leader:
+            return None
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+        return self._collect(prompts, params, seeds, on_finish, share=False)
+
+    def share(self, rollouts: list[Rollout] | None, error: str | None) -> list[Rollout]:
+        """Collective over the model-parallel group: the leader's rollouts (or its error, raised on every rank)."""
+        if self.mp_size > 1:
+            box = [(rollouts, error)]
+            dist.broadcast_object_list(box, src=self.mp_leader, group=self.mp_group)
+            rollouts, error = box[0]
+        if error is not None:
+            raise RolloutError(error)
+        return rollouts
+
+    def fill_entropy(self, rollouts: list[Rollout]) -> None:
+        """Entropy where the method needs it (a forward over the rollouts with the trainer's current weights)."""
+        if self.need_entropy:
+            self._fill_entropy(rollouts)
+        else:
+            for r in rollouts:
+                r.entropy = None
+
+    # ------------------------------------------------------------------ generation details
     def _max_new(self, prompt_len: int, params: SamplingParams) -> int:
         """SGLang refuses prompt + max_new_tokens >= its context length; the trainer's context is a hard bound."""
         n = min(params.max_new_tokens, self.model.max_context - prompt_len)
@@ -133,8 +170,9 @@ class SglangSampler:
             fut = self.pool.submit(self._one(i, p, params, s, max_new))
             fut.add_done_callback(lambda f, i=i, p=p: done.put((i, _result(f, p, self.engine))))
 
-    def _collect(self, prompts, params, seeds, on_finish: OnFinish | None) -> list[Rollout]:
+    def _collect(self, prompts, params, seeds, on_finish: OnFinish | None, share: bool = True) -> list[Rollout]:
         n = len(prompts)
+        bcast = share and self.mp_size > 1
         results: list[Rollout | None] = [None] * n
         got = 0
         done: queue.SimpleQueue = queue.SimpleQueue()
@@ -144,12 +182,12 @@ class SglangSampler:
             chunk: list[tuple[int, Rollout]] = []
             if self.is_leader:
                 try:
-                    chunk.append(done.get(timeout=_POLL_S if self.mp_size > 1 else None))
+                    chunk.append(done.get(timeout=_POLL_S if bcast else None))
                     while True:
                         chunk.append(done.get_nowait())
                 except queue.Empty:
                     pass
-            if self.mp_size > 1:
+            if bcast:
                 obj = [chunk]
                 dist.broadcast_object_list(obj, src=self.mp_leader, group=self.mp_group)
                 chunk = obj[0]

@@ -1,5 +1,5 @@
 """Trainer side of the weight sync to SGLang rollout servers: this pipeline stage's parameters as HF tensors, in
-buckets, sent over a weights-update process group or written as a HF directory (slime's design, spec.md §9).
+buckets, sent over a weights-update process group or written as a HF directory (slime's design).
 
 `stage_hf_groups` gathers each parameter of this rank's chunks over TP (collective over the TP group of the
 DP=0 replica) and maps it to HF names with `backend/hf_mapping.py`; `buckets` cuts the stream into ~`bucket_mb`

@@ -7,11 +7,13 @@ accept: `text` or `input_ids` (a single prompt or a batch), `sampling_params` (o
 prompt must be shorter than the context length and prompt + max_new_tokens must stay below it. A field SGLang
 knows but this server does not implement (multimodal inputs, LoRA, grammars, penalties, streaming, n > 1 ...) is
 refused unless it holds its default; an unknown field is refused. Every refusal is an `ApiError` naming the
-field (the server answers 400 with it).
+field (the server answers 400 with it). `load_json` decodes a body defensively: strict JSON (no NaN/Infinity),
+nested at most `MAX_JSON_DEPTH` levels (deeper input, which would exhaust Python's recursion, is a 400 too).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import uuid
@@ -22,6 +24,7 @@ from megatron_camopd.rollout.sampling import SamplingParams
 
 MAX_ITEMS = 4096  # prompts per request
 MAX_TOTAL_TOKENS = 4_000_000  # prompt tokens per request
+MAX_JSON_DEPTH = 32  # nesting levels of a request body (SGLang's deepest field is 3)
 _EPS = 1e-6  # SGLang: temperature below this is greedy
 
 # GenerateReqInput fields answered as SGLang answers them, and bookkeeping fields that change nothing here
@@ -80,6 +83,29 @@ class GenItem:
         return (p.temperature, p.top_p, p.top_k, p.greedy, tuple(sorted(p.stop_token_ids)), self.ignore_eos)
 
 
+def _no_constant(name: str) -> Any:
+    raise ApiError("body", f"{name} is not valid JSON (numbers must be finite)")
+
+
+def load_json(raw: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The JSON value of a request body; ApiError("body", ...) when it is not strict JSON or nests deeper than
+    `max_depth` (input deep enough to exhaust the decoder's recursion is refused the same way)."""
+    try:
+        obj = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError("body", f"JSON nested deeper than {max_depth} levels") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        raise ApiError("body", f"malformed JSON: {exc}") from None
+    stack = [(obj, 1)] if isinstance(obj, (list, dict)) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise ApiError("body", f"JSON nested deeper than {max_depth} levels")
+        stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value)
+                     if isinstance(v, (list, dict)))
+    return obj
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -104,7 +130,7 @@ def _per_item(value: Any, n: int, name: str, batched: bool) -> list[Any]:
     return [value] * n
 
 
-def _prompts(body: dict, vocab: int, tokenizer: Any) -> tuple[list[list[int]], bool]:
+def _prompts(body: dict, vocab: int, tokenizer: Any, context_len: int) -> tuple[list[list[int]], bool]:
     text, ids = body.get("text"), body.get("input_ids")
     if (text is None) == (ids is None):
         raise ApiError("input_ids", "give exactly one of text or input_ids")
@@ -117,7 +143,11 @@ def _prompts(body: dict, vocab: int, tokenizer: Any) -> tuple[list[list[int]], b
             raise ApiError("text", "must be a string or a non-empty list of strings")
         if len(texts) > MAX_ITEMS:
             raise ApiError("text", f"at most {MAX_ITEMS} prompts per request")
-        return [list(tokenizer.hf.encode(t)) for t in texts], batched
+        seqs = [list(tokenizer.hf.encode(t)) for t in texts]
+        for n, seq in enumerate(seqs):
+            if not seq:
+                raise ApiError(f"text[{n}]" if batched else "text", "encodes to no tokens")
+        return seqs, batched
     batched = isinstance(ids, list) and bool(ids) and all(isinstance(r, list) for r in ids)
     seqs = ids if batched else [ids]
     if len(seqs) > MAX_ITEMS:
@@ -127,6 +157,8 @@ def _prompts(body: dict, vocab: int, tokenizer: Any) -> tuple[list[list[int]], b
         where = f"input_ids[{n}]" if batched else "input_ids"
         if not isinstance(seq, list) or not seq:
             raise ApiError(where, "must be a non-empty list of token ids")
+        if len(seq) >= context_len:  # before reading its ids: a huge prompt is refused at once
+            raise ApiError(where, _too_long(len(seq), context_len))
         total += len(seq)
         if total > MAX_TOTAL_TOKENS:
             raise ApiError("input_ids", f"more than {MAX_TOTAL_TOKENS} prompt tokens in one request")
@@ -134,6 +166,10 @@ def _prompts(body: dict, vocab: int, tokenizer: Any) -> tuple[list[list[int]], b
             if not _is_int(t) or not 0 <= t < vocab:
                 raise ApiError(f"{where}[{i}]", f"= {t!r:.40} is not a token id in [0, {vocab})")
     return seqs, batched
+
+
+def _too_long(n: int, context_len: int) -> str:
+    return f"the input ({n} tokens) is longer than the model's context length ({context_len} tokens)"
 
 
 def _sampling(raw: Any, name: str, vocab: int, tokenizer: Any) -> dict[str, Any]:
@@ -195,7 +231,7 @@ def parse_generate(body: Any, *, vocab: int, context_len: int, tokenizer: Any = 
     for key, default in _UNSUPPORTED.items():
         if body.get(key) is not None and body.get(key) != default:
             raise ApiError(key, f"not supported by this server (only {default!r})")
-    seqs, batched = _prompts(body, vocab, tokenizer)
+    seqs, batched = _prompts(body, vocab, tokenizer, context_len)
     n = len(seqs)
     sp = _per_item(body.get("sampling_params"), n, "sampling_params", batched)
     ret_lp = _per_item(body.get("return_logprob", False), n, "return_logprob", batched)
@@ -218,8 +254,7 @@ def parse_generate(body: Any, *, vocab: int, context_len: int, tokenizer: Any = 
             raise ApiError(f"top_logprobs_num{sfx}", f"must be an integer in [0, {vocab}], got {k!r:.40}")
         if len(ids) >= context_len:
             raise ApiError(f"input_ids{sfx}" if body.get("input_ids") is not None else f"text{sfx}",
-                           f"the input ({len(ids)} tokens) is longer than the model's context length "
-                           f"({context_len} tokens)")
+                           _too_long(len(ids), context_len))
         mnt = s["params"].max_new_tokens
         if mnt and len(ids) + mnt >= context_len:
             raise ApiError(f"sampling_params{sfx}.max_new_tokens",

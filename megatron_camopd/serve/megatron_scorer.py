@@ -4,7 +4,8 @@ Teachers trained or converted by camopd live as a checkpoint root (`hf/config.js
 `iter_*/`). Serving them needs no conversion back to HF: this scorer builds the real megatron-core GPTModel in a
 single process (TP=1, PP=1; CPU runtime on machines without CUDA), loads the weights with `load_model_only`
 (resharding from whatever TP/PP the checkpoint was saved at) and scores through the very code the in-process
-teacher uses (`teachers.inprocess.MegatronTeacher`), so served and in-process log-probs agree.
+teacher uses (`teachers.inprocess.MegatronTeacher`), so served and in-process log-probs agree. It is safe to call
+from several threads at once (the server's workers): nothing of the model changes while scoring.
 `load_any_scorer(DIR)` picks this scorer or the HF one by what DIR contains (megatron-core is imported only for
 the former).
 """
@@ -33,6 +34,10 @@ class MegatronScorer:
         self.teacher = teacher
         self.tokenizer = tokenizer
         self.micro_batch_size = max(1, int(micro_batch_size))
+        # every chunk scored below has at most this many rows, so forward_collect runs it as one micro-batch;
+        # set once here: the server scores on several threads at a time
+        self.teacher.micro_batch_size = self.micro_batch_size
+        self.context_length = int(teacher.arch.max_position_embeddings)  # the server's prompt + output limit
         self._info = {
             "model_path": model_path,
             "tokenizer_path": tokenizer_path,
@@ -46,8 +51,6 @@ class MegatronScorer:
         out: list[TeacherScores] = []
         for i in range(0, len(seqs), self.micro_batch_size):
             chunk = seqs[i : i + self.micro_batch_size]
-            # one micro-batch per chunk: forward_collect would fall back to size 1 for a non-divisible batch
-            self.teacher.micro_batch_size = len(chunk)
             out.extend(self.teacher.score_batch(chunk, [1] * len(chunk), top_k))
         return out
 

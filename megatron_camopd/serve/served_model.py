@@ -8,7 +8,8 @@ come from disk (`load_from_disk`: a HF dir or a camopd checkpoint, same architec
 weights-update process group (`init_group` + `receive`: SGLang's `init_custom_process_group` recipe -- a TCP
 rendezvous at the trainer's address, the store prefixed with the init method -- gloo on CPU, nccl on GPU), as HF
 tensors mapped onto Megatron's layout with `backend.hf_mapping`. `hf_weight(name)` reads one back in HF naming.
-All of it runs in the server's single worker thread, so weights never change under a running batch.
+Scoring and sampling may run on several of the server's worker threads at once (each call builds its own
+sampler and KV cache); weight updates run alone (the server's `ModelLock`), so weights never change under a batch.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ class ServedModel(MegatronScorer):
 
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                    group_name: str, backend: str, timeout_s: float = 600.0) -> None:
-        """Join a trainer's weights-update group as rank `rank_offset` (this server has one worker)."""
+        """Join a trainer's weights-update group as rank `rank_offset` (updates are applied by one thread)."""
         if group_name in self.groups:
             raise ValueError(f"group_name: a weights update group named {group_name!r} already exists")
         pg = init_custom_process_group(backend, f"tcp://{master_address}:{master_port}", world_size, rank_offset,

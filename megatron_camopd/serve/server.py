@@ -2,11 +2,18 @@
 
 The same clients (`HttpTeacher`, `SglangSampler`) talk to this server in tests/CPU runs and to real SGLang on
 GPUs, so requests and responses have SGLang's shapes. `POST /generate` scores (`max_new_tokens: 0`) and samples
-(`serve/generation.py`, batched server-side up to `max_batch` items or `max_wait_ms`, run in one worker thread);
-weights are updated in place and generation paused/continued through SGLang's endpoints (`serve/weights.py`).
+(`serve/generation.py`, batched server-side up to `max_batch` items or `max_wait_ms`, run on `--workers` threads,
+round-robin over requests); weights are updated in place and generation paused/continued through SGLang's
+endpoints (`serve/weights.py`).
 Also `GET /health`, `GET /health_generate`, `GET /get_model_info`. `serve_main` serves a HuggingFace dir or a
 camopd checkpoint with megatron-core (`served_model.ServedModel`: scoring, sampling, weight updates), or with
 transformers for scoring only (`--backend hf`: `hf_scorer.HFScorer`). It binds 127.0.0.1 unless told otherwise.
+
+Hostile requests are bounded: bodies over `--max-body-bytes` get 413, a body whose Content-Type is not JSON 415,
+a body that is not strict JSON or nests deeper than 32 levels 400 (`guard_middleware`, before any handler); a
+prompt (+ max_new_tokens) past the context length 400 naming the field and the limit; a `/generate` unanswered
+after `--request-timeout-s` 504 (its remaining work dropped). A bad `--host`/`--port` (out of range, in use,
+unresolvable) is an error (exit 2) before the model loads.
 """
 
 from __future__ import annotations
@@ -27,21 +34,26 @@ from typing import Any
 
 from aiohttp import web
 
+from ..errors import CamopdError
 from ..teachers.base import Scorer
-from .generate_api import parse_generate
-from .generation import STATE_KEY, ServeState, WorkBatcher, generate_handler
+from .generate_api import ApiError, load_json, parse_generate
+from .generation import BODY_KEY, STATE_KEY, ExclusiveExecutor, ModelLock, ServeState, WorkBatcher, generate_handler
 from .weights import add_weight_routes
 
 
 @dataclass
 class ServerStats:
-    """Counters a test or an operator can read: requests, sequences, batches, and peak concurrent requests."""
+    """Counters a test or an operator can read: requests, sequences, batches, peak concurrent requests and busy
+    workers, timed-out requests and the items dropped because their request was given up."""
 
     requests: int = 0
     sequences: int = 0
     batches: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    max_busy_workers: int = 0
+    timeouts: int = 0
+    abandoned: int = 0
     errors: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -64,7 +76,9 @@ async def _health_generate(request: web.Request) -> web.Response:
     body = {"input_ids": [0, 0], "sampling_params": {"max_new_tokens": int(state.can_generate), "temperature": 0}}
     try:
         items, _ = parse_generate(body, vocab=state.model.vocab_size(), context_len=state.context_len)
-        await request.app[BATCHER_KEY].submit(items[0])
+        await asyncio.wait_for(request.app[BATCHER_KEY].submit(items[0]), state.request_timeout_s)
+    except asyncio.TimeoutError:
+        return web.Response(status=503, text=f"model did not answer within {state.request_timeout_s:g} s")
     except Exception as exc:  # noqa: BLE001
         return web.Response(status=503, text=f"model failed: {exc}")
     return web.Response(status=200)
@@ -81,28 +95,84 @@ async def _model_info(request: web.Request) -> web.Response:
     return web.json_response(info)
 
 
+JSON_TYPES = ("application/json", "text/json")
+
+
+def _refuse(status: int, message: str) -> web.Response:
+    """An error answer both kinds of clients read: SGLang's /generate shape and its control endpoints' shape."""
+    return web.json_response({"error": {"message": message, "code": status}, "success": False, "message": message},
+                             status=status)
+
+
+def guard_middleware(max_body_bytes: int, read_timeout_s: float | None):
+    """Reads and checks every request body before its handler: 413 over `max_body_bytes`, 415 for a non-JSON
+    Content-Type, 400 for a body that is not strict JSON or nests too deep, 408 for one not sent within
+    `read_timeout_s`. The decoded body is `request[BODY_KEY]` (absent for an empty body)."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler):
+        response = await _check_body(request)
+        if response is not None:
+            request.app[STATS_KEY].errors[response.status] += 1
+            return response
+        return await handler(request)
+
+    async def _check_body(request: web.Request) -> web.Response | None:
+        if request.method in ("POST", "PUT", "PATCH") and request.body_exists:
+            if request.content_length is not None and request.content_length > max_body_bytes:
+                return _refuse(413, f"request body of {request.content_length} bytes is larger than "
+                                    f"{max_body_bytes} bytes (the server's --max-body-bytes)")
+            ctype = request.headers.get("Content-Type")
+            if ctype is not None and request.content_type not in JSON_TYPES and \
+                    not request.content_type.endswith("+json"):
+                return _refuse(415, f"Content-Type {request.content_type!r} is not JSON: send application/json")
+            try:
+                raw = await asyncio.wait_for(request.read(), read_timeout_s)
+            except web.HTTPRequestEntityTooLarge:
+                return _refuse(413, f"request body larger than {max_body_bytes} bytes (the server's "
+                                    f"--max-body-bytes)")
+            except asyncio.TimeoutError:
+                return _refuse(408, f"request body not received within {read_timeout_s:g} s")
+            if raw.strip():
+                try:
+                    request[BODY_KEY] = load_json(raw)
+                except ApiError as exc:
+                    return _refuse(400, str(exc))
+        return None
+
+    return guard
+
+
 def make_app(scorer: Scorer, *, max_batch: int = 16, max_wait_ms: float = 5.0, context_length: int | None = None,
-             max_body_mb: int = 64) -> web.Application:
-    """The aiohttp application serving `scorer` (batching up to `max_batch` items or `max_wait_ms`). A model with
-    `generate` (a `ServedModel`) also samples and takes weight updates. `context_length` bounds prompt +
-    max_new_tokens (default: the model's, else its position embeddings); bodies are at most `max_body_mb`."""
-    app = web.Application(client_max_size=max_body_mb * 1024 * 1024)
+             max_body_bytes: int = 64 << 20, workers: int = 2, request_timeout_s: float | None = 900.0
+             ) -> web.Application:
+    """The aiohttp application serving `scorer` (batching up to `max_batch` items or `max_wait_ms`, on `workers`
+    threads). A model with `generate` (a `ServedModel`) also samples and takes weight updates. `context_length`
+    bounds prompt + max_new_tokens (default: the model's); bodies are at most `max_body_bytes`; a /generate
+    request is answered 504 after `request_timeout_s` (None: never)."""
+    app = web.Application(client_max_size=max_body_bytes,
+                          middlewares=[guard_middleware(max_body_bytes, request_timeout_s)])
     stats = ServerStats()
     app[SCORER_KEY] = scorer
     app[STATS_KEY] = stats
     ctx = context_length or getattr(scorer, "context_length", None) or _scorer_context(scorer)
-    state = ServeState(model=scorer, pool=ThreadPoolExecutor(max_workers=1, thread_name_prefix="model"),
-                       context_len=int(ctx))
+    lock = ModelLock()
+    state = ServeState(model=scorer, pool=ExclusiveExecutor(lock), lock=lock, context_len=int(ctx),
+                       workers=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model"),
+                       request_timeout_s=request_timeout_s)
     state.running.set()
     app[STATE_KEY] = state
 
     async def _lifecycle(app: web.Application):
-        batcher = WorkBatcher(state, stats, max_batch, max_wait_ms / 1000.0)
+        batcher = WorkBatcher(state, stats, max_batch, max_wait_ms / 1000.0, workers)
         app[BATCHER_KEY] = batcher
         batcher.task = asyncio.create_task(batcher.run())
         yield
         batcher.task.cancel()
+        for task in list(batcher.tasks):
+            task.cancel()
         state.pool.shutdown(wait=False, cancel_futures=True)
+        state.workers.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/generate", _generate)
@@ -114,11 +184,17 @@ def make_app(scorer: Scorer, *, max_batch: int = 16, max_wait_ms: float = 5.0, c
     return app
 
 
+UNKNOWN_CONTEXT = 32768  # the context length of a scorer that does not say (a wrapper in tests)
+
+
 def _scorer_context(scorer: Scorer) -> int:
-    """A scoring-only model's context length: its position embeddings when known."""
-    model = getattr(scorer, "model", None)
-    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) and n > 0 else 1 << 20
+    """A scoring-only model's context length: its position embeddings, else `UNKNOWN_CONTEXT`."""
+    config = getattr(getattr(scorer, "model", None), "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = getattr(config, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return UNKNOWN_CONTEXT
 
 
 def write_ready_file(path: str, host: str, port: int) -> None:
@@ -145,7 +221,10 @@ async def _serve_until_signal(app: web.Application, host: str, port: int, ready_
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner, real_port = await start_site(app, host, port)
+    try:
+        runner, real_port = await start_site(app, host, port)
+    except OSError as exc:  # the address was taken while the model loaded
+        raise CamopdError(f"--host {host} --port {port}: cannot listen there: {exc.strerror or exc}") from None
     print(f"camopd server listening on {host}:{real_port}", flush=True)
     if ready_file:
         write_ready_file(ready_file, host, real_port)
@@ -273,28 +352,100 @@ def load_model(path: str, tokenizer: str | None, backend: str, context_length: i
     return load_served_model(path, tokenizer, context_length=context_length)
 
 
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {v}")
+        return v
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def check_listen(host: str, port: int) -> None:
+    """CamopdError unless this process can listen on host:port (checked before the model loads)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise CamopdError(f"--host {host!r}: cannot resolve it: {exc}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is no conflict
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise CamopdError(f"--host {host} --port {port}: cannot listen there: {exc.strerror or exc}") from None
+
+
+def model_positions(path: str) -> int | None:
+    """The positions the model at `path` (a HF dir or a camopd checkpoint) was built for, from its config.json."""
+    import json
+    from pathlib import Path
+
+    from .megatron_scorer import checkpoint_kind
+
+    meta = Path(path)
+    if checkpoint_kind(path) != "hf":
+        from ..backend.checkpoint import find_model_meta
+
+        meta = Path(find_model_meta(path))
+    try:
+        cfg = json.loads((meta / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CamopdError(f"{meta / 'config.json'}: cannot read it: {exc}") from None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    n = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+              if isinstance(cfg.get(k), int) and cfg[k] > 0), None)
+    return n
+
+
 def serve_main(argv: list[str] | None = None) -> int:
-    """`camopd serve --checkpoint DIR [--tokenizer DIR] [--host H] [--port P] [--ready-file F] [--backend B]`
-    (`camopd serve-teacher` is the same command)."""
+    """`camopd serve --checkpoint DIR [--tokenizer DIR] [--host H] [--port P] [--ready-file F] [--backend B]
+    [--workers N] [--request-timeout-s S] [--max-body-bytes B] ...` (`camopd serve-teacher` is the same command)."""
     parser = argparse.ArgumentParser(prog="camopd serve", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="a HuggingFace dir (config.json + weights) or a camopd checkpoint (root or iter_* dir)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    parser.add_argument("--port", type=int, default=0, help="0 = any free port (see --ready-file)")
+    parser.add_argument("--port", type=_int_in(0, 65535), default=0, help="0 = any free port (see --ready-file)")
     parser.add_argument("--ready-file", default=None, help="write host:port here (atomically) once listening")
     parser.add_argument("--backend", choices=("auto", "megatron", "hf"), default="auto",
                         help="megatron: megatron-core, scores and samples; hf: transformers, scores only; "
                              "auto: megatron when it builds the architecture")
-    parser.add_argument("--context-length", type=int, default=None,
-                        help="prompt + max_new_tokens must stay below this (default: max_position_embeddings)")
-    parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--max-body-mb", type=int, default=64, help="largest request body accepted")
+    parser.add_argument("--context-length", type=_int_in(2, 1 << 24), default=None,
+                        help="prompt + max_new_tokens must stay below this; at most the model's positions "
+                             "(default: max_position_embeddings)")
+    parser.add_argument("--max-batch", type=_int_in(1, 4096), default=16, help="items per model call")
+    parser.add_argument("--max-wait-ms", type=_seconds, default=5.0, help="how long a batch collects items")
+    parser.add_argument("--workers", type=_int_in(1, 64), default=2,
+                        help="model calls running at once (threads); one long request holds only one of them")
+    parser.add_argument("--request-timeout-s", type=_seconds, default=900.0,
+                        help="a /generate request unanswered after this long gets 504 and its remaining work is "
+                             "dropped (0: no limit)")
+    parser.add_argument("--max-body-bytes", type=_int_in(1024, 1 << 34), default=64 << 20,
+                        help="largest request body accepted (413 above)")
     args = parser.parse_args(argv)
+    check_listen(args.host, args.port)
+    positions = model_positions(args.checkpoint)
+    if args.context_length and positions and args.context_length > positions:
+        raise CamopdError(f"--context-length {args.context_length} is more than the model's "
+                          f"{positions} positions (max_position_embeddings in its config.json)")
     model = load_model(args.checkpoint, args.tokenizer, args.backend, args.context_length)
     run_server(model, args.host, args.port, args.ready_file, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-               context_length=args.context_length, max_body_mb=args.max_body_mb)
+               context_length=args.context_length, max_body_bytes=args.max_body_bytes, workers=args.workers,
+               request_timeout_s=args.request_timeout_s or None)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Start-up check that a teacher shares the student's tokenizer (spec §5): a mismatched tokenizer makes every
+"""Start-up check that a teacher shares the student's tokenizer (SGLang scores by token id): a mismatched tokenizer makes every
 token gap meaningless, silently. Two independent checks:
 
 1. our fingerprint (`data.tokenizer.hf_fingerprint`: vocab, special tokens, chat template), when the server

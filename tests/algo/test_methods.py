@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from megatron_camopd.algo.losses import pg_seq_loss, reduce_selected, topk_seq_loss
 from megatron_camopd.algo.methods import METHODS, SignalBatch, build_method
 from megatron_camopd.errors import DataError, SpecError
+from megatron_camopd.algo.weights import is_weights
 
 NAN = float("nan")
 
@@ -131,7 +132,8 @@ def test_nan_on_response_token_drops_sample_never_propagates(name):
     assert torch.isfinite(s.advantages).all() and s.advantages[0].abs().sum() == 0
     assert all(not math.isnan(s.metrics[k]) for k in ("mean_gap", "reverse_kl"))
     train_lp = torch.tensor([[NAN, NAN], [-1.1, -0.9], [-1.0, NAN]], requires_grad=True)
-    seq = pg_seq_loss(train_lp, s.advantages, b.mask, method.is_weights(train_lp, b.rollout_lp, b.mask),
+    seq = pg_seq_loss(train_lp, s.advantages, b.mask, is_weights(train_lp, b.rollout_lp, b.mask, method.is_mode, method.is_eps_low,
+                                                          method.is_eps_high, method.is_cap),
                       s.token_weight)
     loss_sum, count = reduce_selected(seq, s.sample_weight)
     loss_sum.backward()

@@ -70,15 +70,11 @@ def vocab_parallel_worker(rank: int, world: int, logits_full: torch.Tensor, ids:
     at = vp.vocab_parallel_logprobs_at(shard, topk_ids, group, chunk_size=5, vocab_size=vocab_size)
     ((lp * grad_lp).sum() + (at * grad_at).sum()).backward()
     top_vals, top_ids = vp.vocab_parallel_topk(shard.detach(), 4, group, chunk_size=3, vocab_size=vocab_size)
-    gen = torch.Generator().manual_seed(5)
-    samples = [vp.vocab_parallel_sample(shard.detach(), 1.0, p, k, gen, group, vocab_size)
-               for p, k in ((1.0, 0), (0.9, 0), (1.0, 5), (0.8, 20))]
     return {
         "lp": lp.detach(), "at": at.detach(), "grad": shard.grad,
         "entropy": vp.vocab_parallel_entropy(shard.detach(), group, chunk_size=4, vocab_size=vocab_size),
         "top_vals": top_vals, "top_ids": top_ids,
         "argmax": vp.vocab_parallel_argmax(shard.detach(), group, vocab_size=vocab_size),
-        "samples": torch.stack(samples),
     }
 
 

@@ -49,11 +49,6 @@ def test_tp2_vocab_parallel_values_and_gradients(suite) -> None:
         assert torch.equal(r["top_ids"], ref_ids) and torch.equal(r["argmax"], ref_ids[..., 0])
         torch.testing.assert_close(r["top_vals"].double(), ref_vals, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat([r0["grad"], r1["grad"]], -1).double(), x.grad, atol=1e-6, rtol=0)
-    assert torch.equal(r0["samples"], r1["samples"])  # identical tokens on both TP ranks
-    assert int(r0["samples"].max()) < vocab
-    assert r0["samples"].shape == (4, 2, 5)
-    top5 = torch.topk(logits[..., :vocab], 5, -1).indices
-    assert torch.all((top5 == r0["samples"][2].unsqueeze(-1)).any(-1))  # top_k=5 stays inside the top 5
 
 
 def test_tp2_model_matches_transformers_and_gathers_back(suite) -> None:

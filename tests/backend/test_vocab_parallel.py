@@ -70,23 +70,3 @@ def test_entropy_topk_argmax(logits: torch.Tensor) -> None:
     assert torch.equal(ids, ref_ids) and vals.shape == (3, 7, 5)
     torch.testing.assert_close(vals.double(), ref_vals, atol=1e-5, rtol=0)
     assert torch.equal(vp.vocab_parallel_argmax(logits, None, vocab_size=V_TRUE), ref_ids[..., 0])
-
-
-def test_sampling_follows_the_filtered_distribution() -> None:
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
-    rows = torch.log(probs.clamp_min(1e-30)).repeat(4000, 1)
-    gen = torch.Generator().manual_seed(0)
-    for top_p, top_k, expected in ((1.0, 0, probs), (0.7, 0, torch.tensor([0.625, 0.375, 0, 0, 0])),
-                                   (1.0, 2, torch.tensor([0.625, 0.375, 0, 0, 0])),
-                                   (0.5, 3, torch.tensor([0.5 / 0.95 / (0.5 / 0.95), 0, 0, 0, 0]))):
-        ids = vp.vocab_parallel_sample(rows, 1.0, top_p, top_k, gen, None, vocab_size=4)
-        freq = torch.bincount(ids, minlength=5).double() / ids.numel()
-        torch.testing.assert_close(freq, expected.double(), atol=0.03, rtol=0)
-    greedy = vp.vocab_parallel_sample(rows[:3], 0.0, 1.0, 0, gen, None)
-    assert torch.equal(greedy, torch.zeros(3, dtype=torch.long))
-
-
-def test_sampling_is_reproducible_with_the_same_generator(logits: torch.Tensor) -> None:
-    a = vp.vocab_parallel_sample(logits, 0.8, 0.9, 0, torch.Generator().manual_seed(4), None, V_TRUE)
-    b = vp.vocab_parallel_sample(logits, 0.8, 0.9, 0, torch.Generator().manual_seed(4), None, V_TRUE)
-    assert torch.equal(a, b) and a.shape == (3, 7) and int(a.max()) < V_TRUE

@@ -129,6 +129,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
     "model.hf_path": probe("plan", "/data/models/Qwen3-4B"),
     "model.checkpoint": loop("megatron_camopd.session:ModelSource.resolve"),
     "model.tokenizer": loop("megatron_camopd.session:open_session"),
+    "model.chat_template_kwargs": loop("megatron_camopd.session:student_tokenizer"),  # tests/data/test_chat_templates
     "model.dtype": probe("plan", "fp16"),
     "model.seq_length": probe("plan", 40000),
     "teachers.*.checkpoint": loop("megatron_camopd.session:open_session"),
@@ -178,8 +179,8 @@ CONSUMERS: dict[str, dict[str, Any]] = {
     **{f"rollout.sglang.{k}": loop(SAMPLER) for k in (
         "weight_sync", "sync_dir", "bucket_mb", "timeout_s", "max_in_flight", "retries", "discovery_timeout_s",
         "dead_deadline_s")},
-    "rollout.sglang.max_staleness": loop("megatron_camopd.rollout.collect:_unscorable"),
-    "rollout.sglang.on_stale": loop("megatron_camopd.rollout.collect:_unscorable"),
+    "rollout.max_staleness": loop("megatron_camopd.rollout.pipeline:RolloutPipeline"),  # and collect:_unscorable
+    "rollout.on_stale": loop("megatron_camopd.rollout.collect:_unscorable"),
     "rollout.prompts_per_step": probe("schedule", 256, extra=("schedule.mode=mixed", "schedule.mix_ratio=[3, 1]")),
     "rollout.n_samples": loop("megatron_camopd.rollout.collect:collect_step"),
     **{f"rollout.{k}": probe("sampling", v) for k, v in {
@@ -201,7 +202,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
     "checkpoint.dir": probe("launch", "/data/other_ckpt", extra=("launcher.log_dir=null",)),
     "checkpoint.save_interval": loop("megatron_camopd.train:train"),
     "checkpoint.keep_last": loop("megatron_camopd.train:train"),
-    "checkpoint.resume": loop("megatron_camopd.train:_resume"),
+    "checkpoint.resume": loop("megatron_camopd.resume:choose_checkpoint"),
     **{f"logging.{k}": loop("megatron_camopd.train:train") for k in (
         "log_interval", "progress", "diagnostics", "diagnostics_interval")},
     "logging.diagnostics_samples": loop("megatron_camopd.steplog:diagnostics_row"),

@@ -1,13 +1,12 @@
-"""Outcome verifiers, and the code sandbox: pass, timeout, memory limit, network blocked (namespace and guard)."""
+"""Outcome verifiers, and the code verifier in its sandbox: pass, timeout, memory limit, output cap.
 
-import socket
-import threading
+Escape attempts on the sandbox (network, host files, processes, survivors) are in test_sandbox_escape.py."""
+
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from megatron_camopd.data.sandbox import SandboxLimits, netns_prefix, run_python
+from megatron_camopd.data.sandbox import SandboxLimits, run_python
 from megatron_camopd.data.verifiers import (code, exact_match, final_letter, get_verifier, last_number, mc_letter,
                                             numeric)
 from megatron_camopd.errors import DataError, SpecError
@@ -77,62 +76,3 @@ def test_output_flood_is_capped() -> None:
     res = run_python("while True:\n    print('x' * 1000)\n",
                      limits=SandboxLimits(wall_time_s=5.0, max_output_bytes=64 * 1024))
     assert not res.ok and len(res.stdout) <= 64 * 1024
-
-
-@pytest.fixture()
-def listener() -> Iterator[tuple[int, list[bytes]]]:
-    """A TCP server on loopback that records whatever a connecting client sends."""
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(4)
-    srv.settimeout(0.2)
-    received: list[bytes] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            with conn:
-                received.append(conn.recv(100))
-
-    th = threading.Thread(target=serve, daemon=True)
-    th.start()
-    yield srv.getsockname()[1], received
-    stop.set()
-    th.join(timeout=2)
-    srv.close()
-
-
-def _client(port: int) -> str:
-    return (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-            "s.sendall(b'leak')\nprint('sent')\n")
-
-
-def test_network_reachable_without_sandbox_layers(listener: tuple[int, list[bytes]]) -> None:
-    """Control: with both layers off the same program does reach the server (so the next tests can fail)."""
-    port, received = listener
-    res = run_python(_client(port), limits=SandboxLimits(network_namespace=False, audit_guard=False))
-    assert res.ok and res.isolation == "none"
-    time.sleep(0.3)
-    assert received == [b"leak"]
-
-
-def test_network_blocked_by_guard(listener: tuple[int, list[bytes]]) -> None:
-    port, received = listener
-    res = run_python(_client(port), limits=SandboxLimits(network_namespace=False))
-    assert not res.ok and res.isolation == "guard" and "not allowed" in res.stderr
-    assert code(_client(port), {"tests": [{"stdin": "", "stdout": "sent"}]}) == 0.0
-    time.sleep(0.3)
-    assert received == []
-
-
-@pytest.mark.skipif(netns_prefix() is None, reason="unshare -n is not available here")
-def test_network_blocked_by_namespace(listener: tuple[int, list[bytes]]) -> None:
-    port, received = listener
-    res = run_python(_client(port), limits=SandboxLimits(audit_guard=False))
-    assert not res.ok and res.isolation == "netns" and "sent" not in res.stdout
-    time.sleep(0.3)
-    assert received == []

@@ -63,7 +63,7 @@ def test_over_memory_exits_naming_the_largest_term(capsys: pytest.CaptureFixture
 
 def test_memory_terms_follow_the_spec() -> None:
     """Qwen3-8B at TP2/PP2 and a 36,864-token micro-batch: ~100 GB of activations without recompute, a few with
-    (spec.md §10); the distributed optimizer shards Adam's state over DP; in-process teachers add their weights."""
+    ; the distributed optimizer shards Adam's state over DP; in-process teachers add their weights."""
     spec = load_spec(FLAGSHIP)
     arch, source = student_arch(spec)
     assert "qwen3-8b" in source and arch.hidden_size == 4096

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_camopd.config import load_spec
+from megatron_camopd.launch.protocol import LIB_SH
 from megatron_camopd.launch.sbatch import render_scripts
 from megatron_camopd.launch.servers import server_components
 
@@ -66,7 +67,7 @@ def test_checkpoint_teacher_is_converted_once_for_sglang(tmp_path: Path) -> None
     assert (c.model, c.hf_dir) == ("/data/ckpt/medical_teacher", "/data/served/medical")
     text = render_scripts(spec, str(path), [], cpu=False)["hetjob"]
     assert "prepare_model /data/ckpt/medical_teacher /data/served/medical --het-group=1" in text
-    assert "megatron_camopd.launch.servers ensure-hf" in text
+    assert 'source "$CAMOPD_LIB"' in text and "megatron_camopd.launch.servers ensure-hf" in LIB_SH.read_text()
 
 
 def test_container_image_reaches_every_srun(tmp_path: Path) -> None:

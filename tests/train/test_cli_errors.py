@@ -33,3 +33,20 @@ def test_teacher_with_other_vocabulary_is_refused(tiny_root, tmp_path):
     res = _train(*tiny_overrides(tiny_root, tmp_path / "c"), f"teachers.general.hf_path={other}")
     assert res.returncode == 2, res.stderr[-2000:]
     assert "teacher general" in res.stderr and "tokenizer" in res.stderr.lower()
+
+
+def test_code_verifier_without_a_sandbox_is_refused_before_any_model_loads(tiny_root, tmp_path):
+    import os
+    import shutil
+
+    bin_dir = tmp_path / "bin"  # the interpreter, and nothing else (no bwrap)
+    bin_dir.mkdir()
+    os.symlink(sys.executable, bin_dir / "python")
+    env = {**os.environ, "PATH": str(bin_dir)}
+    assert shutil.which("bwrap", path=env["PATH"]) is None
+    res = subprocess.run([sys.executable, "-m", "megatron_camopd.cli", "train", str(TINY_SPEC),
+                          *tiny_overrides(tiny_root, tmp_path / "c"), "data.streams.1.verifier=code"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "bubblewrap" in res.stderr and "Traceback" not in res.stderr
+    assert "teacher general ready" not in res.stderr and not (tmp_path / "c").exists()

@@ -1,12 +1,17 @@
 # ---------------------------------------------------------------------------------------------------------------
-# Shared functions (inlined by `camopd sbatch` from megatron_camopd/launch/templates/lib.sh; edit them there).
+# Shared functions of the camopd sbatch scripts, sourced from the installed package (the path is printed by
+# `python -m megatron_camopd.launch.protocol lib-path`). The discovery files and health checks are
+# launch/protocol.py's, through its command line, so `camopd launch` (submitit) and these scripts share them.
 # ---------------------------------------------------------------------------------------------------------------
 log() { echo "[camopd $(date +%H:%M:%S)] $*"; }
 die() { log "ERROR: $*"; exit 1; }
 
 http_ok() {  # URL -> success when it answers 2xx within HEALTH_CHECK_TIMEOUT_S (SGLang's /health generates a token)
-  "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))' \
-    "$1" "$HEALTH_CHECK_TIMEOUT_S" >/dev/null 2>&1
+  "$PYTHON" -m megatron_camopd.launch.protocol health "$1" --timeout "$HEALTH_CHECK_TIMEOUT_S" >/dev/null 2>&1
+}
+
+healthy_count() {  # FILE -> the number of servers listed in FILE whose /health answers (0 while it does not exist)
+  "$PYTHON" -m megatron_camopd.launch.protocol healthy "$1" --timeout "$HEALTH_CHECK_TIMEOUT_S"
 }
 
 node_addr() {  # Slurm node name -> the address its daemons use (NodeAddr; the node name on most clusters)
@@ -23,13 +28,8 @@ group_cpus() {  # [HET GROUP] -> the CPUs Slurm allocated per node to the (het c
   echo "${value:-1}"
 }
 
-register_address() {  # FILE HOST:PORT -> append a line under a lock and publish atomically (temp file + rename)
-  local file=$1 addr=$2
-  (
-    flock 9
-    { if [[ -f $file ]]; then cat "$file"; fi; echo "$addr"; } >"$file.tmp.$$"
-    mv "$file.tmp.$$" "$file"
-  ) 9>"$file.lock"
+register_address() {  # FILE HOST:PORT -> appended under a lock and published atomically (temp file + rename)
+  "$PYTHON" -m megatron_camopd.launch.protocol register "$1" "$2"
 }
 
 prepare_model() {  # MODEL OUT SRUN_ARGS...: print the HF dir a server loads; a camopd checkpoint is converted once
@@ -84,16 +84,11 @@ start_servers() {  # INDEX NAME MODEL NODES PORT WHAT SRUN_ARGS...: NODES server
 }
 
 wait_for_servers() {  # DIR ALIVE_CHECK: every server group lists its healthy replicas, or fail clearly
-  local dir=$1 alive_check=$2 i name addr n deadline=$((SECONDS + HEALTH_TIMEOUT_S))
+  local dir=$1 alive_check=$2 i name n deadline=$((SECONDS + HEALTH_TIMEOUT_S))
   for i in "${!SERVERS[@]}"; do
     name=${SERVERS[$i]}
     while :; do
-      n=0
-      if [[ -f $dir/$name.addr ]]; then
-        while read -r addr; do
-          if [[ -n $addr ]] && http_ok "http://$addr/health"; then n=$((n + 1)); fi
-        done <"$dir/$name.addr"
-      fi
+      n=$(healthy_count "$dir/$name.addr")
       ((n >= SERVER_NODES[i])) && break
       $alive_check || die "servers stopped before ${SERVER_LABELS[$i]} was healthy (see the log above)"
       ((SECONDS < deadline)) ||
@@ -148,15 +143,11 @@ stop_pid() {  # PID GRACE_S: SIGTERM, then SIGKILL after GRACE_S
 }
 
 watch_servers() {  # DIR: exits once a server group has had no healthy server for TEACHER_DEAD_S (a watchdog job)
-  local dir=$1 name addr ok since
+  local dir=$1 name since
   declare -A down=()
   while sleep "$WATCH_INTERVAL_S"; do
     for name in "${SERVERS[@]}"; do
-      ok=0
-      while read -r addr; do
-        if [[ -n $addr ]] && http_ok "http://$addr/health"; then ok=1; break; fi
-      done <"$dir/$name.addr"
-      if ((ok)); then unset "down[$name]"; continue; fi
+      if (($(healthy_count "$dir/$name.addr") > 0)); then unset "down[$name]"; continue; fi
       since=${down[$name]:-$SECONDS}
       down[$name]=$since
       if ((SECONDS - since >= TEACHER_DEAD_S)); then

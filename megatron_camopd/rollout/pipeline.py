@@ -1,0 +1,300 @@
+"""Rollouts overlapped with training (`rollout.max_staleness: k > 0`): the batch of step t + k is sampled while
+step t trains, with the weights of version t -- k optimizer steps old when it is trained on.
+
+Schedule (deterministic, whatever the timing): the batch of step s is sampled with weight version
+`max(base, s - k)` (base: the step the pipeline started at without batches in flight, 0 for a fresh run), so
+every sample lags the trainer by exactly min(s - base, k) <= k versions. At the start of step t (weights of
+version t current) the main thread launches every batch up to step t + k: it draws the prompts in step order
+(the branch schedule decides the stream before generation), and, for in-process engines, takes a copy of the
+version-t parameters. One generating thread (FIFO) samples each batch with the per-sample seeds of its step (as
+`collect_step` does), stamps every rollout with `meta["weight_version"]` and fires HTTP teacher scoring as samples
+finish; with a model-parallel group of one rank it also scores with in-process teachers, the reference model and
+the verifiers (they only read the tokens). The main thread then waits for step t's batch, finishes what needs
+collectives (model-parallel sharing, the DP exchange), and trains; the importance weight uses each sample's own
+sampled log-probs (the generating version's), and gap scores and selection see the batch as generated.
+
+Engines: `sglang` samples on the servers (no collective on the generating thread: the model-parallel leader
+alone talks HTTP; results are broadcast on the main thread), and before the weight sync of version t + 1 the
+trainer waits until the servers finished every batch of version t, so no sample mixes versions. `megatron` /
+`reference` sample on a second model instance on the generating thread, loaded with the copied parameters of
+the job's version; that needs TP = PP = 1 (collectives from two threads would interleave; refused by the spec
+check), and costs one more copy of the parameters per batch in flight plus the snapshot model.
+
+Metrics per step: `rollout_wait_s` (the trainer waited for its batch and, served, for the servers to finish with
+the old weights before the sync), `weight_wait_s` (the generating side sat idle until its next batch's weights
+existed), and `rollout_staleness_max` / `_mean` (from each sample's weight_version, `staleness.py`).
+
+Checkpoints: at a save, batches in flight are drained (generated and scored) and their rollouts -- prompts,
+tokens, sampled log-probs, versions -- are written by rank 0 to `<checkpoint.dir>/inflight/step_N.pt`, named in
+`train_state.json`; the prompt streams and branch schedule are saved past them. A resumed run re-enters those
+batches (scored again from their tokens: deterministic) instead of sampling them, so it reproduces the
+uninterrupted loss curve bit for bit; files no kept checkpoint names are deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_camopd.errors import CheckpointError
+from megatron_camopd.rollout.collect import (HttpScoring, Sample, _unscorable, gather_batch, http_teachers,
+                                             local_slice, plan_batch, sampling_params, score_local)
+from megatron_camopd.rollout.sampling import sample_seed
+from megatron_camopd.rollout.staleness import staleness_metrics
+
+log = logging.getLogger("megatron_camopd")
+INFLIGHT_DIR = "inflight"
+
+
+@dataclass
+class Job:
+    step: int
+    branch: str
+    version: int
+    samples: list[Sample]  # the whole step batch (prompts); rollouts only in `local`
+    local: list[Sample]  # this DP rank's slice
+    weights: list[torch.Tensor] | None = None  # in-process engines: the version's parameters
+    restored: bool = False  # rollouts from a checkpoint: score them, do not sample
+    launched_at: float = 0.0
+    weight_wait_s: float = 0.0
+    rollouts: list | None = None  # served: what the model-parallel leader got back
+    gen_done: threading.Event = field(default_factory=threading.Event)
+    future: Future | None = None
+
+
+def _thread_init() -> None:
+    from megatron_camopd.backend.cpu_runtime import activate_cpu_runtime
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(torch.cuda.current_device())
+    activate_cpu_runtime()  # torch function modes are per thread
+
+
+class RolloutPipeline:
+    """The k-step-off rollout pipeline of one training run (see the module docstring)."""
+
+    def __init__(self, session, start: int, resumed: tuple[Path, dict] | None = None) -> None:
+        spec = session.spec
+        self.session, self.k, self.steps = session, spec.rollout.max_staleness, spec.train.steps
+        self.http = http_teachers(spec)
+        self.params = sampling_params(spec, session.tokenizer)
+        self.served = session.sampler.engine == "sglang"
+        self.mp_size = dist.get_world_size(ps.get_model_parallel_group())
+        self.jobs: dict[int, Job] = {}
+        self.base = self.next = start
+        self._prev_gen_end: float | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="camopd-rollouts", initializer=_thread_init)
+        if self.served:
+            session.sampler.ensure_synced()
+        else:
+            self._snapshot_model()
+        entry = resumed[1].get("rollouts_in_flight") if resumed else None
+        if entry:
+            self._restore(resumed[0], entry, start)
+
+    # ------------------------------------------------------------------ in-process engines
+    def _snapshot_model(self) -> None:
+        """A second student instance the generating thread samples with (the trainer's RNG left untouched)."""
+        from megatron.core import tensor_parallel
+
+        from megatron_camopd.backend.engine import build_chunks, unwrap
+        from megatron_camopd.backend.settings import model_fields
+        from megatron_camopd.rollout.sampler import build_sampler
+
+        spec, s = self.session.spec, self.session
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        states = tracker.get_states()
+        with torch.random.fork_rng(devices=[]):
+            chunks, _ = build_chunks(s.arch, 1, 1, None, spec.model.dtype, None, **model_fields(spec.parallel))
+        tracker.set_states(states)
+        self._live = [p for c in s.engine.models() for p in c.parameters()]
+        self._snap = [p for c in chunks for p in c.parameters()]
+        names = [n for c in s.engine.models() for n, _ in c.named_parameters()]
+        if names != [n for c in chunks for n, _ in c.named_parameters()]:
+            raise RuntimeError("snapshot model's parameters differ from the student's")
+        model = dataclasses.replace(s.sampler.model, chunks=[unwrap(c) for c in chunks])
+        self._gen = build_sampler(s.sampler.engine, model, kv_cache_gb=spec.rollout.kv_cache_gb)
+
+    def _copy_weights(self) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [p.detach().clone() for p in self._live]
+
+    # ------------------------------------------------------------------ launching and generating
+    def version_of(self, step: int) -> int:
+        return max(self.base, step - self.k)
+
+    def launch(self, upto: int) -> None:
+        """Main thread: launch the batches of steps up to `upto` (prompts drawn now, in step order)."""
+        current = int(self.session.engine.scheduler.num_steps)
+        while self.next <= min(upto, self.steps - 1):
+            s = self.next
+            version = self.version_of(s)
+            if version != current:  # cannot happen by construction; a loud stop beats a silent off-by-one
+                raise RuntimeError(f"rollout pipeline: step {s} wants weights {version}, trainer holds {current}")
+            branch = self.session.schedule.next()
+            samples = plan_batch(self.session, branch)
+            job = Job(step=s, branch=branch, version=version, samples=samples,
+                      local=local_slice(self.session, samples), launched_at=time.time(),
+                      weights=None if self.served else self._copy_weights())
+            self._submit(job)
+            self.next += 1
+
+    def _submit(self, job: Job) -> None:
+        self.jobs[job.step] = job
+        job.future = self._pool.submit(self._work, job)
+
+    def _work(self, job: Job) -> None:
+        """Generating thread: sample (or re-enter) the job's slice and score what needs no collective."""
+        spec, s = self.session.spec, self.session
+        if self._prev_gen_end is not None:
+            job.weight_wait_s = max(0.0, job.launched_at - self._prev_gen_end)
+        scoring = HttpScoring(s, job.step, job.local, self.http)
+        try:
+            if job.restored:
+                for i, smp in enumerate(job.local):
+                    scoring.on_finish(i, smp.rollout)
+                job.rollouts = [smp.rollout for smp in job.local]
+            else:
+                seeds = [sample_seed(spec.train.seed, job.step, smp.index) for smp in job.local]
+                prompts = [smp.prompt.prompt_ids for smp in job.local]
+                if self.served:
+                    job.rollouts = s.sampler.generate_detached(prompts, self.params, seeds,
+                                                               on_finish=scoring.on_finish)
+                else:
+                    with torch.no_grad():
+                        for dst, src in zip(self._snap, job.weights):
+                            dst.copy_(src)
+                    job.weights = None
+
+                    def stamped(i: int, rollout) -> None:
+                        rollout.meta["weight_version"] = str(job.version)
+                        scoring.on_finish(i, rollout)
+
+                    job.rollouts = self._gen.generate(prompts, self.params, seeds, on_finish=stamped)
+        finally:
+            self._prev_gen_end = time.time()
+            job.gen_done.set()
+            scoring.collect()
+        if self.mp_size == 1:
+            score_local(s, job.local, self.http)
+
+    # ------------------------------------------------------------------ the trainer's side
+    def batch(self, step: int) -> tuple[str, list[Sample], dict[str, float]]:
+        """Main thread: step `step`'s full batch (launching what the schedule allows first) and its metrics."""
+        self.launch(step + self.k)
+        job = self.jobs.pop(step)
+        t0 = time.time()
+        error = None
+        try:
+            job.future.result()
+        except Exception as exc:  # noqa: BLE001 -- shared with the model-parallel group, then raised everywhere
+            if self.mp_size == 1:
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+        wait = time.time() - t0
+        s = self.session
+        if self.mp_size > 1:  # served only (the spec check): the leader's rollouts reach the whole group
+            rollouts = s.sampler.share(job.rollouts, error)
+            for smp, r in zip(job.local, rollouts):
+                if smp.rollout is None:
+                    smp.rollout = r
+                    _unscorable(smp, step, s.spec.rollout)
+            score_local(s, job.local, self.http)
+        if self.served:
+            s.sampler.fill_entropy([smp.rollout for smp in job.local])
+        samples = gather_batch(s, step, job.local, self.http)
+        metrics = {"rollout_wait_s": wait, "weight_wait_s": job.weight_wait_s, **staleness_metrics(samples, step)}
+        return job.branch, samples, metrics
+
+    def before_sync(self, version: int) -> float:
+        """Main thread, served engines: wait until the servers finished every batch sampled with weights older
+        than `version` (so the sync never lands mid-batch); returns the seconds waited."""
+        if not self.served:
+            return 0.0
+        t0 = time.time()
+        for job in self.jobs.values():
+            if job.version < version:
+                job.gen_done.wait()
+        return time.time() - t0
+
+    # ------------------------------------------------------------------ checkpoints
+    def drain(self) -> None:
+        for job in self.jobs.values():
+            job.gen_done.wait()
+            try:
+                job.future.result()
+            except Exception:  # noqa: BLE001 -- raised again when the step takes the batch
+                pass
+
+    def checkpoint_state(self, root, done: int) -> dict | None:
+        """Collective: drain, write the in-flight batches' rollouts (rank 0), return the train_state entry."""
+        self.drain()
+        if not self.jobs:
+            return None
+        mine = {st: {smp.index: smp.rollout for smp in job.local if smp.rollout is not None}
+                for st, job in self.jobs.items()}
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        rel = f"{INFLIGHT_DIR}/step_{done:08d}.pt"
+        if dist.get_rank() == 0:
+            out = []
+            for st in sorted(self.jobs):
+                job = self.jobs[st]
+                got = {i: r for part in every for i, r in part.get(st, {}).items()}
+                missing = [smp.index for smp in job.samples if smp.index not in got]
+                if missing:
+                    raise CheckpointError(f"step {st}: in-flight samples {missing[:4]} have no rollout to save")
+                out.append({"step": st, "branch": job.branch, "version": job.version,
+                            "samples": [dataclasses.replace(smp, rollout=got[smp.index], scores=None, ref_lp=None,
+                                                            reward=None, error=None, meta={})
+                                        for smp in job.samples]})
+            path = Path(root) / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(out, tmp)
+            tmp.replace(path)
+        dist.barrier()
+        return {"file": rel, "steps": sorted(self.jobs), "max_staleness": self.k}
+
+    def _restore(self, ckpt: Path, entry: dict, start: int) -> None:
+        path = Path(ckpt).parent / entry["file"]
+        if not path.exists():
+            raise CheckpointError(f"{ckpt}: its in-flight rollouts {path} are missing (train_state.json names them)")
+        jobs = torch.load(path, weights_only=False)
+        if [j["step"] for j in jobs] != list(range(start, start + len(jobs))):
+            raise CheckpointError(f"{path}: in-flight steps {[j['step'] for j in jobs]} do not follow step {start}")
+        for j in jobs:
+            job = Job(step=j["step"], branch=j["branch"], version=j["version"], samples=j["samples"],
+                      local=local_slice(self.session, j["samples"]), restored=True, launched_at=time.time())
+            self._submit(job)
+        self.next = start + len(jobs)
+        self.base = min([start] + [j["version"] for j in jobs])
+        if jobs and self.next - self.k > self.base:
+            self.base = self.next - self.k  # the next launch uses the trainer's current weights
+        log.info("resumed %d rollout batches in flight from %s", len(jobs), path)
+
+    @staticmethod
+    def prune(root) -> None:
+        """Rank 0: delete in-flight files no kept checkpoint names."""
+        if dist.get_rank() != 0:
+            return
+        root = Path(root)
+        kept = {int(p.name.split("_")[1]) for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()}
+        for f in (root / INFLIGHT_DIR).glob("step_*.pt"):
+            if int(f.stem.split("_")[1]) not in kept:
+                f.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for job in self.jobs.values():
+            if job.future is not None:
+                job.future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,21 @@
+"""Suite-wide set-up: the code verifier's sandbox (bubblewrap) must exist before its tests run.
+
+On a fresh Debian/Ubuntu machine run as root (CI), the package is installed once, as the Slurm tests install
+theirs (`tools/slurm_cluster.py install`); elsewhere the sandbox tests fail with the install hint of
+`megatron_camopd.data.sandbox` rather than being skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+
+def pytest_sessionstart(session) -> None:
+    if shutil.which("bwrap") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                                               "bubblewrap"]):
+        subprocess.run(cmd, env=env, check=False, timeout=900, stdout=subprocess.DEVNULL)
