@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_camopd.algo.camopd import BranchSchedule
-from megatron_camopd.algo.methods import Method, build_method
+from megatron_camopd.algo.methods import Method, build_method, method_class
 from megatron_camopd.backend.checkpoint import find_model_meta, load_model_only, resolve_checkpoint
 from megatron_camopd.backend.cpu_runtime import init_distributed
 from megatron_camopd.backend.engine import Engine, build_chunks
@@ -84,7 +84,7 @@ class Session:
     engine: Engine
     teachers: dict[str, object]
     streams: dict[str, list[tuple[object, PromptStream]]]  # branch ("general"|"domain"|"all") -> streams
-    method: Method | None
+    method: Method
     schedule: BranchSchedule
     sampler: Sampler | None = None  # rollout.engine: every student rollout goes through it
     reference: MegatronTeacher | None = None
@@ -116,24 +116,8 @@ class Session:
 
 
 def method_params(spec: ExperimentSpec) -> dict:
-    """Map the spec's `method` section onto the algorithm registry's parameters."""
-    m = spec.method
-    common = dict(a_max=m.a_max, is_mode=m.is_weight, is_eps_low=m.eps_low, is_eps_high=m.eps_high,
-                  is_cap=m.is_cap, loss_form=m.loss)
-    if m.name == "camopd":
-        return dict(common, rho_g=m.rho_g, rho_d=m.rho_d, r_g=m.r_g, r_d=m.r_d, selection=bool(m.selection))
-    if m.name == "uniopd":
-        u = m.uniopd
-        return dict(common, target_margin=u.delta_star, margin_mode=u.margin_mode, margin_scope=u.scope,
-                    calibration=u.calibration, shift_direction=u.shift, mask_min_frac=u.mask_min_frac,
-                    balance=u.online_balance, balance_ratio=u.balance_ratio, seed=spec.train.seed)
-    if m.name == "relaxed_opd":
-        return dict(common, lam=m.relaxed.lam, beta=m.relaxed.beta)
-    if m.name == "selectkd":
-        return dict(common, k=m.selectkd.k, beta=m.selectkd.beta)
-    if m.name == "exopd":
-        return dict(common, lam=m.exopd.lam)
-    return common
+    """The algorithm's constructor parameters from the spec's `method` section (declared by each method class)."""
+    return method_class(spec.method.name).params(spec.method, spec.train.seed)
 
 
 def stream_arguments(spec: ExperimentSpec) -> list[tuple[object, dict, dict]]:
@@ -211,7 +195,8 @@ def open_session(spec: ExperimentSpec) -> Session:
                     micro_batch_size=t.micro_batch_size, optim=optim_settings(spec),
                     init_fn=lambda chunks: student.load_into(chunks, arch), model_fields=model_fields(p))
     teachers: dict[str, object] = {}
-    for name, cfg in (spec.teachers.items() if spec.method.name != "sft" else ()):
+    method = build_method(spec.method.name, **method_params(spec))
+    for name, cfg in (spec.teachers.items() if method.needs_teachers else ()):
         if cfg.kind == "megatron":
             teachers[name] = _frozen_teacher(name, ModelSource.resolve(cfg.hf_path, cfg.checkpoint,
                                                                        f"teachers.{name}"), spec, tokenizer, arch)
@@ -219,11 +204,10 @@ def open_session(spec: ExperimentSpec) -> Session:
             teachers[name] = _http_teacher(name, cfg, spec, tokenizer, arch.vocab_size) if _is_mp_leader() else None
         log.info("teacher %s ready (%s)", name, cfg.kind)
     reference = None
-    if spec.method.name == "exopd":
-        ref_src = ModelSource.resolve(spec.method.exopd.reference, None, "method.exopd") \
-            if spec.method.exopd.reference else student
+    if method.needs_reference:
+        ref_path = method.reference_path(spec.method)
+        ref_src = ModelSource.resolve(ref_path, None, f"method.{method.name}") if ref_path else student
         reference = _frozen_teacher("reference", ref_src, spec, tokenizer, arch)
-    method = None if spec.method.name == "sft" else build_method(spec.method.name, **method_params(spec))
     schedule = branch_schedule(spec)
     r = spec.rollout
     sampler = build_sampler(r.engine, student_model(engine, arch, tokenizer, spec.seq_length), kv_cache_gb=r.kv_cache_gb,

@@ -9,7 +9,6 @@ acceptance rate, margins...), rollout statistics (`rollout_failed`; with served 
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import torch
@@ -61,7 +60,7 @@ def diagnostics_row(session, samples, signals, sig, rows, width, loss_spec, bran
     keep = [bool(signals.sample_weight[i] > 0) for i in valid]
     # the full candidate batch: the same method without selection (dropped samples keep their advantages)
     method = session.method
-    full = dataclasses.replace(method, selection=False).prepare(sig) if hasattr(method, "selection") else signals
+    full = method.without_selection().prepare(sig)
     per = _per_sample_batches(session, samples, full, sig, valid, width, loss_spec)
     row.update({f"diag_{k}": v for k, v in gd.coherence_stats(engine, per, keep, loss_spec).items()})
     # cross-branch: the two halves of a mixed batch, or the active batch vs the other branch's latest batch

@@ -68,16 +68,17 @@ class Preemption:
 
 def _loss_spec(spec) -> LossSpec:
     m = spec.method
-    kind = "sft" if m.name == "sft" else m.loss
-    return LossSpec(kind=kind, is_mode=m.is_weight, eps_low=m.eps_low, eps_high=m.eps_high, is_cap=m.is_cap)
+    return LossSpec(kind=m.method_class().loss_kind(m.loss), is_mode=m.is_weight, eps_low=m.eps_low,
+                    eps_high=m.eps_high, is_cap=m.is_cap)
 
 
 def _train_state(session: Session) -> dict:
     state = {"spec": session.spec.to_dict(),  # resume compares it with the new spec (resume.py)
              "schedule": session.schedule.state_dict(),
              "streams": {cfg.name: s.state_dict() for streams in session.streams.values() for cfg, s in streams}}
-    if hasattr(session.method, "state_dict"):
-        state["method"] = session.method.state_dict()
+    method_state = session.method.state_dict()
+    if method_state:
+        state["method"] = method_state
     return state
 
 
@@ -88,7 +89,7 @@ def _restore(session: Session, state: dict) -> None:
             if cfg.name not in state["streams"]:
                 raise CheckpointError(f"checkpoint has no position for data stream {cfg.name!r}")
             s.load_state_dict(state["streams"][cfg.name])
-    if "method" in state and hasattr(session.method, "load_state_dict"):
+    if "method" in state:
         session.method.load_state_dict(state["method"])
 
 
@@ -153,7 +154,7 @@ def train(spec) -> dict:
     preempt = Preemption()
     pipe = None
     try:
-        if spec.method.name == "uniopd" and spec.method.uniopd.offline_balance:
+        if session.method.balances_streams():
             balance_streams(session)
         start = _resume(session, plan)
         if session.is_logger and start == 0:
@@ -164,10 +165,10 @@ def train(spec) -> dict:
         loss_spec = _loss_spec(spec)
         cache: dict = {}
         row: dict = {"step": start}
-        if spec.rollout.max_staleness > 0 and spec.method.name != "sft":
+        if spec.rollout.max_staleness > 0 and session.method.on_policy:
             pipe = RolloutPipeline(session, start, session.extra.get("resumed"))
         for step in range(start, spec.train.steps):
-            row = run_step(session, step, loss_spec, cache, pipe) if spec.method.name != "sft" \
+            row = run_step(session, step, loss_spec, cache, pipe) if session.method.on_policy \
                 else sft_step(session, step, loss_spec)
             writer.log(row)
             done = step + 1

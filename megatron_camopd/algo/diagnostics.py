@@ -1,4 +1,5 @@
-"""Diagnostics of CaMOPD's claims and of the referee's open questions (CaMOPD (arXiv:2605.27115) §3.2 Eqs. (3)-(4); the referee's open questions, README "References").
+"""Diagnostics of CaMOPD's claims (arXiv:2605.27115 §3.2, Eqs. (3)-(4)) and of the questions a reviewer asks of
+them: does the gap score just track sequence length, and how coherent is vanilla MOPD by comparison?
 
 Gradient geometry (cross-branch dot/cosine, within-branch coherence, coherence gain) on flat gradient vectors,
 and selection statistics (selected fraction, gap-vs-length Spearman correlation, lengths of selected vs dropped

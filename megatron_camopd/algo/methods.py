@@ -53,10 +53,22 @@ def _branch_score(delta: Tensor, mask: Tensor, branch: str) -> Tensor:
 
 @dataclass
 class Method:
-    """Base: shared parameters (advantage clip, IS weights, loss form), cleaning, common metrics."""
+    """Base: shared parameters (advantage clip, IS weights, loss form), cleaning, common metrics.
+
+    A method declares what it asks of the loop in class attributes and hooks; the session, the rollout collector,
+    the launcher and the spec's validation read them, so a new method is one class here (plus a section of
+    ``MethodConfig`` when it has parameters of its own) registered with :func:`register_method`.
+    """
 
     name: ClassVar[str] = ""
     loss_forms: ClassVar[tuple[str, ...]] = ("pg",)
+    on_policy: ClassVar[bool] = True            # trains on its own rollouts (SFT: on the streams' responses)
+    needs_teachers: ClassVar[bool] = True       # the teachers score every rollout token
+    needs_reference: ClassVar[bool] = False     # a frozen reference model scores them too (ExOPD)
+    needs_both_branches: ClassVar[bool] = False  # general and domain streams (CaMOPD's decoupled branches)
+    default_schedule: ClassVar[str] = "mixed"   # `schedule.mode` when the spec leaves it out
+    default_n_samples: ClassVar[int] = 1        # `rollout.n_samples` when the spec leaves it out
+    default_selection: ClassVar[bool] = False   # `method.selection` when the spec leaves it out
     a_max: float | None = 5.0
     is_mode: str = "mask"
     is_eps_low: float = 0.5
@@ -78,7 +90,55 @@ class Method:
         if self.loss_form not in self.loss_forms:
             raise SpecError(f"{self.name}.loss_form: expected one of {self.loss_forms}, got {self.loss_form!r}")
 
-    def required(self, batch: SignalBatch) -> list[str]:
+    @classmethod
+    def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
+        """This method's own parameters from the spec's `method` section (config/sections.py MethodConfig)."""
+        return {}
+
+    @classmethod
+    def params(cls, cfg: Any, seed: int = 0) -> dict[str, Any]:
+        """Constructor parameters from the spec's `method` section: the shared ones, then the method's own."""
+        common = dict(a_max=cfg.a_max, is_mode=cfg.is_weight, is_eps_low=cfg.eps_low, is_eps_high=cfg.eps_high,
+                      is_cap=cfg.is_cap, loss_form=cfg.loss)
+        return {**common, **cls.config_params(cfg, seed)}
+
+    @classmethod
+    def reference_path(cls, cfg: Any) -> str | None:
+        """Where the frozen reference model of a `needs_reference` method is (None: the initial student)."""
+        return None
+
+    @classmethod
+    def needs_outcome_groups(cls, cfg: Any) -> bool:
+        """Whether the spec's `method` section asks for groups of rollouts scored by outcome verifiers
+        (rollout.n_samples >= 2 and a verifier on every stream; Uni-OPD's calibration and balancing)."""
+        return False
+
+    @classmethod
+    def loss_kind(cls, loss: str) -> str:
+        """The Megatron loss it trains with (backend/loss.py LossSpec.kind), given the spec's `method.loss`."""
+        return loss
+
+    def without_selection(self) -> Method:
+        """The same method keeping every candidate sample (the diagnostics' full batch); itself if it selects none."""
+        return self
+
+    @property
+    def student_top1_k(self) -> int | None:
+        """Teacher top-k width the student's top-1 is checked against (its ids must travel with a sample)."""
+        return None
+
+    def balances_streams(self) -> bool:
+        """Whether the streams are rebalanced by an offline pass before training (Uni-OPD's offline balancing)."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that must survive a checkpoint (resume is bitwise); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def required(self, batch: SignalBatch | None) -> list[str]:
         """Optional batch fields this method needs (missing -> DataError; non-finite on a token -> drop)."""
         return ["teacher_topk_lp", "teacher_topk_ids"] if self.loss_form == "topk" else []
 
@@ -153,6 +213,9 @@ class CaMOPD(Method):
 
     name: ClassVar[str] = "camopd"
     loss_forms: ClassVar[tuple[str, ...]] = ("pg", "topk")
+    needs_both_branches: ClassVar[bool] = True
+    default_schedule: ClassVar[str] = "alternate"
+    default_selection: ClassVar[bool] = True
     rho_g: float = 0.8
     rho_d: float = 0.8
     r_g: float = 2.0
@@ -167,6 +230,14 @@ class CaMOPD(Method):
         for f in ("r_g", "r_d"):
             if not getattr(self, f) > 0:
                 raise SpecError(f"camopd.{f}: expected > 0, got {getattr(self, f)}")
+
+    @classmethod
+    def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
+        return dict(rho_g=cfg.rho_g, rho_d=cfg.rho_d, r_g=cfg.r_g, r_d=cfg.r_d, selection=bool(cfg.selection))
+
+    def without_selection(self) -> CaMOPD:
+        """The same method keeping every candidate (the diagnostics' full batch)."""
+        return dataclasses.replace(self, selection=False)
 
     def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         unknown = sorted(set(batch.branch) - set(BRANCHES))
@@ -203,6 +274,7 @@ class UniOPD(Method):
     """Uni-OPD: online correctness balancing + outcome-guided margin calibration (Uni-OPD §3.3-§3.4)."""
 
     name: ClassVar[str] = "uniopd"
+    default_n_samples: ClassVar[int] = 16
     target_margin: float = 0.4
     margin_mode: str = "mean"
     margin_scope: str = "group"
@@ -213,7 +285,23 @@ class UniOPD(Method):
     balance_ratio: float = 1.0
     seed: int = 0
     advantage: str = "token"            # token: shifted token rewards; return: G broadcast to every token
+    offline_balance: bool = False       # rebalance the streams by pass counts before training (rollout/offline.py)
     _calls: int = field(default=0, init=False, repr=False)
+
+    @classmethod
+    def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
+        u = cfg.uniopd
+        return dict(target_margin=u.delta_star, margin_mode=u.margin_mode, margin_scope=u.scope,
+                    calibration=u.calibration, shift_direction=u.shift, mask_min_frac=u.mask_min_frac,
+                    balance=u.online_balance, balance_ratio=u.balance_ratio, seed=seed,
+                    offline_balance=u.offline_balance)
+
+    def balances_streams(self) -> bool:
+        return self.offline_balance
+
+    @classmethod
+    def needs_outcome_groups(cls, cfg: Any) -> bool:
+        return cfg.uniopd.calibration != "none" or cfg.uniopd.online_balance
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -228,14 +316,14 @@ class UniOPD(Method):
         if not self.balance_ratio > 0:
             raise SpecError(f"uniopd.balance_ratio: expected > 0, got {self.balance_ratio}")
 
-    def required(self, batch: SignalBatch) -> list[str]:
+    def required(self, batch: SignalBatch | None) -> list[str]:
         return ["reward", "group"]
 
     def state_dict(self) -> dict[str, int]:
         """Balancing RNG position (the generator is reseeded from ``seed`` and this counter each batch)."""
         return {"calls": self._calls}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self._calls = int(state["calls"])
 
     def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -284,7 +372,11 @@ class RelaxedOPD(Method):
         if not 0.0 < self.beta <= 1.0:
             raise SpecError(f"relaxed_opd.beta: expected 0 < beta <= 1, got {self.beta}")
 
-    def required(self, batch: SignalBatch) -> list[str]:
+    @classmethod
+    def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
+        return dict(lam=cfg.relaxed.lam, beta=cfg.relaxed.beta)
+
+    def required(self, batch: SignalBatch | None) -> list[str]:
         return ["entropy"]
 
     def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -310,7 +402,15 @@ class SelecTKD(Method):
         if not 0.0 <= self.beta <= 1.0:
             raise SpecError(f"selectkd.beta: expected 0 <= beta <= 1, got {self.beta}")
 
-    def required(self, batch: SignalBatch) -> list[str]:
+    @classmethod
+    def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
+        return dict(k=cfg.selectkd.k, beta=cfg.selectkd.beta)
+
+    @property
+    def student_top1_k(self) -> int | None:
+        return self.k
+
+    def required(self, batch: SignalBatch | None) -> list[str]:
         return ["student_top1", "teacher_topk_ids"]
 
     def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -326,6 +426,7 @@ class ExOPD(Method):
     """ExOPD (G-OPD): ``A = lam (lp_T - lp_ref) - (lp_s - lp_ref)`` with the frozen initial student as ref."""
 
     name: ClassVar[str] = "exopd"
+    needs_reference: ClassVar[bool] = True
     lam: float = 1.25
 
     def __post_init__(self) -> None:
@@ -333,7 +434,15 @@ class ExOPD(Method):
         if not self.lam > 0:
             raise SpecError(f"exopd.lam: expected lam > 0, got {self.lam}")
 
-    def required(self, batch: SignalBatch) -> list[str]:
+    @classmethod
+    def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
+        return dict(lam=cfg.exopd.lam)
+
+    @classmethod
+    def reference_path(cls, cfg: Any) -> str | None:
+        return cfg.exopd.reference
+
+    def required(self, batch: SignalBatch | None) -> list[str]:
         return ["ref_lp"]
 
     def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -344,16 +453,54 @@ class ExOPD(Method):
         return adv, p.m.float(), torch.ones_like(p.valid), p.alpha.clone()
 
 
-METHODS: dict[str, type[Method]] = {
-    c.name: c for c in (OPD, MOPD, CaMOPD, UniOPD, RelaxedOPD, SelecTKD, ExOPD)
-}
+@dataclass
+class SFT(Method):
+    """Supervised fine-tuning: response-only cross-entropy on the streams' reference responses (how the papers
+    build their domain teachers). No rollouts and no teachers: the loop runs ``sft.py``'s step for it."""
+
+    name: ClassVar[str] = "sft"
+    on_policy: ClassVar[bool] = False
+    needs_teachers: ClassVar[bool] = False
+
+    @classmethod
+    def loss_kind(cls, loss: str) -> str:
+        return "sft"
+
+    def prepare(self, batch: SignalBatch) -> TrainSignals:
+        raise DataError("sft trains on reference responses; it has no rollout signals to prepare")
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Add a method class to the registry under its ``name`` (usable as a decorator); `method.name` selects it."""
+    if not cls.name or cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is empty or taken by {METHODS.get(cls.name)}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+for _cls in (OPD, MOPD, CaMOPD, UniOPD, RelaxedOPD, SelecTKD, ExOPD, SFT):
+    register_method(_cls)
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered class of `method.name` (SpecError naming the choices otherwise)."""
+    if name not in METHODS:
+        raise SpecError(f"method.name: unknown method {name!r}; expected one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def method_from_config(cfg: Any, seed: int = 0) -> Method:
+    """The method the spec's `method` section asks for, with its parameters."""
+    cls = method_class(cfg.name)
+    return build_method(cls.name, **cls.params(cfg, seed))
 
 
 def build_method(name: str, **params: Any) -> Method:
     """Instantiate a registered method; unknown names/parameters raise :class:`SpecError` naming them."""
-    if name not in METHODS:
-        raise SpecError(f"method.name: unknown method {name!r}; expected one of {sorted(METHODS)}")
-    cls = METHODS[name]
+    cls = method_class(name)
     allowed = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(params) - allowed)
     if unknown:

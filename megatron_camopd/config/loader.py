@@ -17,7 +17,15 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from megatron_camopd.config.fields import FieldError, as_float, describe, optional_inner, type_hints, type_name, type_problem
+from megatron_camopd.config.fields import (
+    FieldError,
+    as_float,
+    describe,
+    optional_inner,
+    type_hints,
+    type_name,
+    type_problem,
+)
 from megatron_camopd.config.spec import ExperimentSpec
 from megatron_camopd.config.yamlio import KeyPath, Origin, dotted, dump_data, parse_scalar, read_yaml
 from megatron_camopd.errors import SpecError

@@ -1,6 +1,7 @@
 """Spec sections for what is trained on what: model, teachers, data streams, method, schedule, rollout.
 
-Defaults are the papers' defaults (README "References": MOPD §3.2, CaMOPD arXiv:2605.27115 §3.3 and appendix A, Uni-OPD §3). Fields whose default depends on the method
+Defaults are the papers' defaults (README "References": MOPD §3.2, CaMOPD arXiv:2605.27115 §3.3 and appendix A,
+Uni-OPD §3). Fields whose default depends on the method
 (`method.selection`, `schedule.mode`, `rollout.n_samples`) default to None here and are resolved by
 `ExperimentSpec`, so the printed spec always shows the value in force.
 """
@@ -8,12 +9,13 @@ Defaults are the papers' defaults (README "References": MOPD §3.2, CaMOPD arXiv
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import urllib.parse
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 from megatron_camopd.config.fields import Section, check, in_range, non_negative, path_field, positive
 from megatron_camopd.config.serving import SlurmResources, TeacherServeConfig
@@ -223,7 +225,7 @@ class ExOPDConfig(Section):
 class MethodConfig(Section):
     """The distillation method and its loss, clipping, importance weighting and CaMOPD selection parameters."""
 
-    name: Literal["camopd", "mopd", "uniopd", "relaxed_opd", "selectkd", "exopd", "opd", "sft"]
+    name: str  # a registered method (algo/methods.py METHODS): camopd, mopd, uniopd, relaxed_opd, selectkd, ...
     loss: Literal["pg", "topk"] = "pg"
     a_max: float | None = 5.0  # two-sided advantage clip; null = no clip
     is_weight: Literal["mask", "truncate", "none"] = "mask"
@@ -241,7 +243,17 @@ class MethodConfig(Section):
     selectkd: SelecTKDConfig = field(default_factory=SelecTKDConfig)
     exopd: ExOPDConfig = field(default_factory=ExOPDConfig)
 
+    def method_class(self) -> Any:
+        """The registered algorithm class of `name` (imported here, at validation: the algorithms need torch)."""
+        from megatron_camopd.algo.methods import METHODS
+
+        close = difflib.get_close_matches(str(self.name), sorted(METHODS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(sorted(METHODS))}"
+        check(self.name in METHODS, "name", f"unknown method {self.name!r}{hint}")
+        return METHODS[self.name]
+
     def validate(self) -> None:
+        cls = self.method_class()
         positive(self, "a_max", "eps_high", "is_cap", "r_g", "r_d")
         non_negative(self, "eps_low", "topk")
         check(self.eps_low <= self.eps_high, "eps_low",
@@ -249,13 +261,13 @@ class MethodConfig(Section):
         check(self.loss != "topk" or self.topk >= 1, "topk", f"the topk loss needs topk >= 1, got {self.topk!r}")
         in_range(self, "rho_g", 0.0, 1.0, low_open=True, high_open=False)
         in_range(self, "rho_d", 0.0, 1.0, low_open=True, high_open=False)
-        if self.name in ("relaxed_opd", "exopd"):
-            check(self.loss == "pg", "loss", f"{self.name} is a policy-gradient method: loss must be 'pg'")
+        check(self.loss in cls.loss_forms, "loss",
+              f"{self.name} trains with loss {' or '.join(map(repr, cls.loss_forms))}, got {self.loss!r}")
 
     def resolve(self) -> None:
         """Fill method-dependent defaults."""
         if self.selection is None:
-            self.selection = self.name == "camopd"
+            self.selection = self.method_class().default_selection
 
 
 @dataclass

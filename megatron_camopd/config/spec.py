@@ -68,10 +68,11 @@ class ExperimentSpec(Section):
 
     def _resolve_defaults(self) -> None:
         self.method.resolve()
+        method = self.method.method_class()
         if self.schedule.mode is None:
-            self.schedule.mode = "alternate" if self.method.name == "camopd" else "mixed"
+            self.schedule.mode = method.default_schedule
         if self.rollout.n_samples is None:
-            self.rollout.n_samples = 16 if self.method.name == "uniopd" else 1
+            self.rollout.n_samples = method.default_n_samples
         if self.logging.wandb.run_name is None:
             self.logging.wandb.run_name = self.name
         served = self.rollout.sglang
@@ -87,7 +88,7 @@ class ExperimentSpec(Section):
                 f"routing.{domain}",
                 f"teacher {teacher!r} is not defined (teachers: {', '.join(sorted(self.teachers)) or 'none'})",
             )
-        if self.method.name == "sft":
+        if not self.method.method_class().needs_teachers:
             return
         check(len(self.teachers) > 0, "teachers", f"method {self.method.name!r} needs at least one teacher")
         for i, stream in enumerate(self.data.streams):
@@ -104,9 +105,9 @@ class ExperimentSpec(Section):
             i = with_branch.index(False)
             check(False, f"data.streams.{i}.branch", "give every stream a branch (general|domain) or none")
         branches = self.data.branches()
-        needs_both = self.method.name == "camopd" or self.schedule.mode == "alternate"
-        if needs_both:
-            why = "camopd" if self.method.name == "camopd" else "the alternate schedule"
+        needs_both = self.method.method_class().needs_both_branches
+        if needs_both or self.schedule.mode == "alternate":
+            why = self.method.name if needs_both else "the alternate schedule"
             for branch in ("general", "domain"):
                 check(branch in branches, "data.streams", f"{why} needs a stream with branch: {branch}")
         if self.schedule.mode == "mixed" and branches:
@@ -125,15 +126,13 @@ class ExperimentSpec(Section):
                       "prompts per step")
 
     def _check_method(self) -> None:
-        if self.method.name != "uniopd":
-            return
-        uni = self.method.uniopd
-        if uni.calibration != "none" or uni.online_balance:
+        if self.method.method_class().needs_outcome_groups(self.method):
+            name = self.method.name
             check(self.rollout.n_samples is not None and self.rollout.n_samples >= 2, "rollout.n_samples",
-                  f"Uni-OPD groups need n_samples >= 2, got {self.rollout.n_samples}")
+                  f"{name}'s groups need n_samples >= 2, got {self.rollout.n_samples}")
             for i, stream in enumerate(self.data.streams):
                 check(stream.verifier != "none", f"data.streams.{i}.verifier",
-                      "Uni-OPD calibration/balancing needs an outcome verifier for every stream")
+                      f"{name}'s outcome groups need an outcome verifier for every stream")
 
     def _check_lengths(self) -> None:
         need = self.data.max_prompt_tokens + self.rollout.max_new_tokens

@@ -22,8 +22,10 @@ def missing_inputs(spec: ExperimentSpec) -> list[str]:
         ("model.hf_path", spec.model.hf_path),
         ("model.checkpoint", spec.model.checkpoint),
         ("model.tokenizer", spec.model.tokenizer),
-        ("method.exopd.reference", spec.method.exopd.reference if spec.method.name == "exopd" else None),
     ]
+    method = spec.method.method_class()
+    if method.needs_reference:
+        paths.append((f"method.{method.name}.reference", method.reference_path(spec.method)))
     for name, teacher in spec.teachers.items():
         paths += [(f"teachers.{name}.checkpoint", teacher.checkpoint), (f"teachers.{name}.hf_path", teacher.hf_path)]
     paths += [(f"data.streams.{i}.path", s.path) for i, s in enumerate(spec.data.streams)]

@@ -86,6 +86,17 @@ class _SafeLoader(_Loader):
         if self._heights:
             self._heights[-1] = max(self._heights[-1], height)
 
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """PyYAML's merge (`<<: *a`), once per node; `node.own_start` is where the mapping's own pairs begin.
+
+        Own keys override merged ones (YAML's merge-key rule); only a repeated own key is a duplicate.
+        """
+        if hasattr(node, "own_start"):
+            return
+        own = sum(1 for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge")
+        super().flatten_mapping(node)
+        node.own_start = len(node.value) - own  # type: ignore[attr-defined]
+
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
@@ -174,18 +185,21 @@ def _marked_error(where: str, err: yaml.YAMLError, text: str = "") -> SpecError:
     return SpecError(f"{where}{line}: malformed YAML: {_one_line(detail)}")
 
 
-def _to_python(loader: _Loader, node: yaml.Node, path: KeyPath, origin: Origin, where: str) -> Any:
+def _to_python(loader: _SafeLoader, node: yaml.Node, path: KeyPath, origin: Origin, where: str) -> Any:
     origin.lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)  # `<<: *anchor` merge keys
+        loader.flatten_mapping(node)  # `<<: *anchor` merge keys: merged pairs first, then the node's own
         out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
+        own: set[Any] = set()
+        for i, (key_node, value_node) in enumerate(node.value):
             key = _to_python(loader, key_node, path + ("<key>",), origin, where)
             line = key_node.start_mark.line + 1
             if not isinstance(key, (str, int)) or isinstance(key, bool):
                 raise SpecError(f"{where}:{line}: {dotted(path) or '<top>'}: keys must be strings, got {key!r}")
-            if key in out:
+            if key in own:
                 raise SpecError(f"{where}:{line}: {dotted(path + (key,))}: duplicate key")
+            if i >= node.own_start:  # type: ignore[attr-defined]
+                own.add(key)
             out[key] = _to_python(loader, value_node, path + (key,), origin, where)
             origin.lines[path + (key,)] = line
         origin.lines.pop(path + ("<key>",), None)

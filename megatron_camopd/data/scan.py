@@ -42,7 +42,7 @@ class StreamScan:
 
 def routed_domains(spec: Any) -> frozenset[str] | None:
     """The domains `routing` sends to a teacher; None when the method uses no teacher (sft)."""
-    return None if spec.method.name == "sft" else frozenset(spec.routing)
+    return frozenset(spec.routing) if spec.method.method_class().needs_teachers else None
 
 
 def scan_stream(path: str, fmt: str, default_domain: str, routed: frozenset[str] | None, on_bad_row: str,

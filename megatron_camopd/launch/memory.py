@@ -86,8 +86,9 @@ def estimate(spec: Any, arch: ModelArch, teacher_archs: list[ModelArch] | None =
             "selective": (per_token - recomputed) * tokens * layers * in_flight + recomputed * tokens}[p.recompute]
     logits = 4 * tokens * arch.padded_vocab_size(tp) / tp
     if teacher_archs is None:
-        frozen = [c for c in spec.teachers.values() if c.kind == "megatron"] if spec.method.name != "sft" else []
-        teacher_archs = [arch] * (len(frozen) + int(spec.method.name == "exopd"))
+        method = spec.method.method_class()
+        frozen = [c for c in spec.teachers.values() if c.kind == "megatron"] if method.needs_teachers else []
+        teacher_archs = [arch] * (len(frozen) + int(method.needs_reference))
     kv = spec.rollout.kv_cache_gb * GB if spec.rollout.engine == "megatron" else 0.0
     best: dict[str, Any] | None = None
     for stage in sorted({0, pp - 1}):

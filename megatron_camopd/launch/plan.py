@@ -90,11 +90,12 @@ def student_arch(spec: Any, preset: str | None = None) -> tuple[ModelArch, str]:
 
 def frozen_archs(spec: Any, student: ModelArch) -> list[ModelArch]:
     """Architectures of the in-process teachers and ExOPD's reference (the student's where unreadable here)."""
-    if spec.method.name == "sft":
+    method = spec.method.method_class()
+    if not method.needs_teachers:
         return []
     models = [(c.hf_path, c.checkpoint) for c in spec.teachers.values() if c.kind == "megatron"]
-    if spec.method.name == "exopd":
-        models.append((spec.method.exopd.reference, None))
+    if method.needs_reference:
+        models.append((method.reference_path(spec.method), None))
     out = []
     for hf_path, checkpoint in models:
         path = Path(hf_path) if hf_path else None

@@ -90,7 +90,7 @@ def server_components(spec: ExperimentSpec, *, cpu: bool) -> list[Component]:
     out: list[Component] = []
     for name, teacher in spec.teachers.items():
         serve = teacher.serve
-        if serve is None or spec.method.name == "sft":
+        if serve is None or not spec.method.method_class().needs_teachers:
             continue
         env = dict(serve.env)
         if serve.logits_chunk_size is not None:

@@ -144,11 +144,11 @@ def sampling_params(spec, tokenizer) -> SamplingParams:
 
 
 def teacher_top_k(session) -> int | None:
+    """How many of each teacher's top log-probs a rollout token needs: the top-k loss's, and the width the
+    method checks the student's top-1 against (SelecTKD)."""
     m = session.spec.method
     k = m.topk if m.loss == "topk" else 0
-    if m.name == "selectkd":
-        k = max(k, m.selectkd.k)
-    return k or None
+    return max(k, session.method.student_top1_k or 0) or None
 
 
 def _score_in_process(session, samples: list[Sample], top_k) -> None:
@@ -252,8 +252,8 @@ def gather_batch(session, step: int, local: list[Sample], http: set[str]) -> lis
     """The full step batch on every rank (DP exchange), checked for stale rollouts and dead teachers."""
     spec = session.spec
     if session.dp_size > 1:  # other ranks' samples arrive without top-k tensors (rollout/dp_exchange.py)
-        accept_k = spec.method.selectkd.k if spec.method.name == "selectkd" else None
-        local = exchange_samples(local, session.dp_rank, session.dp_size, ps.get_data_parallel_group(), accept_k)
+        local = exchange_samples(local, session.dp_rank, session.dp_size, ps.get_data_parallel_group(),
+                                 session.method.student_top1_k)
     if spec.rollout.on_stale == "error":
         fail_if_stale(local, step, spec.rollout.max_staleness)
     fail_if_teacher_down(local, http)

@@ -1,7 +1,8 @@
 """SGLang `/generate` sampling protocol, client side (sglang 0.5.x): the request for one rollout and the checks of
 its answer. Pure functions: no HTTP, no Megatron.
 
-Request (SGLang 0.5 `/generate`, README "References"): `{"input_ids", "sampling_params": {"temperature", "top_p", "top_k" (-1 = off),
+Request (SGLang 0.5 `/generate`, python/sglang/srt/managers/io_struct.py GenerateReqInput): `{"input_ids",
+"sampling_params": {"temperature", "top_p", "top_k" (-1 = off),
 "max_new_tokens", "stop_token_ids", "skip_special_tokens": false, "no_stop_trim": true, "sampling_seed"},
 "return_logprob": true, "top_logprobs_num": 1}`; greedy is temperature 0. The answer's `output_ids`,
 `meta_info.output_token_logprobs` (`[logprob, id, text]`, log mu at T=1 with `SGLANG_RETURN_ORIGINAL_LOGPROB=1`),

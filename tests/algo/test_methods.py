@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 
 from megatron_camopd.algo.losses import pg_seq_loss, reduce_selected, topk_seq_loss
 from megatron_camopd.algo.methods import METHODS, SignalBatch, build_method
-from megatron_camopd.errors import DataError, SpecError
 from megatron_camopd.algo.weights import is_weights
+from megatron_camopd.errors import DataError, SpecError
+
+ON_POLICY = sorted(n for n, c in METHODS.items() if c.on_policy)
 
 NAN = float("nan")
 
@@ -25,7 +27,8 @@ def batch_from_delta(delta, mask=None, branch=None, **extra):
 
 
 def test_registry_names():
-    assert set(METHODS) == {"opd", "mopd", "camopd", "uniopd", "relaxed_opd", "selectkd", "exopd"}
+    assert set(METHODS) == {"opd", "mopd", "camopd", "uniopd", "relaxed_opd", "selectkd", "exopd", "sft"}
+    assert {n for n, c in METHODS.items() if not c.on_policy} == {"sft"}
 
 
 def test_opd_clipped_gap_and_common_metrics():
@@ -116,7 +119,7 @@ def test_exopd_advantage():
     assert torch.allclose(plain.advantages, torch.tensor([[1.0, -0.5]]))
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", ON_POLICY)
 def test_nan_on_response_token_drops_sample_never_propagates(name):
     teacher = torch.tensor([[-1.0, NAN], [-1.0, -2.0], [-0.5, NAN]])
     rollout = torch.tensor([[-1.5, -1.0], [-1.2, -1.0], [-1.0, -1.0]])
@@ -174,7 +177,7 @@ def test_signal_batch_shape_validation():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from(sorted(METHODS)), st.integers(0, 2**31 - 1))
+@given(st.sampled_from(ON_POLICY), st.integers(0, 2**31 - 1))
 def test_padding_values_never_change_signals(name, seed):
     g = torch.Generator().manual_seed(seed)
     b, t = 6, 5

@@ -116,9 +116,11 @@ def test_method_cross_checks(write_spec) -> None:
     msg = error_of(write_spec, VALID, ["method.name=uniopd", "data.streams.0.verifier=exact",
                                        "data.streams.1.verifier=exact", "rollout.n_samples=1",
                                        "schedule.mix_ratio=[1, 1]"])
-    assert "rollout.n_samples: Uni-OPD groups need n_samples >= 2" in msg
+    assert "rollout.n_samples: uniopd's groups need n_samples >= 2" in msg
     msg = error_of(write_spec, VALID, ["method.name=exopd", "method.loss=topk", "schedule.mix_ratio=[1, 1]"])
-    assert "method.loss: exopd is a policy-gradient method" in msg
+    assert "method.loss: exopd trains with loss 'pg', got 'topk'" in msg
+    msg = error_of(write_spec, VALID, ["method.name=selectkd", "method.loss=topk", "schedule.mix_ratio=[1, 1]"])
+    assert "method.loss: selectkd trains with loss 'pg'" in msg  # refused here, not after the models load
 
 
 def test_malformed_yaml_reports_line(write_spec) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_camopd.backend.spawn import run_on_ranks
 
@@ -35,6 +38,7 @@ RUNS = {
 def test_all_methods_train(tiny_root, tmp_path):
     runs = {k: tiny_overrides(tiny_root, tmp_path / k, "train.steps=2", *v) for k, v in RUNS.items()}
     res = run_on_ranks(run_methods, 1, runs)[0]
+    check_recorded_curves(res)
     for name, rows in res.items():
         assert [r["step"] for r in rows] == [1, 2], name
         for r in rows:
@@ -57,3 +61,29 @@ def test_all_methods_train(tiny_root, tmp_path):
     # capped per-sample gradients: the coherence of a single gradient is exactly 1 (the full batch's is below 1)
     assert res["camopd_diag_one"][0]["diag_coherence_full"] == pytest.approx(1.0, abs=1e-9)
     assert mixed["diag_coherence_full"] < 0.999
+
+
+RECORDED = Path(__file__).with_name("recorded_curves.json")
+
+
+def _machine() -> dict:
+    """What decides float rounding on CPU: where the fingerprint matches the recording, curves must be bitwise."""
+    return {"torch": torch.__version__.split("+")[0], "cpu": torch.backends.cpu.get_cpu_capability(),
+            "threads": os.cpu_count()}
+
+
+def check_recorded_curves(res: dict[str, list[dict]]) -> None:
+    """Loss and grad-norm curves of every method against the values recorded before the code was restructured
+    (CAMOPD_RECORD_CURVES=1 rewrites the file). Bitwise on the recording's kind of machine, else within 1e-5."""
+    curves = {name: [[r["loss"].hex(), r["grad_norm"].hex()] for r in rows] for name, rows in res.items()}
+    if os.environ.get("CAMOPD_RECORD_CURVES") == "1":
+        RECORDED.write_text(json.dumps({"machine": _machine(), "curves": curves}, indent=1) + "\n")
+        return
+    recorded = json.loads(RECORDED.read_text())
+    assert sorted(recorded["curves"]) == sorted(curves)
+    if recorded["machine"] == _machine():
+        assert curves == recorded["curves"]
+    else:
+        for name, rows in recorded["curves"].items():
+            got = [[float.fromhex(x) for x in row] for row in curves[name]]
+            assert got == pytest.approx([[float.fromhex(x) for x in row] for row in rows], rel=1e-5), name

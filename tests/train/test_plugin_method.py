@@ -1,0 +1,23 @@
+"""A method added in one file (tests/train/_plugin_method.py) trains end to end from a spec: validation, the
+session, rollouts, teacher scoring and the Megatron loss all take it from the registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_camopd.backend.spawn import run_on_ranks
+
+from ._plugin_method import train_both
+from ._workers import tiny_overrides
+
+
+@pytest.mark.multiproc
+def test_a_method_registered_in_one_file_trains_from_a_spec(tiny_root, tmp_path):
+    mixed = ("schedule.mode=mixed", "schedule.mix_ratio=[1,1]", "train.steps=1")
+    runs = {name: tiny_overrides(tiny_root, tmp_path / name, f"method.name={name}", *mixed)
+            for name in ("opd", "half_gap")}
+    res = run_on_ranks(train_both, 1, runs)[0]
+    opd, half = res["opd"][0], res["half_gap"][0]
+    assert half["loss"] == 0.5 * opd["loss"] and opd["loss"] != 0.0
+    assert half["grad_norm"] == 0.5 * opd["grad_norm"] and opd["grad_norm"] > 0.0
+    assert half["mean_gap"] == opd["mean_gap"]  # the same rollouts, scored by the same teachers
