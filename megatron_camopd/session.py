@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,12 +28,14 @@ from megatron_camopd.backend.hf_mapping import load_hf_weights
 from megatron_camopd.backend.model import ModelArch
 from megatron_camopd.backend.settings import model_fields, optim_settings, teacher_dtype
 from megatron_camopd.config import ExperimentSpec
+from megatron_camopd.config.sections import StreamConfig
 from megatron_camopd.data.prompts import PromptSource, PromptStream
 from megatron_camopd.data.scan import routed_domains, scan_data
 from megatron_camopd.data.sandbox import ensure_available
 from megatron_camopd.data.tokenizer import Tokenizer
 from megatron_camopd.errors import SpecError, TeacherError
 from megatron_camopd.rollout.sampler import InProcessModel, Sampler, build_sampler, needs_entropy
+from megatron_camopd.teachers.base import Teacher
 from megatron_camopd.teachers.inprocess import MegatronTeacher
 
 log = logging.getLogger("megatron_camopd")
@@ -77,18 +79,20 @@ class ModelSource:
 
 @dataclass
 class Session:
+    """Everything one run holds, built once from the spec by `open_session` (collective over all ranks)."""
+
     spec: ExperimentSpec
     tokenizer: Tokenizer
     arch: ModelArch
     student_source: ModelSource
-    engine: Engine
-    teachers: dict[str, object]
-    streams: dict[str, list[tuple[object, PromptStream]]]  # branch ("general"|"domain"|"all") -> streams
-    method: Method
+    engine: Engine                 # the student under Megatron: forward/backward, optimizer, scheduler
+    teachers: dict[str, Teacher | None]  # name -> scorer; an HTTP teacher is None off the model-parallel leader
+    streams: dict[str, list[tuple[StreamConfig, PromptStream]]]  # branch ("general"|"domain"|"all") -> streams
+    method: Method                 # the algorithm; it declares what the loop must provide (algo/methods.py)
     schedule: BranchSchedule
     sampler: Sampler | None = None  # rollout.engine: every student rollout goes through it
-    reference: MegatronTeacher | None = None
-    extra: dict = field(default_factory=dict)
+    reference: MegatronTeacher | None = None  # a method's frozen reference model (needs_reference)
+    resumed: tuple[Path, dict] | None = None  # (checkpoint, train_state) this run resumed from
 
     @property
     def dp_rank(self) -> int:
@@ -194,7 +198,7 @@ def open_session(spec: ExperimentSpec) -> Session:
     engine = Engine(arch, tp=p.tp, pp=p.pp, vpp=p.vpp, dtype=spec.model.dtype, fp8=fp8,
                     micro_batch_size=t.micro_batch_size, optim=optim_settings(spec),
                     init_fn=lambda chunks: student.load_into(chunks, arch), model_fields=model_fields(p))
-    teachers: dict[str, object] = {}
+    teachers: dict[str, Teacher | None] = {}
     method = build_method(spec.method.name, **method_params(spec))
     for name, cfg in (spec.teachers.items() if method.needs_teachers else ()):
         if cfg.kind == "megatron":

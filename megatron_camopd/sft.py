@@ -7,11 +7,10 @@ token do. Each sequence is token-averaged, then sequences are averaged (as the d
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from megatron_camopd.errors import DataError
-from megatron_camopd.rollout.assemble import train_batch
+from megatron_camopd.rollout.assemble import StepBatch
 from megatron_camopd.rollout.collect import Sample, largest_remainder
 from megatron_camopd.rollout.sampling import Rollout
 
@@ -38,7 +37,6 @@ def sft_batch(session, step: int) -> tuple[dict[str, torch.Tensor], int]:
         zeros = torch.zeros(len(resp))
         r = Rollout(p.prompt_ids, resp, zeros, zeros, zeros.long(), "stop")
         samples.append(Sample(index=i, group=i, branch="all", prompt=p, teacher="", verifier=None, rollout=r))
-    rows = np.array_split(np.arange(len(samples)), session.dp_size)[session.dp_rank].tolist()
-    width = max(len(s.rollout.ids) for s in samples)
-    batch = train_batch(samples, None, rows, tok.pad_id, session.spec.train.micro_batch_size, width, sft=True)
+    batch = StepBatch.of(samples, None, None, session.dp_rank, session.dp_size).megatron(
+        tok.pad_id, session.spec.train.micro_batch_size)
     return batch, sum(len(s.rollout.response_ids) for s in samples)

@@ -10,12 +10,11 @@ acceptance rate, margins...), rollout statistics (`rollout_failed`; with served 
 from __future__ import annotations
 
 
-import numpy as np
 import torch
 
 from megatron_camopd.algo.diagnostics import length_summary
 from megatron_camopd.backend import diagnostics as gd
-from megatron_camopd.rollout.assemble import add_topk, train_batch
+from megatron_camopd.rollout.assemble import StepBatch
 from megatron_camopd.rollout.staleness import stale_counts
 
 
@@ -39,46 +38,41 @@ def step_row(step: int, branch: str, samples, sig, signals, out: dict, t_rollout
     return row
 
 
-def _per_sample_batches(session, samples, signals, sig, rows, width, loss_spec):
+def _per_sample_batches(session, step: StepBatch, full, rows, loss_spec):
     """One batch per candidate sample, each counted (a sample dropped by selection keeps its full-batch gradient)."""
     out = []
     for i in rows:
-        b = train_batch(samples, signals, [i], session.tokenizer.pad_id, session.spec.train.micro_batch_size, width)
+        b = step.megatron(session.tokenizer.pad_id, session.spec.train.micro_batch_size,
+                          topk=loss_spec.kind == "topk", rows=[i], signals=full)
         b["sample_weight"][0] = 1.0
-        if loss_spec.kind == "topk":
-            add_topk(b, samples, [i], sig)
         out.append(b)
     return out
 
 
-def diagnostics_row(session, samples, signals, sig, rows, width, loss_spec, branch, cache) -> dict:
+def diagnostics_row(session, step: StepBatch, loss_spec, branch: str, cache: dict[str, StepBatch]) -> dict:
     """Cross-branch gradient dot/cosine and within-branch coherence/GCG at the current parameters."""
     engine = session.engine
     row: dict = {}
+    sig, signals, rows = step.sig, step.signals, step.rows
     valid = [i for i in rows if torch.isfinite(sig.teacher_lp[i]).all()]
     valid = valid[: session.spec.logging.diagnostics_samples]  # None: all
     keep = [bool(signals.sample_weight[i] > 0) for i in valid]
     # the full candidate batch: the same method without selection (dropped samples keep their advantages)
-    method = session.method
-    full = method.without_selection().prepare(sig)
-    per = _per_sample_batches(session, samples, full, sig, valid, width, loss_spec)
+    full = session.method.without_selection().prepare(sig)
+    per = _per_sample_batches(session, step, full, valid, loss_spec)
     row.update({f"diag_{k}": v for k, v in gd.coherence_stats(engine, per, keep, loss_spec).items()})
     # cross-branch: the two halves of a mixed batch, or the active batch vs the other branch's latest batch
+    other = "domain" if branch == "general" else "general"
     if branch == "mixed":
-        parts = {b: (samples, signals, sig, [i for i in rows if sig.branch[i] == b]) for b in ("general", "domain")}
-    elif ("domain" if branch == "general" else "general") in cache:
-        other = "domain" if branch == "general" else "general"
-        o_samples, o_signals, o_sig = cache[other]
-        o_rows = np.array_split(np.arange(len(o_samples)), session.dp_size)[session.dp_rank].tolist()
-        parts = {branch: (samples, signals, sig, rows), other: (o_samples, o_signals, o_sig, o_rows)}
+        parts = {b: (step, [i for i in rows if sig.branch[i] == b]) for b in ("general", "domain")}
+    elif other in cache:
+        parts = {branch: (step, rows), other: (cache[other], cache[other].rows)}
     else:
         return row
     grads = {}
-    for b, (smp, sgn, sg, r) in parts.items():  # every DP rank takes part, even with no rows of a branch
-        w = max(len(s.rollout.ids) for s in smp)
-        part = train_batch(smp, sgn, r, session.tokenizer.pad_id, session.spec.train.micro_batch_size, w)
-        if loss_spec.kind == "topk":
-            add_topk(part, smp, r, sg)
+    for b, (part_step, r) in parts.items():  # every DP rank takes part, even with no rows of a branch
+        part = part_step.megatron(session.tokenizer.pad_id, session.spec.train.micro_batch_size,
+                                  topk=loss_spec.kind == "topk", rows=r)
         grads[b] = gd.branch_grad(engine, part, loss_spec, over_dp=True)
     if grads["general"][1] and grads["domain"][1]:
         row["diag_grad_dot"], row["diag_grad_cos"] = gd.dot_cosine(engine, grads["general"][0], grads["domain"][0])

@@ -25,7 +25,6 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -34,7 +33,7 @@ from megatron_camopd.backend.forward import comm_device
 from megatron_camopd.backend.loss import LossSpec
 from megatron_camopd.config import load_spec
 from megatron_camopd.metrics import MetricsWriter
-from megatron_camopd.rollout.assemble import add_topk, signal_batch, train_batch
+from megatron_camopd.rollout.assemble import StepBatch, signal_batch
 from megatron_camopd.rollout.collect import collect_step
 from megatron_camopd.rollout.offline import balance_streams
 from megatron_camopd.rollout.pipeline import RolloutPipeline
@@ -100,13 +99,9 @@ def _resume(session: Session, plan: ResumePlan) -> int:
     e = session.engine
     state = load_checkpoint(path, e.models(), e.optimizer, e.scheduler, verify=False)
     _restore(session, state)
-    session.extra["resumed"] = (Path(path), state)  # rollouts in flight re-enter the pipeline (rollout/pipeline.py)
+    session.resumed = (Path(path), state)  # rollouts in flight re-enter the pipeline (rollout/pipeline.py)
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
-
-
-def _my_rows(n: int, session: Session) -> list[int]:
-    return np.array_split(np.arange(n), session.dp_size)[session.dp_rank].tolist()
 
 
 def run_step(session: Session, step: int, loss_spec: LossSpec, cache: dict, pipe: RolloutPipeline | None = None) -> dict:
@@ -124,15 +119,13 @@ def run_step(session: Session, step: int, loss_spec: LossSpec, cache: dict, pipe
     weights = {k: t.weight for k, t in spec.teachers.items()}
     sig = signal_batch(samples, weights)
     signals = session.method.prepare(sig)
-    rows = _my_rows(len(samples), session)
-    width = max(len(s.rollout.ids) for s in samples)
-    batch = train_batch(samples, signals, rows, session.tokenizer.pad_id, spec.train.micro_batch_size, width)
-    if loss_spec.kind == "topk":
-        add_topk(batch, samples, rows, sig)
+    step_batch = StepBatch.of(samples, sig, signals, session.dp_rank, session.dp_size)
+    batch = step_batch.megatron(session.tokenizer.pad_id, spec.train.micro_batch_size, topk=loss_spec.kind == "topk")
     row = {}
-    if spec.logging.diagnostics and step % spec.logging.diagnostics_interval == 0:
-        row.update(diagnostics_row(session, samples, signals, sig, rows, width, loss_spec, branch, cache))
-    cache[branch] = (samples, signals, sig)
+    if spec.logging.diagnostics:
+        if step % spec.logging.diagnostics_interval == 0:
+            row.update(diagnostics_row(session, step_batch, loss_spec, branch, cache))
+        cache[branch] = step_batch  # the other branch's latest batch, for the next cross-branch diagnostics
     t1 = time.time()
     if float(signals.sample_weight.sum()) > 0:
         out = engine.train_step(batch, loss_spec)
@@ -166,7 +159,7 @@ def train(spec) -> dict:
         cache: dict = {}
         row: dict = {"step": start}
         if spec.rollout.max_staleness > 0 and session.method.on_policy:
-            pipe = RolloutPipeline(session, start, session.extra.get("resumed"))
+            pipe = RolloutPipeline(session, start, session.resumed)
         for step in range(start, spec.train.steps):
             row = run_step(session, step, loss_spec, cache, pipe) if session.method.on_policy \
                 else sft_step(session, step, loss_spec)

@@ -5,10 +5,16 @@ tokens. Megatron's layout `[B, L]` is aligned with the model's next-token positi
 `tokens[:, j + 1]`, so response token t of a sample with prompt length P sits at column P - 1 + t.
 A sample that failed scoring, or whose scores do not cover its response, gets an all-NaN teacher row: the
 method drops it (sample_weight 0) and counts it, so no sample disappears without a trace.
+
+`StepBatch` is the one seam between a step's samples and Megatron: the DP slice (`dp_rows`), the micro-batch
+tensors and the teacher top-k, used alike by the training step, SFT and the gradient diagnostics.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from megatron_camopd.algo.methods import SignalBatch, TrainSignals
@@ -114,3 +120,40 @@ def add_topk(batch: dict[str, torch.Tensor], samples, rows: list[int], sig: Sign
         ids[r, p - 1 : p - 1 + n] = sig.teacher_topk_ids[i, :n]
         lps[r, p - 1 : p - 1 + n] = torch.nan_to_num(sig.teacher_topk_lp[i, :n], nan=0.0)
     batch["topk_ids"], batch["topk_lp"] = ids, lps
+
+
+def dp_rows(n: int, dp_rank: int, dp_size: int) -> list[int]:
+    """This DP rank's contiguous rows of an `n`-sample step batch (every rank trains on its own slice only)."""
+    return np.array_split(np.arange(n), dp_size)[dp_rank].tolist()
+
+
+@dataclass
+class StepBatch:
+    """One step's samples with the method's signals and this DP rank's rows; `megatron()` packs any rows of it."""
+
+    samples: list
+    sig: SignalBatch | None        # the method's input (None for SFT)
+    signals: TrainSignals | None   # the method's output (None for SFT)
+    rows: list[int]                # this DP rank's rows
+
+    @classmethod
+    def of(cls, samples: list, sig: SignalBatch | None, signals: TrainSignals | None, dp_rank: int,
+           dp_size: int) -> StepBatch:
+        return cls(samples, sig, signals, dp_rows(len(samples), dp_rank, dp_size))
+
+    @property
+    def width(self) -> int:
+        """Tensor width of every micro-batch of this step: its longest sequence."""
+        return max(len(s.rollout.ids) for s in self.samples)
+
+    def megatron(self, pad_id: int, multiple: int, *, topk: bool = False, rows: list[int] | None = None,
+                 signals: TrainSignals | None = None) -> dict[str, torch.Tensor]:
+        """Megatron tensors of `rows` (default: this rank's), with the teacher top-k when the loss needs it;
+        `signals` overrides the step's (the diagnostics' unselected batch)."""
+        rows = self.rows if rows is None else rows
+        signals = self.signals if signals is None else signals
+        batch = train_batch(self.samples, signals, rows, pad_id, multiple, self.width, sft=signals is None)
+        if topk:
+            assert self.sig is not None
+            add_topk(batch, self.samples, rows, self.sig)
+        return batch

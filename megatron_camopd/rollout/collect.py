@@ -22,7 +22,6 @@ import asyncio
 import threading
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -30,6 +29,7 @@ from megatron.core import parallel_state as ps
 from megatron_camopd.data.prompts import Prompt
 from megatron_camopd.data.verifiers import VERIFIER_NAMES, get_verifier
 from megatron_camopd.errors import CamopdError, DataError, TeacherError
+from megatron_camopd.rollout.assemble import dp_rows
 from megatron_camopd.rollout.dp_exchange import exchange_samples
 from megatron_camopd.rollout.sampling import Rollout, SamplingParams, sample_seed
 from megatron_camopd.rollout.staleness import STALE_KEY, fail_if_stale, lag_of, stale_reason
@@ -188,8 +188,7 @@ def plan_batch(session, branch: str) -> list[Sample]:
 
 def local_slice(session, samples: list[Sample]) -> list[Sample]:
     """This DP rank's contiguous slice of the step batch."""
-    mine = np.array_split(np.arange(len(samples)), session.dp_size)[session.dp_rank].tolist()
-    return [samples[i] for i in mine]
+    return [samples[i] for i in dp_rows(len(samples), session.dp_rank, session.dp_size)]
 
 
 def http_teachers(spec) -> set[str]:
