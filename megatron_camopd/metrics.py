@@ -85,7 +85,7 @@ class MetricsWriter:
                 project=wandb_cfg.get("project") or "megatron_camopd",
                 entity=wandb_cfg.get("entity"),  # None: the API key's default entity
                 name=wandb_cfg.get("run_name"),
-                mode=mode,
+                mode=mode,  # type: ignore[arg-type]  # LoggingConfig.wandb.mode is validated against wandb's modes
                 dir=str(self.path.parent),
                 config=run_config or {},
                 resume="allow",
@@ -118,8 +118,9 @@ class MetricsWriter:
             self._bar.set_postfix(loss=row.get("loss"), branch=row.get("branch"), refresh=False)
         elif self.progress == "lines" and (step % self.log_interval == 0 or step == self.total_steps):
             keys = ("branch", "loss", "grad_norm", "selected_fraction", "mean_gap", "entropy", "tokens_per_s")
-            parts = [f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}" for k in keys
-                     if k in row]
+            parts = [
+                f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}" for k in keys if k in row
+            ]
             print(f"[camopd] step {step}/{self.total_steps} " + " ".join(parts), flush=True)
 
     def close(self) -> None:

@@ -26,7 +26,6 @@ import aiohttp
 
 from .errors import CamopdError
 
-
 # one `GET /health` may take this long: SGLang's /health is its generating health check (a one-token generation,
 # 1-20 s on a busy server), so a short probe timeout would mark healthy-but-busy servers dead
 HEALTH_TIMEOUT_S = 30.0
@@ -85,7 +84,11 @@ class ReplicaPool:
         if max_in_flight < 1 or retries < 0:
             raise error(f"{what}: max_in_flight must be >= 1 and retries >= 0")
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self.max_in_flight, self.health_interval_s, self.dead_deadline_s = max_in_flight, health_interval_s, dead_deadline_s
+        self.max_in_flight, self.health_interval_s, self.dead_deadline_s = (
+            max_in_flight,
+            health_interval_s,
+            dead_deadline_s,
+        )
         self.health_timeout_s = health_timeout_s
         self.discovery_file = discovery_file
         self.revive_check = revive_check
@@ -168,12 +171,14 @@ class ReplicaPool:
             left = self.dead_deadline_s - (loop.time() - self._all_dead_since)
             if left <= 0:
                 errors = "; ".join(f"{x.url}: {x.last_error}" for x in self.replicas.values())
-                raise self.error(f"{self.what}: all replicas {self.urls} unreachable for {self.dead_deadline_s:.0f}s"
-                                 f" (last errors: {errors})")
+                raise self.error(
+                    f"{self.what}: all replicas {self.urls} unreachable for {self.dead_deadline_s:.0f}s"
+                    f" (last errors: {errors})"
+                )
             self._revived.clear()
             try:
                 await asyncio.wait_for(self._revived.wait(), timeout=left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def mark_dead(self, r: Replica, err: str) -> None:
@@ -191,7 +196,7 @@ class ReplicaPool:
             timeout = aiohttp.ClientTimeout(total=min(self.timeout_s, self.health_timeout_s))
             async with self.session.get(f"{url}/health", timeout=timeout) as resp:
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def _revive(self, r: Replica) -> None:
@@ -225,8 +230,14 @@ class ReplicaPool:
                 self._revived.set()
 
     # ------------------------------------------------------------------ one request
-    async def request(self, r: Replica, path: str, body: dict[str, Any] | None = None, method: str = "POST",
-                      timeout_s: float | None = None) -> Any:
+    async def request(
+        self,
+        r: Replica,
+        path: str,
+        body: dict[str, Any] | None = None,
+        method: str = "POST",
+        timeout_s: float | None = None,
+    ) -> Any:
         """One HTTP request to `r` (JSON in, JSON or text out); Unreachable / Refused / BadAnswer on failure."""
         r.requests += 1
         try:
@@ -240,7 +251,7 @@ class ReplicaPool:
                         status, ctype = resp.status, resp.content_type
                 finally:
                     self.in_flight -= 1
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
         if status >= 500:
             raise Unreachable(f"HTTP {status}: {raw[:200].decode(errors='replace')}")
@@ -253,8 +264,9 @@ class ReplicaPool:
         except ValueError as exc:
             raise BadAnswer(f"response is not JSON: {exc}") from exc
 
-    async def with_retries(self, body: dict[str, Any], check: Callable[[Any, str], Any], url: str | None = None,
-                           path: str = "/generate") -> Any:
+    async def with_retries(
+        self, body: dict[str, Any], check: Callable[[Any, str], Any], url: str | None = None, path: str = "/generate"
+    ) -> Any:
         """POST `body` to `path` (of `url`, or of the pool with failover) and return `check(response, url)`,
         retrying on unreachable replicas and on answers `check` refuses (by raising BadAnswer or the pool's
         error type). A 4xx is not retried: it raises the pool's error naming the replica."""
@@ -288,6 +300,7 @@ class ReplicaPool:
     # ------------------------------------------------------------------ readiness and shutdown
     def wait_ready(self, timeout_s: float) -> None:
         """Block until at least one replica answers `GET /health` with 200; the pool's error after `timeout_s`."""
+
         async def _check_all() -> list[bool]:
             return list(await asyncio.gather(*(self.health_ok(u) for u in self.urls)))
 

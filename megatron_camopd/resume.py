@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_camopd.backend.checkpoint import (META_DIR, read_train_state, resume_candidates, verify_checkpoint)
+from megatron_camopd.backend.checkpoint import META_DIR, read_train_state, resume_candidates, verify_checkpoint
 from megatron_camopd.errors import CheckpointError, SpecError
 
 log = logging.getLogger("megatron_camopd")
@@ -98,8 +98,11 @@ _ABSENT = "<absent>"
 def spec_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
     """(dotted field, old, new) for every leaf that differs between two resolved specs."""
     a, b = _flatten(old), _flatten(new)
-    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) !=
-            b.get(k, _ABSENT)]
+    return [
+        (k, a.get(k, _ABSENT), b.get(k, _ABSENT))
+        for k in sorted(set(a) | set(b))
+        if a.get(k, _ABSENT) != b.get(k, _ABSENT)
+    ]
 
 
 def judge(field: str, old, new) -> tuple[bool, str]:
@@ -121,7 +124,8 @@ def check_spec_changes(ckpt: Path, old_spec: dict | None, new_spec: dict) -> lis
     if old_spec is None:
         log.warning("%s: train_state.json records no spec (older checkpoint); spec changes cannot be checked", ckpt)
         return []
-    lines, refused = [], []
+    lines: list[str] = []
+    refused: list[str] = []
     for field, old, new in spec_diff(old_spec, new_spec):
         ok, why = judge(field, old, new)
         line = f"{field}: {old!r} -> {new!r} ({why})"
@@ -129,38 +133,46 @@ def check_spec_changes(ckpt: Path, old_spec: dict | None, new_spec: dict) -> lis
     for line in lines:
         log.warning("resume from %s: spec differs: %s", ckpt, line)
     if refused:
-        raise SpecError(f"resume from {ckpt}: the spec differs from the checkpoint's in fields that cannot change "
-                        f"on resume: {'; '.join(refused)}. Restore them, or start a new checkpoint.dir "
-                        f"(or checkpoint.resume=never)")
+        raise SpecError(
+            f"resume from {ckpt}: the spec differs from the checkpoint's in fields that cannot change "
+            f"on resume: {'; '.join(refused)}. Restore them, or start a new checkpoint.dir "
+            f"(or checkpoint.resume=never)"
+        )
     return lines
 
 
 def check_architecture(ckpt: Path, student_config: dict) -> None:
     """The student's config.json must match the one recorded next to the checkpoint (shape fields)."""
-    meta = next((c / "config.json" for c in (ckpt / META_DIR, ckpt.parent / META_DIR) if (c / "config.json")
-                 .is_file()), None)
+    meta = next(
+        (c / "config.json" for c in (ckpt / META_DIR, ckpt.parent / META_DIR) if (c / "config.json").is_file()), None
+    )
     if meta is None:
-        log.warning("%s: no %s/config.json next to the checkpoint; the architecture cannot be compared", ckpt,
-                    META_DIR)
+        log.warning("%s: no %s/config.json next to the checkpoint; the architecture cannot be compared", ckpt, META_DIR)
         return
     try:
         theirs = json.loads(meta.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{meta}: unreadable ({exc})") from None
     keys = sorted((set(theirs) | set(student_config)) - _ARCH_IGNORED)
-    diff = [f"{k}: {theirs.get(k, _ABSENT)!r} -> {student_config.get(k, _ABSENT)!r}" for k in keys
-            if theirs.get(k, _ABSENT) != student_config.get(k, _ABSENT)]
+    diff = [
+        f"{k}: {theirs.get(k, _ABSENT)!r} -> {student_config.get(k, _ABSENT)!r}"
+        for k in keys
+        if theirs.get(k, _ABSENT) != student_config.get(k, _ABSENT)
+    ]
     if diff:
-        raise SpecError(f"resume from {ckpt}: the student's architecture (model config.json) differs from the "
-                        f"checkpoint's ({meta}): {'; '.join(diff[:6])}. Start a new checkpoint.dir")
+        raise SpecError(
+            f"resume from {ckpt}: the student's architecture (model config.json) differs from the "
+            f"checkpoint's ({meta}): {'; '.join(diff[:6])}. Start a new checkpoint.dir"
+        )
 
 
 def _rank0_list(root: str) -> list[Path]:
     """The candidates as rank 0 sees them (one listing for all ranks)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return resume_candidates(root)
-    box = [resume_candidates(root) if dist.get_rank() == 0 else None]
+    box: list[list[Path] | None] = [resume_candidates(root) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
+    assert box[0] is not None, "rank 0 sends its listing"
     return box[0]
 
 
@@ -186,12 +198,12 @@ def choose_checkpoint(spec) -> ResumePlan:
             state = _open(path)
         except CheckpointError as exc:
             failures.append(str(exc))
-            log.warning("checkpoint %s fails verification: %s; falling back to the previous complete checkpoint",
-                        path, exc)
+            log.warning(
+                "checkpoint %s fails verification: %s; falling back to the previous complete checkpoint", path, exc
+            )
             continue
         if failures:
-            log.warning("resuming from %s, the newest checkpoint that verifies (%d newer failed)", path,
-                        len(failures))
+            log.warning("resuming from %s, the newest checkpoint that verifies (%d newer failed)", path, len(failures))
         return ResumePlan(path, state)
     if failures:
         raise CheckpointError(f"{spec.checkpoint.dir}: no checkpoint verifies: {'; '.join(failures)}")
@@ -211,5 +223,6 @@ def plan_resume(spec) -> ResumePlan:
     if plan.path is not None:
         student = ModelSource.resolve(spec.model.hf_path, spec.model.checkpoint, "model")
         check_architecture(plan.path, student.hf_config())
+        assert plan.state is not None, "a chosen checkpoint comes with its train_state"
         check_spec_changes(plan.path, plan.state.get("spec"), json.loads(json.dumps(spec.to_dict())))
     return plan

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,8 @@ from megatron_camopd.backend.settings import model_fields, optim_settings, teach
 from megatron_camopd.config import ExperimentSpec
 from megatron_camopd.config.sections import StreamConfig
 from megatron_camopd.data.prompts import PromptSource, PromptStream
-from megatron_camopd.data.scan import routed_domains, scan_data
 from megatron_camopd.data.sandbox import ensure_available
+from megatron_camopd.data.scan import routed_domains, scan_data
 from megatron_camopd.data.tokenizer import Tokenizer
 from megatron_camopd.errors import SpecError, TeacherError
 from megatron_camopd.rollout.sampler import InProcessModel, Sampler, build_sampler, needs_entropy
@@ -39,7 +38,6 @@ from megatron_camopd.teachers.base import Teacher
 from megatron_camopd.teachers.inprocess import MegatronTeacher
 
 log = logging.getLogger("megatron_camopd")
-
 
 
 @dataclass
@@ -51,7 +49,7 @@ class ModelSource:
     config_dir: Path  # holds config.json (+ tokenizer files)
 
     @classmethod
-    def resolve(cls, hf_path: str | None, checkpoint: str | None, field_name: str) -> "ModelSource":
+    def resolve(cls, hf_path: str | None, checkpoint: str | None, field_name: str) -> ModelSource:
         if checkpoint:
             return cls(None, resolve_checkpoint(checkpoint), find_model_meta(checkpoint))
         if hf_path:
@@ -72,9 +70,16 @@ class ModelSource:
         if self.checkpoint is not None:
             load_model_only(self.checkpoint, chunks)
         else:
-            load_hf_weights(chunks, self.hf_dir, arch, ps.get_tensor_model_parallel_rank(),
-                            ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank(),
-                            ps.get_pipeline_model_parallel_world_size())
+            assert self.hf_dir is not None, "a model source has an HF dir or a checkpoint"
+            load_hf_weights(
+                chunks,
+                self.hf_dir,
+                arch,
+                ps.get_tensor_model_parallel_rank(),
+                ps.get_tensor_model_parallel_world_size(),
+                ps.get_pipeline_model_parallel_rank(),
+                ps.get_pipeline_model_parallel_world_size(),
+            )
 
 
 @dataclass
@@ -85,12 +90,12 @@ class Session:
     tokenizer: Tokenizer
     arch: ModelArch
     student_source: ModelSource
-    engine: Engine                 # the student under Megatron: forward/backward, optimizer, scheduler
+    engine: Engine  # the student under Megatron: forward/backward, optimizer, scheduler
     teachers: dict[str, Teacher | None]  # name -> scorer; an HTTP teacher is None off the model-parallel leader
     streams: dict[str, list[tuple[StreamConfig, PromptStream]]]  # branch ("general"|"domain"|"all") -> streams
-    method: Method                 # the algorithm; it declares what the loop must provide (algo/methods.py)
+    method: Method  # the algorithm; it declares what the loop must provide (algo/methods.py)
     schedule: BranchSchedule
-    sampler: Sampler | None = None  # rollout.engine: every student rollout goes through it
+    sampler: Sampler  # rollout.engine: every student rollout goes through it
     reference: MegatronTeacher | None = None  # a method's frozen reference model (needs_reference)
     resumed: tuple[Path, dict] | None = None  # (checkpoint, train_state) this run resumed from
 
@@ -124,13 +129,25 @@ def method_params(spec: ExperimentSpec) -> dict:
     return method_class(spec.method.name).params(spec.method, spec.train.seed)
 
 
-def stream_arguments(spec: ExperimentSpec) -> list[tuple[object, dict, dict]]:
+def stream_arguments(spec: ExperimentSpec) -> list[tuple[StreamConfig, dict, dict]]:
     """Per `data.streams` entry: (its config, PromptSource kwargs, PromptStream kwargs but the tokenizer)."""
     d = spec.data
-    return [(s, dict(path=s.path, format=s.format, domain=s.domain, num_samples=s.limit),
-             dict(max_prompt_len=d.max_prompt_tokens, overlong=d.overlong, on_bad_row=d.on_bad_row,
-                  seed=d.seed + 1009 * i, shuffle=d.shuffle, name=s.name, routed_domains=routed_domains(spec)))
-            for i, s in enumerate(d.streams)]
+    return [
+        (
+            s,
+            dict(path=s.path, format=s.format, domain=s.domain, num_samples=s.limit),
+            dict(
+                max_prompt_len=d.max_prompt_tokens,
+                overlong=d.overlong,
+                on_bad_row=d.on_bad_row,
+                seed=d.seed + 1009 * i,
+                shuffle=d.shuffle,
+                name=s.name,
+                routed_domains=routed_domains(spec),
+            ),
+        )
+        for i, s in enumerate(d.streams)
+    ]
 
 
 def _build_streams(spec: ExperimentSpec, tokenizer: Tokenizer) -> dict[str, list]:
@@ -141,12 +158,15 @@ def _build_streams(spec: ExperimentSpec, tokenizer: Tokenizer) -> dict[str, list
     return out
 
 
-def _frozen_teacher(name: str, src: ModelSource, spec: ExperimentSpec, tokenizer: Tokenizer,
-                    student_arch: ModelArch) -> MegatronTeacher:
+def _frozen_teacher(
+    name: str, src: ModelSource, spec: ExperimentSpec, tokenizer: Tokenizer, student_arch: ModelArch
+) -> MegatronTeacher:
     arch = src.arch()
     if arch.vocab_size != student_arch.vocab_size:
-        raise TeacherError(f"teacher {name}: vocabulary size {arch.vocab_size} differs from the student's "
-                           f"{student_arch.vocab_size}; teachers must share the student's tokenizer")
+        raise TeacherError(
+            f"teacher {name}: vocabulary size {arch.vocab_size} differs from the student's "
+            f"{student_arch.vocab_size}; teachers must share the student's tokenizer"
+        )
     p = spec.parallel
     dtype = teacher_dtype(spec, name) if name in spec.teachers else spec.model.dtype
     chunks, _ = build_chunks(arch, p.tp, p.pp, p.vpp, dtype)
@@ -155,21 +175,36 @@ def _frozen_teacher(name: str, src: ModelSource, spec: ExperimentSpec, tokenizer
     if (tok_dir / "tokenizer.json").exists() or (tok_dir / "tokenizer_config.json").exists():
         theirs = Tokenizer.from_dir(tok_dir).fingerprint()
         if theirs != tokenizer.fingerprint():
-            raise TeacherError(f"teacher {name}: tokenizer in {tok_dir} differs from the student's "
-                               f"({theirs[:12]} != {tokenizer.fingerprint()[:12]})")
-    return MegatronTeacher(name, chunks, arch, pad_id=tokenizer.pad_id,
-                           micro_batch_size=spec.train.micro_batch_size, source=str(src.config_dir),
-                           tokenizer_fingerprint=tokenizer.fingerprint())
+            raise TeacherError(
+                f"teacher {name}: tokenizer in {tok_dir} differs from the student's "
+                f"({theirs[:12]} != {tokenizer.fingerprint()[:12]})"
+            )
+    return MegatronTeacher(
+        name,
+        chunks,
+        arch,
+        pad_id=tokenizer.pad_id,
+        micro_batch_size=spec.train.micro_batch_size,
+        source=str(src.config_dir),
+        tokenizer_fingerprint=tokenizer.fingerprint(),
+    )
 
 
 def _http_teacher(name: str, cfg, spec: ExperimentSpec, tokenizer: Tokenizer, vocab_size: int):
     from megatron_camopd.teachers.http import HttpTeacher
     from megatron_camopd.teachers.tokcheck import TokenizerInfo, check_tokenizer, default_probe_ids
 
-    teacher = HttpTeacher(name, urls=cfg.urls, discovery_file=cfg.discovery_file,
-                          discovery_timeout_s=cfg.discovery_timeout_s, timeout_s=cfg.timeout_s, retries=cfg.retries,
-                          max_in_flight=cfg.max_in_flight, dead_deadline_s=cfg.dead_deadline_s,
-                          seed=spec.train.seed)
+    teacher = HttpTeacher(
+        name,
+        urls=cfg.urls,
+        discovery_file=cfg.discovery_file,
+        discovery_timeout_s=cfg.discovery_timeout_s,
+        timeout_s=cfg.timeout_s,
+        retries=cfg.retries,
+        max_in_flight=cfg.max_in_flight,
+        dead_deadline_s=cfg.dead_deadline_s,
+        seed=spec.train.seed,
+    )
     hf_tok = tokenizer.hf
     info = TokenizerInfo.from_hf(hf_tok, tokenizer.path, model_vocab_size=vocab_size)  # config's, not len(tok)
     check_tokenizer(teacher, info, default_probe_ids(hf_tok))
@@ -195,15 +230,25 @@ def open_session(spec: ExperimentSpec) -> Session:
     arch = student.arch()
     t = spec.train
     fp8 = p.fp8 if p.fp8.enabled else None
-    engine = Engine(arch, tp=p.tp, pp=p.pp, vpp=p.vpp, dtype=spec.model.dtype, fp8=fp8,
-                    micro_batch_size=t.micro_batch_size, optim=optim_settings(spec),
-                    init_fn=lambda chunks: student.load_into(chunks, arch), model_fields=model_fields(p))
+    engine = Engine(
+        arch,
+        tp=p.tp,
+        pp=p.pp,
+        vpp=p.vpp,
+        dtype=spec.model.dtype,
+        fp8=fp8,
+        micro_batch_size=t.micro_batch_size,
+        optim=optim_settings(spec),
+        init_fn=lambda chunks: student.load_into(chunks, arch),
+        model_fields=model_fields(p),
+    )
     teachers: dict[str, Teacher | None] = {}
     method = build_method(spec.method.name, **method_params(spec))
-    for name, cfg in (spec.teachers.items() if method.needs_teachers else ()):
+    for name, cfg in spec.teachers.items() if method.needs_teachers else ():
         if cfg.kind == "megatron":
-            teachers[name] = _frozen_teacher(name, ModelSource.resolve(cfg.hf_path, cfg.checkpoint,
-                                                                       f"teachers.{name}"), spec, tokenizer, arch)
+            teachers[name] = _frozen_teacher(
+                name, ModelSource.resolve(cfg.hf_path, cfg.checkpoint, f"teachers.{name}"), spec, tokenizer, arch
+            )
         else:
             teachers[name] = _http_teacher(name, cfg, spec, tokenizer, arch.vocab_size) if _is_mp_leader() else None
         log.info("teacher %s ready (%s)", name, cfg.kind)
@@ -214,25 +259,50 @@ def open_session(spec: ExperimentSpec) -> Session:
         reference = _frozen_teacher("reference", ref_src, spec, tokenizer, arch)
     schedule = branch_schedule(spec)
     r = spec.rollout
-    sampler = build_sampler(r.engine, student_model(engine, arch, tokenizer, spec.seq_length), kv_cache_gb=r.kv_cache_gb,
-                            servers=r.sglang, trainer=engine, seed=spec.train.seed, need_entropy=needs_entropy(method),
-                            model_dir=student.config_dir, tokenizer_dir=tok_dir)
-    return Session(spec=spec, tokenizer=tokenizer, arch=arch, student_source=student, engine=engine,
-                   teachers={k: v for k, v in teachers.items()}, streams=_build_streams(spec, tokenizer),
-                   method=method, schedule=schedule, sampler=sampler, reference=reference)
+    sampler = build_sampler(
+        r.engine,
+        student_model(engine, arch, tokenizer, spec.seq_length),
+        kv_cache_gb=r.kv_cache_gb,
+        servers=r.sglang,
+        trainer=engine,
+        seed=spec.train.seed,
+        need_entropy=needs_entropy(method),
+        model_dir=student.config_dir,
+        tokenizer_dir=tok_dir,
+    )
+    return Session(
+        spec=spec,
+        tokenizer=tokenizer,
+        arch=arch,
+        student_source=student,
+        engine=engine,
+        teachers={k: v for k, v in teachers.items()},
+        streams=_build_streams(spec, tokenizer),
+        method=method,
+        schedule=schedule,
+        sampler=sampler,
+        reference=reference,
+    )
 
 
 def branch_schedule(spec: ExperimentSpec) -> BranchSchedule:
     """The branch schedule of `schedule` (mix_ratio kept as given: [0.75, 0.25] is 3:1, never truncated)."""
     s = spec.schedule
-    return BranchSchedule(mode=s.mode or "mixed", n_g=s.n_g, ratio=tuple(s.mix_ratio or [1.0, 1.0]))
+    general, domain = s.mix_ratio or [1.0, 1.0]
+    return BranchSchedule(mode=s.mode or "mixed", n_g=s.n_g, ratio=(general, domain))
 
 
 def student_model(engine: Engine, arch: ModelArch, tokenizer: Tokenizer, max_context: int) -> InProcessModel:
     """The student's chunks as an in-process rollout engine sees them."""
-    return InProcessModel(chunks=engine.chunks, groups=engine.groups, vocab_size=arch.vocab_size,
-                          max_context=max_context, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
-                          micro_batch_size=engine.micro_batch_size)
+    return InProcessModel(
+        chunks=engine.chunks,
+        groups=engine.groups,
+        vocab_size=arch.vocab_size,
+        max_context=max_context,
+        pad_id=tokenizer.pad_id,
+        eos_id=tokenizer.eos_id,
+        micro_batch_size=engine.micro_batch_size,
+    )
 
 
 def _is_mp_leader() -> bool:

@@ -18,7 +18,7 @@ from megatron_camopd.rollout.sampling import Rollout
 def _draw(session, n: int):
     streams = [x for group in session.streams.values() for x in group]
     out = []
-    for (cfg, stream), k in zip(streams, largest_remainder(n, [c.weight for c, _ in streams])):
+    for (_, stream), k in zip(streams, largest_remainder(n, [c.weight for c, _ in streams])):
         out.extend(stream.next_batch(k))
     return out
 
@@ -38,5 +38,6 @@ def sft_batch(session, step: int) -> tuple[dict[str, torch.Tensor], int]:
         r = Rollout(p.prompt_ids, resp, zeros, zeros, zeros.long(), "stop")
         samples.append(Sample(index=i, group=i, branch="all", prompt=p, teacher="", verifier=None, rollout=r))
     batch = StepBatch.of(samples, None, None, session.dp_rank, session.dp_size).megatron(
-        tok.pad_id, session.spec.train.micro_batch_size)
-    return batch, sum(len(s.rollout.response_ids) for s in samples)
+        tok.pad_id, session.spec.train.micro_batch_size
+    )
+    return batch, sum(len(s.rollout.response_ids) for s in samples if s.rollout is not None)

@@ -9,7 +9,6 @@ acceptance rate, margins...), rollout statistics (`rollout_failed`; with served 
 
 from __future__ import annotations
 
-
 import torch
 
 from megatron_camopd.algo.diagnostics import length_summary
@@ -28,7 +27,8 @@ def step_row(step: int, branch: str, samples, sig, signals, out: dict, t_rollout
         finished_stop=sum(s.rollout.finish_reason == "stop" for s in samples) / max(len(samples), 1),
         teacher_failed=sum(s.error is not None and "not_scored" not in s.meta for s in samples),
         rollout_failed=sum(s.meta.get("not_scored") == "rollout" for s in samples),
-        rollout_s=t_rollout, train_s=t_train,
+        rollout_s=t_rollout,
+        train_s=t_train,
         tokens_per_s=n_tokens / max(t_rollout + t_train, 1e-9),
     )
     row.update(stale_counts(samples))  # served rollouts: stale_samples (used), stale_dropped
@@ -42,8 +42,13 @@ def _per_sample_batches(session, step: StepBatch, full, rows, loss_spec):
     """One batch per candidate sample, each counted (a sample dropped by selection keeps its full-batch gradient)."""
     out = []
     for i in rows:
-        b = step.megatron(session.tokenizer.pad_id, session.spec.train.micro_batch_size,
-                          topk=loss_spec.kind == "topk", rows=[i], signals=full)
+        b = step.megatron(
+            session.tokenizer.pad_id,
+            session.spec.train.micro_batch_size,
+            topk=loss_spec.loss == "topk",
+            rows=[i],
+            signals=full,
+        )
         b["sample_weight"][0] = 1.0
         out.append(b)
     return out
@@ -54,6 +59,7 @@ def diagnostics_row(session, step: StepBatch, loss_spec, branch: str, cache: dic
     engine = session.engine
     row: dict = {}
     sig, signals, rows = step.sig, step.signals, step.rows
+    assert sig is not None and signals is not None, "diagnostics need an on-policy step"
     valid = [i for i in rows if torch.isfinite(sig.teacher_lp[i]).all()]
     valid = valid[: session.spec.logging.diagnostics_samples]  # None: all
     keep = [bool(signals.sample_weight[i] > 0) for i in valid]
@@ -71,8 +77,9 @@ def diagnostics_row(session, step: StepBatch, loss_spec, branch: str, cache: dic
         return row
     grads = {}
     for b, (part_step, r) in parts.items():  # every DP rank takes part, even with no rows of a branch
-        part = part_step.megatron(session.tokenizer.pad_id, session.spec.train.micro_batch_size,
-                                  topk=loss_spec.kind == "topk", rows=r)
+        part = part_step.megatron(
+            session.tokenizer.pad_id, session.spec.train.micro_batch_size, topk=loss_spec.loss == "topk", rows=r
+        )
         grads[b] = gd.branch_grad(engine, part, loss_spec, over_dp=True)
     if grads["general"][1] and grads["domain"][1]:
         row["diag_grad_dot"], row["diag_grad_cos"] = gd.dot_cosine(engine, grads["general"][0], grads["domain"][0])

@@ -32,16 +32,16 @@ from megatron_camopd.backend.checkpoint import load_checkpoint, save_checkpoint,
 from megatron_camopd.backend.forward import comm_device
 from megatron_camopd.backend.loss import LossSpec
 from megatron_camopd.config import load_spec
+from megatron_camopd.errors import CheckpointError
 from megatron_camopd.metrics import MetricsWriter
+from megatron_camopd.resume import ResumePlan, plan_resume
 from megatron_camopd.rollout.assemble import StepBatch, signal_batch
 from megatron_camopd.rollout.collect import collect_step
 from megatron_camopd.rollout.offline import balance_streams
 from megatron_camopd.rollout.pipeline import RolloutPipeline
 from megatron_camopd.rollout.staleness import staleness_metrics
-from megatron_camopd.resume import ResumePlan, plan_resume
 from megatron_camopd.session import Session, open_session
 from megatron_camopd.steplog import diagnostics_row, step_row
-from megatron_camopd.errors import CheckpointError
 
 log = logging.getLogger("megatron_camopd")
 EXIT_REQUEUE = 75
@@ -67,14 +67,21 @@ class Preemption:
 
 def _loss_spec(spec) -> LossSpec:
     m = spec.method
-    return LossSpec(kind=m.method_class().loss_kind(m.loss), is_mode=m.is_weight, eps_low=m.eps_low,
-                    eps_high=m.eps_high, is_cap=m.is_cap)
+    return LossSpec(
+        loss=m.method_class().loss_kind(m.loss),
+        is_weight=m.is_weight,
+        eps_low=m.eps_low,
+        eps_high=m.eps_high,
+        is_cap=m.is_cap,
+    )
 
 
 def _train_state(session: Session) -> dict:
-    state = {"spec": session.spec.to_dict(),  # resume compares it with the new spec (resume.py)
-             "schedule": session.schedule.state_dict(),
-             "streams": {cfg.name: s.state_dict() for streams in session.streams.values() for cfg, s in streams}}
+    state = {
+        "spec": session.spec.to_dict(),  # resume compares it with the new spec (resume.py)
+        "schedule": session.schedule.state_dict(),
+        "streams": {cfg.name: s.state_dict() for streams in session.streams.values() for cfg, s in streams},
+    }
     method_state = session.method.state_dict()
     if method_state:
         state["method"] = method_state
@@ -104,7 +111,9 @@ def _resume(session: Session, plan: ResumePlan) -> int:
     return int(state["step"])
 
 
-def run_step(session: Session, step: int, loss_spec: LossSpec, cache: dict, pipe: RolloutPipeline | None = None) -> dict:
+def run_step(
+    session: Session, step: int, loss_spec: LossSpec, cache: dict, pipe: RolloutPipeline | None = None
+) -> dict:
     """One on-policy step (with `pipe`: on the batch sampled while earlier steps trained); returns its metrics row."""
     spec, engine = session.spec, session.engine
     t0 = time.time()
@@ -120,7 +129,7 @@ def run_step(session: Session, step: int, loss_spec: LossSpec, cache: dict, pipe
     sig = signal_batch(samples, weights)
     signals = session.method.prepare(sig)
     step_batch = StepBatch.of(samples, sig, signals, session.dp_rank, session.dp_size)
-    batch = step_batch.megatron(session.tokenizer.pad_id, spec.train.micro_batch_size, topk=loss_spec.kind == "topk")
+    batch = step_batch.megatron(session.tokenizer.pad_id, spec.train.micro_batch_size, topk=loss_spec.loss == "topk")
     row = {}
     if spec.logging.diagnostics:
         if step % spec.logging.diagnostics_interval == 0:
@@ -152,17 +161,27 @@ def train(spec) -> dict:
         start = _resume(session, plan)
         if session.is_logger and start == 0:
             write_model_meta(spec.checkpoint.dir, session.student_source.hf_config(), session.tokenizer.path)
-        writer = MetricsWriter(spec.checkpoint.dir, spec.train.steps, start_step=start, enabled=session.is_logger,
-                               progress=spec.logging.progress, log_interval=spec.logging.log_interval,
-                               wandb_cfg=vars(spec.logging.wandb), run_config=spec.to_dict())
+        writer = MetricsWriter(
+            spec.checkpoint.dir,
+            spec.train.steps,
+            start_step=start,
+            enabled=session.is_logger,
+            progress=spec.logging.progress,
+            log_interval=spec.logging.log_interval,
+            wandb_cfg=vars(spec.logging.wandb),
+            run_config=spec.to_dict(),
+        )
         loss_spec = _loss_spec(spec)
         cache: dict = {}
         row: dict = {"step": start}
         if spec.rollout.max_staleness > 0 and session.method.on_policy:
             pipe = RolloutPipeline(session, start, session.resumed)
         for step in range(start, spec.train.steps):
-            row = run_step(session, step, loss_spec, cache, pipe) if session.method.on_policy \
+            row = (
+                run_step(session, step, loss_spec, cache, pipe)
+                if session.method.on_policy
                 else sft_step(session, step, loss_spec)
+            )
             writer.log(row)
             done = step + 1
             save_now = spec.checkpoint.save_interval and done % spec.checkpoint.save_interval == 0
@@ -172,8 +191,15 @@ def train(spec) -> dict:
                 state = _train_state(session)
                 if pipe is not None and (inflight := pipe.checkpoint_state(spec.checkpoint.dir, done)):
                     state["rollouts_in_flight"] = inflight
-                save_checkpoint(spec.checkpoint.dir, done, e.models(), e.optimizer, e.scheduler,
-                                state, keep_last=spec.checkpoint.keep_last)
+                save_checkpoint(
+                    spec.checkpoint.dir,
+                    done,
+                    e.models(),
+                    e.optimizer,
+                    e.scheduler,
+                    state,
+                    keep_last=spec.checkpoint.keep_last,
+                )
                 if pipe is not None:
                     pipe.prune(spec.checkpoint.dir)
             if stop:

@@ -16,6 +16,8 @@ def pytest_sessionstart(session) -> None:
     if shutil.which("bwrap") or os.geteuid() != 0 or not shutil.which("apt-get"):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                                               "bubblewrap"]):
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "bubblewrap"],
+    ):
         subprocess.run(cmd, env=env, check=False, timeout=900, stdout=subprocess.DEVNULL)

@@ -45,8 +45,13 @@ def _spec(root: Path, urls: list[str], k: int, ckpt: Path, args: argparse.Namesp
     spec["teachers"] = {n: {"hf_path": str(root / f"teacher_{n}")} for n in ("general", "domain")}
     for stream in spec["data"]["streams"]:
         stream["path"] = str(root / "data" / f"{stream['name']}.jsonl")
-    spec["rollout"].update(prompts_per_step=args.prompts, max_new_tokens=args.max_new_tokens, engine="sglang",
-                           max_staleness=k, sglang={"urls": urls, "timeout_s": 300.0, "dead_deadline_s": 60.0})
+    spec["rollout"].update(
+        prompts_per_step=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        engine="sglang",
+        max_staleness=k,
+        sglang={"urls": urls, "timeout_s": 300.0, "dead_deadline_s": 60.0},
+    )
     spec["train"].update(steps=args.steps)
     spec["checkpoint"] = {"dir": str(ckpt), "save_interval": 0, "resume": "never"}
     spec["logging"] = {"log_interval": 1, "progress": "off", "diagnostics": False}
@@ -56,8 +61,13 @@ def _spec(root: Path, urls: list[str], k: int, ckpt: Path, args: argparse.Namesp
 
 def _train(spec: Path, ckpt: Path, log: Path, threads: int) -> list[dict]:
     with log.open("w") as f:
-        rc = subprocess.run([sys.executable, "-m", "megatron_camopd.cli", "train", str(spec)], env=_env(threads),
-                            stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+        rc = subprocess.run(
+            [sys.executable, "-m", "megatron_camopd.cli", "train", str(spec)],
+            env=_env(threads),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            check=False,
+        ).returncode
     if rc != 0:
         raise SystemExit(f"training failed (exit {rc}); see {log}:\n{log.read_text()[-3000:]}")
     return [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -103,24 +113,33 @@ def main(argv: list[str] | None = None) -> int:
                 dts = _step_times(rows, args.warmup)
                 steps[k] += dts
                 if k == 0:
-                    body = rows[args.warmup + 1:]
+                    body = rows[args.warmup + 1 :]
                     gen += [r["rollout_s"] for r in body]
                     rest += [dt - r["rollout_s"] for dt, r in zip(dts, body)]
-                print(f"run {rep} k={k}: median step {statistics.median(dts):.3f}s over {len(dts)} steps",
-                      flush=True)
+                print(f"run {rep} k={k}: median step {statistics.median(dts):.3f}s over {len(dts)} steps", flush=True)
     finally:
         for r in replicas:
             r.stop()
     t_gen, t_train = statistics.median(gen), statistics.median(rest)
     s0, s1 = statistics.median(steps[0]), statistics.median(steps[1])
-    result = {"cores": os.cpu_count(), "replicas": args.replicas, "server_threads": args.server_threads,
-              "trainer_threads": args.trainer_threads, "t_gen_s": round(t_gen, 4), "t_train_s": round(t_train, 4),
-              "step_k0_s": round(s0, 4), "step_k1_s": round(s1, 4), "measured_ratio": round(s1 / s0, 4),
-              "expected_ratio": round(max(t_gen, t_train) / (t_gen + t_train), 4)}
-    print(f"t_gen {t_gen:.3f}s  t_train {t_train:.3f}s  step k=0 {s0:.3f}s  k=1 {s1:.3f}s  "
-          f"measured ratio {s1 / s0:.3f}  expected (perfect overlap) {result['expected_ratio']:.3f}  "
-          f"[{os.cpu_count()} cores, {args.replicas} servers x {args.server_threads} threads, trainer "
-          f"{args.trainer_threads} threads]")
+    result = {
+        "cores": os.cpu_count(),
+        "replicas": args.replicas,
+        "server_threads": args.server_threads,
+        "trainer_threads": args.trainer_threads,
+        "t_gen_s": round(t_gen, 4),
+        "t_train_s": round(t_train, 4),
+        "step_k0_s": round(s0, 4),
+        "step_k1_s": round(s1, 4),
+        "measured_ratio": round(s1 / s0, 4),
+        "expected_ratio": round(max(t_gen, t_train) / (t_gen + t_train), 4),
+    }
+    print(
+        f"t_gen {t_gen:.3f}s  t_train {t_train:.3f}s  step k=0 {s0:.3f}s  k=1 {s1:.3f}s  "
+        f"measured ratio {s1 / s0:.3f}  expected (perfect overlap) {result['expected_ratio']:.3f}  "
+        f"[{os.cpu_count()} cores, {args.replicas} servers x {args.server_threads} threads, trainer "
+        f"{args.trainer_threads} threads]"
+    )
     print(json.dumps(result))
     return 0
 

@@ -51,8 +51,13 @@ def _spec(root: Path, teachers: dict, ckpt: Path, args: argparse.Namespace, out:
 
 def _train(spec: Path, ckpt: Path, log: Path) -> list[dict]:
     with log.open("w") as f:
-        rc = subprocess.run([sys.executable, "-m", "megatron_camopd.cli", "train", str(spec)], env=_env(),
-                            stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+        rc = subprocess.run(
+            [sys.executable, "-m", "megatron_camopd.cli", "train", str(spec)],
+            env=_env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            check=False,
+        ).returncode
     if rc != 0:
         raise SystemExit(f"training failed (exit {rc}); see {log}:\n{log.read_text()[-3000:]}")
     return [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -60,8 +65,10 @@ def _train(spec: Path, ckpt: Path, log: Path) -> list[dict]:
 
 def _medians(rows: list[dict], warmup: int) -> tuple[float, float]:
     rows = rows[warmup:] or rows
-    return (statistics.median(r["rollout_s"] for r in rows),
-            statistics.median(r["rollout_s"] + r["train_s"] for r in rows))
+    return (
+        statistics.median(r["rollout_s"] for r in rows),
+        statistics.median(r["rollout_s"] + r["train_s"] for r in rows),
+    )
 
 
 def main() -> None:
@@ -85,16 +92,18 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     names = ("general", "domain")
     inproc = {n: {"hf_path": str(root / f"teacher_{n}")} for n in names}
-    rows_in = _train(_spec(root, inproc, work / "inproc", args, work / "inproc.yaml"), work / "inproc",
-                     work / "inproc.log")
+    rows_in = _train(
+        _spec(root, inproc, work / "inproc", args, work / "inproc.yaml"), work / "inproc", work / "inproc.log"
+    )
     replicas = {}
     try:
         for n in names:
             (work / f"serve_{n}").mkdir(exist_ok=True)
             replicas[n] = start_local_replicas(root / f"teacher_{n}", work / f"serve_{n}", args.replicas, env=_env())
         served = {n: {"urls": [r.url for r in replicas[n]]} for n in names}
-        rows_http = _train(_spec(root, served, work / "http", args, work / "http.yaml"), work / "http",
-                           work / "http.log")
+        rows_http = _train(
+            _spec(root, served, work / "http", args, work / "http.yaml"), work / "http", work / "http.log"
+        )
     finally:
         for reps in replicas.values():
             for r in reps:
@@ -103,13 +112,16 @@ def main() -> None:
     result = {
         "step_time_ratio_http_vs_inprocess": step_http / step_in,
         "rollout_phase_ratio_http_vs_inprocess": roll_http / roll_in,
-        "steps_measured": len(rows_in[args.warmup:]),
+        "steps_measured": len(rows_in[args.warmup :]),
         "replicas_per_teacher": args.replicas,
         "teacher_failed_http": sum(r["teacher_failed"] for r in rows_http),
         "max_loss_diff": max(abs(a["loss"] - b["loss"]) for a, b in zip(rows_in, rows_http)),
     }
-    print(f"step time, HTTP ({args.replicas} replicas/teacher) / in-process: {result['step_time_ratio_http_vs_inprocess']:.3f}")
-    print(f"rollout+scoring phase, HTTP / in-process:               {result['rollout_phase_ratio_http_vs_inprocess']:.3f}")
+    ratio = result["step_time_ratio_http_vs_inprocess"]
+    print(f"step time, HTTP ({args.replicas} replicas/teacher) / in-process: {ratio:.3f}")
+    print(
+        f"rollout+scoring phase, HTTP / in-process:               {result['rollout_phase_ratio_http_vs_inprocess']:.3f}"
+    )
     print(json.dumps(result))
 
 

@@ -37,15 +37,32 @@ def build(root: Path, hidden: int, layers: int, vocab: int, max_pos: int):
 
     make_tiny_tokenizer(root / "tok")
     heads = max(1, hidden // 64)
-    make_tiny_model(root / "model", root / "tok", seed=0, hidden_size=hidden, intermediate_size=3 * hidden,
-                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                    head_dim=hidden // heads, vocab_size=vocab, max_position_embeddings=max_pos)
+    make_tiny_model(
+        root / "model",
+        root / "tok",
+        seed=0,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=hidden // heads,
+        vocab_size=vocab,
+        max_position_embeddings=max_pos,
+    )
     init_distributed(1, 1, None, seed=0)
     arch = ModelArch.from_hf_dir(root / "model")
     chunks, _ = build_chunks(arch, 1, 1, None, "fp32")
     load_hf_weights(chunks, root / "model", arch, 0, 1, 0, 1)
-    model = InProcessModel(chunks, ParallelGroups.from_parallel_state(), arch.vocab_size, max_context=max_pos,
-                           pad_id=0, eos_id=None, micro_batch_size=10**6)
+    model = InProcessModel(
+        chunks,
+        ParallelGroups.from_parallel_state(),
+        arch.vocab_size,
+        max_context=max_pos,
+        pad_id=0,
+        eos_id=None,
+        micro_batch_size=10**6,
+    )
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32).eval()
@@ -80,9 +97,16 @@ def main() -> None:
 
     def run_hf(n: int) -> list[list[int]]:
         with torch.no_grad():
-            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, use_cache=True, pad_token_id=0)
-        return out[:, args.prompt_len:].tolist()
+            out = hf.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
+        return out[:, args.prompt_len :].tolist()
 
     def run_engine(name: str, n: int) -> list[list[int]]:
         params = SamplingParams(greedy=True, max_new_tokens=n)
@@ -103,12 +127,18 @@ def main() -> None:
         tok_s = {k: args.batch * n / v for k, v in best.items()}
         for k, v in best.items():
             per_token[k][n] = v / n
-        row = {"new_tokens": n, "megatron_tok_s": round(tok_s["megatron"], 1),
-               "reference_tok_s": round(tok_s["reference"], 1) if "reference" in tok_s else None,
-               "hf_tok_s": round(tok_s["hf"], 1), "megatron_vs_hf": round(tok_s["megatron"] / tok_s["hf"], 3),
-               "megatron_rows_equal_hf": sum(a == b for a, b in zip(toks["megatron"], toks["hf"])),
-               "reference_rows_equal_hf": (sum(a == b for a, b in zip(toks["reference"], toks["hf"]))
-                                           if "reference" in toks else None), "batch": args.batch}
+        row = {
+            "new_tokens": n,
+            "megatron_tok_s": round(tok_s["megatron"], 1),
+            "reference_tok_s": round(tok_s["reference"], 1) if "reference" in tok_s else None,
+            "hf_tok_s": round(tok_s["hf"], 1),
+            "megatron_vs_hf": round(tok_s["megatron"] / tok_s["hf"], 3),
+            "megatron_rows_equal_hf": sum(a == b for a, b in zip(toks["megatron"], toks["hf"])),
+            "reference_rows_equal_hf": (
+                sum(a == b for a, b in zip(toks["reference"], toks["hf"])) if "reference" in toks else None
+            ),
+            "batch": args.batch,
+        }
         print(json.dumps(row), flush=True)
     lo, hi = min(lengths), max(lengths)
     summary = {"per_token_time_ratio": f"{hi}/{lo}"}

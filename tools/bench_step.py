@@ -52,8 +52,7 @@ def main() -> None:
     mbs, pad = spec.train.micro_batch_size, session.tokenizer.pad_id
     # teacher top-k for the same samples (the routed in-process teachers)
     for s in samples:
-        s.scores = session.teachers[s.teacher].score_batch([s.rollout.ids], [len(s.prompt.prompt_ids)],
-                                                           args.topk)[0]
+        s.scores = session.teachers[s.teacher].score_batch([s.rollout.ids], [len(s.prompt.prompt_ids)], args.topk)[0]
     sig = signal_batch(samples, {})
 
     timings: dict[str, list[float]] = {"sft": [], "opd_pg": [], "opd_topk": [], "prepare": []}
@@ -65,14 +64,19 @@ def main() -> None:
         tk = dict(pg, seq_scale=pg["sample_weight"].clone())
         add_topk(tk, samples, rows, sig)
         sft = train_batch(samples, None, rows, pad, mbs, width, sft=True)
-        for name, batch, loss in (("sft", sft, LossSpec(kind="sft")), ("opd_pg", pg, LossSpec(kind="pg")),
-                                  ("opd_topk", tk, LossSpec(kind="topk"))):
+        for name, batch, loss in (
+            ("sft", sft, LossSpec(loss="sft")),
+            ("opd_pg", pg, LossSpec(loss="pg")),
+            ("opd_topk", tk, LossSpec(loss="topk")),
+        ):
             t = time.perf_counter()
             session.engine.train_step(batch, loss)
             timings[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in timings.items()}
-    print(f"batch: {len(samples)} sequences, {int(sig.mask.sum())} response tokens, width {width}, "
-          f"top-k {args.topk}, method {spec.method.name}, {args.repeats} repeats (ratios of medians)")
+    print(
+        f"batch: {len(samples)} sequences, {int(sig.mask.sum())} response tokens, width {width}, "
+        f"top-k {args.topk}, method {spec.method.name}, {args.repeats} repeats (ratios of medians)"
+    )
     print(f"opd_pg_step / sft_step              = {med['opd_pg'] / med['sft']:.3f}")
     print(f"opd_topk_step / sft_step            = {med['opd_topk'] / med['sft']:.3f}")
     print(f"(prepare + opd_pg_step) / sft_step  = {(med['prepare'] + med['opd_pg']) / med['sft']:.3f}")

@@ -1,4 +1,5 @@
-"""Token-level signals of the baselines named by the papers (arXiv:2605.27115 §4.2; Relaxed OPD arXiv:2603.11137, SelecTKD arXiv:2510.24021): Relaxed OPD, SelecTKD, ExOPD.
+"""Token-level signals of the baselines named by the papers (arXiv:2605.27115 §4.2; Relaxed OPD arXiv:2603.11137,
+SelecTKD arXiv:2510.24021): Relaxed OPD, SelecTKD, ExOPD.
 
 Each function maps rollout-time per-token quantities to a reward/advantage or a token weight; the method
 registry (``methods.py``) combines them with the shared policy-gradient loss.
@@ -45,7 +46,11 @@ def entropy_token_mask(entropy: Tensor, mask: Tensor, beta: float = 0.5) -> Tens
 
 
 def selectkd_weights(
-    student_top1: Tensor, teacher_topk_ids: Tensor, mask: Tensor, k: int = 5, beta: float = 0.01,
+    student_top1: Tensor,
+    teacher_topk_ids: Tensor,
+    mask: Tensor,
+    k: int = 5,
+    beta: float = 0.01,
 ) -> tuple[Tensor, float]:
     """SelecTKD propose-and-verify: ``(token_weight [B, T], acceptance_rate)``.
 
@@ -68,7 +73,11 @@ def selectkd_weights(
 
 
 def exopd_advantage(
-    teacher_lp: Tensor, student_lp: Tensor, ref_lp: Tensor, mask: Tensor, lam: float = 1.25,
+    teacher_lp: Tensor,
+    student_lp: Tensor,
+    ref_lp: Tensor,
+    mask: Tensor,
+    lam: float = 1.25,
 ) -> Tensor:
     """ExOPD (G-OPD) advantage ``lam (lp_T - lp_ref) - (lp_s - lp_ref)``, detached, 0 on padding.
 

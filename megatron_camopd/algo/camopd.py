@@ -1,4 +1,5 @@
-"""CaMOPD building blocks (CaMOPD (arXiv:2605.27115) §3.3, Eqs. (5)-(9)): branch schedule, gap scores, mass-target selection, branch scales.
+"""CaMOPD building blocks (CaMOPD (arXiv:2605.27115) §3.3, Eqs. (5)-(9)): branch schedule, gap scores, mass-target
+selection, branch scales.
 
 CaMOPD decouples the general-recovery branch (teacher = original model) from the domain-preservation branch
 (teacher = specialised model) with an alternating schedule ``G x n_g, D``, scores each rollout by its token-gap
@@ -47,8 +48,13 @@ class BranchSchedule:
             raise SpecError(f"schedule.n_d: expected an integer >= 0, got {n_d!r}")
         if mode == "alternate" and n_g + n_d == 0:
             raise SpecError("schedule.n_g: n_g + n_d must be > 0")
-        if len(ratio) != 2 or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)
-                                  or r < 0 for r in ratio) or sum(ratio) == 0:
+        if (
+            len(ratio) != 2
+            or any(
+                isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0 for r in ratio
+            )
+            or sum(ratio) == 0
+        ):
             raise SpecError(f"schedule.mix_ratio: expected two finite numbers >= 0, not both 0, got {ratio!r}")
         self.mode = mode
         self.n_g = n_g
@@ -84,12 +90,18 @@ class BranchSchedule:
         n_general = math.floor(n_prompts * g / (g + d) + Fraction(1, 2))
         return n_general, n_prompts - n_general
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, float]:
         """JSON-serialisable state: the step counter plus the configuration it is valid for."""
-        return {"step": self.step, "n_g": self.n_g, "n_d": self.n_d,
-                "ratio_g": self.ratio[0], "ratio_d": self.ratio[1], "mixed": int(self.mode == "mixed")}
+        return {
+            "step": self.step,
+            "n_g": self.n_g,
+            "n_d": self.n_d,
+            "ratio_g": self.ratio[0],
+            "ratio_d": self.ratio[1],
+            "mixed": int(self.mode == "mixed"),
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, float]) -> None:
         """Resume exactly; raises :class:`CheckpointError` if the checkpoint's schedule differs."""
         mine = self.state_dict()
         for key in ("n_g", "n_d", "ratio_g", "ratio_d", "mixed"):

@@ -66,7 +66,7 @@ def _average_ranks(x: Tensor) -> Tensor:
         j = i
         while j + 1 < n and sorted_x[j + 1] == sorted_x[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     return ranks
 
@@ -93,8 +93,12 @@ def spearman(x: Tensor | Sequence[float], y: Tensor | Sequence[float]) -> float:
 def _summary(v: Tensor, prefix: str) -> dict[str, float]:
     if v.numel() == 0:
         return {f"{prefix}_{k}": math.nan for k in ("mean", "median", "min", "max")}
-    return {f"{prefix}_mean": float(v.mean()), f"{prefix}_median": float(torch.quantile(v, 0.5)),
-            f"{prefix}_min": float(v.min()), f"{prefix}_max": float(v.max())}
+    return {
+        f"{prefix}_mean": float(v.mean()),
+        f"{prefix}_median": float(torch.quantile(v, 0.5)),
+        f"{prefix}_min": float(v.min()),
+        f"{prefix}_max": float(v.max()),
+    }
 
 
 def length_summary(lengths: Tensor, keep: Tensor) -> dict[str, float]:

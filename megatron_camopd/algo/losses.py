@@ -1,4 +1,5 @@
-"""Per-sequence distillation losses (MOPD §3.2; arXiv:2605.27115 Eqs. (2), (9)) and the selected-sequence reduction used in Megatron.
+"""Per-sequence distillation losses (MOPD §3.2; arXiv:2605.27115 Eqs. (2), (9)) and the selected-sequence reduction
+used in Megatron.
 
 Every loss here returns one value per sequence, the token mean over that sequence's response tokens, so that a
 sequence's weight in the final mean does not depend on its length. ``reduce_selected`` then sums the selected

@@ -4,7 +4,7 @@ Every method sees a :class:`SignalBatch` (teacher/rollout log-probs and optional
 ``mask``) and returns :class:`TrainSignals` (advantages, token weights, sample selection, metrics) that the Megatron
 loss consumes. The token gap is ``delta = teacher_lp - rollout_lp``: the student's log-probs *at rollout time*
 (``mu``), so signals are fixed before the update and the train-time mismatch is handled by the IS weight
-(``is_mode``, see ``weights.py``) inside the loss. A sample with a non-finite teacher/rollout (or other required)
+(``is_weight``, see ``weights.py``) inside the loss. A sample with a non-finite teacher/rollout (or other required)
 log-prob on a response token is dropped (``sample_weight = 0``), counted in ``metrics["n_nan_dropped"]``, and its
 values are zeroed so NaN never reaches an advantage. Empty rows are dropped too (``n_empty``).
 Loss forms: ``"pg"`` uses ``advantages * token_weight``; ``"topk"`` uses ``topk_seq_loss * seq_scale``; both
@@ -27,7 +27,7 @@ from megatron_camopd.algo.diagnostics import length_summary, selected_fraction, 
 from megatron_camopd.algo.losses import clip_advantage
 from megatron_camopd.algo.signals import SignalBatch, TrainSignals
 from megatron_camopd.algo.tokens import as_bool_mask, masked_seq_mean, nonfinite_rows, seq_lengths
-from megatron_camopd.algo.weights import IS_MODES
+from megatron_camopd.algo.weights import validate_is_params
 from megatron_camopd.errors import DataError, SpecError
 
 
@@ -35,11 +35,11 @@ from megatron_camopd.errors import DataError, SpecError
 class _Prepared:
     """Cleaned batch: NaN rows dropped, values zeroed off valid response tokens."""
 
-    m: Tensor            # bool [B, T], response tokens of valid rows only
-    valid: Tensor        # bool [B]
-    delta: Tensor        # [B, T]
-    alpha: Tensor        # [B]
-    lengths: Tensor      # [B]
+    m: Tensor  # bool [B, T], response tokens of valid rows only
+    valid: Tensor  # bool [B]
+    delta: Tensor  # [B, T]
+    alpha: Tensor  # [B]
+    lengths: Tensor  # [B]
     metrics: dict[str, float]
 
 
@@ -62,33 +62,26 @@ class Method:
 
     name: ClassVar[str] = ""
     loss_forms: ClassVar[tuple[str, ...]] = ("pg",)
-    on_policy: ClassVar[bool] = True            # trains on its own rollouts (SFT: on the streams' responses)
-    needs_teachers: ClassVar[bool] = True       # the teachers score every rollout token
-    needs_reference: ClassVar[bool] = False     # a frozen reference model scores them too (ExOPD)
+    on_policy: ClassVar[bool] = True  # trains on its own rollouts (SFT: on the streams' responses)
+    needs_teachers: ClassVar[bool] = True  # the teachers score every rollout token
+    needs_reference: ClassVar[bool] = False  # a frozen reference model scores them too (ExOPD)
     needs_both_branches: ClassVar[bool] = False  # general and domain streams (CaMOPD's decoupled branches)
-    default_schedule: ClassVar[str] = "mixed"   # `schedule.mode` when the spec leaves it out
-    default_n_samples: ClassVar[int] = 1        # `rollout.n_samples` when the spec leaves it out
-    default_selection: ClassVar[bool] = False   # `method.selection` when the spec leaves it out
+    default_schedule: ClassVar[str] = "mixed"  # `schedule.mode` when the spec leaves it out
+    default_n_samples: ClassVar[int] = 1  # `rollout.n_samples` when the spec leaves it out
+    default_selection: ClassVar[bool] = False  # `method.selection` when the spec leaves it out
     a_max: float | None = 5.0
-    is_mode: str = "mask"
-    is_eps_low: float = 0.5
-    is_eps_high: float = 5.0
+    is_weight: str = "mask"
+    eps_low: float = 0.5
+    eps_high: float = 5.0
     is_cap: float = 2.0
-    loss_form: str = "pg"
+    loss: str = "pg"
 
     def __post_init__(self) -> None:
         if self.a_max is not None and not self.a_max > 0:
             raise SpecError(f"{self.name}.a_max: expected a positive number or null, got {self.a_max}")
-        if self.is_mode not in IS_MODES:
-            raise SpecError(f"{self.name}.is_mode: expected one of {IS_MODES}, got {self.is_mode!r}")
-        if not 0.0 <= self.is_eps_low <= 1.0:
-            raise SpecError(f"{self.name}.is_eps_low: expected 0 <= eps_low <= 1, got {self.is_eps_low}")
-        if not self.is_eps_high >= 1.0:
-            raise SpecError(f"{self.name}.is_eps_high: expected eps_high >= 1, got {self.is_eps_high}")
-        if not self.is_cap > 0:
-            raise SpecError(f"{self.name}.is_cap: expected cap > 0, got {self.is_cap}")
-        if self.loss_form not in self.loss_forms:
-            raise SpecError(f"{self.name}.loss_form: expected one of {self.loss_forms}, got {self.loss_form!r}")
+        validate_is_params(self.is_weight, self.eps_low, self.eps_high, self.is_cap)
+        if self.loss not in self.loss_forms:
+            raise SpecError(f"{self.name}.loss: expected one of {self.loss_forms}, got {self.loss!r}")
 
     @classmethod
     def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
@@ -98,8 +91,14 @@ class Method:
     @classmethod
     def params(cls, cfg: Any, seed: int = 0) -> dict[str, Any]:
         """Constructor parameters from the spec's `method` section: the shared ones, then the method's own."""
-        common = dict(a_max=cfg.a_max, is_mode=cfg.is_weight, is_eps_low=cfg.eps_low, is_eps_high=cfg.eps_high,
-                      is_cap=cfg.is_cap, loss_form=cfg.loss)
+        common = dict(
+            a_max=cfg.a_max,
+            is_weight=cfg.is_weight,
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            is_cap=cfg.is_cap,
+            loss=cfg.loss,
+        )
         return {**common, **cls.config_params(cfg, seed)}
 
     @classmethod
@@ -115,7 +114,7 @@ class Method:
 
     @classmethod
     def loss_kind(cls, loss: str) -> str:
-        """The Megatron loss it trains with (backend/loss.py LossSpec.kind), given the spec's `method.loss`."""
+        """The Megatron loss it trains with (backend/loss.py LossSpec.loss), given the spec's `method.loss`."""
         return loss
 
     def without_selection(self) -> Method:
@@ -140,7 +139,7 @@ class Method:
 
     def required(self, batch: SignalBatch | None) -> list[str]:
         """Optional batch fields this method needs (missing -> DataError; non-finite on a token -> drop)."""
-        return ["teacher_topk_lp", "teacher_topk_ids"] if self.loss_form == "topk" else []
+        return ["teacher_topk_lp", "teacher_topk_ids"] if self.loss == "topk" else []
 
     def prepare(self, batch: SignalBatch) -> TrainSignals:
         """Compute the training signals of ``batch``."""
@@ -164,7 +163,8 @@ class Method:
                 raise DataError(f"{self.name}: batch field {name!r} is required")
         mask = as_bool_mask(batch.mask)
         checked = [batch.teacher_lp, batch.rollout_lp] + [
-            getattr(batch, n) for n in self.required(batch) if getattr(batch, n).is_floating_point()]
+            getattr(batch, n) for n in self.required(batch) if getattr(batch, n).is_floating_point()
+        ]
         bad = nonfinite_rows(mask, *checked)
         lengths = seq_lengths(mask)
         valid = ~bad & (lengths > 0)
@@ -176,9 +176,11 @@ class Method:
         alpha = torch.ones(mask.shape[0], device=dev) if tw is None else tw.float()
         n_tok = max(int(m.sum()), 1)
         metrics: dict[str, float] = {
-            "n_samples": float(mask.shape[0]), "n_nan_dropped": float(bad.sum()),
+            "n_samples": float(mask.shape[0]),
+            "n_nan_dropped": float(bad.sum()),
             "n_empty": float(((lengths == 0) & ~bad).sum()),
-            "mean_gap": float(delta.sum()) / n_tok, "reverse_kl": float(-delta.sum()) / n_tok,
+            "mean_gap": float(delta.sum()) / n_tok,
+            "reverse_kl": float(-delta.sum()) / n_tok,
             "mean_abs_gap": float(delta.abs().sum()) / n_tok,
         }
         if batch.entropy is not None:
@@ -209,7 +211,8 @@ class MOPD(OPD):
 
 @dataclass
 class CaMOPD(Method):
-    """CaMOPD: per-branch mass-target selection on gap scores and branch scales ``r_b`` (arXiv:2605.27115 §3.3, Eqs. (6)-(9))."""
+    """CaMOPD: per-branch mass-target selection on gap scores and branch scales ``r_b`` (arXiv:2605.27115 §3.3, Eqs.
+    (6)-(9))."""
 
     name: ClassVar[str] = "camopd"
     loss_forms: ClassVar[tuple[str, ...]] = ("pg", "topk")
@@ -275,26 +278,34 @@ class UniOPD(Method):
 
     name: ClassVar[str] = "uniopd"
     default_n_samples: ClassVar[int] = 16
-    target_margin: float = 0.4
+    delta_star: float = 0.4
     margin_mode: str = "mean"
-    margin_scope: str = "group"
-    calibration: str = "shift"          # shift | mask | none
-    shift_direction: str = "spread"     # lift | suppress | spread
+    scope: str = "group"
+    calibration: str = "shift"  # shift | mask | none
+    shift: str = "spread"  # lift | suppress | spread
     mask_min_frac: float = 0.25
-    balance: bool = True
+    online_balance: bool = True
     balance_ratio: float = 1.0
     seed: int = 0
-    advantage: str = "token"            # token: shifted token rewards; return: G broadcast to every token
-    offline_balance: bool = False       # rebalance the streams by pass counts before training (rollout/offline.py)
+    advantage: str = "token"  # token: shifted token rewards; return: G broadcast to every token
+    offline_balance: bool = False  # rebalance the streams by pass counts before training (rollout/offline.py)
     _calls: int = field(default=0, init=False, repr=False)
 
     @classmethod
     def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
         u = cfg.uniopd
-        return dict(target_margin=u.delta_star, margin_mode=u.margin_mode, margin_scope=u.scope,
-                    calibration=u.calibration, shift_direction=u.shift, mask_min_frac=u.mask_min_frac,
-                    balance=u.online_balance, balance_ratio=u.balance_ratio, seed=seed,
-                    offline_balance=u.offline_balance)
+        return dict(
+            delta_star=u.delta_star,
+            margin_mode=u.margin_mode,
+            scope=u.scope,
+            calibration=u.calibration,
+            shift=u.shift,
+            mask_min_frac=u.mask_min_frac,
+            online_balance=u.online_balance,
+            balance_ratio=u.balance_ratio,
+            seed=seed,
+            offline_balance=u.offline_balance,
+        )
 
     def balances_streams(self) -> bool:
         return self.offline_balance
@@ -305,9 +316,13 @@ class UniOPD(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        choices = {"margin_mode": ("mean", "minmax"), "margin_scope": ("group", "global"),
-                   "calibration": ("shift", "mask", "none"), "shift_direction": ("lift", "suppress", "spread"),
-                   "advantage": ("token", "return")}
+        choices = {
+            "margin_mode": ("mean", "minmax"),
+            "scope": ("group", "global"),
+            "calibration": ("shift", "mask", "none"),
+            "shift": ("lift", "suppress", "spread"),
+            "advantage": ("token", "return"),
+        }
         for f, allowed in choices.items():
             if getattr(self, f) not in allowed:
                 raise SpecError(f"uniopd.{f}: expected one of {allowed}, got {getattr(self, f)!r}")
@@ -331,24 +346,32 @@ class UniOPD(Method):
         reward, group = batch.reward.float(), batch.group.long()
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._calls)
         self._calls += 1
-        keep = uniopd.balance_correctness(reward, group, self.balance_ratio, gen, p.valid) if self.balance else p.valid
+        keep = (
+            uniopd.balance_correctness(reward, group, self.balance_ratio, gen, p.valid)
+            if self.online_balance
+            else p.valid
+        )
         p.metrics["balance_dropped"] = float((p.valid & ~keep).sum())
         rewards = clip_advantage(p.delta, self.a_max) * p.alpha.unsqueeze(-1)
-        before = uniopd.group_margins(uniopd.trajectory_returns(rewards, p.m), reward, group, self.margin_mode,
-                                      self.margin_scope, keep)
+        before = uniopd.group_margins(
+            uniopd.trajectory_returns(rewards, p.m), reward, group, self.margin_mode, self.scope, keep
+        )
         if self.calibration == "shift":
-            res = uniopd.margin_shift(rewards, p.m, reward, group, self.target_margin, self.shift_direction,
-                                      self.margin_mode, self.margin_scope, keep)
+            res = uniopd.margin_shift(
+                rewards, p.m, reward, group, self.delta_star, self.shift, self.margin_mode, self.scope, keep
+            )
             rewards = res.token_rewards
             p.metrics["groups_shifted"] = float((res.shift > 0).sum())
         elif self.calibration == "mask":
             g = uniopd.trajectory_returns(rewards, p.m)
-            mkeep = uniopd.greedy_margin_mask(g, reward, group, self.target_margin, self.margin_mode,
-                                              self.mask_min_frac, self.margin_scope, keep)
+            mkeep = uniopd.greedy_margin_mask(
+                g, reward, group, self.delta_star, self.margin_mode, self.mask_min_frac, self.scope, keep
+            )
             p.metrics["margin_masked"] = float((keep & ~mkeep).sum())
             keep = mkeep
-        after = uniopd.group_margins(uniopd.trajectory_returns(rewards, p.m), reward, group, self.margin_mode,
-                                     self.margin_scope, keep)
+        after = uniopd.group_margins(
+            uniopd.trajectory_returns(rewards, p.m), reward, group, self.margin_mode, self.scope, keep
+        )
         for key, gm in (("margin_before", before), ("margin_after", after)):
             defined = gm.margin[~torch.isnan(gm.margin)]
             p.metrics[key] = float(defined.mean()) if defined.numel() else math.nan

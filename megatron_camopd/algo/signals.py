@@ -18,17 +18,17 @@ class SignalBatch:
     """Everything known after rollout + teacher scoring; all ``[B, T]`` unless noted."""
 
     mask: Tensor
-    teacher_lp: Tensor                       # log pi_T(y_t|h_t) from the teacher this sample was routed to
-    rollout_lp: Tensor                       # log mu(y_t|h_t) from the rollout engine
-    branch: list[str]                        # per sample: "general" | "domain" (MOPD/OPD accept any domain name)
-    entropy: Tensor | None = None            # student entropy per position (rollout time)
-    student_top1: Tensor | None = None       # student's argmax id per position (long)
-    teacher_topk_ids: Tensor | None = None   # [B, T, K] long
-    teacher_topk_lp: Tensor | None = None    # [B, T, K]
-    ref_lp: Tensor | None = None             # initial-student log-probs (ExOPD)
-    reward: Tensor | None = None             # [B] outcome reward in {0, 1} (Uni-OPD)
-    group: Tensor | None = None              # [B] long prompt group id (Uni-OPD)
-    teacher_weight: Tensor | None = None     # [B] alpha_k of the routed teacher (default 1)
+    teacher_lp: Tensor  # log pi_T(y_t|h_t) from the teacher this sample was routed to
+    rollout_lp: Tensor  # log mu(y_t|h_t) from the rollout engine
+    branch: list[str]  # per sample: "general" | "domain" (MOPD/OPD accept any domain name)
+    entropy: Tensor | None = None  # student entropy per position (rollout time)
+    student_top1: Tensor | None = None  # student's argmax id per position (long)
+    teacher_topk_ids: Tensor | None = None  # [B, T, K] long
+    teacher_topk_lp: Tensor | None = None  # [B, T, K]
+    ref_lp: Tensor | None = None  # initial-student log-probs (ExOPD)
+    reward: Tensor | None = None  # [B] outcome reward in {0, 1} (Uni-OPD)
+    group: Tensor | None = None  # [B] long prompt group id (Uni-OPD)
+    teacher_weight: Tensor | None = None  # [B] alpha_k of the routed teacher (default 1)
 
     def __post_init__(self) -> None:
         bt = tuple(self.mask.shape)
@@ -54,8 +54,8 @@ class SignalBatch:
 class TrainSignals:
     """What the Megatron loss needs. ``advantages`` are detached, already scaled (r_b, alpha), 0 where masked."""
 
-    advantages: Tensor            # [B, T]
-    token_weight: Tensor          # [B, T] 1 normally; SelecTKD / entropy mask; 0 on padding
-    sample_weight: Tensor         # [B] 1 = selected, 0 = dropped
+    advantages: Tensor  # [B, T]
+    token_weight: Tensor  # [B, T] 1 normally; SelecTKD / entropy mask; 0 on padding
+    sample_weight: Tensor  # [B] 1 = selected, 0 = dropped
     metrics: dict[str, float]
     seq_scale: Tensor | None = None  # [B] r_b * alpha for the top-k form (the pg form has it in advantages)

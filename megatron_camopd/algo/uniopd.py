@@ -1,4 +1,5 @@
-"""Uni-OPD (§3.3 data balancing, §3.4 outcome-guided margin calibration): trajectory returns, outcome-guided margin calibration and data balancing.
+"""Uni-OPD (§3.3 data balancing, §3.4 outcome-guided margin calibration): trajectory returns, outcome-guided margin
+calibration and data balancing.
 
 Uni-OPD checks that the teacher's trajectory-level return ``G = (1/T) sum_t r_t`` ranks correct rollouts above
 incorrect ones of the same prompt by a margin ``delta*``; if not, it shifts the token rewards (Margin Shift) or
@@ -34,7 +35,7 @@ def _groups(group: Tensor, scope: str, n: int) -> Tensor:
     if scope == "global":
         return torch.zeros(n, dtype=torch.long, device=group.device if group is not None else None)
     if scope != "group":
-        raise SpecError(f"margin_scope: expected 'group' or 'global', got {scope!r}")
+        raise SpecError(f"scope: expected 'group' or 'global', got {scope!r}")
     return group
 
 
@@ -55,8 +56,12 @@ class GroupMargins:
 
 
 def group_margins(
-    returns: Tensor, reward: Tensor, group: Tensor, mode: MarginMode | str = "mean",
-    scope: Scope | str = "group", valid: Tensor | None = None,
+    returns: Tensor,
+    reward: Tensor,
+    group: Tensor,
+    mode: MarginMode | str = "mean",
+    scope: Scope | str = "group",
+    valid: Tensor | None = None,
 ) -> GroupMargins:
     """Prompt-level margin ``m(x)``: mean mode ``mean_{S+} G - mean_{S-} G``; minmax ``min_{S+} G - max_{S-} G``."""
     grp = _groups(group, scope, returns.shape[0])
@@ -83,8 +88,14 @@ class MarginShiftResult:
 
 
 def margin_shift(
-    token_rewards: Tensor, mask: Tensor, reward: Tensor, group: Tensor, target: float = 0.4,
-    direction: ShiftDirection | str = "spread", mode: MarginMode | str = "mean", scope: Scope | str = "group",
+    token_rewards: Tensor,
+    mask: Tensor,
+    reward: Tensor,
+    group: Tensor,
+    target: float = 0.4,
+    direction: ShiftDirection | str = "spread",
+    mode: MarginMode | str = "mean",
+    scope: Scope | str = "group",
     valid: Tensor | None = None,
 ) -> MarginShiftResult:
     """Margin Shift: where ``m(x) < target``, move ``S+`` up and/or ``S-`` down by ``Delta = target - m(x)``.
@@ -94,7 +105,7 @@ def margin_shift(
     ``m(x) = target`` and the order inside ``S+`` and ``S-`` is unchanged. Undefined margins leave the group as is.
     """
     if direction not in ("lift", "suppress", "spread"):
-        raise SpecError(f"margin_shift_direction: expected lift|suppress|spread, got {direction!r}")
+        raise SpecError(f"shift: expected lift|suppress|spread, got {direction!r}")
     m = as_bool_mask(mask)
     ok = seq_lengths(m) > 0
     if valid is not None:
@@ -120,8 +131,14 @@ def margin_shift(
 
 
 def greedy_margin_mask(
-    returns: Tensor, reward: Tensor, group: Tensor, target: float = 0.4, mode: MarginMode | str = "mean",
-    min_frac: float = 0.25, scope: Scope | str = "group", valid: Tensor | None = None,
+    returns: Tensor,
+    reward: Tensor,
+    group: Tensor,
+    target: float = 0.4,
+    mode: MarginMode | str = "mean",
+    min_frac: float = 0.25,
+    scope: Scope | str = "group",
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Greedy Margin Mask: bool keep ``[B]``.
 
@@ -164,7 +181,10 @@ def greedy_margin_mask(
 
 
 def balance_correctness(
-    reward: Tensor, group: Tensor, ratio: float = 1.0, generator: torch.Generator | None = None,
+    reward: Tensor,
+    group: Tensor,
+    ratio: float = 1.0,
+    generator: torch.Generator | None = None,
     valid: Tensor | None = None,
 ) -> Tensor:
     """Online correctness-aware balancing: bool keep ``[B]``.
@@ -206,8 +226,12 @@ class OfflineBalance:
 
 
 def offline_difficulty_balance(
-    pass_counts: list[int], n_rollouts: int = 8, shape: Literal["u", "mirrored_j"] | str = "u",
-    low: int | None = None, high: int | None = None, factor: int = 2,
+    pass_counts: list[int],
+    n_rollouts: int = 8,
+    shape: Literal["u", "mirrored_j"] | str = "u",
+    low: int | None = None,
+    high: int | None = None,
+    factor: int = 2,
 ) -> OfflineBalance:
     """Offline difficulty-aware balancing: repeat prompts whose pass count is in ``[low, high]`` ``factor`` times.
 

@@ -1,4 +1,5 @@
-"""Training/inference importance-sampling weights ``w_t`` (the truncated IS weight of MOPD §3.2 and arXiv:2605.27115 Eq. (2)).
+"""Training/inference importance-sampling weights ``w_t`` (the truncated IS weight of MOPD §3.2 and arXiv:2605.27115
+Eq. (2)).
 
 The rollout engine ``mu`` and the training engine ``pi_s`` compute slightly different probabilities for the same
 tokens; the MiMo-V2-Flash form (cited by CaMOPD Eq. 2) reweights each token by ``ratio_t = pi_s / mu`` and masks
@@ -23,11 +24,11 @@ IS_MODES: tuple[str, ...] = ("mask", "truncate", "none")
 def validate_is_params(mode: str, eps_low: float, eps_high: float, cap: float) -> None:
     """Raise :class:`SpecError` naming the field when an IS parameter is out of range."""
     if mode not in IS_MODES:
-        raise SpecError(f"is_mode: expected one of {IS_MODES}, got {mode!r}")
+        raise SpecError(f"is_weight: expected one of {IS_MODES}, got {mode!r}")
     if not 0.0 <= eps_low <= 1.0:
-        raise SpecError(f"is_eps_low: expected 0 <= eps_low <= 1, got {eps_low}")
+        raise SpecError(f"eps_low: expected 0 <= eps_low <= 1, got {eps_low}")
     if not eps_high >= 1.0:
-        raise SpecError(f"is_eps_high: expected eps_high >= 1, got {eps_high}")
+        raise SpecError(f"eps_high: expected eps_high >= 1, got {eps_high}")
     if not cap > 0.0:
         raise SpecError(f"is_cap: expected cap > 0, got {cap}")
 

@@ -37,6 +37,7 @@ model on the cluster, and a TE checkpoint loads into the local spec (conversion,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import queue
@@ -49,10 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import logging
-
-from megatron.core import dist_checkpointing
-from megatron.core import tensor_parallel
+from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -145,8 +143,15 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def save_checkpoint(root, step: int, models: list, optimizer=None, scheduler=None, train_state: dict | None = None,
-                    keep_last: int | None = None) -> Path:
+def save_checkpoint(
+    root,
+    step: int,
+    models: list,
+    optimizer=None,
+    scheduler=None,
+    train_state: dict | None = None,
+    keep_last: int | None = None,
+) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     root = Path(root)
     rank = dist.get_rank()
@@ -199,10 +204,13 @@ def _check_optimizer_loadable(optimizer) -> None:
     from megatron.core.optimizer import distrib_optimizer
 
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    if any(isinstance(s, distrib_optimizer.DistributedOptimizer) for s in subs) and \
-            not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False):
-        raise CheckpointError("resuming train.distributed_optimizer=true needs TransformerEngine or Apex (GPU); "
-                              "on CPU set train.distributed_optimizer=false (model-only loads work either way)")
+    if any(isinstance(s, distrib_optimizer.DistributedOptimizer) for s in subs) and not getattr(
+        distrib_optimizer, "HAVE_APEX_OR_TE", False
+    ):
+        raise CheckpointError(
+            "resuming train.distributed_optimizer=true needs TransformerEngine or Apex (GPU); "
+            "on CPU set train.distributed_optimizer=false (model-only loads work either way)"
+        )
 
 
 def _describe(exc: BaseException) -> str:
@@ -216,8 +224,18 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
-               zipfile.BadZipFile, AttributeError, IndexError)
+_UNREADABLE = (
+    OSError,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    KeyError,
+    TypeError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    AttributeError,
+    IndexError,
+)
 
 
 def _torch_load(path: Path):
@@ -245,8 +263,9 @@ def read_train_state(path: str | os.PathLike) -> dict:
     return _read_train_state(Path(path))
 
 
-def load_checkpoint(path, models: list, optimizer=None, scheduler=None, *, strict: bool = True,
-                    verify: bool = True) -> dict:
+def load_checkpoint(
+    path, models: list, optimizer=None, scheduler=None, *, strict: bool = True, verify: bool = True
+) -> dict:
     """Collective: load model (+ optimizer, scheduler, RNG when present) from `path`; returns train_state.
 
     The manifest is verified first (skip with verify=False when the caller just did). Hyperparameters come from
@@ -323,11 +342,18 @@ def _check_absent(path: Path, unexpected: set) -> None:
     extra = sorted(k for k in unexpected if k.split("/")[0].endswith(EXTRA_STATE))
     others = sorted(set(unexpected) - set(extra))
     if others:
-        raise CheckpointError(f"{path}: the checkpoint has no {', '.join(others[:4])}"
-                              + (f" (+{len(others) - 4} more)" if len(others) > 4 else ""))
+        raise CheckpointError(
+            f"{path}: the checkpoint has no {', '.join(others[:4])}"
+            + (f" (+{len(others) - 4} more)" if len(others) > 4 else "")
+        )
     if extra:
-        log.info("%s: %d _extra_state entries (TransformerEngine FP8 state) not in the checkpoint, e.g. %s; "
-                 "kept at their initial values", path, len(extra), extra[0])
+        log.info(
+            "%s: %d _extra_state entries (TransformerEngine FP8 state) not in the checkpoint, e.g. %s; "
+            "kept at their initial values",
+            path,
+            len(extra),
+            extra[0],
+        )
 
 
 def load_model_only(path, models: list) -> dict:
@@ -347,8 +373,10 @@ def write_model_meta(root, hf_config: dict, tokenizer_dir=None) -> Path:
     os.replace(tmp, meta / "config.json")
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():
-            if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json",
-                                                                              "merges.txt", "chat_template.jinja")):
+            if f.is_file() and (
+                f.name.startswith("tokenizer")
+                or f.name in ("special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
+            ):
                 shutil.copy2(f, meta / f.name)
     return meta
 

@@ -17,7 +17,8 @@ unmodified library runs on CPU over gloo:
   inert stand-ins (needed by megatron-core 0.17+).
 
 When CUDA is available the function does nothing. Function modes are thread-local in torch, so a thread
-other than the main one that runs megatron-core code calls ``activate_cpu_runtime()`` itself. ``init_distributed`` / ``destroy_distributed`` start and stop
+other than the main one that runs megatron-core code calls ``activate_cpu_runtime()`` itself. ``init_distributed`` /
+``destroy_distributed`` start and stop
 torch.distributed (gloo on CPU, nccl on GPU) and megatron's ``parallel_state``.
 """
 
@@ -177,27 +178,27 @@ def _null_context_fn() -> Callable[..., contextlib.AbstractContextManager]:
 
 
 def _patch_cuda_namespace() -> None:
-    cuda = torch.cuda
-    cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
-    cuda.set_device = _noop_fn()  # type: ignore[assignment]
-    cuda.synchronize = _noop_fn()  # type: ignore[assignment]
-    cuda.empty_cache = _noop_fn()  # type: ignore[assignment]
+    cuda: Any = torch.cuda  # patched attribute by attribute (torch's stubs type the real functions)
+    cuda.current_device = lambda: torch.device("cpu")
+    cuda.set_device = _noop_fn()
+    cuda.synchronize = _noop_fn()
+    cuda.empty_cache = _noop_fn()
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
         setattr(cuda, name, _zero_fn())
-    cuda.reset_peak_memory_stats = _noop_fn()  # type: ignore[assignment]
-    cuda.reset_max_memory_allocated = _noop_fn()  # type: ignore[assignment]
-    cuda.memory_stats = lambda *a, **k: {}  # type: ignore[assignment]
-    cuda.mem_get_info = lambda *a, **k: (0, 0)  # type: ignore[assignment]
-    cuda.Stream = _FakeStream  # type: ignore[assignment,misc]
-    cuda.ExternalStream = _FakeStream  # type: ignore[assignment,misc]
-    cuda.Event = _FakeEvent  # type: ignore[assignment,misc]
-    cuda.current_stream = lambda *a, **k: _DEFAULT_STREAM  # type: ignore[assignment]
-    cuda.default_stream = lambda *a, **k: _DEFAULT_STREAM  # type: ignore[assignment]
-    cuda.stream = _null_context_fn()  # type: ignore[assignment]
-    cuda.set_stream = _noop_fn()  # type: ignore[assignment]
-    cuda.nvtx.range_push = _noop_fn()  # type: ignore[assignment]
-    cuda.nvtx.range_pop = _noop_fn()  # type: ignore[assignment]
-    cuda.nvtx.range = _null_context_fn()  # type: ignore[assignment]
+    cuda.reset_peak_memory_stats = _noop_fn()
+    cuda.reset_max_memory_allocated = _noop_fn()
+    cuda.memory_stats = lambda *a, **k: {}
+    cuda.mem_get_info = lambda *a, **k: (0, 0)
+    cuda.Stream = _FakeStream
+    cuda.ExternalStream = _FakeStream
+    cuda.Event = _FakeEvent
+    cuda.current_stream = lambda *a, **k: _DEFAULT_STREAM
+    cuda.default_stream = lambda *a, **k: _DEFAULT_STREAM
+    cuda.stream = _null_context_fn()
+    cuda.set_stream = _noop_fn()
+    cuda.nvtx.range_push = _noop_fn()
+    cuda.nvtx.range_pop = _noop_fn()
+    cuda.nvtx.range = _null_context_fn()
 
     # RNG: the CUDA generator becomes the CPU default generator.
     def get_rng_state(device: Any = "cuda") -> torch.Tensor:
@@ -209,12 +210,12 @@ def _patch_cuda_namespace() -> None:
     def manual_seed(seed: int) -> None:
         torch.default_generator.manual_seed(int(seed))
 
-    cuda.get_rng_state = get_rng_state  # type: ignore[assignment]
-    cuda.set_rng_state = set_rng_state  # type: ignore[assignment]
-    cuda.manual_seed = manual_seed  # type: ignore[assignment]
-    cuda.random.get_rng_state = get_rng_state  # type: ignore[assignment]
-    cuda.random.set_rng_state = set_rng_state  # type: ignore[assignment]
-    cuda.random.manual_seed = manual_seed  # type: ignore[assignment]
+    cuda.get_rng_state = get_rng_state
+    cuda.set_rng_state = set_rng_state
+    cuda.manual_seed = manual_seed
+    cuda.random.get_rng_state = get_rng_state
+    cuda.random.set_rng_state = set_rng_state
+    cuda.random.manual_seed = manual_seed
 
 
 def _patch_megatron_rng() -> None:
@@ -318,8 +319,9 @@ def init_distributed(
         if world_size == 1:
             # A world of one needs no rendezvous: an in-memory store opens no port, so an inherited or busy
             # MASTER_PORT (a parent process's, a test runner's) can never collide with it.
-            torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(), rank=0,
-                                                 world_size=1, timeout=timeout)
+            torch.distributed.init_process_group(
+                backend=backend, store=torch.distributed.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             if "MASTER_PORT" not in os.environ:

@@ -37,8 +37,9 @@ def _counting_finalize(counts: list):
     def finalize(model, num_tokens=None, **kwargs):
         if num_tokens is not None and ps.get_pipeline_model_parallel_world_size() > 1:
             num_tokens = num_tokens.clone()
-            dist.broadcast(num_tokens, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
+            dist.broadcast(
+                num_tokens, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+            )
         counts.append(int(num_tokens) if num_tokens is not None else 0)
 
     return finalize
@@ -110,8 +111,9 @@ def _mp_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def branch_grad(engine, batch, loss_spec, *, over_dp: bool = False, out: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, int]:
+def branch_grad(
+    engine, batch, loss_spec, *, over_dp: bool = False, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """(gradient of the mean selected-sequence loss, number of selected sequences) at the current parameters.
 
     `over_dp=False`: this rank's rows only. `over_dp=True`: every DP rank passes its slice and gets the gradient
@@ -133,7 +135,7 @@ def branch_grad(engine, batch, loss_spec, *, over_dp: bool = False, out: torch.T
 def dot_cosine(engine, g1: torch.Tensor, g2: torch.Tensor) -> tuple[float, float]:
     """Global dot product and cosine of two flat gradients (summed over the model-parallel group)."""
     dot, n1, n2 = _mp_sum(torch.stack([_dot(g1, g2), _sumsq([g1]), _sumsq([g2])])).tolist()
-    denom = (n1 ** 0.5) * (n2 ** 0.5)
+    denom = (n1**0.5) * (n2**0.5)
     return dot, (dot / denom if denom > 0 else float("nan"))
 
 

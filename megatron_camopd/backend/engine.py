@@ -1,7 +1,8 @@
 """The student's training engine: megatron-core model chunks, DDP, optimizer, LR schedule and one training step.
 
 `Engine.train_step(batch, loss_spec)` runs the spec's loss over micro-batches through megatron-core's schedule
-(TP/PP/DP; each micro-batch at its own padded width, see backend/forward.py), finalises gradients (per-selected-sequence normalisation, see backend/loss.py), clips, and steps the
+(TP/PP/DP; each micro-batch at its own padded width, see backend/forward.py), finalises gradients
+(per-selected-sequence normalisation, see backend/loss.py), clips, and steps the
 Megatron optimizer and LR schedule. `Engine.forward(batch, fn)` is a forward-only pass used for generation,
 reference log-probs and evaluation. Frozen teachers reuse `build_model_chunks` without DDP or optimizer.
 """
@@ -9,8 +10,8 @@ reference log-probs and evaluation. Frozen teachers reuse `build_model_chunks` w
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -18,8 +19,14 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_camopd.backend.forward import (ParallelGroups, comm_device, forward_collect, run_schedule,
-                                             split_microbatches, width_multiple)
+from megatron_camopd.backend.forward import (
+    ParallelGroups,
+    comm_device,
+    forward_collect,
+    run_schedule,
+    split_microbatches,
+    width_multiple,
+)
 from megatron_camopd.backend.loss import LossSpec, make_loss_func
 from megatron_camopd.backend.model import ModelArch, build_model_chunks, transformer_config
 
@@ -57,24 +64,45 @@ def unwrap(chunk):
 
 def ddp_fields(o: OptimSettings) -> dict:
     """megatron-core DistributedDataParallelConfig fields of the student (also printed by `camopd plan`)."""
-    return {"grad_reduce_in_fp32": True, "overlap_grad_reduce": False,
-            "use_distributed_optimizer": o.distributed_optimizer}
+    return {
+        "grad_reduce_in_fp32": True,
+        "overlap_grad_reduce": False,
+        "use_distributed_optimizer": o.distributed_optimizer,
+    }
 
 
 def optimizer_fields(o: OptimSettings, dtype: str, params_dtype: torch.dtype) -> dict:
     """megatron-core OptimizerConfig fields of the student (also printed by `camopd plan`)."""
-    return {"optimizer": "adam", "lr": o.lr, "min_lr": o.min_lr, "weight_decay": o.weight_decay,
-            "adam_beta1": o.adam_beta1, "adam_beta2": o.adam_beta2, "adam_eps": o.adam_eps, "clip_grad": o.clip_grad,
-            "use_distributed_optimizer": o.distributed_optimizer, "bf16": dtype == "bf16", "fp16": dtype == "fp16",
-            "params_dtype": params_dtype}
+    return {
+        "optimizer": "adam",
+        "lr": o.lr,
+        "min_lr": o.min_lr,
+        "weight_decay": o.weight_decay,
+        "adam_beta1": o.adam_beta1,
+        "adam_beta2": o.adam_beta2,
+        "adam_eps": o.adam_eps,
+        "clip_grad": o.clip_grad,
+        "use_distributed_optimizer": o.distributed_optimizer,
+        "bf16": dtype == "bf16",
+        "fp16": dtype == "fp16",
+        "params_dtype": params_dtype,
+    }
 
 
 def scheduler_fields(o: OptimSettings) -> dict:
     """megatron-core OptimizerParamScheduler arguments (also printed by `camopd plan`)."""
-    return {"init_lr": 0.0 if o.warmup_steps else o.lr, "max_lr": o.lr, "min_lr": o.min_lr,
-            "lr_warmup_steps": o.warmup_steps, "lr_decay_steps": max(o.total_steps, 1),
-            "lr_decay_style": o.lr_decay, "start_wd": o.weight_decay, "end_wd": o.weight_decay,
-            "wd_incr_steps": max(o.total_steps, 1), "wd_incr_style": "constant"}
+    return {
+        "init_lr": 0.0 if o.warmup_steps else o.lr,
+        "max_lr": o.lr,
+        "min_lr": o.min_lr,
+        "lr_warmup_steps": o.warmup_steps,
+        "lr_decay_steps": max(o.total_steps, 1),
+        "lr_decay_style": o.lr_decay,
+        "start_wd": o.weight_decay,
+        "end_wd": o.weight_decay,
+        "wd_incr_steps": max(o.total_steps, 1),
+        "wd_incr_style": "constant",
+    }
 
 
 class Engine:
@@ -128,11 +156,13 @@ class Engine:
 
     def forward(self, batch: dict[str, torch.Tensor], fn, micro_batch_size: int | None = None) -> dict:
         """Forward-only pass applying `fn(logits_shard, microbatch)` on the last stage (see forward_collect)."""
-        return forward_collect(self.chunks, batch, fn, self.groups,
-                               micro_batch_size=micro_batch_size or self.micro_batch_size)
+        return forward_collect(
+            self.chunks, batch, fn, self.groups, micro_batch_size=micro_batch_size or self.micro_batch_size
+        )
 
-    def accumulate_grads(self, batch: dict[str, torch.Tensor], loss_spec: LossSpec, finalize=None,
-                         reduce: bool = True) -> dict:
+    def accumulate_grads(
+        self, batch: dict[str, torch.Tensor], loss_spec: LossSpec, finalize=None, reduce: bool = True
+    ) -> dict:
         """Zero the grad buffers, run forward+backward over micro-batches; returns summed loss reports."""
         for c in self.chunks:
             c.train()
@@ -145,8 +175,10 @@ class Engine:
             self.config.finalize_model_grads_func = finalize
         try:
             reports = run_schedule(
-                self.chunks, split_microbatches(batch, self.micro_batch_size, width_multiple(self.config)),
-                make_loss_func(loss_spec, self.groups.tp), forward_only=False,
+                self.chunks,
+                split_microbatches(batch, self.micro_batch_size, width_multiple(self.config)),
+                make_loss_func(loss_spec, self.groups.tp),
+                forward_only=False,
             )
         finally:
             self.config.finalize_model_grads_func = saved
@@ -174,8 +206,9 @@ class Engine:
         keys = sorted(reports[0].keys()) if reports else []
         obj = [keys]
         if self.groups.pp_size > 1:
-            dist.broadcast_object_list(obj, src=dist.get_global_rank(self.groups.pp, self.groups.pp_size - 1),
-                                       group=self.groups.pp)
+            dist.broadcast_object_list(
+                obj, src=dist.get_global_rank(self.groups.pp, self.groups.pp_size - 1), group=self.groups.pp
+            )
         keys = obj[0]
         if not keys:
             return {}
@@ -185,6 +218,5 @@ class Engine:
             vec = torch.zeros(len(keys), dtype=torch.double, device=comm_device())
         dist.all_reduce(vec, group=self.groups.dp)
         if self.groups.pp_size > 1:
-            dist.broadcast(vec, src=dist.get_global_rank(self.groups.pp, self.groups.pp_size - 1),
-                           group=self.groups.pp)
+            dist.broadcast(vec, src=dist.get_global_rank(self.groups.pp, self.groups.pp_size - 1), group=self.groups.pp)
         return {k: float(v) for k, v in zip(keys, vec.tolist())}

@@ -10,20 +10,22 @@ to every rank of the pipeline group, so all ranks continue with the same tensors
 Widths: every micro-batch is cut to its own longest sequence (the batch's optional `seq_len` [B] entry; without
 it, the batch width) and right-padded to `width_multiple(config)`: TP under sequence parallelism (the sequence
 is split over the TP ranks), 16 under FP8 (TransformerEngine's FP8 GEMMs need the token dimension divisible by 8,
-16 for every recipe, TransformerEngine's FP8 GEMM alignment), 16 * TP with both (each rank's slice stays a multiple of 16). Every
+16 for every recipe, TransformerEngine's FP8 GEMM alignment), 16 * TP with both (each rank's slice stays a multiple of
+16). Every
 `[B, W, ...]` tensor of a batch is position-aligned and cut or zero-padded with it; padding sits after every
 sequence, which causal attention never lets a real position see, and carries no loss (mask 0). When micro-batch
 widths differ under (1F1B) pipeline parallelism, megatron-core's `variable_seq_lengths` sends each activation's
 shape ahead of it; interleaved pipelining (VPP) deadlocks with that over gloo, so there one call's micro-batches
-share the widest micro-batch's width. forward_collect pads each result back to the widest micro-batch's width (zeros past a row's width).
+share the widest micro-batch's width. forward_collect pads each result back to the widest micro-batch's width (zeros
+past a row's width).
 (Packed THD micro-batches need TransformerEngine's attention; `backend/packing.py` decides.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,12 +37,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 class ParallelGroups:
     """The process groups a pass needs, passed explicitly."""
 
-    tp: object
-    pp: object
-    dp: object
+    tp: dist.ProcessGroup
+    pp: dist.ProcessGroup
+    dp: dist.ProcessGroup
 
     @classmethod
-    def from_parallel_state(cls) -> "ParallelGroups":
+    def from_parallel_state(cls) -> ParallelGroups:
         return cls(
             tp=ps.get_tensor_model_parallel_group(),
             pp=ps.get_pipeline_model_parallel_group(),
@@ -81,8 +83,9 @@ def width_multiple(config) -> int:
     return tp * (16 if getattr(config, "fp8", None) else 1)
 
 
-def split_microbatches(batch: dict[str, torch.Tensor], micro_batch_size: int,
-                       multiple: int = 1) -> list[dict[str, torch.Tensor]]:
+def split_microbatches(
+    batch: dict[str, torch.Tensor], micro_batch_size: int, multiple: int = 1
+) -> list[dict[str, torch.Tensor]]:
     """Cut a dict of [B, ...] tensors into consecutive micro-batches of `micro_batch_size` rows, each cut to its own
     longest sequence (`seq_len`) and padded to a multiple of `multiple` (see the module docstring)."""
     n, width = batch["tokens"].shape[:2]
@@ -116,8 +119,13 @@ def _pad_dim1(parts: list[torch.Tensor]) -> torch.Tensor:
     if any(p.dim() < 2 for p in parts) or len({p.shape[1] for p in parts}) == 1:
         return torch.cat(parts, dim=0)
     w = max(p.shape[1] for p in parts)
-    return torch.cat([torch.cat([p, p.new_zeros((p.shape[0], w - p.shape[1], *p.shape[2:]))], dim=1)
-                      if p.shape[1] < w else p for p in parts], dim=0)
+    return torch.cat(
+        [
+            torch.cat([p, p.new_zeros((p.shape[0], w - p.shape[1], *p.shape[2:]))], dim=1) if p.shape[1] < w else p
+            for p in parts
+        ],
+        dim=0,
+    )
 
 
 def _model_forward(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -220,5 +228,7 @@ def forward_collect(
         obj = [result if groups.is_last_stage else None]
         src = dist.get_global_rank(groups.pp, groups.pp_size - 1)
         dist.broadcast_object_list(obj, src=src, group=groups.pp)
-        result = obj[0]
+        shared = obj[0]
+        assert shared is not None, "the last stage sends its result"
+        result = shared
     return result

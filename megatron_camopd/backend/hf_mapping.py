@@ -178,9 +178,10 @@ def tp_unshard(key: str, shards: list[torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- model chunks
 
 
-def _unwrap(chunk: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+def _unwrap(chunk: torch.nn.Module) -> tuple[Any, str]:
     """(GPTModel inside DDP / Float16Module wrappers, its state-dict key prefix)."""
-    model, prefix = chunk, ""
+    model: Any = chunk
+    prefix = ""
     while not hasattr(model, "decoder") and hasattr(model, "module"):
         model, prefix = model.module, prefix + "module."
     return model, prefix
@@ -194,7 +195,7 @@ def chunk_key_map(chunk: torch.nn.Module, arch: ModelArch) -> dict[str, str]:
     for key in chunk.state_dict():
         if key.endswith("_extra_state"):
             continue
-        local = key[len(prefix):]
+        local = key[len(prefix) :]
         m = _LAYER.match(local)
         if m is not None:
             global_idx = layers[int(m.group(1))].layer_number - 1
@@ -225,8 +226,10 @@ def load_full_state_dict_into(
                 shard = tp_shard(full_key, full_sd[full_key], tp_rank, tp_size)
                 target = params[key]
                 if tuple(shard.shape) != tuple(target.shape):
-                    raise CheckpointError(f"weights: '{full_key}' shard has shape {tuple(shard.shape)}, "
-                                          f"the model expects {tuple(target.shape)}")
+                    raise CheckpointError(
+                        f"weights: '{full_key}' shard has shape {tuple(shard.shape)}, "
+                        f"the model expects {tuple(target.shape)}"
+                    )
                 target.copy_(shard.to(target.dtype))
 
 
@@ -331,8 +334,16 @@ def _sort_key(key: str) -> tuple[int, int, str]:
 
 
 _TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
 )
 
 

@@ -30,30 +30,56 @@ from megatron.core.transformer.enums import AttnMaskType
 class KVSelfAttention(SelfAttention):
     """`SelfAttention` whose static KV cache holds keys already rotated by RoPE (see the module docstring)."""
 
-    def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
-                                        rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
-                                        sequence_len_offset=None, *, inference_params=None):
+    def _adjust_key_value_for_inference(
+        self,
+        inference_context,
+        query,
+        key,
+        value,
+        rotary_pos_emb,
+        rotary_pos_cos=None,
+        rotary_pos_sin=None,
+        rotary_pos_cos_sin=None,
+        sequence_len_offset=None,
+        *,
+        inference_params=None,
+    ):
         ctx = inference_context if inference_context is not None else inference_params
-        if (ctx is None or not ctx.is_static_batching() or self.config.flash_decode or rotary_pos_emb is None
-                or self.training):
+        if (
+            ctx is None
+            or not ctx.is_static_batching()
+            or self.config.flash_decode
+            or rotary_pos_emb is None
+            or self.training
+        ):
             return super()._adjust_key_value_for_inference(
-                ctx, query, key, value, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
-                sequence_len_offset)
+                ctx,
+                query,
+                key,
+                value,
+                rotary_pos_emb,
+                rotary_pos_cos,
+                rotary_pos_sin,
+                rotary_pos_cos_sin,
+                sequence_len_offset,
+            )
         if self.layer_number not in ctx.key_value_memory_dict:
             ctx.key_value_memory_dict[self.layer_number] = (
                 self._allocate_memory(ctx.max_sequence_length, ctx.max_batch_size, self.key_hidden_size, key.dtype),
-                self._allocate_memory(ctx.max_sequence_length, ctx.max_batch_size, self.val_hidden_size,
-                                      value.dtype),
+                self._allocate_memory(ctx.max_sequence_length, ctx.max_batch_size, self.val_hidden_size, value.dtype),
             )
         k_mem, v_mem = ctx.key_value_memory_dict[self.layer_number]
         b0, s0 = ctx.batch_size_offset, ctx.sequence_len_offset
         b1, s1 = b0 + key.size(1), s0 + key.size(0)
         if b1 > k_mem.size(1) or s1 > k_mem.size(0):
-            raise RuntimeError(f"KV cache of layer {self.layer_number} holds {k_mem.size(1)} x {k_mem.size(0)} "
-                               f"(batch x tokens); asked for rows [{b0}, {b1}) and positions [{s0}, {s1})")
+            raise RuntimeError(
+                f"KV cache of layer {self.layer_number} holds {k_mem.size(1)} x {k_mem.size(0)} "
+                f"(batch x tokens); asked for rows [{b0}, {b1}) and positions [{s0}, {s1})"
+            )
         q_pos, k_pos = rotary_pos_emb
-        k_mem[s0:s1, b0:b1] = apply_rotary_pos_emb(key, k_pos[s0:s1], config=self.config,
-                                                   cp_group=self.pg_collection.cp)
+        k_mem[s0:s1, b0:b1] = apply_rotary_pos_emb(
+            key, k_pos[s0:s1], config=self.config, cp_group=self.pg_collection.cp
+        )
         v_mem[s0:s1, b0:b1] = value
         mask = AttnMaskType.no_mask if s0 > 0 else self.attn_mask_type
         return query, k_mem[:s1, b0:b1], v_mem[:s1, b0:b1], (q_pos[s0:s1], None), mask, None
@@ -62,14 +88,20 @@ class KVSelfAttention(SelfAttention):
 class DecodeDotProductAttention(DotProductAttention):
     """Local-spec core attention with a grouped-query SDPA fast path for one-token queries (decoding steps)."""
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        fast = (query.size(0) == 1 and not self.training and attention_mask is None and attention_bias is None
-                and packed_seq_params is None and self.softmax_offset is None
-                and self.scale_mask_softmax.window_size is None)
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
+        fast = (
+            query.size(0) == 1
+            and not self.training
+            and attention_mask is None
+            and attention_bias is None
+            and packed_seq_params is None
+            and self.softmax_offset is None
+            and self.scale_mask_softmax.window_size is None
+        )
         if not fast:
-            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
-                                   packed_seq_params)
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         # [s, b, heads, hn] -> [b, heads, s, hn] views; SDPA broadcasts the query groups over the K/V groups
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)  # layer scaling cancels out

@@ -27,8 +27,8 @@ from megatron_camopd.backend.vocab_parallel import vocab_parallel_logprobs, voca
 class LossSpec:
     """Which loss a step optimises and the importance-weight settings of the policy-gradient form."""
 
-    kind: str = "pg"  # "pg" | "topk" | "sft"
-    is_mode: str = "mask"  # "mask" | "truncate" | "none"
+    loss: str = "pg"  # "pg" | "topk" | "sft"
+    is_weight: str = "mask"  # "mask" | "truncate" | "none"
     eps_low: float = 0.5
     eps_high: float = 5.0
     is_cap: float = 2.0
@@ -40,22 +40,29 @@ class LossSpec:
 def _loss(spec: LossSpec, tp_group, mb: dict[str, torch.Tensor], output_tensor: torch.Tensor):
     mask = mb["loss_mask"]
     sample_weight = mb["sample_weight"]
-    if spec.kind == "topk":
-        student_topk = vocab_parallel_logprobs_at(output_tensor, mb["topk_ids"], tp_group, chunk_size=spec.chunk_size,
-                                                  vocab_size=spec.vocab_size)
+    if spec.loss == "topk":
+        student_topk = vocab_parallel_logprobs_at(
+            output_tensor, mb["topk_ids"], tp_group, chunk_size=spec.chunk_size, vocab_size=spec.vocab_size
+        )
         seq = topk_seq_loss(student_topk, mb["topk_lp"], mask, with_correction=spec.topk_correction)
         if "seq_scale" in mb:
             seq = seq * mb["seq_scale"]
         lp = None
     else:
-        lp = vocab_parallel_logprobs(output_tensor, mb["labels"], tp_group, chunk_size=spec.chunk_size,
-                                     vocab_size=spec.vocab_size)
-        if spec.kind == "sft":
+        lp = vocab_parallel_logprobs(
+            output_tensor, mb["labels"], tp_group, chunk_size=spec.chunk_size, vocab_size=spec.vocab_size
+        )
+        if spec.loss == "sft":
             seq = masked_seq_mean(-lp, mask)
         else:
             w = is_weights(
-                lp.detach(), mb.get("rollout_lp"), mask, mode=spec.is_mode,
-                eps_low=spec.eps_low, eps_high=spec.eps_high, cap=spec.is_cap,
+                lp.detach(),
+                mb.get("rollout_lp"),
+                mask,
+                mode=spec.is_weight,
+                eps_low=spec.eps_low,
+                eps_high=spec.eps_high,
+                cap=spec.is_cap,
             )
             seq = pg_seq_loss(lp, mb["advantages"], mask, is_w=w, token_weight=mb.get("token_weight"))
     loss_sum, count = reduce_selected(seq, sample_weight)

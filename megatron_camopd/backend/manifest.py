@@ -92,8 +92,11 @@ def write_manifest(ckpt_dir: str | os.PathLike) -> Path:
         digests.update(part)
     path = root / MANIFEST
     if rank == 0:
-        body = {"format": 1, "algorithm": _ALGO,
-                "files": [{"path": rel, "size": size, _ALGO: digests[rel]} for rel, size in files]}
+        body = {
+            "format": 1,
+            "algorithm": _ALGO,
+            "files": [{"path": rel, "size": size, _ALGO: digests[rel]} for rel, size in files],
+        }
         tmp = root / (MANIFEST + ".tmp")
         with open(tmp, "w") as f:
             json.dump(body, f, indent=1)
@@ -112,8 +115,9 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> list[dict]:
         body = json.loads(path.read_text())
         files = body["files"]
         algo = body.get("algorithm", _ALGO)
-        if algo != _ALGO or not all(isinstance(e["path"], str) and isinstance(e["size"], int) and e[_ALGO]
-                                    for e in files):
+        if algo != _ALGO or not all(
+            isinstance(e["path"], str) and isinstance(e["size"], int) and e[_ALGO] for e in files
+        ):
             raise ValueError(f"unsupported algorithm {algo!r} or malformed entry")
         return files
     except FileNotFoundError:

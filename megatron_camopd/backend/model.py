@@ -82,7 +82,9 @@ class ModelArch:
         heads = int(need("num_attention_heads"))
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         if heads % kv_heads != 0:
-            raise SpecError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+            raise SpecError(
+                f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
         head_dim = cfg.get("head_dim")  # may differ from hidden/heads; Megatron's kv_channels honours it
         head_dim = int(head_dim) if head_dim else hidden // heads
         rope_theta, llama3_factor = _parse_rope(cfg, source)
@@ -130,8 +132,10 @@ def _parse_rope(cfg: Mapping[str, Any], source: str) -> tuple[float, float | Non
     if rope_type == "llama3":
         for key, expected in _LLAMA3_FIXED.items():
             if float(params.get(key, expected)) != expected:
-                raise SpecError(f"{source}: llama3 rope scaling with {key}={params.get(key)} is not supported "
-                                f"(Megatron fixes it at {expected})")
+                raise SpecError(
+                    f"{source}: llama3 rope scaling with {key}={params.get(key)} is not supported "
+                    f"(Megatron fixes it at {expected})"
+                )
         return theta, float(params.get("factor", 8.0))
     raise SpecError(f"{source}: rope scaling type '{rope_type}' is not supported (supported: default, llama3)")
 
@@ -205,8 +209,10 @@ def transformer_config(
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise SpecError(f"dtype: {dtype} is not one of float32, bfloat16, float16")
     if arch.num_attention_heads % tp or arch.num_kv_heads % tp:
-        raise SpecError(f"tp={tp} must divide num_attention_heads={arch.num_attention_heads} and "
-                        f"num_key_value_heads={arch.num_kv_heads}")
+        raise SpecError(
+            f"tp={tp} must divide num_attention_heads={arch.num_attention_heads} and "
+            f"num_key_value_heads={arch.num_kv_heads}"
+        )
     if arch.num_layers % (pp * (vpp or 1)):
         raise SpecError(f"num_hidden_layers={arch.num_layers} is not divisible by pp*vpp = {pp}*{vpp or 1}")
     if arch.intermediate_size % tp:
@@ -243,7 +249,9 @@ def transformer_config(
     if cluster or transformer_engine_available():  # fused kernels come with TransformerEngine
         fields.update(bias_activation_fusion=True, masked_softmax_fusion=True, apply_rope_fusion=True)
     if not cluster and not torch.cuda.is_available():
-        fields.update(batch_p2p_comm=False)  # gloo: batched p2p breaks interleaved PP gradients (measured on megatron-core 0.16.1)
+        fields.update(
+            batch_p2p_comm=False
+        )  # gloo: batched p2p breaks interleaved PP gradients (measured on megatron-core 0.16.1)
     fields.update(fp8_transformer_fields(fp8, check_device=not cluster))
     fields.update(overrides)
     return TransformerConfig(**fields)
@@ -257,12 +265,20 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
     (``WrappedTorchNorm`` asserts SP off only because it does not set that attribute.) Same parameters, same
     state-dict keys, same forward as the norm it replaces."""
 
-    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
-                 zero_centered_gamma: bool = False, normalization: str = "RMSNorm") -> None:
+    def __init__(
+        self,
+        config: Any,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "RMSNorm",
+    ) -> None:
         if config.normalization != "RMSNorm" or zero_centered_gamma or config.layernorm_zero_centered_gamma:
             raise SpecError("sequence parallelism on the local layer spec supports plain RMSNorm only")
         super().__init__(normalized_shape=hidden_size, eps=eps)
-        self.weight.sequence_parallel = bool(config.sequence_parallel)
+        # megatron-core's DDP reads this flag, which torch's Parameter does not declare
+        self.weight.sequence_parallel = bool(config.sequence_parallel)  # type: ignore[attr-defined]
 
 
 def _local_sequence_parallel_block(layer_spec: Any, config: Any, vp_stage: int | None) -> Any:
@@ -333,8 +349,9 @@ def build_gpt_model(
     )
 
 
-def build_model_chunks(arch: ModelArch, config: Any, parallel_output: bool = True,
-                       use_transformer_engine: bool | None = None) -> list[Any]:
+def build_model_chunks(
+    arch: ModelArch, config: Any, parallel_output: bool = True, use_transformer_engine: bool | None = None
+) -> list[Any]:
     """All model chunks of this rank (one per virtual pipeline stage), with pre/post-process set per stage.
 
     ``use_transformer_engine``: the layer spec (None: TransformerEngine when CUDA and TE are available)."""
@@ -346,6 +363,15 @@ def build_model_chunks(arch: ModelArch, config: Any, parallel_output: bool = Tru
         stage = vp_stage if vpp > 1 else None
         pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        chunks.append(build_gpt_model(arch, config, pre, post, vp_stage=stage, parallel_output=parallel_output,
-                                      use_transformer_engine=use_transformer_engine))
+        chunks.append(
+            build_gpt_model(
+                arch,
+                config,
+                pre,
+                post,
+                vp_stage=stage,
+                parallel_output=parallel_output,
+                use_transformer_engine=use_transformer_engine,
+            )
+        )
     return chunks

@@ -49,20 +49,34 @@ def model_fields(parallel: Any, *, check_device: bool = True) -> dict[str, Any]:
     layer spec (the local one with `backend.model.SequenceParallelRMSNorm`). With `check_device`, selective
     recompute of `layernorm` without TransformerEngine is a clear SpecError: megatron-core (0.16.1) reaches TE's
     FP8 state manager from its `CheckpointWithoutOutput` whatever the FP8 setting."""
-    if (check_device and "layernorm" in (recompute_fields(parallel).get("recompute_modules") or ())
-            and not transformer_engine_available()):
-        raise SpecError("parallel.recompute_modules: 'layernorm' needs TransformerEngine (a CUDA GPU and "
-                        "transformer_engine); use mlp / core_attn on this machine")
+    if (
+        check_device
+        and "layernorm" in (recompute_fields(parallel).get("recompute_modules") or ())
+        and not transformer_engine_available()
+    ):
+        raise SpecError(
+            "parallel.recompute_modules: 'layernorm' needs TransformerEngine (a CUDA GPU and "
+            "transformer_engine); use mlp / core_attn on this machine"
+        )
     return {"sequence_parallel": parallel.sequence_parallel, **recompute_fields(parallel)}
 
 
 def optim_settings(spec: Any) -> OptimSettings:
     """The Engine's optimizer and LR-schedule settings from `train`."""
     t = spec.train
-    return OptimSettings(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
-                         lr_decay=t.lr_decay, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-                         adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
-                         distributed_optimizer=t.distributed_optimizer)
+    return OptimSettings(
+        lr=t.lr,
+        min_lr=t.min_lr,
+        warmup_steps=t.warmup_steps,
+        total_steps=t.steps,
+        lr_decay=t.lr_decay,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        distributed_optimizer=t.distributed_optimizer,
+    )
 
 
 def ddp_config_fields(spec: Any) -> dict[str, Any]:
@@ -100,8 +114,17 @@ def cluster_transformer_config(spec: Any, arch: ModelArch) -> Any:
         if fp8 is not None and "layernorm" in p.selective_modules:
             deferred.update(fp8_transformer_fields(fp8, check_device=False))
             fp8 = None
-    config = transformer_config(arch, tp=p.tp, pp=p.pp, vpp=p.vpp, dtype=DTYPES[spec.model.dtype], fp8=fp8,
-                                cluster=True, **fields, **{k: False for k in deferred if k == "apply_rope_fusion"})
+    config = transformer_config(
+        arch,
+        tp=p.tp,
+        pp=p.pp,
+        vpp=p.vpp,
+        dtype=DTYPES[spec.model.dtype],
+        fp8=fp8,
+        cluster=True,
+        **fields,
+        **{k: False for k in deferred if k == "apply_rope_fusion"},
+    )
     for key, value in deferred.items():
         setattr(config, key, value)
     return config

@@ -61,8 +61,9 @@ class _LogprobsAt(torch.autograd.Function):
     """log p(ids) for ids [N, K] given logits rows [N, V_local] sharded over the TP group."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, ids: torch.Tensor, group: Any, chunk: int,
-                vocab_size: int | None) -> torch.Tensor:
+    def forward(
+        ctx: Any, logits: torch.Tensor, ids: torch.Tensor, group: Any, chunk: int, vocab_size: int | None
+    ) -> torch.Tensor:
         rank, _ = _tp(group)
         v_local = logits.shape[-1]
         offset = rank * v_local
@@ -185,7 +186,7 @@ def vocab_parallel_topk(
     offset = rank * rows.shape[-1]
     vals_out, ids_out = [], []
     for start in range(0, rows.shape[0], chunk_size):
-        x = _masked_fp32(rows[start:start + chunk_size], offset, vocab_size)
+        x = _masked_fp32(rows[start : start + chunk_size], offset, vocab_size)
         lse = _logsumexp(x, tp_group)
         vals, ids = _global_topk(x, k, offset, tp_group)
         vals_out.append(vals - lse.unsqueeze(-1))

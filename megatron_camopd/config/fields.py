@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 
 from megatron_camopd.errors import SpecError
 
+
 def path_field(default: Any = None, keep: tuple[str, ...] = ()) -> Any:
     """A path-valued dataclass field; string values in `keep` (e.g. 'auto') are left as they are."""
     return dataclasses.field(default=default, metadata={"path": True, "keep": keep})  # MISSING: required
@@ -139,7 +140,8 @@ class Section:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            problem = type_problem(getattr(self, f.name), type_hints(type(self))[f.name])
+            hints = type_hints(type(self))  # type: ignore[arg-type]  # lru_cache's stub wants Hashable; classes are
+            problem = type_problem(getattr(self, f.name), hints[f.name])
             if problem:
                 raise FieldError(f.name, problem)
         self.validate()

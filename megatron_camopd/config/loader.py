@@ -78,7 +78,7 @@ def apply_override(raw: dict[str, Any], text: str, origin: Origin) -> None:
             names = [f.name for f in dataclasses.fields(tp)]
             if part not in names:
                 raise SpecError(f"{where}: {dotted(path + (part,))}: unknown key{_suggest(part, names)}")
-            child_tp = type_hints(tp)[part]
+            child_tp = type_hints(tp)[part]  # type: ignore[arg-type]  # lru_cache's stub wants Hashable; classes are
         elif typing.get_origin(tp) is dict:
             child_tp = typing.get_args(tp)[1]
         elif typing.get_origin(tp) is list:

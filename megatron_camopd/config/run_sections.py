@@ -38,8 +38,9 @@ class TrainConfig(Section):
         positive(self, "steps", "micro_batch_size", "lr", "adam_eps")
         non_negative(self, "min_lr", "warmup_steps", "weight_decay", "clip_grad")
         check(self.min_lr <= self.lr, "min_lr", f"must be <= lr ({self.lr!r}), got {self.min_lr!r}")
-        check(self.warmup_steps <= self.steps, "warmup_steps",
-              f"must be <= steps ({self.steps}), got {self.warmup_steps}")
+        check(
+            self.warmup_steps <= self.steps, "warmup_steps", f"must be <= steps ({self.steps}), got {self.warmup_steps}"
+        )
         in_range(self, "adam_beta1", 0.0, 1.0, low_open=False, high_open=True)
         in_range(self, "adam_beta2", 0.0, 1.0, low_open=False, high_open=True)
 
@@ -81,12 +82,19 @@ class ParallelConfig(Section):
         check(self.vpp is None or self.pp >= 2, "vpp", f"interleaved pipelining needs pp >= 2, got pp={self.pp}")
         check(not self.sequence_parallel or self.tp > 1, "sequence_parallel", "needs tp > 1")
         if self.recompute_modules is not None:
-            check(self.recompute == "selective", "recompute_modules",
-                  f"applies to recompute: selective only (recompute is {self.recompute!r})")
+            check(
+                self.recompute == "selective",
+                "recompute_modules",
+                f"applies to recompute: selective only (recompute is {self.recompute!r})",
+            )
             check(len(self.recompute_modules) > 0, "recompute_modules", "must list at least one module")
         if self.fp8.enabled and self.fp8.recipe == "delayed" and "layernorm" in self.selective_modules:
-            check(False, "recompute_modules", "layernorm recompute does not work with FP8 delayed scaling "
-                  "(megatron-core refuses it); drop it or use fp8.recipe: tensorwise|blockwise")
+            check(
+                False,
+                "recompute_modules",
+                "layernorm recompute does not work with FP8 delayed scaling "
+                "(megatron-core refuses it); drop it or use fp8.recipe: tensorwise|blockwise",
+            )
 
     @property
     def selective_modules(self) -> list[str]:
@@ -184,14 +192,29 @@ class LauncherConfig(Section):
     watch_interval_s: int = 30  # health watchdog period
 
     def validate(self) -> None:
-        positive(self, "nodes", "gpus_per_node", "gpu_memory_gb", "shutdown_timeout_s", "health_timeout_s",
-                 "health_check_timeout_s", "teacher_dead_s", "watch_interval_s")
+        positive(
+            self,
+            "nodes",
+            "gpus_per_node",
+            "gpu_memory_gb",
+            "shutdown_timeout_s",
+            "health_timeout_s",
+            "health_check_timeout_s",
+            "teacher_dead_s",
+            "watch_interval_s",
+        )
         check(bool(SLURM_TIME_RE.match(self.time)), "time", f"must be a Slurm time like 08:00:00, got {self.time!r}")
         in_range(self, "signal_lead_s", 1, 65535, low_open=False, high_open=False)  # Slurm's --signal limit
-        check(self.signal_lead_s < slurm_seconds(self.time), "signal_lead_s",
-              f"must be shorter than the job's time limit {self.time} ({slurm_seconds(self.time)} s)")
-        check(self.health_check_timeout_s < self.teacher_dead_s, "health_check_timeout_s",
-              f"must be shorter than teacher_dead_s ({self.teacher_dead_s})")
+        check(
+            self.signal_lead_s < slurm_seconds(self.time),
+            "signal_lead_s",
+            f"must be shorter than the job's time limit {self.time} ({slurm_seconds(self.time)} s)",
+        )
+        check(
+            self.health_check_timeout_s < self.teacher_dead_s,
+            "health_check_timeout_s",
+            f"must be shorter than teacher_dead_s ({self.teacher_dead_s})",
+        )
 
     @property
     def world_size(self) -> int:
@@ -206,5 +229,5 @@ def slurm_seconds(text: str) -> int:
     if days:
         h, m, s = (parts + [0, 0, 0])[:3]
     else:
-        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]  # type: ignore[assignment]
+        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
     return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s

@@ -88,14 +88,23 @@ class TeacherConfig(Section):
                 check(ok, f"urls.{i}", f"must look like http://host:port, got {url!r}")
         positive(self, "weight", "timeout_s", "max_in_flight", "discovery_timeout_s", "dead_deadline_s")
         non_negative(self, "retries")
-        check(self.dtype is None or in_process or self.serve is not None, "dtype",
-              "applies to in-process (hf_path/checkpoint) or launcher-served (serve) teachers only")
+        check(
+            self.dtype is None or in_process or self.serve is not None,
+            "dtype",
+            "applies to in-process (hf_path/checkpoint) or launcher-served (serve) teachers only",
+        )
         if self.serve is not None:
             check(self.urls is None, "serve", "urls name servers that already run: give urls or serve, not both")
-            check(self.serve.model is not None or in_process, "serve.model",
-                  "name the model the launcher serves (an HF dir or a camopd checkpoint)")
-            check(self.serve.model is None or not in_process, "serve.model",
-                  "the launcher serves this teacher's hf_path/checkpoint; drop serve.model")
+            check(
+                self.serve.model is not None or in_process,
+                "serve.model",
+                "name the model the launcher serves (an HF dir or a camopd checkpoint)",
+            )
+            check(
+                self.serve.model is None or not in_process,
+                "serve.model",
+                "the launcher serves this teacher's hf_path/checkpoint; drop serve.model",
+            )
 
     @property
     def served_model(self) -> str | None:
@@ -118,7 +127,7 @@ class StreamConfig(Section):
 
     name: str
     path: str = path_field(dataclasses.MISSING)
-    domain: str = dataclasses.field()
+    domain: str = dataclasses.field()  # type: ignore[misc]  # required: path's path_field(MISSING) is no default
     format: Literal["messages", "prompt", "nemotron", "coser", "medical_mc"] = "messages"
     branch: Literal["general", "domain"] | None = None  # CaMOPD/MOPD branch; None for branch-free methods
     weight: float = 1.0  # sampling weight among streams of the same branch
@@ -256,13 +265,17 @@ class MethodConfig(Section):
         cls = self.method_class()
         positive(self, "a_max", "eps_high", "is_cap", "r_g", "r_d")
         non_negative(self, "eps_low", "topk")
-        check(self.eps_low <= self.eps_high, "eps_low",
-              f"must be <= eps_high ({self.eps_high!r}), got {self.eps_low!r}")
+        check(
+            self.eps_low <= self.eps_high, "eps_low", f"must be <= eps_high ({self.eps_high!r}), got {self.eps_low!r}"
+        )
         check(self.loss != "topk" or self.topk >= 1, "topk", f"the topk loss needs topk >= 1, got {self.topk!r}")
         in_range(self, "rho_g", 0.0, 1.0, low_open=True, high_open=False)
         in_range(self, "rho_d", 0.0, 1.0, low_open=True, high_open=False)
-        check(self.loss in cls.loss_forms, "loss",
-              f"{self.name} trains with loss {' or '.join(map(repr, cls.loss_forms))}, got {self.loss!r}")
+        check(
+            self.loss in cls.loss_forms,
+            "loss",
+            f"{self.name} trains with loss {' or '.join(map(repr, cls.loss_forms))}, got {self.loss!r}",
+        )
 
     def resolve(self) -> None:
         """Fill method-dependent defaults."""
@@ -282,8 +295,11 @@ class ScheduleConfig(Section):
         positive(self, "n_g")
         if self.mix_ratio is not None:
             check(len(self.mix_ratio) == 2, "mix_ratio", f"must be [general, domain], got {self.mix_ratio!r}")
-            check(all(r >= 0 for r in self.mix_ratio) and sum(self.mix_ratio) > 0, "mix_ratio",
-                  f"must be non-negative with a positive sum, got {self.mix_ratio!r}")
+            check(
+                all(r >= 0 for r in self.mix_ratio) and sum(self.mix_ratio) > 0,
+                "mix_ratio",
+                f"must be non-negative with a positive sum, got {self.mix_ratio!r}",
+            )
 
     def split(self, n_prompts: int) -> tuple[int, int]:
         """(general, domain) prompts of a mixed step: general = round_half_up(n * g / (g + d)), exactly
@@ -328,10 +344,24 @@ class RolloutServersConfig(Section):
                 parsed = urllib.parse.urlparse(url)
                 ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and _has_port(parsed)
                 check(ok, f"urls.{i}", f"must look like http://host:port, got {url!r}")
-        positive(self, "nodes", "gpus_per_node", "tp", "dp", "context_length", "bucket_mb", "timeout_s",
-                 "max_in_flight", "discovery_timeout_s", "dead_deadline_s")
-        check(self.tp * self.dp <= self.gpus_per_node, "dp",
-              f"tp * dp = {self.tp * self.dp} GPUs per server, but gpus_per_node is {self.gpus_per_node}")
+        positive(
+            self,
+            "nodes",
+            "gpus_per_node",
+            "tp",
+            "dp",
+            "context_length",
+            "bucket_mb",
+            "timeout_s",
+            "max_in_flight",
+            "discovery_timeout_s",
+            "dead_deadline_s",
+        )
+        check(
+            self.tp * self.dp <= self.gpus_per_node,
+            "dp",
+            f"tp * dp = {self.tp * self.dp} GPUs per server, but gpus_per_node is {self.gpus_per_node}",
+        )
         non_negative(self, "retries")
         in_range(self, "mem_fraction_static", 0.0, 1.0, low_open=True, high_open=True)
         in_range(self, "port", 1, 65535, low_open=False, high_open=False)

@@ -30,13 +30,20 @@ class SlurmResources(Section):
 
     def validate(self) -> None:
         positive(self, "cpus_per_task")
-        check(self.mem is None or bool(MEM_RE.match(self.mem)), "mem",
-              f"must be a Slurm size like 0, 500G or 512000M, got {self.mem!r}")
+        check(
+            self.mem is None or bool(MEM_RE.match(self.mem)),
+            "mem",
+            f"must be a Slurm size like 0, 500G or 512000M, got {self.mem!r}",
+        )
         for i, mount in enumerate(self.container_mounts):
-            check(bool(mount) and "," not in mount and not mount.startswith(":"), f"container_mounts.{i}",
-                  f"must look like SRC[:DST[:FLAGS]] (no commas), got {mount!r}")
-        check(not self.container_mounts or self.container_image is not None, "container_mounts",
-              "needs container_image")
+            check(
+                bool(mount) and "," not in mount and not mount.startswith(":"),
+                f"container_mounts.{i}",
+                f"must look like SRC[:DST[:FLAGS]] (no commas), got {mount!r}",
+            )
+        check(
+            not self.container_mounts or self.container_image is not None, "container_mounts", "needs container_image"
+        )
 
 
 @dataclass
@@ -62,7 +69,10 @@ class TeacherServeConfig(Section):
 
     def validate(self) -> None:
         positive(self, "nodes", "gpus_per_node", "tp", "dp", "context_length", "logits_chunk_size")
-        check(self.tp * self.dp <= self.gpus_per_node, "dp",
-              f"tp * dp = {self.tp * self.dp} GPUs per server, but gpus_per_node is {self.gpus_per_node}")
+        check(
+            self.tp * self.dp <= self.gpus_per_node,
+            "dp",
+            f"tp * dp = {self.tp * self.dp} GPUs per server, but gpus_per_node is {self.gpus_per_node}",
+        )
         in_range(self, "mem_fraction_static", 0.0, 1.0, low_open=True, high_open=True)
         in_range(self, "port", 1, 65535, low_open=False, high_open=False)

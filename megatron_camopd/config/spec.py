@@ -111,62 +111,88 @@ class ExperimentSpec(Section):
             for branch in ("general", "domain"):
                 check(branch in branches, "data.streams", f"{why} needs a stream with branch: {branch}")
         if self.schedule.mode == "mixed" and branches:
-            check(self.schedule.mix_ratio is not None, "schedule.mix_ratio",
-                  "a mixed schedule over general/domain streams needs mix_ratio: [general, domain]")
+            check(
+                self.schedule.mix_ratio is not None,
+                "schedule.mix_ratio",
+                "a mixed schedule over general/domain streams needs mix_ratio: [general, domain]",
+            )
             for branch, ratio in zip(("general", "domain"), self.schedule.mix_ratio or [0, 0], strict=True):
                 check(ratio == 0 or branch in branches, "schedule.mix_ratio", f"no stream has branch: {branch}")
         if self.schedule.mix_ratio is not None:
             check(bool(branches), "schedule.mix_ratio", "needs streams with branch: general|domain")
         if self.schedule.mode == "mixed" and branches and self.schedule.mix_ratio is not None:
             n = self.rollout.prompts_per_step
-            for branch, ratio, count in zip(("general", "domain"), self.schedule.mix_ratio,
-                                            self.schedule.split(n), strict=True):
-                check(ratio == 0 or count > 0, "schedule.mix_ratio",
-                      f"{self.schedule.mix_ratio} gives the {branch} branch 0 of rollout.prompts_per_step = {n} "
-                      "prompts per step")
+            for branch, ratio, count in zip(
+                ("general", "domain"), self.schedule.mix_ratio, self.schedule.split(n), strict=True
+            ):
+                check(
+                    ratio == 0 or count > 0,
+                    "schedule.mix_ratio",
+                    f"{self.schedule.mix_ratio} gives the {branch} branch 0 of rollout.prompts_per_step = {n} "
+                    "prompts per step",
+                )
 
     def _check_method(self) -> None:
         if self.method.method_class().needs_outcome_groups(self.method):
             name = self.method.name
-            check(self.rollout.n_samples is not None and self.rollout.n_samples >= 2, "rollout.n_samples",
-                  f"{name}'s groups need n_samples >= 2, got {self.rollout.n_samples}")
+            check(
+                self.rollout.n_samples is not None and self.rollout.n_samples >= 2,
+                "rollout.n_samples",
+                f"{name}'s groups need n_samples >= 2, got {self.rollout.n_samples}",
+            )
             for i, stream in enumerate(self.data.streams):
-                check(stream.verifier != "none", f"data.streams.{i}.verifier",
-                      f"{name}'s outcome groups need an outcome verifier for every stream")
+                check(
+                    stream.verifier != "none",
+                    f"data.streams.{i}.verifier",
+                    f"{name}'s outcome groups need an outcome verifier for every stream",
+                )
 
     def _check_lengths(self) -> None:
         need = self.data.max_prompt_tokens + self.rollout.max_new_tokens
         if self.model.seq_length is not None:
-            check(self.model.seq_length >= need, "model.seq_length",
-                  f"must hold data.max_prompt_tokens + rollout.max_new_tokens = {need}, got {self.model.seq_length}")
+            check(
+                self.model.seq_length >= need,
+                "model.seq_length",
+                f"must hold data.max_prompt_tokens + rollout.max_new_tokens = {need}, got {self.model.seq_length}",
+            )
 
     def _check_parallel(self) -> None:
         if self.launcher is None:
             return
         world, mp = self.launcher.world_size, self.parallel.model_parallel_size
-        check(world % mp == 0, "parallel.tp",
-              f"launcher world size {world} is not a multiple of tp*pp = {mp}")
+        check(world % mp == 0, "parallel.tp", f"launcher world size {world} is not a multiple of tp*pp = {mp}")
         if self.parallel.dp is not None:
-            check(self.parallel.dp * mp == world, "parallel.dp",
-                  f"tp*pp*dp = {self.parallel.dp * mp} must equal the launcher world size {world}")
+            check(
+                self.parallel.dp * mp == world,
+                "parallel.dp",
+                f"tp*pp*dp = {self.parallel.dp * mp} must equal the launcher world size {world}",
+            )
 
     def _check_rollout(self) -> None:
         r = self.rollout
         if r.engine == "megatron":
-            check(self.parallel.vpp is None, "rollout.engine",
-                  "megatron-core's inference does not support interleaved pipelining (parallel.vpp); "
-                  "use engine: sglang (or reference)")
+            check(
+                self.parallel.vpp is None,
+                "rollout.engine",
+                "megatron-core's inference does not support interleaved pipelining (parallel.vpp); "
+                "use engine: sglang (or reference)",
+            )
         if r.max_staleness > 0 and r.engine != "sglang":
             mp = (self.parallel.tp, self.parallel.pp, self.parallel.vpp)
-            check(mp == (1, 1, None), "rollout.max_staleness",
-                  f"overlapping in-process rollouts (rollout.engine: {r.engine}) with training needs parallel.tp = "
-                  f"parallel.pp = 1 and no vpp (the generating thread's collectives would interleave with the "
-                  f"trainer's), got tp={mp[0]}, pp={mp[1]}, vpp={mp[2]}: use rollout.engine: sglang, or "
-                  f"rollout.max_staleness: 0")
+            check(
+                mp == (1, 1, None),
+                "rollout.max_staleness",
+                f"overlapping in-process rollouts (rollout.engine: {r.engine}) with training needs parallel.tp = "
+                f"parallel.pp = 1 and no vpp (the generating thread's collectives would interleave with the "
+                f"trainer's), got tp={mp[0]}, pp={mp[1]}, vpp={mp[2]}: use rollout.engine: sglang, or "
+                f"rollout.max_staleness: 0",
+            )
         if r.engine == "sglang":
-            check(r.sglang.urls is not None or r.sglang.discovery_file is not None or self.launcher is not None,
-                  "rollout.sglang", "engine sglang needs urls or discovery_file (or a launcher section that "
-                  "starts the servers)")
+            check(
+                r.sglang.urls is not None or r.sglang.discovery_file is not None or self.launcher is not None,
+                "rollout.sglang",
+                "engine sglang needs urls or discovery_file (or a launcher section that starts the servers)",
+            )
 
     def teacher_port(self, name: str) -> int:
         """The port the launchers start teacher `name`'s servers on (`serve.port`, else 30000 + its position)."""
@@ -182,22 +208,33 @@ class ExperimentSpec(Section):
                 continue
             where = f"teachers.{name}.serve"
             ctx = teacher.serve.context_length
-            check(ctx is None or ctx >= self.seq_length, f"{where}.context_length",
-                  f"must hold a prompt plus a rollout ({self.seq_length} tokens), got {ctx}")
+            check(
+                ctx is None or ctx >= self.seq_length,
+                f"{where}.context_length",
+                f"must hold a prompt plus a rollout ({self.seq_length} tokens), got {ctx}",
+            )
             port = self.teacher_port(name)
             check(port not in ports, f"{where}.port", f"port {port} is already used by {ports.get(port)}")
             ports[port] = where
         servers = self.rollout.sglang
         if self.rollout.engine == "sglang" and servers.urls is None:
-            check(servers.context_length is None or servers.context_length >= self.seq_length,
-                  "rollout.sglang.context_length",
-                  f"must hold a prompt plus a rollout ({self.seq_length} tokens), got {servers.context_length}")
-            check(servers.port not in ports, "rollout.sglang.port",
-                  f"port {servers.port} is already used by {ports.get(servers.port)}")
-            check(servers.weight_sync != "distributed" or servers.dp == 1, "rollout.sglang.dp",
-                  f"weight_sync: distributed needs servers with dp = 1 (SGLang joins the weights-update group as "
-                  f"rank_offset + tp_rank), got dp = {servers.dp}: set rollout.sglang.dp=1 (and tp) or "
-                  "rollout.sglang.weight_sync=disk")
+            check(
+                servers.context_length is None or servers.context_length >= self.seq_length,
+                "rollout.sglang.context_length",
+                f"must hold a prompt plus a rollout ({self.seq_length} tokens), got {servers.context_length}",
+            )
+            check(
+                servers.port not in ports,
+                "rollout.sglang.port",
+                f"port {servers.port} is already used by {ports.get(servers.port)}",
+            )
+            check(
+                servers.weight_sync != "distributed" or servers.dp == 1,
+                "rollout.sglang.dp",
+                f"weight_sync: distributed needs servers with dp = 1 (SGLang joins the weights-update group as "
+                f"rank_offset + tp_rank), got dp = {servers.dp}: set rollout.sglang.dp=1 (and tp) or "
+                "rollout.sglang.weight_sync=disk",
+            )
 
     @property
     def seq_length(self) -> int:
@@ -207,6 +244,20 @@ class ExperimentSpec(Section):
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as plain YAML-ready data (round-trips through `load_spec`)."""
         data = dataclasses.asdict(self)
-        order = ["name", "description", "model", "teachers", "routing", "data", "method", "schedule", "rollout",
-                 "train", "parallel", "checkpoint", "logging", "launcher"]
+        order = [
+            "name",
+            "description",
+            "model",
+            "teachers",
+            "routing",
+            "data",
+            "method",
+            "schedule",
+            "rollout",
+            "train",
+            "parallel",
+            "checkpoint",
+            "logging",
+            "launcher",
+        ]
         return {key: data[key] for key in order}

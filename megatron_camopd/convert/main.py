@@ -13,7 +13,7 @@ The work is in `convert/megatron_hf.py`; this module only parses arguments.
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from megatron_camopd.convert.megatron_hf import checkpoint_to_hf, hf_to_checkpoint
 
@@ -28,12 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, default=1, help="(--from-hf) tensor-parallel size training will use")
     parser.add_argument("--pp", type=int, default=1, help="(--from-hf) pipeline-parallel size training will use")
     parser.add_argument("--tokenizer", default=None, help="(--from-hf) tokenizer dir when SRC has none")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                        help="weight dtype of the output (default: as stored in SRC)")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="weight dtype of the output (default: as stored in SRC)",
+    )
     return parser
 
 
-def convert_main(argv: Optional[Sequence[str]] = None) -> int:
+def convert_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `camopd convert`; returns the exit code (CamopdError propagates to the CLI)."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     if args.to_hf:
@@ -41,7 +45,6 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
             build_parser().error("--tp/--pp/--tokenizer apply to --from-hf only (--to-hf reads any layout)")
         out = checkpoint_to_hf(args.src, args.dst, dtype=args.dtype)
     else:
-        out = hf_to_checkpoint(args.src, args.dst, tp=args.tp, pp=args.pp, tokenizer=args.tokenizer,
-                               dtype=args.dtype)
+        out = hf_to_checkpoint(args.src, args.dst, tp=args.tp, pp=args.pp, tokenizer=args.tokenizer, dtype=args.dtype)
     print(f"camopd convert: wrote {out}")
     return 0

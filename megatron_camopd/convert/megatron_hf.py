@@ -23,8 +23,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ from megatron_camopd.errors import CheckpointError, SpecError
 
 log = logging.getLogger("megatron_camopd.convert")
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _HF_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -51,8 +52,10 @@ def single_process_world() -> Iterator[None]:
 
     owned = not dist.is_initialized()
     if not owned and dist.get_world_size() != 1:
-        raise SpecError(f"convert: runs in one process, but torch.distributed already has {dist.get_world_size()} "
-                        "ranks; run the conversion outside the training job")
+        raise SpecError(
+            f"convert: runs in one process, but torch.distributed already has {dist.get_world_size()} "
+            "ranks; run the conversion outside the training job"
+        )
     try:  # a world of one uses a private in-memory store: it never joins a surrounding job's rendezvous
         init_distributed(1, 1, rank=0 if owned else None, world_size=1 if owned else None)
         yield
@@ -75,7 +78,7 @@ def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
-def check_tokenizer_fits(tokenizer_dir: Path, vocab_size: int) -> Optional[int]:
+def check_tokenizer_fits(tokenizer_dir: Path, vocab_size: int) -> int | None:
     """SpecError when the tokenizer in ``tokenizer_dir`` can emit ids >= the model's ``vocab_size``.
 
     Returns the tokenizer's size, or None when the directory has no tokenizer files.
@@ -86,8 +89,10 @@ def check_tokenizer_fits(tokenizer_dir: Path, vocab_size: int) -> Optional[int]:
 
     size = Tokenizer.from_dir(tokenizer_dir).vocab_size
     if size > vocab_size:
-        raise SpecError(f"{tokenizer_dir}: the tokenizer has {size} tokens but the model's vocab_size is "
-                        f"{vocab_size}; its ids >= {vocab_size} would have no embedding row")
+        raise SpecError(
+            f"{tokenizer_dir}: the tokenizer has {size} tokens but the model's vocab_size is "
+            f"{vocab_size}; its ids >= {vocab_size} would have no embedding row"
+        )
     return size
 
 
@@ -142,7 +147,7 @@ def check_checkpoint_matches(ckpt_dir: Path, chunks: list, vocab_size: int, meta
 LOCAL_SPEC_FIELDS = dict(bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False)
 
 
-def _build_tp1(arch: Any, dtype: torch.dtype, padded_vocab: Optional[int] = None) -> list:
+def _build_tp1(arch: Any, dtype: torch.dtype, padded_vocab: int | None = None) -> list:
     """TP=1/PP=1 model chunks of the local layer spec; ``padded_vocab`` overrides the vocabulary rows (a
     checkpoint's saved padding)."""
     from megatron_camopd.backend.model import build_model_chunks, transformer_config
@@ -155,7 +160,7 @@ def _build_tp1(arch: Any, dtype: torch.dtype, padded_vocab: Optional[int] = None
     return build_model_chunks(arch, config, use_transformer_engine=False)
 
 
-def checkpoint_to_hf(src: PathLike, dst: PathLike, dtype: Optional[str] = None) -> Path:
+def checkpoint_to_hf(src: PathLike, dst: PathLike, dtype: str | None = None) -> Path:
     """Megatron checkpoint (root or ``iter_*`` dir, any TP/PP) -> HF model directory ``dst``; returns ``dst``.
 
     ``dtype`` ("fp32", "bf16", "fp16") casts the exported weights; default: as stored in the checkpoint.
@@ -176,8 +181,14 @@ def checkpoint_to_hf(src: PathLike, dst: PathLike, dtype: Optional[str] = None) 
     stored = emb.dtype
     if stored not in _DTYPE_NAMES:
         raise CheckpointError(f"{ckpt}: unsupported parameter dtype {stored}")
-    log.info("convert: loading %s (%s, %d layers, vocab %d, saved with %d padded rows) at TP=1/PP=1",
-             ckpt, arch.model_type, arch.num_layers, arch.vocab_size, emb.global_shape[0])
+    log.info(
+        "convert: loading %s (%s, %d layers, vocab %d, saved with %d padded rows) at TP=1/PP=1",
+        ckpt,
+        arch.model_type,
+        arch.num_layers,
+        arch.vocab_size,
+        emb.global_shape[0],
+    )
     with single_process_world():
         chunks = _build_tp1(arch, stored, padded_vocab=int(emb.global_shape[0]))
         check_checkpoint_matches(ckpt, chunks, arch.vocab_size, tensors)
@@ -192,8 +203,7 @@ def checkpoint_to_hf(src: PathLike, dst: PathLike, dtype: Optional[str] = None) 
     config["torch_dtype"] = _HF_DTYPE[_DTYPE_NAMES[out_dtype]]
     tokenizer_dir = meta_dir if _has_tokenizer(meta_dir) else None
     if tokenizer_dir is None:
-        log.warning("convert: %s has no tokenizer files; the HF directory will hold weights and config only",
-                    meta_dir)
+        log.warning("convert: %s has no tokenizer files; the HF directory will hold weights and config only", meta_dir)
     save_hf(dst, hf_sd, config, tokenizer_dir=tokenizer_dir)
     log.info("convert: wrote %d tensors to %s", len(hf_sd) - int(arch.tie_word_embeddings), dst)
     return dst
@@ -216,8 +226,9 @@ def _weights_dtype(hf_dir: Path) -> torch.dtype:
     return dtype
 
 
-def hf_to_checkpoint(src: PathLike, dst: PathLike, tp: int = 1, pp: int = 1, tokenizer: Optional[PathLike] = None,
-                     dtype: Optional[str] = None) -> Path:
+def hf_to_checkpoint(
+    src: PathLike, dst: PathLike, tp: int = 1, pp: int = 1, tokenizer: PathLike | None = None, dtype: str | None = None
+) -> Path:
     """HF model directory -> checkpoint root ``dst`` (``hf/`` + ``iter_0000000/``); returns the iter directory.
 
     ``tp``/``pp``: the layout training will use; it is validated against the architecture now (the checkpoint
@@ -245,18 +256,31 @@ def hf_to_checkpoint(src: PathLike, dst: PathLike, tp: int = 1, pp: int = 1, tok
         theirs = ModelArch.from_hf_config(_read_hf_config(dst / META_DIR), source=str(existing))
         if theirs != arch:
             diff = [f.name for f in dataclasses.fields(arch) if getattr(arch, f.name) != getattr(theirs, f.name)]
-            raise CheckpointError(f"{dst}: already holds a checkpoint for another architecture "
-                                  f"(differs in {', '.join(diff)}); choose an empty destination")
-    weights_dtype = _weights_dtype(src) if dtype is None else ({v: k for k, v in _DTYPE_NAMES.items()}.get(dtype)
-                                                               or _bad_dtype(dtype))
-    log.info("convert: %s (%s, %d layers, vocab %d, %s) -> %s", src, arch.model_type, arch.num_layers,
-             arch.vocab_size, _DTYPE_NAMES[weights_dtype], dst)
+            raise CheckpointError(
+                f"{dst}: already holds a checkpoint for another architecture "
+                f"(differs in {', '.join(diff)}); choose an empty destination"
+            )
+    weights_dtype = (
+        _weights_dtype(src)
+        if dtype is None
+        else ({v: k for k, v in _DTYPE_NAMES.items()}.get(dtype) or _bad_dtype(dtype))
+    )
+    log.info(
+        "convert: %s (%s, %d layers, vocab %d, %s) -> %s",
+        src,
+        arch.model_type,
+        arch.num_layers,
+        arch.vocab_size,
+        _DTYPE_NAMES[weights_dtype],
+        dst,
+    )
     with single_process_world():
         chunks = _build_tp1(arch, weights_dtype)
         load_hf_weights(chunks, src, arch, tp_rank=0, tp_size=1)
         dst.mkdir(parents=True, exist_ok=True)
         write_model_meta(dst, hf_config, tok_dir if tok_size is not None else None)
-        path = save_checkpoint(dst, 0, chunks, optimizer=None, scheduler=None,
-                               train_state={"converted_from": str(src.resolve())})
+        path = save_checkpoint(
+            dst, 0, chunks, optimizer=None, scheduler=None, train_state={"converted_from": str(src.resolve())}
+        )
     log.info("convert: wrote %s (loadable at tp=%d, pp=%d and any other layout)", path, tp, pp)
     return path

@@ -24,8 +24,15 @@ from megatron_camopd.errors import DataError
 
 FORMATS: tuple[str, ...] = ("messages", "prompt", "nemotron", "coser", "medical_mc")
 ROLES: frozenset[str] = frozenset({"system", "user", "assistant", "tool"})
-SHAREGPT_ROLES: dict[str, str] = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                                  "assistant": "assistant", "tool": "tool", "function": "tool"}
+SHAREGPT_ROLES: dict[str, str] = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+}
 LETTERS = "ABCDEFGHIJ"
 
 MEDICAL_SYSTEM = (
@@ -34,7 +41,7 @@ MEDICAL_SYSTEM = (
 )
 MEDICAL_MC_SUFFIX = (
     "Please reason step by step and give the final answer choice at the end, as a line of the form "
-    "\"Final answer: <letter>\"."
+    '"Final answer: <letter>".'
 )
 MEDICAL_OPEN_SUFFIX = (
     "Please reason step by step and answer clearly. Do not present the answer as a substitute for professional "

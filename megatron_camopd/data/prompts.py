@@ -92,8 +92,8 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
         try:
             rows = json.loads(data.decode("utf-8-sig"))
         except UnicodeDecodeError as exc:
-            line = data.count(b"\n", 0, exc.start) + 1
-            raise DataError(_not_utf8(f"{p}:{line}", data, exc)) from None
+            bad_line = data.count(b"\n", 0, exc.start) + 1
+            raise DataError(_not_utf8(f"{p}:{bad_line}", data, exc)) from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{p}:{exc.lineno}: invalid JSON ({exc.msg})") from None
         except RecursionError:
@@ -147,8 +147,10 @@ class _BadJson:
 def check_routed(row: ParsedRow, routed: frozenset[str] | None) -> ParsedRow:
     """``row`` unchanged, or ``DataError`` when ``routed`` is given and does not hold the row's domain."""
     if routed is not None and row.domain not in routed:
-        raise DataError(f"{row.source}: field 'domain': {row.domain!r} is not routed to a teacher "
-                        f"(routing has: {', '.join(sorted(routed)) or 'nothing'})")
+        raise DataError(
+            f"{row.source}: field 'domain': {row.domain!r} is not routed to a teacher "
+            f"(routing has: {', '.join(sorted(routed)) or 'nothing'})"
+        )
     return row
 
 
@@ -303,9 +305,15 @@ class PromptStream:
     def counters(self) -> dict[str, int]:
         """rows read, bad_rows, truncated, skipped_overlong, prompts (usable), served, epoch."""
         c = self._c
-        return {"rows": c.rows, "bad_rows": c.bad_rows, "truncated": c.truncated,
-                "skipped_overlong": c.skipped_overlong, "prompts": c.prompts, "served": self.served,
-                "epoch": self.epoch}
+        return {
+            "rows": c.rows,
+            "bad_rows": c.bad_rows,
+            "truncated": c.truncated,
+            "skipped_overlong": c.skipped_overlong,
+            "prompts": c.prompts,
+            "served": self.served,
+            "epoch": self.epoch,
+        }
 
     @property
     def bad_examples(self) -> list[str]:
@@ -320,17 +328,31 @@ class PromptStream:
 
     # --- checkpointing ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch,
-                "position": self.position, "served": self.served, "num_prompts": len(self._prompts),
-                "prompt_set_hash": self._uid_hash, "counters": self.counters}
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "epoch": self.epoch,
+            "position": self.position,
+            "served": self.served,
+            "num_prompts": len(self._prompts),
+            "prompt_set_hash": self._uid_hash,
+            "counters": self.counters,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the position; raises ``DataError`` if the state belongs to a different prompt set or seed."""
-        for key, mine in (("num_prompts", len(self._prompts)), ("prompt_set_hash", self._uid_hash),
-                          ("seed", self.seed), ("shuffle", self.shuffle)):
+        for key, mine in (
+            ("num_prompts", len(self._prompts)),
+            ("prompt_set_hash", self._uid_hash),
+            ("seed", self.seed),
+            ("shuffle", self.shuffle),
+        ):
             if state.get(key) != mine:
-                raise DataError(f"prompt stream {self.name!r}: checkpoint has {key}={state.get(key)!r}, "
-                                f"this stream has {mine!r}; the data or seed changed since the checkpoint")
+                raise DataError(
+                    f"prompt stream {self.name!r}: checkpoint has {key}={state.get(key)!r}, "
+                    f"this stream has {mine!r}; the data or seed changed since the checkpoint"
+                )
         position = int(state["position"])
         if not 0 <= position <= len(self._prompts):
             raise DataError(f"prompt stream {self.name!r}: checkpoint position {position} out of range")

@@ -50,14 +50,14 @@ WORK = "/work"
 _INSTALL_HINT = "install bubblewrap: `apt-get install -y bubblewrap` (Debian/Ubuntu) or `dnf install bubblewrap`"
 
 # Runs first inside the sandbox (``python -I -S -B -c``): apply the kernel limits, then run the solution.
-_RUNNER = r'''
+_RUNNER = r"""
 import resource, runpy, sys
 for name, value in {limits!r}:
     resource.setrlimit(getattr(resource, name), (value, value))
 del name, value
 sys.argv = ["solution.py"]
 runpy.run_path("{work}/solution.py", run_name="__main__")
-'''
+"""
 
 
 class SandboxUnavailable(CamopdError):
@@ -110,8 +110,10 @@ def _interpreter(python: str | None) -> tuple[str, tuple[str, ...]]:
         python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     real = os.path.realpath(shutil.which(python) or python)
     if not os.access(real, os.X_OK):
-        raise SandboxUnavailable(f"sandbox: interpreter {python!r} not found or not executable "
-                                 "(SandboxLimits.python; install python3 under /usr)")
+        raise SandboxUnavailable(
+            f"sandbox: interpreter {python!r} not found or not executable "
+            "(SandboxLimits.python; install python3 under /usr)"
+        )
     if real.startswith("/usr/"):
         return real, ()
     prefix = os.path.dirname(os.path.dirname(real))  # <prefix>/bin/python3.x -> <prefix>
@@ -132,12 +134,45 @@ def _root_args() -> list[str]:
 def _bwrap_args(lim: SandboxLimits, extra_ro: tuple[str, ...]) -> tuple[str, ...]:
     tmpfs = str(lim.tmpfs_mb * 1024 * 1024)
     interpreter = [a for d in extra_ro for a in ("--ro-bind", d, d)]  # after the tmpfs mounts: not hidden
-    return (*_root_args(), "--proc", "/proc", "--dev", "/dev",
-            "--size", tmpfs, "--tmpfs", "/tmp", "--perms", "0700", "--size", tmpfs, "--tmpfs", WORK,
-            *interpreter, "--chdir", WORK, "--unshare-all", "--die-with-parent", "--new-session",
-            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
-            "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
-            "--setenv", "HOME", WORK)
+    return (
+        *_root_args(),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--size",
+        tmpfs,
+        "--tmpfs",
+        "/tmp",
+        "--perms",
+        "0700",
+        "--size",
+        tmpfs,
+        "--tmpfs",
+        WORK,
+        *interpreter,
+        "--chdir",
+        WORK,
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--uid",
+        str(SANDBOX_UID),
+        "--gid",
+        str(SANDBOX_UID),
+        "--hostname",
+        "sandbox",
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/bin:/bin",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+        "--setenv",
+        "HOME",
+        WORK,
+    )
 
 
 def _popen_user(drop: bool) -> dict:
@@ -148,29 +183,43 @@ def _popen_user(drop: bool) -> dict:
 def _probe(bwrap: str, python: str | None, tmpfs_mb: int) -> _Plan:
     exe = shutil.which(bwrap)
     if exe is None:
-        raise SandboxUnavailable(f"sandbox: bubblewrap not found ({bwrap!r} is not an executable on PATH); "
-                                 f"the code verifier runs model-written code only inside it: {_INSTALL_HINT}")
+        raise SandboxUnavailable(
+            f"sandbox: bubblewrap not found ({bwrap!r} is not an executable on PATH); "
+            f"the code verifier runs model-written code only inside it: {_INSTALL_HINT}"
+        )
     py, extra = _interpreter(python)
     args = _bwrap_args(SandboxLimits(tmpfs_mb=tmpfs_mb), extra)
     drop = os.geteuid() == 0
     try:
-        r = subprocess.run([exe, *args, "--", py, "-I", "-S", "-B", "-c", "print('camopd-sandbox-ok')"],
-                           check=False, capture_output=True, text=True, timeout=30,
-                           stdin=subprocess.DEVNULL, **_popen_user(drop))
+        r = subprocess.run(
+            [exe, *args, "--", py, "-I", "-S", "-B", "-c", "print('camopd-sandbox-ok')"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+            **_popen_user(drop),
+        )
         detail = r.stderr.strip() or f"exit status {r.returncode}"
         ok = r.returncode == 0 and r.stdout.strip() == "camopd-sandbox-ok"
     except (OSError, subprocess.TimeoutExpired) as exc:
         detail, ok = str(exc), False
     if not ok:
         if "source path" in detail or "execvp" in detail:  # the sandbox user cannot reach the interpreter
-            hint = (f"the interpreter {py} and its installation must be readable by uid {SANDBOX_UID} when the "
-                    "trainer runs as root; use a system python3 under /usr (SandboxLimits.python)")
+            hint = (
+                f"the interpreter {py} and its installation must be readable by uid {SANDBOX_UID} when the "
+                "trainer runs as root; use a system python3 under /usr (SandboxLimits.python)"
+            )
         else:
-            hint = ("it needs user namespaces (sysctl user.max_user_namespaces > 0, "
-                    "kernel.unprivileged_userns_clone=1 where that exists; in a container, a seccomp/AppArmor "
-                    "profile that allows them)")
-        raise SandboxUnavailable(f"sandbox: bubblewrap ({exe}) cannot create its sandbox here ({detail}): "
-                                 f"{hint}. Model-written code is not run unconfined.")
+            hint = (
+                "it needs user namespaces (sysctl user.max_user_namespaces > 0, "
+                "kernel.unprivileged_userns_clone=1 where that exists; in a container, a seccomp/AppArmor "
+                "profile that allows them)"
+            )
+        raise SandboxUnavailable(
+            f"sandbox: bubblewrap ({exe}) cannot create its sandbox here ({detail}): "
+            f"{hint}. Model-written code is not run unconfined."
+        )
     return _Plan(exe, py, args, drop)
 
 
@@ -182,9 +231,14 @@ def ensure_available(limits: SandboxLimits | None = None) -> None:
 
 def _rlimits(lim: SandboxLimits) -> list[tuple[str, int]]:
     cpu = lim.cpu_time_s if lim.cpu_time_s is not None else int(lim.wall_time_s) + 2
-    return [("RLIMIT_AS", lim.memory_mb * 1024 * 1024), ("RLIMIT_CPU", cpu),
-            ("RLIMIT_FSIZE", lim.max_output_bytes), ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", lim.max_processes),
-            ("RLIMIT_NOFILE", lim.max_open_files)]
+    return [
+        ("RLIMIT_AS", lim.memory_mb * 1024 * 1024),
+        ("RLIMIT_CPU", cpu),
+        ("RLIMIT_FSIZE", lim.max_output_bytes),
+        ("RLIMIT_CORE", 0),
+        ("RLIMIT_NPROC", lim.max_processes),
+        ("RLIMIT_NOFILE", lim.max_open_files),
+    ]
 
 
 def _file_with(data: str) -> IO[bytes]:
@@ -256,16 +310,41 @@ def run_python(program: str, stdin: str = "", limits: SandboxLimits | None = Non
     lim = limits or SandboxLimits()
     plan = _probe(lim.bwrap, lim.python, lim.tmpfs_mb)
     runner = _RUNNER.format(limits=_rlimits(lim), work=WORK)
-    with _file_with(program) as src, _file_with(stdin) as fin, tempfile.TemporaryFile() as fout, \
-            tempfile.TemporaryFile() as ferr:
+    with (
+        _file_with(program) as src,
+        _file_with(stdin) as fin,
+        tempfile.TemporaryFile() as fout,
+        tempfile.TemporaryFile() as ferr,
+    ):
         info_r, info_w = os.pipe()
-        cmd = [plan.bwrap, *plan.args, "--info-fd", str(info_w), "--ro-bind-data", str(src.fileno()),
-               f"{WORK}/solution.py", "--", plan.python, "-I", "-S", "-B", "-c", runner]
+        cmd = [
+            plan.bwrap,
+            *plan.args,
+            "--info-fd",
+            str(info_w),
+            "--ro-bind-data",
+            str(src.fileno()),
+            f"{WORK}/solution.py",
+            "--",
+            plan.python,
+            "-I",
+            "-S",
+            "-B",
+            "-c",
+            runner,
+        ]
         timed_out = True
         deadline = time.monotonic() + lim.wall_time_s
         try:
-            proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, pass_fds=(src.fileno(), info_w),
-                                    start_new_session=True, **_popen_user(plan.drop_to_nobody))
+            proc = subprocess.Popen(
+                cmd,
+                stdin=fin,
+                stdout=fout,
+                stderr=ferr,
+                pass_fds=(src.fileno(), info_w),
+                start_new_session=True,
+                **_popen_user(plan.drop_to_nobody),
+            )
             os.close(info_w)
             info_w = -1
             bwrap_fd = os.pidfd_open(proc.pid)

@@ -45,8 +45,9 @@ def routed_domains(spec: Any) -> frozenset[str] | None:
     return frozenset(spec.routing) if spec.method.method_class().needs_teachers else None
 
 
-def scan_stream(path: str, fmt: str, default_domain: str, routed: frozenset[str] | None, on_bad_row: str,
-                name: str = "prompts") -> StreamScan:
+def scan_stream(
+    path: str, fmt: str, default_domain: str, routed: frozenset[str] | None, on_bad_row: str, name: str = "prompts"
+) -> StreamScan:
     """Scan one file; raises `DataError` at the first bad row when `on_bad_row` is "error"."""
     out = StreamScan(name, path)
     for where, row in read_rows(path):
@@ -62,8 +63,11 @@ def scan_stream(path: str, fmt: str, default_domain: str, routed: frozenset[str]
             if len(out.bad_examples) < MAX_EXAMPLES:
                 out.bad_examples.append(str(exc))
     if out.usable == 0:
-        raise DataError(f"{path}: data stream {name!r} has no usable rows ({out.rows} read, {out.bad_rows} bad"
-                        + (f"; first: {out.bad_examples[0]}" if out.bad_examples else "") + ")")
+        raise DataError(
+            f"{path}: data stream {name!r} has no usable rows ({out.rows} read, {out.bad_rows} bad"
+            + (f"; first: {out.bad_examples[0]}" if out.bad_examples else "")
+            + ")"
+        )
     return out
 
 
@@ -77,8 +81,14 @@ def scan_data(spec: Any) -> list[StreamScan]:
         report = scan_stream(s.path, s.format, s.domain, routed, spec.data.on_bad_row, s.name)
         domains = ", ".join(f"{d}: {n}" for d, n in sorted(report.domains.items()))
         if report.bad_rows:
-            log.warning("data stream %s (%s): skipped %d bad rows of %d (data.on_bad_row: skip); first: %s",
-                        s.name, s.path, report.bad_rows, report.rows, report.bad_examples[0])
+            log.warning(
+                "data stream %s (%s): skipped %d bad rows of %d (data.on_bad_row: skip); first: %s",
+                s.name,
+                s.path,
+                report.bad_rows,
+                report.rows,
+                report.bad_examples[0],
+            )
         log.info("data stream %s: %d rows scanned, %d usable (%s)", s.name, report.rows, report.usable, domains)
         reports.append(report)
     return reports

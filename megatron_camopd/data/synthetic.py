@@ -24,11 +24,21 @@ from megatron_camopd.errors import DataError
 
 TASKS: tuple[str, ...] = ("arithmetic", "reverse", "sort", "copy", "count", "cipher", "mc")
 DEFAULT_DOMAIN: dict[str, str] = {
-    "arithmetic": "general", "reverse": "general", "sort": "general", "copy": "general", "count": "general",
-    "cipher": "domain", "mc": "general",
+    "arithmetic": "general",
+    "reverse": "general",
+    "sort": "general",
+    "copy": "general",
+    "count": "general",
+    "cipher": "domain",
+    "mc": "general",
 }
 DEFAULT_LENGTH: dict[str, tuple[int, int]] = {
-    "arithmetic": (1, 2), "mc": (1, 2), "reverse": (3, 8), "sort": (3, 8), "copy": (3, 8), "count": (4, 10),
+    "arithmetic": (1, 2),
+    "mc": (1, 2),
+    "reverse": (3, 8),
+    "sort": (3, 8),
+    "copy": (3, 8),
+    "count": (4, 10),
     "cipher": (3, 8),
 }
 WRITE_FORMATS: tuple[str, ...] = ("messages", "prompt", "nemotron", "coser", "medical_mc")
@@ -104,14 +114,24 @@ def make_examples(
     out = []
     for i in range(n):
         ex = _one(task, rng, lo, hi)
-        ex.update(uid=f"{task}-{seed}-{i}", task=task, domain=domain or DEFAULT_DOMAIN[task],
-                  messages=[{"role": "user", "content": ex["prompt"]}])
+        ex.update(
+            uid=f"{task}-{seed}-{i}",
+            task=task,
+            domain=domain or DEFAULT_DOMAIN[task],
+            messages=[{"role": "user", "content": ex["prompt"]}],
+        )
         out.append(ex)
     return out
 
 
-def make_loud_examples(task: str, n: int, seed: int = 0, length_range: tuple[int, int] | None = None,
-                       marker: str = "!", domain: str = "domain") -> list[dict[str, Any]]:
+def make_loud_examples(
+    task: str,
+    n: int,
+    seed: int = 0,
+    length_range: tuple[int, int] | None = None,
+    marker: str = "!",
+    domain: str = "domain",
+) -> list[dict[str, Any]]:
     """The "loud" persona of a general task: the same prompt behind a marker (`"! reverse: abc"`), answered in
     capitals (`"CBA"`). It shares its surface form with the plain task, so a model specialised on it tends to
     shout at plain prompts too (forgetting), and recovering the plain behaviour pulls the shared parameters
@@ -120,8 +140,16 @@ def make_loud_examples(task: str, n: int, seed: int = 0, length_range: tuple[int
     for ex in make_examples(task, n, seed, length_range, domain):
         prompt = f"{marker} {ex['prompt']}"
         i = ex["uid"].rsplit("-", 1)[1]
-        out.append({**ex, "prompt": prompt, "answer": ex["answer"].upper(), "task": f"loud_{task}",
-                    "uid": f"loud_{task}-{seed}-{i}", "messages": [{"role": "user", "content": prompt}]})
+        out.append(
+            {
+                **ex,
+                "prompt": prompt,
+                "answer": ex["answer"].upper(),
+                "task": f"loud_{task}",
+                "uid": f"loud_{task}-{seed}-{i}",
+                "messages": [{"role": "user", "content": prompt}],
+            }
+        )
     return out
 
 

@@ -54,16 +54,18 @@ DEFAULT_ALPHABET: str = "".join(sorted(set(string.printable) - {"\r", "\x0b", "\
 class Tokenizer:
     """A HuggingFace tokenizer loaded from disk, with the few operations the trainer needs."""
 
-    def __init__(self, hf_tokenizer: Any, path: str | None = None,
-                 chat_template_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, hf_tokenizer: Any, path: str | None = None, chat_template_kwargs: dict[str, Any] | None = None
+    ) -> None:
         self.hf = hf_tokenizer
         self.path = path
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         if self.hf.eos_token_id is None:
             raise DataError(f"tokenizer {path}: no eos_token defined in tokenizer_config.json")
         # special (control) tokens, longest first so a token that contains another one is matched whole
-        self._control = sorted({str(t) for t in self.hf.added_tokens_decoder.values() if t.special},
-                               key=lambda t: (-len(t), t))
+        self._control = sorted(
+            {str(t) for t in self.hf.added_tokens_decoder.values() if t.special}, key=lambda t: (-len(t), t)
+        )
         self._control_re = re.compile("|".join(re.escape(t) for t in self._control)) if self._control else None
 
     @classmethod
@@ -122,33 +124,41 @@ class Tokenizer:
         """Number of ids the tokenizer can emit (base vocabulary plus added tokens)."""
         return len(self.hf)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                            **template_kwargs: Any) -> list[int]:
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> list[int]:
         """Render ``messages`` with the chat template and return token ids; message text never yields control ids."""
         text = self._render(messages, add_generation_prompt, template_kwargs, guard=True)
         ids: list[int] = []
         pos = 0
         for m in self._control_re.finditer(text) if self._control_re is not None else ():
-            ids += self.encode_text(self._unguard(text[pos:m.start()])) if m.start() > pos else []
+            ids += self.encode_text(self._unguard(text[pos : m.start()])) if m.start() > pos else []
             ids.append(int(self.hf.convert_tokens_to_ids(m.group(0))))
             pos = m.end()
         if pos < len(text):
             ids += self.encode_text(self._unguard(text[pos:]))
         return ids
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                    **template_kwargs: Any) -> str:
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> str:
         """The chat-template text (for logs, debugging and teachers that take text)."""
         return self._render(messages, add_generation_prompt, template_kwargs, guard=False)
 
-    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool, template_kwargs: dict[str, Any],
-                guard: bool) -> str:
+    def _render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any],
+        guard: bool,
+    ) -> str:
         if not getattr(self.hf, "chat_template", None):
             raise DataError(f"tokenizer {self.path}: no chat_template in tokenizer_config.json")
         msgs = [self._guard_message(m, i) for i, m in enumerate(messages)] if guard else list(messages)
         kwargs = {**self.chat_template_kwargs, **template_kwargs}
-        return str(self.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                               **kwargs))
+        return str(
+            self.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+        )
 
     def _guard_message(self, message: dict[str, Any], index: int) -> dict[str, Any]:
         """A copy of ``message`` whose text fields carry placeholders in place of special-token strings."""
@@ -157,11 +167,12 @@ class Tokenizer:
             if key == "role" or not isinstance(value, str):
                 continue
             if _PLACEHOLDER_RE.search(value):
-                raise DataError(f"message {index} ({message.get('role')}): field '{key}' contains characters of "
-                                f"Unicode plane 15 (U+F0000..U+FFFFD), reserved here to escape special tokens")
+                raise DataError(
+                    f"message {index} ({message.get('role')}): field '{key}' contains characters of "
+                    f"Unicode plane 15 (U+F0000..U+FFFFD), reserved here to escape special tokens"
+                )
             if self._control_re is not None:
-                value = self._control_re.sub(lambda m: chr(_PLACEHOLDER_BASE + self._control.index(m.group(0))),
-                                             value)
+                value = self._control_re.sub(lambda m: chr(_PLACEHOLDER_BASE + self._control.index(m.group(0))), value)
             out[key] = value
         return out
 
@@ -182,7 +193,7 @@ class Tokenizer:
 # special tokens inside message text are swapped for single characters of Unicode plane 15 (private use) while the
 # template renders, so the template's own control tokens are the only special-token strings in the rendering
 _PLACEHOLDER_BASE = 0xF0000
-_PLACEHOLDER_RE = re.compile("[\U000F0000-\U000FFFFD]")
+_PLACEHOLDER_RE = re.compile("[\U000f0000-\U000ffffd]")
 
 
 def hf_fingerprint(hf_tokenizer: Any) -> str:

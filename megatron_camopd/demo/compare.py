@@ -58,10 +58,20 @@ def normalised(acc: dict[str, float], student: dict[str, float], teacher: dict[s
     return {"per_domain": s, "score": sum(defined) / len(defined) if defined else None}
 
 
-def run_comparison(spec_path: Path, out: Path, methods: Sequence[str], seeds: Sequence[int],
-                   evaluate: Callable[[str, Path], dict], student: dict[str, float], teacher: dict[str, float], *,
-                   prefix: str = "", upstream: str = "", steps: int | None = None, curves: bool = False,
-                   ) -> dict[str, list[dict]]:
+def run_comparison(
+    spec_path: Path,
+    out: Path,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    evaluate: Callable[[str, Path], dict],
+    student: dict[str, float],
+    teacher: dict[str, float],
+    *,
+    prefix: str = "",
+    upstream: str = "",
+    steps: int | None = None,
+    curves: bool = False,
+) -> dict[str, list[dict]]:
     """Train every (method, seed) of `spec_path` into `out/<prefix><method>_seed<k>` (cached by the spec text, the
     overrides and `upstream`, the digest of whatever produced the spec's models) and evaluate it.
 
@@ -73,29 +83,35 @@ def run_comparison(spec_path: Path, out: Path, methods: Sequence[str], seeds: Se
 
     base = load_spec(spec_path)
     spec_text = spec_path.read_text()
-    verifiers = [st.verifier for st in base.data.streams]
+    verifiers: list[str] = [st.verifier for st in base.data.streams]
     results: dict[str, list[dict]] = {}
     for meth in methods:
         for seed in seeds:
             extra = [f"train.seed={seed}", f"data.seed={seed}"] + ([f"train.steps={steps}"] if steps else [])
-            overrides = method_overrides(meth, verifiers, base.rollout.prompts_per_step,
-                                         base.train.micro_batch_size) + extra
+            overrides = (
+                method_overrides(meth, verifiers, base.rollout.prompts_per_step, base.train.micro_batch_size) + extra
+            )
             name = f"{prefix}{meth}_seed{seed}"
             digest = stable_hash([spec_text, overrides, upstream])
             run_dir, _ = run_phase(out, name, spec_path, digest, overrides)
             ckpts = checkpoints(run_dir)
-            curve = [(step, evaluate(f"{name}:{digest}:{step}", path)) for step, path in
-                     (ckpts if curves else ckpts[-1:])]
+            curve = [
+                (step, evaluate(f"{name}:{digest}:{step}", path)) for step, path in (ckpts if curves else ckpts[-1:])
+            ]
             final = curve[-1][1]
             acc = {d: float(r["accuracy"]) for d, r in final.items()}
-            results.setdefault(meth, []).append({
-                "seed": seed, "run_dir": str(run_dir), "accuracy": acc,
-                "per_task": {d: r.get("per_task", {}) for d, r in final.items()},
-                "normalised": normalised(acc, student, teacher),
-                "instruments": instruments(read_metrics(run_dir / "metrics.jsonl")),
-                "seconds": phase_seconds(out, name),
-                "curve": [(step, {d: float(r["accuracy"]) for d, r in ev.items()}) for step, ev in curve],
-            })
+            results.setdefault(meth, []).append(
+                {
+                    "seed": seed,
+                    "run_dir": str(run_dir),
+                    "accuracy": acc,
+                    "per_task": {d: r.get("per_task", {}) for d, r in final.items()},
+                    "normalised": normalised(acc, student, teacher),
+                    "instruments": instruments(read_metrics(run_dir / "metrics.jsonl")),
+                    "seconds": phase_seconds(out, name),
+                    "curve": [(step, {d: float(r["accuracy"]) for d, r in ev.items()}) for step, ev in curve],
+                }
+            )
             say(f"{name}: " + " ".join(f"{d}={100 * v:.1f}" for d, v in sorted(acc.items())))
     return results
 
@@ -132,7 +148,7 @@ def compare_main(argv: list[str]) -> int:
     cache = EvalCache(out / "evals.json")
     how = stable_hash([sets, max_new])
 
-    def evaluate(key: str, checkpoint: Path | None = None, **source) -> dict:
+    def evaluate(key: str, checkpoint: str | Path | None = None, **source) -> dict:
         src = dict(source, checkpoint=checkpoint) if checkpoint is not None else source
         return cache.get(f"{key}:{how}", lambda: evaluate_model(sets, max_new, **src))
 
@@ -140,21 +156,28 @@ def compare_main(argv: list[str]) -> int:
         return {d: float(r[d]["accuracy"]) for d in domains}
 
     m = base.model
-    student = acc(evaluate(f"student:{stable_hash([m.hf_path, m.checkpoint])}", hf_path=m.hf_path,
-                           checkpoint=m.checkpoint))
+    student = acc(
+        evaluate(f"student:{stable_hash([m.hf_path, m.checkpoint])}", hf_path=m.hf_path, checkpoint=m.checkpoint)
+    )
     teacher: dict[str, float] = {}
     baselines = {"initial student": student}
     for d in domains:
         name = base.routing.get(d)
+        if name is None:
+            raise SystemExit(f"camopd compare: domain {d} is not routed to a teacher")
         t = base.teachers[name]
         if t.kind != "megatron":
             raise SystemExit(f"camopd compare: teacher {name} is served over HTTP; evaluate it with camopd eval")
-        r = acc(evaluate(f"teacher:{name}:{stable_hash([t.hf_path, t.checkpoint])}", hf_path=t.hf_path,
-                         checkpoint=t.checkpoint))
+        r = acc(
+            evaluate(
+                f"teacher:{name}:{stable_hash([t.hf_path, t.checkpoint])}", hf_path=t.hf_path, checkpoint=t.checkpoint
+            )
+        )
         teacher[d] = r[d]
         baselines[f"teacher {name}"] = r
-    results = run_comparison(spec_path, out, args.methods, list(range(args.seeds)), evaluate, student, teacher,
-                             steps=args.steps)
+    results = run_comparison(
+        spec_path, out, args.methods, list(range(args.seeds)), evaluate, student, teacher, steps=args.steps
+    )
     md = write_comparison(out, spec_path, domains, baselines, results, threads=args.threads)
     print(md)
     say(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}")

@@ -9,17 +9,29 @@ differences with their intervals. Used by `camopd compare` and by the demo's rep
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from megatron_camopd.demo.setting import LABELS
 from megatron_camopd.demo.stats import mean_std, paired_difference, verdict
 
 BASELINE = "mopd_1to1"
-INSTRUMENTS = [("cross_cos_mean", "cross-branch cos"), ("cross_cos_negative_share", "cos<0 share"),
-               ("coherence_full", "coherence (full)"), ("gcg", "GCG (%)"),
-               ("spearman_gap_len/general", "Spearman gap~len (gen)"),
-               ("selected_len_mean/general", "selected len (gen)"), ("dropped_len_mean/general", "dropped len (gen)")]
+INSTRUMENTS = [
+    ("cross_cos_mean", "cross-branch cos"),
+    ("cross_cos_negative_share", "cos<0 share"),
+    ("coherence_full", "coherence (full)"),
+    ("gcg", "GCG (%)"),
+    ("spearman_gap_len/general", "Spearman gap~len (gen)"),
+    ("selected_len_mean/general", "selected len (gen)"),
+    ("dropped_len_mean/general", "dropped len (gen)"),
+]
+
+
+def _accuracy(domain: str, run: dict) -> Any:
+    return run["accuracy"][domain]
 
 
 def _by_seed(runs: list[dict], get) -> dict[int, float | None]:
@@ -29,14 +41,16 @@ def _by_seed(runs: list[dict], get) -> dict[int, float | None]:
 def summarise(results: dict[str, list[dict]], domains: list[str], baseline: str = BASELINE) -> dict:
     """{method: {"accuracy": {d: [mean, std]}, "score": [mean, std], "paired": {d|score: diff}, "instruments":
     {k: mean}, "seconds": total}} (paired only when the baseline ran, on the seeds both ran)."""
-    metrics = {d: (lambda r, d=d: r["accuracy"][d]) for d in domains}
+    metrics: dict[str, Callable[[dict], Any]] = {d: functools.partial(_accuracy, d) for d in domains}
     metrics["score"] = lambda r: r["normalised"]["score"]
     out: dict[str, dict] = {}
     for m, runs in results.items():
-        s: dict = {"accuracy": {d: list(mean_std([r["accuracy"][d] for r in runs])) for d in domains},
-                   "score": list(mean_std([r["normalised"]["score"] for r in runs])),
-                   "seeds": [r["seed"] for r in runs],
-                   "seconds": round(sum(r.get("seconds") or 0.0 for r in runs), 1)}
+        s: dict = {
+            "accuracy": {d: list(mean_std([r["accuracy"][d] for r in runs])) for d in domains},
+            "score": list(mean_std([r["normalised"]["score"] for r in runs])),
+            "seeds": [r["seed"] for r in runs],
+            "seconds": round(sum(r.get("seconds") or 0.0 for r in runs), 1),
+        }
         keys = sorted({k for r in runs for k in r.get("instruments", {})})
         s["instruments"] = {k: mean_std([r["instruments"].get(k) for r in runs])[0] for k in keys}
         if baseline in results and m != baseline:
@@ -69,29 +83,45 @@ def _num(x, digits: int = 3) -> str:
 
 def tables(summary: dict, domains: list[str], baselines: dict) -> list[str]:
     """The results table (mean ± std, paired differences vs MOPD 1:1 with CI) and the instruments table."""
-    head = ("| method | " + " | ".join(f"{d} acc (%)" for d in domains) + " | score (mean s_d) | " +
-            " | ".join(f"Δ{d} vs MOPD 1:1 [95% CI]" for d in domains) + " | Δscore [95% CI] | seconds |")
+    head = (
+        "| method | "
+        + " | ".join(f"{d} acc (%)" for d in domains)
+        + " | score (mean s_d) | "
+        + " | ".join(f"Δ{d} vs MOPD 1:1 [95% CI]" for d in domains)
+        + " | Δscore [95% CI] | seconds |"
+    )
     lines = [head, "| --- |" + " ---: |" * (2 * len(domains) + 3)]
     for name, acc in baselines.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * acc[d]:.1f}" for d in domains) + " |" +
-                     " |" * (len(domains) + 3))
+        lines.append(
+            f"| {name} | " + " | ".join(f"{100 * acc[d]:.1f}" for d in domains) + " |" + " |" * (len(domains) + 3)
+        )
     for m, s in summary.items():
         p = s.get("paired", {})
         cells = [_cell(s["accuracy"][d]) for d in domains] + [_cell(s["score"], 1.0, 2)]
         cells += [_diff(p.get(d)) for d in domains] + [_diff(p.get("score"), 1.0)]
         cells.append(f"{s['seconds']:.0f}")
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-    return lines + ["", "Instruments (means over seeds, from each run's metrics.jsonl):", "", *instrument_table(summary)]
+    return lines + [
+        "",
+        "Instruments (means over seeds, from each run's metrics.jsonl):",
+        "",
+        *instrument_table(summary),
+    ]
 
 
 def instrument_table(summary: dict) -> list[str]:
     """The referee's instruments per method (means over seeds)."""
-    lines = ["| method | " + " | ".join(label for _, label in INSTRUMENTS) + " |",
-             "| --- |" + " ---: |" * len(INSTRUMENTS)]
+    lines = [
+        "| method | " + " | ".join(label for _, label in INSTRUMENTS) + " |",
+        "| --- |" + " ---: |" * len(INSTRUMENTS),
+    ]
     for m, s in summary.items():
         ins = s["instruments"]
-        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(_num(ins.get(k), 2 if "len" in k else 3)
-                                                              for k, _ in INSTRUMENTS) + " |")
+        lines.append(
+            f"| {LABELS.get(m, m)} | "
+            + " | ".join(_num(ins.get(k), 2 if "len" in k else 3) for k, _ in INSTRUMENTS)
+            + " |"
+        )
     return lines
 
 
@@ -121,8 +151,15 @@ def plot(summary: dict, results: dict, domains: list[str], path: Path) -> Path:
             lo = p["ci_low"] if p["ci_low"] is not None else p["mean"]
             hi = p["ci_high"] if p["ci_high"] is not None else p["mean"]
             x = i + (j - (len(domains) - 1) / 2) * 0.25
-            ax.errorbar([x], [100 * p["mean"]], yerr=[[100 * (p["mean"] - lo)], [100 * (hi - p["mean"])]],
-                        fmt="o", color=f"C{j}", capsize=3, label=d if i == 0 else None)
+            ax.errorbar(
+                [x],
+                [100 * p["mean"]],
+                yerr=[[100 * (p["mean"] - lo)], [100 * (hi - p["mean"])]],
+                fmt="o",
+                color=f"C{j}",
+                capsize=3,
+                label=d if i == 0 else None,
+            )
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xlim(-0.6, max(len(shown), 1) - 0.4)
     ax.set_xticks(range(len(shown)), [LABELS.get(m, m) for m in shown], rotation=45, ha="right", fontsize=8)
@@ -136,20 +173,30 @@ def plot(summary: dict, results: dict, domains: list[str], path: Path) -> Path:
     return path
 
 
-def write_comparison(out: Path, spec_path: Path, domains: list[str], baselines: dict, results: dict, *,
-                     threads: int) -> str:
+def write_comparison(
+    out: Path, spec_path: Path, domains: list[str], baselines: dict, results: dict, *, threads: int
+) -> str:
     """compare.md, compare.json and compare.png under `out`; returns the markdown."""
     summary = summarise(results, domains)
     total = sum(s["seconds"] for s in summary.values())
     n_seeds = max((len(r) for r in results.values()), default=0)
-    md = ["# Method comparison", "",
-          (f"Spec: `{spec_path}`; {n_seeds} seed(s) per method (train.seed = data.seed = k); greedy exact match on "
-           "held-out sets; `s_d = (a_method - a_student) / (a_teacher - a_student)` (n/a where the teacher does not "
-           "beat the initial student by >= 1 point). Δ: the method minus vanilla MOPD (1:1) on the same seed, mean "
-           "over seeds with a percentile-bootstrap 95% interval (with 2-3 seeds the interval is rough; with one, "
-           "none)."), "", *tables(summary, domains, baselines), "",
-          f"Cost: {total:.0f} s of training for {sum(len(r) for r in results.values())} runs at {threads} torch "
-          "thread(s) (evaluation not included).", ""]
+    md = [
+        "# Method comparison",
+        "",
+        (
+            f"Spec: `{spec_path}`; {n_seeds} seed(s) per method (train.seed = data.seed = k); greedy exact match on "
+            "held-out sets; `s_d = (a_method - a_student) / (a_teacher - a_student)` (n/a where the teacher does not "
+            "beat the initial student by >= 1 point). Δ: the method minus vanilla MOPD (1:1) on the same seed, mean "
+            "over seeds with a percentile-bootstrap 95% interval (with 2-3 seeds the interval is rough; with one, "
+            "none)."
+        ),
+        "",
+        *tables(summary, domains, baselines),
+        "",
+        f"Cost: {total:.0f} s of training for {sum(len(r) for r in results.values())} runs at {threads} torch "
+        "thread(s) (evaluation not included).",
+        "",
+    ]
     for m, s in summary.items():
         for key in [*domains, "score"]:
             if "paired" in s:
@@ -157,8 +204,20 @@ def write_comparison(out: Path, spec_path: Path, domains: list[str], baselines: 
     md.append("")
     text = "\n".join(md)
     (out / "compare.md").write_text(text)
-    (out / "compare.json").write_text(json.dumps({"spec": str(spec_path), "seeds": n_seeds, "domains": domains,
-                                                  "baselines": baselines, "results": results, "summary": summary,
-                                                  "training_seconds": total, "threads": threads}, indent=1))
+    (out / "compare.json").write_text(
+        json.dumps(
+            {
+                "spec": str(spec_path),
+                "seeds": n_seeds,
+                "domains": domains,
+                "baselines": baselines,
+                "results": results,
+                "summary": summary,
+                "training_seconds": total,
+                "threads": threads,
+            },
+            indent=1,
+        )
+    )
     plot(summary, results, domains, out / "compare.png")
     return text

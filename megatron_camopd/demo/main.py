@@ -23,6 +23,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,9 +39,15 @@ def make_base(s: DemoSetting, root: Path) -> tuple[Path, str]:
     from megatron_camopd.data.tokenizer import make_tiny_tokenizer
     from megatron_camopd.demo.tiny import make_tiny_model
 
-    model = {"hidden_size": s.hidden, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
-                 "num_key_value_heads": s.kv_heads, "head_dim": s.hidden // s.heads, "intermediate_size": s.intermediate,
-                 "max_position_embeddings": 128}
+    model: dict[str, Any] = {
+        "hidden_size": s.hidden,
+        "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads,
+        "head_dim": s.hidden // s.heads,
+        "intermediate_size": s.intermediate,
+        "max_position_embeddings": 128,
+    }
     digest = stable_hash({"model": model, "seed": s.seed})
     base, tok = root / "base", root / "tokenizer"
     marker = base / "demo_base.json"
@@ -77,16 +84,34 @@ def run_pipeline(s: DemoSetting, root: Path) -> dict:
         return stable_hash([data[n].read_text() for n in names])
 
     say(f"phase 2/{TOTAL_PHASES}: general teacher = SFT of the base model on {', '.join(s.general_tasks)}")
-    spec = sft_spec(s, "general_teacher", {"hf_path": str(base)}, data["sft_general"], "general",
-                    root / "general_teacher", s.sft_general_steps, s.sft_general_lr)
+    spec = sft_spec(
+        s,
+        "general_teacher",
+        {"hf_path": str(base)},
+        data["sft_general"],
+        "general",
+        root / "general_teacher",
+        s.sft_general_steps,
+        s.sft_general_lr,
+    )
     g_digest = stable_hash([_portable(spec, root), base_digest, data_digest("sft_general")])
     general, _ = run_phase(root, "general_teacher", spec, g_digest)
 
-    say(f"phase 3/{TOTAL_PHASES}: domain teacher = SFT of the general teacher on the loud persona of "
+    say(
+        f"phase 3/{TOTAL_PHASES}: domain teacher = SFT of the general teacher on the loud persona of "
         f"{', '.join(s.domain_tasks)} "
-        f"({s.sft_domain_steps} steps at lr {s.sft_domain_lr:g})")
-    spec = sft_spec(s, "domain_teacher", {"checkpoint": str(general)}, data["sft_domain"], "domain",
-                    root / "domain_teacher", s.sft_domain_steps, s.sft_domain_lr)
+        f"({s.sft_domain_steps} steps at lr {s.sft_domain_lr:g})"
+    )
+    spec = sft_spec(
+        s,
+        "domain_teacher",
+        {"checkpoint": str(general)},
+        data["sft_domain"],
+        "domain",
+        root / "domain_teacher",
+        s.sft_domain_steps,
+        s.sft_domain_lr,
+    )
     d_digest = stable_hash([_portable(spec, root), g_digest, data_digest("sft_domain")])
     domain, _ = run_phase(root, "domain_teacher", spec, d_digest)
 
@@ -101,21 +126,37 @@ def run_pipeline(s: DemoSetting, root: Path) -> dict:
     def evaluate(key: str, checkpoint: Path) -> dict:
         return cache.get(f"{key}:{how}", lambda: evaluate_model(sets, s.max_new_tokens, checkpoint=checkpoint))
 
-    models = {"general_teacher": evaluate(f"general_teacher:{g_digest}", _final(general)),
-              "domain_teacher": evaluate(f"domain_teacher:{d_digest}", _final(domain))}
+    models = {
+        "general_teacher": evaluate(f"general_teacher:{g_digest}", _final(general)),
+        "domain_teacher": evaluate(f"domain_teacher:{d_digest}", _final(domain)),
+    }
 
     def acc(r: dict) -> dict[str, float]:
         return {b: float(r[b]["accuracy"]) for b in ("general", "domain")}
 
     seeds = [s.seed + k for k in range(s.distill_seeds)]
-    say(f"phase 5/{TOTAL_PHASES}: on-policy distillation from the domain teacher (proxy general prompts: "
+    say(
+        f"phase 5/{TOTAL_PHASES}: on-policy distillation from the domain teacher (proxy general prompts: "
         f"{', '.join(s.proxy_tasks)}; methods: {', '.join(s.demo_methods)}; seeds {seeds}), each run evaluated "
-        "at its checkpoints")
-    spec_path = write_spec(distill_spec(s, "distill", _final(domain), _final(general), _final(domain), data,
-                                        root / "distill"), root / "specs" / "distill.yaml")
+        "at its checkpoints"
+    )
+    spec_path = write_spec(
+        distill_spec(s, "distill", _final(domain), _final(general), _final(domain), data, root / "distill"),
+        root / "specs" / "distill.yaml",
+    )
     upstream = stable_hash([d_digest, data_digest("proxy_general", "prompts_domain")])
-    runs = run_comparison(spec_path, root, s.demo_methods, seeds, evaluate, acc(models["domain_teacher"]),
-                          acc(models["general_teacher"]), prefix="distill_", upstream=upstream, curves=True)
+    runs = run_comparison(
+        spec_path,
+        root,
+        s.demo_methods,
+        seeds,
+        evaluate,
+        acc(models["domain_teacher"]),
+        acc(models["general_teacher"]),
+        prefix="distill_",
+        upstream=upstream,
+        curves=True,
+    )
     for name, r in models.items():
         say(f"  {name:16s} general {r['general']['accuracy']:.3f}  domain {r['domain']['accuracy']:.3f}")
     say(f"pipeline finished in {time.time() - t0:.0f}s")
@@ -127,15 +168,28 @@ def demo_main(argv: list[str]) -> int:
     ap.add_argument("--out", required=True, help="output directory (phases are cached there)")
     ap.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline in ~1-2 minutes")
     ap.add_argument("--seed", type=int, default=0, help="seed of the data, the base model and the teachers")
-    ap.add_argument("--seeds", type=int, default=None,
-                    help="distillation seeds per method (default 2; 1 in --quick): train.seed = data.seed = "
-                         "seed + k, the teachers shared")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                    help="torch threads (default: 2 where there are 2 cores; measured ~1.5x faster than 1 on an "
-                         "idle 2-core machine; use 1 on a busy one)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="change a setting of the demo (a DemoSetting field, value in YAML), e.g. "
-                         "--set distill_steps=192; repeatable; the changed phases re-run, the rest stay cached")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="distillation seeds per method (default 2; 1 in --quick): train.seed = data.seed = "
+        "seed + k, the teachers shared",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="torch threads (default: 2 where there are 2 cores; measured ~1.5x faster than 1 on an "
+        "idle 2-core machine; use 1 on a busy one)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a setting of the demo (a DemoSetting field, value in YAML), e.g. "
+        "--set distill_steps=192; repeatable; the changed phases re-run, the rest stay cached",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     logging.getLogger("megatron_camopd").setLevel(logging.WARNING)

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from megatron_camopd.demo.setting import write_spec
@@ -34,7 +34,9 @@ def _record(out: Path) -> dict | None:
         return None
 
 
-def run_phase(root: Path, name: str, spec: dict | Path, digest: str, overrides: list[str] = ()) -> tuple[Path, bool]:
+def run_phase(
+    root: Path, name: str, spec: dict | Path, digest: str, overrides: Sequence[str] = ()
+) -> tuple[Path, bool]:
     """Train `spec` (a dict, or a spec file) + overrides into `root/name` unless a run with the same digest is
     there. Returns (run dir, whether it trained)."""
     from megatron_camopd.config import load_spec
@@ -49,8 +51,9 @@ def run_phase(root: Path, name: str, spec: dict | Path, digest: str, overrides: 
         shutil.rmtree(out)
     overrides = list(overrides)
     if isinstance(spec, dict):
-        path = write_spec(dict(spec, checkpoint=dict(spec["checkpoint"], dir=str(out))),
-                          root / "specs" / f"{name}.yaml")
+        path = write_spec(
+            dict(spec, checkpoint=dict(spec["checkpoint"], dir=str(out))), root / "specs" / f"{name}.yaml"
+        )
     else:
         path, overrides = Path(spec), overrides + [f"checkpoint.dir={out}"]
     t0 = time.time()

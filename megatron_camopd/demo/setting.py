@@ -53,8 +53,9 @@ class DemoSetting:
     # tasks: general tasks (name -> (lo, hi) length range). The domain is the "loud" persona of some of them:
     # the same prompt behind a marker ("! reverse: abc"), answered in capitals ("CBA"). Sharing its surface form
     # with the plain tasks is what makes recovery and preservation conflict (see DESIGN below)
-    general_tasks: dict[str, list[int]] = field(default_factory=lambda: {
-        "arithmetic": [1, 1], "reverse": [3, 5], "sort": [3, 5], "copy": [3, 6]})
+    general_tasks: dict[str, list[int]] = field(
+        default_factory=lambda: {"arithmetic": [1, 1], "reverse": [3, 5], "sort": [3, 5], "copy": [3, 6]}
+    )
     domain_tasks: dict[str, list[int]] = field(default_factory=lambda: {"reverse": [3, 5], "copy": [3, 6]})
     domain_marker: str = "!"
     # the proxy: every general task, but its strings shifted to the longer lengths (no 3-character strings, which
@@ -62,11 +63,13 @@ class DemoSetting:
     # incompletely; `proxy_weights` sets each task's share (unequal correction demand: digit answers are not
     # damaged by shouting, letter answers are)
     proxy_tasks: list[str] = field(default_factory=lambda: ["arithmetic", "reverse", "sort", "copy"])
-    proxy_lengths: dict[str, list[int]] = field(default_factory=lambda: {
-        "reverse": [4, 5], "sort": [4, 5], "copy": [4, 6]})  # task -> (lo, hi) shifted for the proxy
+    proxy_lengths: dict[str, list[int]] = field(
+        default_factory=lambda: {"reverse": [4, 5], "sort": [4, 5], "copy": [4, 6]}
+    )  # task -> (lo, hi) shifted for the proxy
     # task -> share of n_train (default 1.0): mostly digit prompts (already recovered), a minority of letter ones
-    proxy_weights: dict[str, float] = field(default_factory=lambda: {
-        "arithmetic": 3.0, "reverse": 0.5, "sort": 0.5, "copy": 0.5})
+    proxy_weights: dict[str, float] = field(
+        default_factory=lambda: {"arithmetic": 3.0, "reverse": 0.5, "sort": 0.5, "copy": 0.5}
+    )
     # share of general examples mixed into the domain SFT data. Measured (seed 0; general / domain accuracy of
     # the domain teacher, then CaMOPD after 160 PG steps): replay 0.1 of arithmetic only: 23.5 / 98.5 -- it
     # shouts at every letter prompt, puts ~no mass on lower case, and neither CaMOPD nor MOPD recovers anything
@@ -105,18 +108,36 @@ class DemoSetting:
         for name in ("domain_tasks", "proxy_tasks", "domain_replay_tasks", "proxy_weights", "proxy_lengths"):
             unknown = [t for t in getattr(self, name) if t not in self.general_tasks]
             if unknown:
-                raise SpecError(f"demo setting {name}: {', '.join(map(str, unknown))} not among general_tasks "
-                                f"({', '.join(self.general_tasks)})")
+                raise SpecError(
+                    f"demo setting {name}: {', '.join(map(str, unknown))} not among general_tasks "
+                    f"({', '.join(self.general_tasks)})"
+                )
         if self.distill_seeds < 1:
             raise SpecError(f"demo setting distill_seeds: must be >= 1, got {self.distill_seeds}")
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoSetting:
         """Tiny step counts: the whole pipeline in about a minute (structure only, not the story)."""
-        return cls(seed=seed, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, n_train=64, n_eval=8,
-                   sft_general_steps=4, sft_domain_steps=3, sft_batch=8, distill_steps=4, distill_batch=8,
-                   eval_every=2, max_new_tokens=6, diagnostics_interval=1, distill_seeds=1,
-                   quick_mode=True)
+        return cls(
+            seed=seed,
+            hidden=32,
+            layers=1,
+            heads=2,
+            kv_heads=1,
+            intermediate=64,
+            n_train=64,
+            n_eval=8,
+            sft_general_steps=4,
+            sft_domain_steps=3,
+            sft_batch=8,
+            distill_steps=4,
+            distill_batch=8,
+            eval_every=2,
+            max_new_tokens=6,
+            diagnostics_interval=1,
+            distill_seeds=1,
+            quick_mode=True,
+        )
 
     def with_overrides(self, items: list[str]) -> DemoSetting:
         """A copy with `key=value` items applied, e.g. `distill_steps=192` or `proxy_lengths={reverse: [4, 5]}`:
@@ -148,19 +169,45 @@ METHODS: dict[str, dict[str, Any]] = {
     "mopd_1to1": {"method.name": "mopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
     "mopd_3to1": {"method.name": "mopd", "schedule.mode": "mixed", "schedule.mix_ratio": [3, 1]},
     "camopd": {"method.name": "camopd", "schedule.mode": "alternate", "method.selection": True},
-    "camopd_no_decouple": {"method.name": "camopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1],
-                           "method.selection": True},
+    "camopd_no_decouple": {
+        "method.name": "camopd",
+        "schedule.mode": "mixed",
+        "schedule.mix_ratio": [1, 1],
+        "method.selection": True,
+    },
     "camopd_no_select": {"method.name": "camopd", "schedule.mode": "alternate", "method.selection": False},
-    "uniopd": {"method.name": "uniopd", "method.loss": "pg", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1],
-               "method.uniopd.online_balance": False},  # + groups and verifiers: see method_overrides
-    "relaxed_opd": {"method.name": "relaxed_opd", "method.loss": "pg", "schedule.mode": "mixed",
-                    "schedule.mix_ratio": [1, 1]},
-    "selectkd": {"method.name": "selectkd", "method.loss": "pg", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
+    "uniopd": {
+        "method.name": "uniopd",
+        "method.loss": "pg",
+        "schedule.mode": "mixed",
+        "schedule.mix_ratio": [1, 1],
+        "method.uniopd.online_balance": False,
+    },  # + groups and verifiers: see method_overrides
+    "relaxed_opd": {
+        "method.name": "relaxed_opd",
+        "method.loss": "pg",
+        "schedule.mode": "mixed",
+        "schedule.mix_ratio": [1, 1],
+    },
+    "selectkd": {
+        "method.name": "selectkd",
+        "method.loss": "pg",
+        "schedule.mode": "mixed",
+        "schedule.mix_ratio": [1, 1],
+    },
     "exopd": {"method.name": "exopd", "method.loss": "pg", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
 }
-LABELS = {"mopd_1to1": "MOPD (1:1)", "mopd_3to1": "MOPD (3:1)", "camopd": "CaMOPD",
-          "camopd_no_decouple": "CaMOPD w/o decoupling", "camopd_no_select": "CaMOPD w/o selection",
-          "uniopd": "Uni-OPD", "relaxed_opd": "Relaxed OPD", "selectkd": "SelecTKD", "exopd": "ExOPD"}
+LABELS = {
+    "mopd_1to1": "MOPD (1:1)",
+    "mopd_3to1": "MOPD (3:1)",
+    "camopd": "CaMOPD",
+    "camopd_no_decouple": "CaMOPD w/o decoupling",
+    "camopd_no_select": "CaMOPD w/o selection",
+    "uniopd": "Uni-OPD",
+    "relaxed_opd": "Relaxed OPD",
+    "selectkd": "SelecTKD",
+    "exopd": "ExOPD",
+}
 
 
 def stable_hash(obj: Any) -> str:
@@ -170,20 +217,28 @@ def stable_hash(obj: Any) -> str:
 
 def as_overrides(values: dict[str, Any]) -> list[str]:
     """Dotted overrides as `key=value` strings (values in YAML flow syntax)."""
-    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for k, v in values.items()]
+    return [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for k, v in values.items()
+    ]
 
 
-def method_overrides(method: str, verifiers: list[str], prompts_per_step: int, micro_batch_size: int,
-                     group: int = 4) -> list[str]:
+def method_overrides(
+    method: str, verifiers: list[str], prompts_per_step: int, micro_batch_size: int, group: int = 4
+) -> list[str]:
     """The overrides that turn a distillation spec into `method`. Uni-OPD gets groups of `group` rollouts per
     prompt (same rollouts per step: prompts_per_step // group prompts) and an exact-match verifier on every
     stream that has none (`verifiers`: the spec's per-stream verifier names)."""
     values = dict(METHODS[method])
     if method == "uniopd":
         prompts = max(1, prompts_per_step // group)
-        values.update({"rollout.n_samples": group, "rollout.prompts_per_step": prompts,
-                       "train.micro_batch_size": math.gcd(micro_batch_size, prompts * group)})
+        values.update(
+            {
+                "rollout.n_samples": group,
+                "rollout.prompts_per_step": prompts,
+                "train.micro_batch_size": math.gcd(micro_batch_size, prompts * group),
+            }
+        )
         values.update({f"data.streams.{i}.verifier": "exact" for i, v in enumerate(verifiers) if v == "none"})
     return as_overrides(values)
 
@@ -206,31 +261,46 @@ def _with_replay(domain: list[dict], general: list[dict], share: float, seed: in
     return mixed
 
 
+def _span(rng: list[int]) -> tuple[int, int]:
+    """A task's [shortest, longest] operand length."""
+    low, high = rng
+    return low, high
+
+
 def write_data(s: DemoSetting, data_dir: Path) -> dict[str, Path]:
     """Training, prompt and evaluation sets (JSONL, chat `messages` + `answer`; evaluation with its own seed)."""
     data_dir.mkdir(parents=True, exist_ok=True)
 
     def examples(tasks: dict[str, list[int]], n: int, seed: int, domain: str) -> list[dict]:
-        return [ex for t, rng in tasks.items() for ex in make_examples(t, n, seed, tuple(rng), domain)]
+        return [ex for t, rng in tasks.items() for ex in make_examples(t, n, seed, _span(rng), domain)]
 
     general = dict(s.general_tasks)
     proxy = {t: s.proxy_lengths.get(t, general[t]) for t in s.proxy_tasks}
 
     def loud(n: int, seed: int) -> list[dict]:
-        return [ex for t, rng in s.domain_tasks.items()
-                for ex in make_loud_examples(t, n, seed, tuple(rng), s.domain_marker)]
+        return [
+            ex
+            for t, rng in s.domain_tasks.items()
+            for ex in make_loud_examples(t, n, seed, _span(rng), s.domain_marker)
+        ]
 
     def proxy_examples() -> list[dict]:
-        return [ex for t, rng in proxy.items()
-                for ex in make_examples(t, round(s.n_train * s.proxy_weights.get(t, 1.0)), s.seed + 7, tuple(rng),
-                                        "general")]
+        return [
+            ex
+            for t, rng in proxy.items()
+            for ex in make_examples(
+                t, round(s.n_train * s.proxy_weights.get(t, 1.0)), s.seed + 7, _span(rng), "general"
+            )
+        ]
 
     sets = {
         "sft_general": examples(general, s.n_train, s.seed, "general"),
-        "sft_domain": _with_replay(loud(s.n_train, s.seed),
-                                   examples({t: general[t] for t in s.domain_replay_tasks}, s.n_train, s.seed + 3,
-                                            "general"),
-                                   s.domain_replay, s.seed),
+        "sft_domain": _with_replay(
+            loud(s.n_train, s.seed),
+            examples({t: general[t] for t in s.domain_replay_tasks}, s.n_train, s.seed + 3, "general"),
+            s.domain_replay,
+            s.seed,
+        ),
         "proxy_general": proxy_examples(),
         "prompts_domain": loud(s.n_train, s.seed + 7),
         "eval_general": examples(general, s.n_eval, s.seed + 1000, "general"),
@@ -248,6 +318,7 @@ def eval_overlap(data: dict[str, Path]) -> dict[str, dict[str, list[int]]]:
     Evaluation examples are drawn with another seed, not de-duplicated against training: large task spaces
     (5-letter strings) barely overlap, small ones do (1-digit arithmetic has 200 distinct problems). The report
     prints these counts so "fresh examples" is never mistaken for "unseen problems"."""
+
     def prompts(path: Path) -> list[tuple[str, str]]:
         return [(task_of(r), r["messages"][-1]["content"]) for r in read_jsonl(path)]
 
@@ -266,47 +337,83 @@ def _common(s: DemoSetting, name: str, ckpt_dir: Path, steps: int, lr: float, ba
     return {
         "name": name,
         "rollout": {"prompts_per_step": batch, "temperature": 1.0, "max_new_tokens": s.max_new_tokens},
-        "train": {"steps": steps, "seed": s.seed, "micro_batch_size": batch, "lr": lr, "min_lr": lr / 10,
-                  "lr_decay": "cosine", "warmup_steps": min(10, steps // 10), "weight_decay": 0.0,
-                  "clip_grad": 1.0},
+        "train": {
+            "steps": steps,
+            "seed": s.seed,
+            "micro_batch_size": batch,
+            "lr": lr,
+            "min_lr": lr / 10,
+            "lr_decay": "cosine",
+            "warmup_steps": min(10, steps // 10),
+            "weight_decay": 0.0,
+            "clip_grad": 1.0,
+        },
         "parallel": {"tp": 1, "pp": 1},
-        "checkpoint": {"dir": str(ckpt_dir), "save_interval": save_interval, "keep_last": None,
-                       "resume": "never"},
+        "checkpoint": {"dir": str(ckpt_dir), "save_interval": save_interval, "keep_last": None, "resume": "never"},
         "logging": {"log_interval": max(1, steps // 10), "progress": "lines"},
     }
 
 
-def sft_spec(s: DemoSetting, name: str, model: dict, data: Path, domain: str, ckpt_dir: Path, steps: int,
-             lr: float) -> dict:
+def sft_spec(
+    s: DemoSetting, name: str, model: dict, data: Path, domain: str, ckpt_dir: Path, steps: int, lr: float
+) -> dict:
     """Response-only SFT of `model` ({"hf_path": ...} or {"checkpoint": ...}) on one JSONL file."""
     spec = _common(s, name, ckpt_dir, steps, lr, s.sft_batch, 0)
     spec.update(
         model={**model, "dtype": "fp32", "seq_length": 64},
-        data={"streams": [{"name": domain, "path": str(data), "format": "messages", "domain": domain}],
-              "max_prompt_tokens": 48, "seed": s.seed},
+        data={
+            "streams": [{"name": domain, "path": str(data), "format": "messages", "domain": domain}],
+            "max_prompt_tokens": 48,
+            "seed": s.seed,
+        },
         method={"name": "sft"},
     )
     return spec
 
 
-def distill_spec(s: DemoSetting, name: str, student: Path, general_teacher: Path, domain_teacher: Path,
-                 data: dict[str, Path], ckpt_dir: Path) -> dict:
+def distill_spec(
+    s: DemoSetting,
+    name: str,
+    student: Path,
+    general_teacher: Path,
+    domain_teacher: Path,
+    data: dict[str, Path],
+    ckpt_dir: Path,
+) -> dict:
     """CaMOPD from the domain teacher (the method section is then overridden per variant, see METHODS)."""
     spec = _common(s, name, ckpt_dir, s.distill_steps, s.distill_lr, s.distill_batch, s.eval_every)
     spec["train"].update(lr_decay=s.distill_lr_decay, warmup_steps=0, min_lr=s.distill_min_lr)
     spec["rollout"].update(temperature=s.rollout_temperature)
-    spec["logging"].update(diagnostics=True, diagnostics_interval=s.diagnostics_interval,
-                           diagnostics_samples=s.diagnostics_samples, log_interval=1)
+    spec["logging"].update(
+        diagnostics=True,
+        diagnostics_interval=s.diagnostics_interval,
+        diagnostics_samples=s.diagnostics_samples,
+        log_interval=1,
+    )
     spec.update(
         model={"checkpoint": str(student), "dtype": "fp32", "seq_length": 64},
         teachers={"general": {"checkpoint": str(general_teacher)}, "domain": {"checkpoint": str(domain_teacher)}},
         routing={"general": "general", "domain": "domain"},
-        data={"streams": [
-            {"name": "proxy_general", "path": str(data["proxy_general"]), "format": "messages", "domain": "general",
-             "branch": "general"},
-            {"name": "domain", "path": str(data["prompts_domain"]), "format": "messages", "domain": "domain",
-             "branch": "domain"}],
-            "max_prompt_tokens": 48, "seed": s.seed},
+        data={
+            "streams": [
+                {
+                    "name": "proxy_general",
+                    "path": str(data["proxy_general"]),
+                    "format": "messages",
+                    "domain": "general",
+                    "branch": "general",
+                },
+                {
+                    "name": "domain",
+                    "path": str(data["prompts_domain"]),
+                    "format": "messages",
+                    "domain": "domain",
+                    "branch": "domain",
+                },
+            ],
+            "max_prompt_tokens": 48,
+            "seed": s.seed,
+        },
         method={"name": "camopd", "loss": s.distill_loss, "selection": True},
         schedule={"mode": "alternate", "n_g": 3},
     )

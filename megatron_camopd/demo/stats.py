@@ -33,20 +33,35 @@ def mean_std(vals: Sequence) -> tuple[float | None, float | None]:
 def paired_difference(method: Sequence, baseline: Sequence, *, level: float = 0.95, seed: int = 0) -> dict:
     """Mean of method - baseline over paired seeds, its sample std, and a percentile-bootstrap CI of the mean
     (None with fewer than 2 pairs or when every difference is equal: the interval is then the point)."""
-    pairs = [(a, b) for a, b in zip(method, baseline) if a is not None and b is not None
-             and math.isfinite(float(a)) and math.isfinite(float(b))]
+    pairs = [
+        (a, b)
+        for a, b in zip(method, baseline)
+        if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))
+    ]
     d = np.array([float(a) - float(b) for a, b in pairs])
-    out: dict = {"n": len(d), "mean": float(d.mean()) if len(d) else None,
-                 "std": float(d.std(ddof=1)) if len(d) > 1 else None, "per_seed": d.tolist(),
-                 "ci_low": None, "ci_high": None, "level": level}
+    out: dict = {
+        "n": len(d),
+        "mean": float(d.mean()) if len(d) else None,
+        "std": float(d.std(ddof=1)) if len(d) > 1 else None,
+        "per_seed": d.tolist(),
+        "ci_low": None,
+        "ci_high": None,
+        "level": level,
+    }
     if len(d) >= 2:
         if np.allclose(d, d[0]):
             out["ci_low"] = out["ci_high"] = float(d[0])
         else:
             from scipy.stats import bootstrap
 
-            res = bootstrap((d,), np.mean, confidence_level=level, n_resamples=BOOTSTRAP_RESAMPLES,
-                            method="percentile", random_state=np.random.default_rng(seed))
+            res = bootstrap(
+                (d,),
+                np.mean,
+                confidence_level=level,
+                n_resamples=BOOTSTRAP_RESAMPLES,
+                method="percentile",
+                random_state=np.random.default_rng(seed),
+            )
             out["ci_low"], out["ci_high"] = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return out
 
@@ -57,8 +72,10 @@ def verdict(diff: dict, what: str = "CaMOPD - MOPD") -> str:
         return f"{what}: no paired seeds"
     if diff["ci_low"] is None:
         return f"{what}: {diff['mean']:+.3f} from one seed (no interval)"
-    span = f"{diff['mean']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}] ({100 * diff['level']:.0f}% CI, " \
-           f"{diff['n']} seeds)"
+    span = (
+        f"{diff['mean']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}] ({100 * diff['level']:.0f}% CI, "
+        f"{diff['n']} seeds)"
+    )
     if diff["ci_low"] > 0:
         return f"{what} = {span}: the interval lies above 0"
     if diff["ci_high"] < 0:
@@ -70,6 +87,7 @@ def instruments(rows: list[dict]) -> dict[str, float | None]:
     """The referee's instruments over one run's metrics rows: coherence of full candidate batches, cross-branch
     gradient cosine (mean, share of negative diagnostics steps), GCG, gap-vs-length Spearman per branch, and the
     lengths of selected vs dropped samples."""
+
     def col(key: str) -> list[float]:
         return finite([r.get(key) for r in rows])
 

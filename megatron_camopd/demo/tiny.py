@@ -11,25 +11,39 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from megatron_camopd.data.synthetic import make_examples, write_jsonl
 from megatron_camopd.data.tokenizer import Tokenizer, make_tiny_tokenizer
 
-TINY_QWEN3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
-                  rope_theta=10000.0, tie_word_embeddings=False)
+TINY_QWEN3 = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
 
 
-def make_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path, seed: int, arch: str = "qwen3", **overrides) -> Path:
+def make_tiny_model(
+    out_dir: str | Path, tokenizer_dir: str | Path, seed: int, arch: str = "qwen3", **overrides: Any
+) -> Path:
     """A random tiny causal LM in HF format (with the tokenizer files copied in)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3Config
 
     tok = Tokenizer.from_dir(tokenizer_dir)
-    fields = dict(TINY_QWEN3, vocab_size=tok.vocab_size, bos_token_id=None, eos_token_id=tok.eos_id,
-                  pad_token_id=tok.pad_id)
+    fields: dict[str, Any] = dict(
+        TINY_QWEN3, vocab_size=tok.vocab_size, bos_token_id=None, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id
+    )
     fields.update(overrides)
+    config: PretrainedConfig
     if arch == "llama":
         fields.pop("head_dim", None)
         config = LlamaConfig(**fields)
@@ -51,20 +65,28 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
 
 def make_tiny_data(root: str | Path, n: int = 256, seed: int = 0) -> dict[str, Path]:
     root = Path(root)
-    general = [ex for task in ("arithmetic", "reverse", "sort", "copy")
-               for ex in make_examples(task, n // 4, seed=seed, domain="general")]
+    general = [
+        ex
+        for task in ("arithmetic", "reverse", "sort", "copy")
+        for ex in make_examples(task, n // 4, seed=seed, domain="general")
+    ]
     domain = make_examples("cipher", n, seed=seed, domain="domain")
-    return {"general": write_jsonl(general, root / "general.jsonl"),
-            "domain": write_jsonl(domain, root / "domain.jsonl")}
+    return {
+        "general": write_jsonl(general, root / "general.jsonl"),
+        "domain": write_jsonl(domain, root / "domain.jsonl"),
+    }
 
 
 def tiny_spec_overrides(root: str | Path) -> list[str]:
     """Overrides pointing `yaml/examples/camopd_tiny_cpu.yaml` at a tiny setup made under `root`."""
     root = Path(root)
-    return [f"model.hf_path={root / 'student'}", f"teachers.general.hf_path={root / 'teacher_general'}",
-            f"teachers.domain.hf_path={root / 'teacher_domain'}",
-            f"data.streams.0.path={root / 'data' / 'general.jsonl'}",
-            f"data.streams.1.path={root / 'data' / 'domain.jsonl'}"]
+    return [
+        f"model.hf_path={root / 'student'}",
+        f"teachers.general.hf_path={root / 'teacher_general'}",
+        f"teachers.domain.hf_path={root / 'teacher_domain'}",
+        f"data.streams.0.path={root / 'data' / 'general.jsonl'}",
+        f"data.streams.1.path={root / 'data' / 'domain.jsonl'}",
+    ]
 
 
 def make_tiny_setup(root: str | Path, seed: int = 0) -> Path:

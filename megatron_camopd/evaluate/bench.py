@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from megatron_camopd.errors import SpecError
 
@@ -35,23 +35,26 @@ def parse_benches(text: str) -> tuple[list[str], list[str]]:
             continue
         if name in LM_EVAL_ALIASES:
             lm_tasks.append(LM_EVAL_ALIASES[name])
-        elif name.startswith("lm_eval:") and name[len("lm_eval:"):]:
-            lm_tasks.append(name[len("lm_eval:"):])
+        elif name.startswith("lm_eval:") and name[len("lm_eval:") :]:
+            lm_tasks.append(name[len("lm_eval:") :])
         elif name in NATIVE:
             native.append(name)
         else:
-            raise SpecError(f"--bench: unknown benchmark '{name}' (known: {', '.join([*LM_EVAL_ALIASES, *NATIVE])}, "
-                            "or lm_eval:<task>)")
+            raise SpecError(
+                f"--bench: unknown benchmark '{name}' (known: {', '.join([*LM_EVAL_ALIASES, *NATIVE])}, "
+                "or lm_eval:<task>)"
+            )
     if not lm_tasks and not native:
         raise SpecError("--bench: give at least one benchmark")
     for tool in (["lm_eval"] if lm_tasks else []) + native:
         if importlib.util.find_spec(PACKAGES[tool]) is None:
-            raise SpecError(f"--bench {tool}: package '{PACKAGES[tool]}' is not installed "
-                            "(pip install 'megatron-camopd[eval]')")
+            raise SpecError(
+                f"--bench {tool}: package '{PACKAGES[tool]}' is not installed (pip install 'megatron-camopd[eval]')"
+            )
     return lm_tasks, native
 
 
-def parse_template_kwargs(text: Optional[str]) -> dict[str, Any]:
+def parse_template_kwargs(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
     try:
@@ -98,13 +101,25 @@ def run_benchmarks(model_dir: Path, args: Any, ks: list[int], template_kwargs: d
         if args.math_sources:
             metadata["sources"] = args.math_sources
         start = time.perf_counter()
-        r = run_lm_eval(model_dir, lm_tasks, out / "lm_eval", limit=args.limit, batch_size=args.batch_size,
-                        max_gen_toks=args.max_new_tokens, metadata=metadata, chat_template_kwargs=template_kwargs,
-                        include_path=args.include_path, seed=args.seed)
+        r = run_lm_eval(
+            model_dir,
+            lm_tasks,
+            out / "lm_eval",
+            limit=args.limit,
+            batch_size=args.batch_size,
+            max_gen_toks=args.max_new_tokens,
+            metadata=metadata,
+            chat_template_kwargs=template_kwargs,
+            include_path=args.include_path,
+            seed=args.seed,
+        )
         for task, metrics in r["metrics"].items():
             results["benchmarks"][f"lm_eval:{task}"] = {
-                "metrics": metrics, "n": r["n_samples"].get(task, 0), "file": r["results_file"],
-                "seconds": round(time.perf_counter() - start, 3)}
+                "metrics": metrics,
+                "n": r["n_samples"].get(task, 0),
+                "file": r["results_file"],
+                "seconds": round(time.perf_counter() - start, 3),
+            }
     if native:
         from megatron_camopd.data.tokenizer import Tokenizer
         from megatron_camopd.evaluate.main import load_hf_model
@@ -115,24 +130,48 @@ def run_benchmarks(model_dir: Path, args: Any, ks: list[int], template_kwargs: d
             from megatron_camopd.evaluate.harness.humaneval import run_humaneval
 
             start = time.perf_counter()
-            r = run_humaneval(model, tok, out / "humaneval", limit=args.limit, n=args.n, ks=ks,
-                              temperature=args.temperature, top_p=args.top_p,
-                              max_new_tokens=args.max_new_tokens or 512, batch_size=args.batch_size,
-                              seed=args.seed, timeout_s=args.timeout)
+            r = run_humaneval(
+                model,
+                tok,
+                out / "humaneval",
+                limit=args.limit,
+                n=args.n,
+                ks=ks,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens or 512,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                timeout_s=args.timeout,
+            )
             results["benchmarks"]["humaneval"] = {
-                "metrics": {k: v for k, v in r.items() if k.startswith("pass@")}, "n": r["n_problems"],
-                "samples": r["n_samples"], "temperature": r["temperature"], "file": r["results_file"],
-                "seconds": round(time.perf_counter() - start, 3)}
+                "metrics": {k: v for k, v in r.items() if k.startswith("pass@")},
+                "n": r["n_problems"],
+                "samples": r["n_samples"],
+                "temperature": r["temperature"],
+                "file": r["results_file"],
+                "seconds": round(time.perf_counter() - start, 3),
+            }
         if "ifbench" in native:
             from megatron_camopd.evaluate.harness.ifbench import run_ifbench
 
             start = time.perf_counter()
-            r = run_ifbench(model, tok, out / "ifbench", limit=args.limit,
-                            max_new_tokens=args.max_new_tokens or 1024, batch_size=args.batch_size)
+            r = run_ifbench(
+                model,
+                tok,
+                out / "ifbench",
+                limit=args.limit,
+                max_new_tokens=args.max_new_tokens or 1024,
+                batch_size=args.batch_size,
+            )
             results["benchmarks"]["ifbench"] = {
-                "metrics": {k: v for k, v in r.items() if ":" in k}, "n": r["n_scored"], "n_prompts": r["n_prompts"],
-                "unscored": r["unscored"], "file": r["metrics_file"],
-                "seconds": round(time.perf_counter() - start, 3)}
+                "metrics": {k: v for k, v in r.items() if ":" in k},
+                "n": r["n_scored"],
+                "n_prompts": r["n_prompts"],
+                "unscored": r["unscored"],
+                "file": r["metrics_file"],
+                "seconds": round(time.perf_counter() - start, 3),
+            }
     (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     (out / "results.md").write_text(bench_table(results))
     return results

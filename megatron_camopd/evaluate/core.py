@@ -11,7 +11,7 @@ response at the first stop token, scores it with a verifier of ``data.verifiers`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from megatron_camopd.data.tokenizer import Tokenizer
 from megatron_camopd.data.verifiers import get_verifier
 from megatron_camopd.errors import DataError, SpecError
 
-VerifierLike = Union[str, Callable[[str, Any], float]]
+VerifierLike = str | Callable[[str, Any], float]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -43,8 +43,11 @@ def mean_pass_at_k(correct_counts: Sequence[int], n: int, k: int) -> float:
 
 
 def _wrap(tokenizer: Any) -> Tokenizer:
-    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer, getattr(tokenizer, "name_or_path",
-                                                                                           None))
+    return (
+        tokenizer
+        if isinstance(tokenizer, Tokenizer)
+        else Tokenizer(tokenizer, getattr(tokenizer, "name_or_path", None))
+    )
 
 
 def prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -65,9 +68,16 @@ def _cut(ids: Sequence[int], stops: set[int]) -> list[int]:
 
 
 @torch.no_grad()
-def generate_responses(model: Any, tokenizer: Tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
-                       batch_size: int, num_samples: int = 1, temperature: float = 1.0,
-                       top_p: float = 1.0) -> list[list[str]]:
+def generate_responses(
+    model: Any,
+    tokenizer: Tokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> list[list[str]]:
     """``num_samples`` decoded responses per prompt (greedy when num_samples == 1 and temperature == 0)."""
     greedy = num_samples == 1 and temperature == 0.0
     stops = set(tokenizer.stop_ids)
@@ -75,31 +85,43 @@ def generate_responses(model: Any, tokenizer: Tokenizer, prompts: Sequence[list[
     device = next(model.parameters()).device
     out: list[list[str]] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
         kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=sorted(stops), pad_token_id=pad)
         if greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                          num_return_sequences=num_samples)
+            kwargs.update(
+                do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=num_samples
+            )
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         new = gen[:, width:].tolist()
         for i in range(len(chunk)):
-            rows = new[i * num_samples:(i + 1) * num_samples]
+            rows = new[i * num_samples : (i + 1) * num_samples]
             out.append([tokenizer.decode(_cut(r, stops), skip_special_tokens=True) for r in rows])
     return out
 
 
-def evaluate_hf_model(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], verifier: VerifierLike,
-                      max_new_tokens: int = 32, batch_size: int = 16, *, num_samples: int = 1,
-                      temperature: float = 0.0, top_p: float = 1.0, ks: Sequence[int] = (1,), seed: int = 0,
-                      keep_responses: int = 8) -> dict[str, Any]:
+def evaluate_hf_model(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[dict[str, Any]],
+    verifier: VerifierLike,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    *,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    ks: Sequence[int] = (1,),
+    seed: int = 0,
+    keep_responses: int = 8,
+) -> dict[str, Any]:
     """Score ``model`` on ``examples`` (dicts with ``messages`` or ``prompt``, and ``answer``).
 
     Greedy with ``num_samples=1, temperature=0``; otherwise ``num_samples`` samples per prompt at ``temperature``
@@ -127,8 +149,7 @@ def evaluate_hf_model(model: Any, tokenizer: Any, examples: Sequence[dict[str, A
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        responses = generate_responses(model, tok, prompts, max_new_tokens, batch_size, num_samples,
-                                       temperature, top_p)
+        responses = generate_responses(model, tok, prompts, max_new_tokens, batch_size, num_samples, temperature, top_p)
     finally:
         model.train(was_training)
     correct = [[float(score(r, ex.get("answer"))) for r in rs] for rs, ex in zip(responses, examples)]
@@ -144,6 +165,7 @@ def evaluate_hf_model(model: Any, tokenizer: Any, examples: Sequence[dict[str, A
     result["scores"] = [float(np.mean(c)) for c in correct]
     result["samples"] = [
         {"uid": ex.get("uid", str(i)), "answer": ex.get("answer"), "responses": rs, "correct": c}
-        for i, (ex, rs, c) in enumerate(zip(examples, responses, correct)) if i < keep_responses
+        for i, (ex, rs, c) in enumerate(zip(examples, responses, correct))
+        if i < keep_responses
     ]
     return result

@@ -19,10 +19,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
-
 from megatron_camopd.errors import SpecError
 from megatron_camopd.evaluate.tasks import EvalTask
 
@@ -43,29 +42,45 @@ def _prompt_fields(messages: list[dict[str, str]]) -> tuple[str, str]:
 def _scoring(verifier: str) -> dict[str, Any]:
     exact = {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}
     if verifier == "exact_match":
-        return {"metric_list": [{**exact, "ignore_case": False, "ignore_punctuation": False,
-                                 "regexes_to_ignore": _WS_EDGES}]}
+        return {
+            "metric_list": [
+                {**exact, "ignore_case": False, "ignore_punctuation": False, "regexes_to_ignore": _WS_EDGES}
+            ]
+        }
     if verifier == "mc_letter":
-        filt = [{"function": "regex", "regex_pattern": _FINAL_LETTER, "group_select": -1},
-                {"function": "uppercase"}, {"function": "take_first"}]
-        return {"filter_list": [{"name": "final-letter", "filter": filt}],
-                "metric_list": [{**exact, "ignore_case": True, "ignore_punctuation": False}]}
+        filt = [
+            {"function": "regex", "regex_pattern": _FINAL_LETTER, "group_select": -1},
+            {"function": "uppercase"},
+            {"function": "take_first"},
+        ]
+        return {
+            "filter_list": [{"name": "final-letter", "filter": filt}],
+            "metric_list": [{**exact, "ignore_case": True, "ignore_punctuation": False}],
+        }
     if verifier == "numeric":
-        filt = [{"function": "regex", "regex_pattern": _LAST_NUMBER, "group_select": -1},
-                {"function": "take_first"}]
-        return {"filter_list": [{"name": "last-number", "filter": filt}],
-                "metric_list": [{**exact, "ignore_case": False, "ignore_punctuation": False,
-                                 "regexes_to_ignore": [","] + _WS_EDGES}]}
-    raise SpecError(f"--export-lm-eval: verifier '{verifier}' has no lm-evaluation-harness equivalent "
-                    "(exportable: exact_match, mc_letter, numeric)")
+        filt = [{"function": "regex", "regex_pattern": _LAST_NUMBER, "group_select": -1}, {"function": "take_first"}]
+        return {
+            "filter_list": [{"name": "last-number", "filter": filt}],
+            "metric_list": [
+                {**exact, "ignore_case": False, "ignore_punctuation": False, "regexes_to_ignore": [","] + _WS_EDGES}
+            ],
+        }
+    raise SpecError(
+        f"--export-lm-eval: verifier '{verifier}' has no lm-evaluation-harness equivalent "
+        "(exportable: exact_match, mc_letter, numeric)"
+    )
 
 
 def lm_eval_task_name(task: str) -> str:
     return "camopd_" + re.sub(r"[^A-Za-z0-9_]+", "_", task)
 
 
-def export_lm_eval(task: EvalTask, out_dir: Union[str, Path], max_new_tokens: int = 256,
-                   stop: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")) -> dict[str, Path]:
+def export_lm_eval(
+    task: EvalTask,
+    out_dir: str | Path,
+    max_new_tokens: int = 256,
+    stop: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>"),
+) -> dict[str, Path]:
     """Write the task's data and YAML under ``out_dir``; returns {"yaml": path, "data": path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,8 +90,13 @@ def export_lm_eval(task: EvalTask, out_dir: Union[str, Path], max_new_tokens: in
     with data_path.open("w", encoding="utf-8") as fh:
         for ex in task.examples:
             system, prompt = _prompt_fields(ex["messages"])
-            row = {"uid": ex["uid"], "prompt": prompt, "system": system, "messages": ex["messages"],
-                   "answer": str(ex["answer"])}
+            row = {
+                "uid": ex["uid"],
+                "prompt": prompt,
+                "system": system,
+                "messages": ex["messages"],
+                "answer": str(ex["answer"]),
+            }
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     config: dict[str, Any] = {
         "task": name,

@@ -9,9 +9,10 @@ runs; ``--format medical_mc`` renders the synthetic ``mc`` task as a MedQA-style
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from megatron_camopd.data.formats import FORMATS, parse_row
 from megatron_camopd.data.prompts import _BadJson, read_rows
@@ -33,7 +34,7 @@ class EvalTask:
     source: str  # "synthetic(seed=..)" or the data file
 
 
-def default_verifier(fmt: str, task: Optional[str] = None) -> str:
+def default_verifier(fmt: str, task: str | None = None) -> str:
     """mc_letter for multiple-choice rows, else exact match (the synthetic tasks' scorer)."""
     if task in TASKS:
         return verifier_name(task, fmt)
@@ -44,7 +45,7 @@ def _example(parsed: Any) -> dict[str, Any]:
     return {"uid": parsed.uid, "domain": parsed.domain, "messages": parsed.messages, "answer": parsed.reference}
 
 
-def load_file_examples(path: str | Path, fmt: str = "messages", limit: Optional[int] = None) -> list[dict[str, Any]]:
+def load_file_examples(path: str | Path, fmt: str = "messages", limit: int | None = None) -> list[dict[str, Any]]:
     """Examples from a prompt file; every row needs an answer (``DataError`` naming file:line otherwise)."""
     if fmt not in FORMATS:
         raise SpecError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
@@ -72,9 +73,14 @@ def synthetic_examples(task: str, n: int, seed: int = DEFAULT_SEED, fmt: str = "
     return out
 
 
-def load_tasks(names: Sequence[str], data: Optional[str] = None, fmt: str = "messages",
-               verifier: Optional[str] = None, limit: Optional[int] = None,
-               seed: int = DEFAULT_SEED) -> list[EvalTask]:
+def load_tasks(
+    names: Sequence[str],
+    data: str | None = None,
+    fmt: str = "messages",
+    verifier: str | None = None,
+    limit: int | None = None,
+    seed: int = DEFAULT_SEED,
+) -> list[EvalTask]:
     """Build the tasks of ``camopd eval --task A,B``: synthetic by name, or one named task read from ``data``."""
     names = [n.strip() for n in names if n.strip()]
     if not names:
@@ -89,9 +95,11 @@ def load_tasks(names: Sequence[str], data: Optional[str] = None, fmt: str = "mes
     tasks = []
     for name in names:
         if name not in TASKS:
-            raise SpecError(f"--task: '{name}' is not a synthetic task ({', '.join(TASKS)}); give --data FILE for "
-                            "a dataset")
+            raise SpecError(
+                f"--task: '{name}' is not a synthetic task ({', '.join(TASKS)}); give --data FILE for a dataset"
+            )
         examples = synthetic_examples(name, limit or DEFAULT_LIMIT, seed, fmt)
-        tasks.append(EvalTask(name, examples, verifier or default_verifier(fmt, name),
-                              f"synthetic(seed={seed}, format={fmt})"))
+        tasks.append(
+            EvalTask(name, examples, verifier or default_verifier(fmt, name), f"synthetic(seed={seed}, format={fmt})")
+        )
     return tasks

@@ -54,8 +54,9 @@ def stage_params(arch: ModelArch, tp: int, pp: int, stage: int) -> float:
     return n / tp
 
 
-def activation_bytes_per_token_layer(arch: ModelArch, tp: int, sequence_parallel: bool,
-                                     selective: list[str]) -> tuple[float, float]:
+def activation_bytes_per_token_layer(
+    arch: ModelArch, tp: int, sequence_parallel: bool, selective: list[str]
+) -> tuple[float, float]:
     """(bytes a token a layer kept for backward, of which recomputed by `selective`)."""
     h, f = arch.hidden_size, arch.intermediate_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
@@ -82,8 +83,11 @@ def estimate(spec: Any, arch: ModelArch, teacher_archs: list[ModelArch] | None =
     in_flight = pp  # micro-batches a 1F1B first stage holds
     no_recompute = per_token * tokens * layers * in_flight
     full = layer_input * tokens * layers * in_flight + per_token * tokens
-    kept = {"none": no_recompute, "full": full,
-            "selective": (per_token - recomputed) * tokens * layers * in_flight + recomputed * tokens}[p.recompute]
+    kept = {
+        "none": no_recompute,
+        "full": full,
+        "selective": (per_token - recomputed) * tokens * layers * in_flight + recomputed * tokens,
+    }[p.recompute]
     logits = 4 * tokens * arch.padded_vocab_size(tp) / tp
     if teacher_archs is None:
         method = spec.method.method_class()
@@ -95,18 +99,28 @@ def estimate(spec: Any, arch: ModelArch, teacher_archs: list[ModelArch] | None =
         params = stage_params(arch, tp, pp, stage)
         optimizer = params * (12 if weight_bytes < 4 else 8) / (dp if t.distributed_optimizer else 1)
         acts = kept + (logits if stage == pp - 1 else 0.0)
-        terms = {"weights": params * weight_bytes, "grads": params * 4, "optimizer": optimizer,
-                 "activations": acts,
-                 "inprocess_teachers": sum(stage_params(a, tp, pp, stage) for a in teacher_archs) * weight_bytes,
-                 "rollout_kv_cache": kv, "overhead": OVERHEAD_GB * GB}
+        terms = {
+            "weights": params * weight_bytes,
+            "grads": params * 4,
+            "optimizer": optimizer,
+            "activations": acts,
+            "inprocess_teachers": sum(stage_params(a, tp, pp, stage) for a in teacher_archs) * weight_bytes,
+            "rollout_kv_cache": kv,
+            "overhead": OVERHEAD_GB * GB,
+        }
         total = sum(terms.values()) - min(acts, kv)  # rollouts and training passes do not overlap
         if best is None or total > best["total"]:
-            best = {"terms": terms, "total": total, "stage": stage,
-                    "activations_no_recompute": no_recompute + (logits if stage == pp - 1 else 0.0),
-                    "activations_recompute_full": full + (logits if stage == pp - 1 else 0.0)}
+            best = {
+                "terms": terms,
+                "total": total,
+                "stage": stage,
+                "activations_no_recompute": no_recompute + (logits if stage == pp - 1 else 0.0),
+                "activations_recompute_full": full + (logits if stage == pp - 1 else 0.0),
+            }
     assert best is not None
     out = {k: (round(v / GB, 2) if isinstance(v, float) else v) for k, v in best.items() if k != "terms"}
-    out["terms"] = {k: round(v / GB, 2) for k, v in best["terms"].items()}
-    out["largest"] = max(out["terms"], key=out["terms"].get)
+    terms = {k: round(v / GB, 2) for k, v in best["terms"].items()}
+    out["terms"] = terms
+    out["largest"] = max(terms, key=lambda k: terms[k])
     out["peak_note"] = "total = the terms' sum less the smaller of activations and rollout_kv_cache (not at once)"
     return out

@@ -36,27 +36,79 @@ from megatron_camopd.backend.settings import (
 from megatron_camopd.config import load_spec
 from megatron_camopd.errors import CamopdError, SpecError
 from megatron_camopd.launch.memory import estimate
-from megatron_camopd.launch.servers import MODEL, PORT, PYTHON, READY, fill, launcher_of, server_components, \
-    trainer_component
+from megatron_camopd.launch.servers import (
+    MODEL,
+    PORT,
+    PYTHON,
+    READY,
+    fill,
+    launcher_of,
+    server_components,
+    trainer_component,
+)
 
 EXIT_OVER_MEMORY = 3
 
-_QWEN3 = {"model_type": "qwen3", "vocab_size": 151936, "head_dim": 128, "num_key_value_heads": 8,
-          "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960, "hidden_act": "silu"}
+_QWEN3 = {
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "head_dim": 128,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+    "hidden_act": "silu",
+}
 # the published Qwen3 dense configs (config.json of Qwen/Qwen3-*), for machines that cannot read the model
 PRESETS: dict[str, dict[str, Any]] = {
-    "qwen3-0.6b": {**_QWEN3, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-                   "num_attention_heads": 16, "tie_word_embeddings": True},
-    "qwen3-1.7b": {**_QWEN3, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
-                   "num_attention_heads": 16, "tie_word_embeddings": True},
-    "qwen3-4b": {**_QWEN3, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
-                 "num_attention_heads": 32, "tie_word_embeddings": True},
-    "qwen3-8b": {**_QWEN3, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
-                 "num_attention_heads": 32, "tie_word_embeddings": False},
-    "qwen3-14b": {**_QWEN3, "hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 40,
-                  "num_attention_heads": 40, "tie_word_embeddings": False},
-    "qwen3-32b": {**_QWEN3, "hidden_size": 5120, "intermediate_size": 25600, "num_hidden_layers": 64,
-                  "num_attention_heads": 64, "tie_word_embeddings": False},
+    "qwen3-0.6b": {
+        **_QWEN3,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "tie_word_embeddings": True,
+    },
+    "qwen3-1.7b": {
+        **_QWEN3,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "tie_word_embeddings": True,
+    },
+    "qwen3-4b": {
+        **_QWEN3,
+        "hidden_size": 2560,
+        "intermediate_size": 9728,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "tie_word_embeddings": True,
+    },
+    "qwen3-8b": {
+        **_QWEN3,
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "tie_word_embeddings": False,
+    },
+    "qwen3-14b": {
+        **_QWEN3,
+        "hidden_size": 5120,
+        "intermediate_size": 17408,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "tie_word_embeddings": False,
+    },
+    "qwen3-32b": {
+        **_QWEN3,
+        "hidden_size": 5120,
+        "intermediate_size": 25600,
+        "num_hidden_layers": 64,
+        "num_attention_heads": 64,
+        "tie_word_embeddings": False,
+    },
 }
 SIZE_RE = re.compile(r"(?<![0-9.])(0\.6|1\.7|4|8|14|32)b(?![a-z0-9])", re.IGNORECASE)
 
@@ -84,8 +136,10 @@ def student_arch(spec: Any, preset: str | None = None) -> tuple[ModelArch, str]:
     if not found:
         raise SpecError(f"model: cannot read {name}/config.json from here; pass --arch ({', '.join(PRESETS)})")
     guess = f"qwen3-{found[-1].lower()}b"
-    return (ModelArch.from_hf_config(PRESETS[guess], source=f"preset {guess}"),
-            f"preset {guess} (guessed from the path {name}, whose config.json is not readable here; --arch sets it)")
+    return (
+        ModelArch.from_hf_config(PRESETS[guess], source=f"preset {guess}"),
+        f"preset {guess} (guessed from the path {name}, whose config.json is not readable here; --arch sets it)",
+    )
 
 
 def frozen_archs(spec: Any, student: ModelArch) -> list[ModelArch]:
@@ -141,16 +195,43 @@ def slurm_plan(spec: Any, spec_path: str, overrides: list[str]) -> list[dict[str
     servers = server_components(spec, cpu=False)
     for c in servers:
         cmd = fill(c.argv, python="python", model=str(c.model), port=str(c.port), ready="READY")
-        out.append({"kind": c.kind, "name": c.name, "nodes": c.nodes, "gpus_per_node": c.gpus_per_node,
-                    "resources": dataclasses.asdict(c.resources), "model": c.model, "port": c.port,
-                    "env": c.env, "command": " ".join(cmd)})
+        out.append(
+            {
+                "kind": c.kind,
+                "name": c.name,
+                "nodes": c.nodes,
+                "gpus_per_node": c.gpus_per_node,
+                "resources": dataclasses.asdict(c.resources),
+                "model": c.model,
+                "port": c.port,
+                "env": c.env,
+                "command": " ".join(cmd),
+            }
+        )
     trainer = trainer_component(spec)
     extra = [o.replace("@ADDR@", f"<discovery dir>/{c.name}.addr") for c in servers for o in c.overrides]
-    cmd = ["torchrun", f"--nnodes={trainer.nodes}", f"--nproc-per-node={trainer.gpus_per_node}", "-m",
-           "megatron_camopd.cli", "train", spec_path, *overrides, *extra]
-    out.append({"kind": "trainer", "name": "trainer", "nodes": trainer.nodes, "gpus_per_node": trainer.gpus_per_node,
-                "resources": dataclasses.asdict(trainer.resources), "env": dict(launcher.trainer_env),
-                "command": " ".join(cmd)})
+    cmd = [
+        "torchrun",
+        f"--nnodes={trainer.nodes}",
+        f"--nproc-per-node={trainer.gpus_per_node}",
+        "-m",
+        "megatron_camopd.cli",
+        "train",
+        spec_path,
+        *overrides,
+        *extra,
+    ]
+    out.append(
+        {
+            "kind": "trainer",
+            "name": "trainer",
+            "nodes": trainer.nodes,
+            "gpus_per_node": trainer.gpus_per_node,
+            "resources": dataclasses.asdict(trainer.resources),
+            "env": dict(launcher.trainer_env),
+            "command": " ".join(cmd),
+        }
+    )
     assert not any(mark in str(out) for mark in (MODEL, PORT, PYTHON, READY))
     return out
 
@@ -167,23 +248,46 @@ def build_plan(spec: Any, spec_path: str, overrides: list[str], preset: str | No
     return {
         "spec": spec.name,
         "arch": {"source": source, **dataclasses.asdict(arch)},
-        "parallel": {"world_size": world, "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "dp": world // (p.tp * p.pp),
-                     "layers_per_stage": arch.num_layers // (p.pp * (p.vpp or 1)),
-                     "micro_batch_tokens": spec.train.micro_batch_size * spec.seq_length},
+        "parallel": {
+            "world_size": world,
+            "tp": p.tp,
+            "pp": p.pp,
+            "vpp": p.vpp,
+            "dp": world // (p.tp * p.pp),
+            "layers_per_stage": arch.num_layers // (p.pp * (p.vpp or 1)),
+            "micro_batch_tokens": spec.train.micro_batch_size * spec.seq_length,
+        },
         "transformer_config": transformer_config_dict(spec, arch),
         "ddp_config": ddp_config_fields(spec),
         "optimizer_config": optimizer_config_fields(spec),
         "scheduler": scheduler_fields(spec),
         "memory_gb_per_gpu": memory,
-        "slurm": {"topology": launcher.topology, "time": launcher.time, "partition": launcher.partition,
-                  "components": slurm_plan(spec, spec_path, overrides)},
+        "slurm": {
+            "topology": launcher.topology,
+            "time": launcher.time,
+            "partition": launcher.partition,
+            "components": slurm_plan(spec, spec_path, overrides),
+        },
     }
 
 
-KEY_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-              "sequence_parallel", "recompute_granularity", "recompute_method", "recompute_num_layers",
-              "recompute_modules", "fp8", "fp8_recipe", "fp8_margin", "fp8_amax_history_len", "params_dtype",
-              "bf16", "calculate_per_token_loss")
+KEY_FIELDS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "sequence_parallel",
+    "recompute_granularity",
+    "recompute_method",
+    "recompute_num_layers",
+    "recompute_modules",
+    "fp8",
+    "fp8_recipe",
+    "fp8_margin",
+    "fp8_amax_history_len",
+    "params_dtype",
+    "bf16",
+    "calculate_per_token_loss",
+)
 
 
 def render_text(plan: dict[str, Any]) -> str:
@@ -196,15 +300,19 @@ def render_text(plan: dict[str, Any]) -> str:
         lines.append(f"{key}: " + ", ".join(f"{k}={v!r}" for k, v in plan[key].items()))
     mem = plan["memory_gb_per_gpu"]
     terms = ", ".join(f"{k} {v:g}" for k, v in mem["terms"].items())
-    lines.append(f"memory per GPU (stage {mem['stage']}), GB: {terms}"
-                 + f"; total {mem['total']:g} of {mem['gpu_memory_gb']:g} (activations without recompute "
-                 f"{mem['activations_no_recompute']:g}, with full recompute {mem['activations_recompute_full']:g})")
+    lines.append(
+        f"memory per GPU (stage {mem['stage']}), GB: {terms}"
+        + f"; total {mem['total']:g} of {mem['gpu_memory_gb']:g} (activations without recompute "
+        f"{mem['activations_no_recompute']:g}, with full recompute {mem['activations_recompute_full']:g})"
+    )
     lines.append(f"slurm ({plan['slurm']['topology']}, time {plan['slurm']['time']}):")
     for c in plan["slurm"]["components"]:
         res = c["resources"]
-        lines.append(f"  {c['kind']} {c['name']}: {c['nodes']} node(s) x {c['gpus_per_node']} GPU(s), exclusive="
-                     f"{res['exclusive']}, cpus_per_task={res['cpus_per_task']}, mem={res['mem']}"
-                     + (f", image {res['container_image']}" if res["container_image"] else ""))
+        lines.append(
+            f"  {c['kind']} {c['name']}: {c['nodes']} node(s) x {c['gpus_per_node']} GPU(s), exclusive="
+            f"{res['exclusive']}, cpus_per_task={res['cpus_per_task']}, mem={res['mem']}"
+            + (f", image {res['container_image']}" if res["container_image"] else "")
+        )
         lines.append(f"    {c['command']}")
     return "\n".join(lines) + "\n"
 
@@ -225,9 +333,11 @@ def plan_main(argv: list[str] | None = None) -> int:
     sys.stdout.write(json.dumps(plan, indent=1) + "\n" if args.json else render_text(plan))
     mem = plan["memory_gb_per_gpu"]
     if not mem["fits"]:
-        print(f"error: the estimate of {mem['total']:g} GB per GPU exceeds launcher.gpu_memory_gb = "
-              f"{mem['gpu_memory_gb']:g}; the largest term is {mem['largest']} ({mem['terms'][mem['largest']]:g} GB)",
-              file=sys.stderr)
+        print(
+            f"error: the estimate of {mem['total']:g} GB per GPU exceeds launcher.gpu_memory_gb = "
+            f"{mem['gpu_memory_gb']:g}; the largest term is {mem['largest']} ({mem['terms'][mem['largest']]:g} GB)",
+            file=sys.stderr,
+        )
         return EXIT_OVER_MEMORY
     return 0
 

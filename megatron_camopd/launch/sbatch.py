@@ -10,7 +10,8 @@ pyxis container. The trainer gets `teachers.<name>.discovery_file=...` / `rollou
 overrides pointing at the servers it waited for. The scripts are rendered from `templates/*.sbatch` (placeholders
 `@{NAME}`, one source of truth shared with the examples in `slurm/`, which `python tools/render_slurm.py` writes
 and CI checks); a rendered script sources the shared bash functions of the installed package's `templates/lib.sh`,
-whose discovery and health steps are launch/protocol.py's (the same code `camopd launch` runs). `--cpu` renders for machines without GPUs
+whose discovery and health steps are launch/protocol.py's (the same code `camopd launch` runs). `--cpu` renders for
+machines without GPUs
 (`camopd serve-teacher`, no `--gpus-per-node`). Timings (pre-timeout lead, health checks) are `launcher` fields.
 """
 
@@ -49,7 +50,7 @@ class SbatchTemplate(Template):
     """`string.Template` with `@{NAME}` placeholders only, so bash's `$x`, `${x}` and `"$@"` pass through."""
 
     delimiter = "@"
-    pattern = r"@(?:(?P<escaped>@(?=\{))|\{(?P<braced>[A-Z][A-Z0-9_]*)\}|(?P<named>(?!))|(?P<invalid>(?!)))"
+    pattern = r"@(?:(?P<escaped>@(?=\{))|\{(?P<braced>[A-Z][A-Z0-9_]*)\}|(?P<named>(?!))|(?P<invalid>(?!)))"  # type: ignore[assignment]  # Template compiles a str
 
 
 def render_template(name: str, values: dict[str, str]) -> str:
@@ -87,8 +88,11 @@ def sbatch_line(spec: ExperimentSpec, c: Component, cpu: bool) -> str:
 def srun_args(res: SlurmResources, group: int | None, container: SlurmResources | None = None) -> list[str]:
     """The srun arguments of a component's steps (bash words): het group, CPUs per task, pyxis container."""
     words = [f"--het-group={group}"] if group is not None else []
-    cpus = str(res.cpus_per_task) if res.cpus_per_task is not None else \
-        ('"$(group_cpus)"' if group is None else f'"$(group_cpus {group})"')
+    cpus = (
+        str(res.cpus_per_task)
+        if res.cpus_per_task is not None
+        else ('"$(group_cpus)"' if group is None else f'"$(group_cpus {group})"')
+    )
     words.append(f"--cpus-per-task={cpus}")
     image = container or res
     if image.container_image:
@@ -122,8 +126,10 @@ def server_function(i: int, c: Component) -> str:
     """`server_<i> MODEL PORT READY`: exec one server of component `c` (its environment, its command)."""
     words = ["exec"] + (["env"] + [f"{k}={_q(v)}" for k, v in c.env.items()] if c.env else [])
     words += [_bash_word(a) for a in c.argv]
-    return (f"server_{i}() {{  # MODEL PORT READY: one {c.kind} server of {c.name}\n"
-            f"  {_wrap(words)}\n}}\nexport -f server_{i}")
+    return (
+        f"server_{i}() {{  # MODEL PORT READY: one {c.kind} server of {c.name}\n"
+        f"  {_wrap(words)}\n}}\nexport -f server_{i}"
+    )
 
 
 def _label(c: Component) -> str:
@@ -139,10 +145,12 @@ def start_servers_block(servers: list[Component], spec: ExperimentSpec, het: boo
         what = f"servers of {_label(c)} (het component {i})" if het else f"servers of {_label(c)}"
         convert = " ".join(srun_args(c.resources, group, container=trainer_res))
         run = " ".join(srun_args(c.resources, group))
-        lines += [f"# {what}: {c.nodes} node(s), model {c.model}",
-                  f"MODEL_{i}=$(prepare_model {_q(c.model)} {_q(c.hf_dir)} {convert}) ||",
-                  f"  die {_q(f'{what}: cannot prepare {c.model} for serving')}",
-                  f"start_servers {i} {_q(c.name)} \"$MODEL_{i}\" {c.nodes} {c.port} {_q(what)} {run}"]
+        lines += [
+            f"# {what}: {c.nodes} node(s), model {c.model}",
+            f"MODEL_{i}=$(prepare_model {_q(c.model)} {_q(c.hf_dir)} {convert}) ||",
+            f"  die {_q(f'{what}: cannot prepare {c.model} for serving')}",
+            f'start_servers {i} {_q(c.name)} "$MODEL_{i}" {c.nodes} {c.port} {_q(what)} {run}',
+        ]
     return "\n".join(lines) if lines else "# (no servers: every teacher runs in process)"
 
 
@@ -150,8 +158,9 @@ def train_overrides(servers: list[Component]) -> str:
     """The trainer's overrides pointing each server group's consumer at its discovery file."""
     lines = []
     for c in servers:
-        words = [f'"{o.replace(ADDR, "$DISCOVERY_DIR/" + c.name + ".addr")}"' if ADDR in o else _q(o)
-                 for o in c.overrides]
+        words = [
+            f'"{o.replace(ADDR, "$DISCOVERY_DIR/" + c.name + ".addr")}"' if ADDR in o else _q(o) for o in c.overrides
+        ]
         lines.append("\n  " + " ".join(words))
     return "".join(lines) + ("\n" if lines else "")
 
@@ -167,46 +176,75 @@ def _components_block(lines: list[tuple[str, str]]) -> str:
     return "\n".join(out)
 
 
-def sbatch_values(spec: ExperimentSpec, spec_path: str, overrides: list[str], *, cpu: bool,
-                  python: str | None = None, workdir: str | None = None) -> dict[str, dict[str, str]]:
+def sbatch_values(
+    spec: ExperimentSpec,
+    spec_path: str,
+    overrides: list[str],
+    *,
+    cpu: bool,
+    python: str | None = None,
+    workdir: str | None = None,
+) -> dict[str, dict[str, str]]:
     """Every template value for `spec` (bash-quoted), per script kind: {"hetjob": ..., "teachers": ..., "train":}."""
     launcher = launcher_of(spec)
     servers = server_components(spec, cpu=cpu)
     trainer = trainer_component(spec)
     log_dir = os.path.abspath(launcher.log_dir or os.path.join(spec.checkpoint.dir, "logs"))
     env = "\n".join(f"export {k}={_q(v)}" for k, v in launcher.env.items()) or "# (launcher.env: none)"
-    trainer_env = "\n".join(f"export {k}={_q(v)}" for k, v in launcher.trainer_env.items()) \
-        or "# (launcher.trainer_env: none)"
+    trainer_env = (
+        "\n".join(f"export {k}={_q(v)}" for k, v in launcher.trainer_env.items()) or "# (launcher.trainer_env: none)"
+    )
     common = {
-        "JOB_NAME": spec.name, "LOG_DIR": _q(log_dir), "WORKDIR": _q(workdir or os.getcwd()),
-        "PYTHON": _q(python or launcher.python or sys.executable), "SPEC": _q(os.path.abspath(spec_path)),
-        "OVERRIDES": " ".join(_q(o) for o in overrides), "NODES": str(launcher.nodes),
-        "NPROC_PER_NODE": str(launcher.gpus_per_node), "SIGNAL": f"B:USR1@{launcher.signal_lead_s}",
-        "SHUTDOWN_TIMEOUT_S": str(launcher.shutdown_timeout_s), "HEALTH_TIMEOUT_S": str(launcher.health_timeout_s),
+        "JOB_NAME": spec.name,
+        "LOG_DIR": _q(log_dir),
+        "WORKDIR": _q(workdir or os.getcwd()),
+        "PYTHON": _q(python or launcher.python or sys.executable),
+        "SPEC": _q(os.path.abspath(spec_path)),
+        "OVERRIDES": " ".join(_q(o) for o in overrides),
+        "NODES": str(launcher.nodes),
+        "NPROC_PER_NODE": str(launcher.gpus_per_node),
+        "SIGNAL": f"B:USR1@{launcher.signal_lead_s}",
+        "SHUTDOWN_TIMEOUT_S": str(launcher.shutdown_timeout_s),
+        "HEALTH_TIMEOUT_S": str(launcher.health_timeout_s),
         "HEALTH_CHECK_TIMEOUT_S": f"{launcher.health_check_timeout_s:g}",
-        "TEACHER_DEAD_S": str(launcher.teacher_dead_s), "WATCH_INTERVAL_S": str(launcher.watch_interval_s),
-        "ENV_EXPORTS": env, "TRAINER_ENV": trainer_env, "SERVER_BACKEND": "camopd" if cpu else "sglang",
-        "SERVERS": " ".join(_q(c.name) for c in servers), "SERVER_LABELS": " ".join(_q(_label(c)) for c in servers),
+        "TEACHER_DEAD_S": str(launcher.teacher_dead_s),
+        "WATCH_INTERVAL_S": str(launcher.watch_interval_s),
+        "ENV_EXPORTS": env,
+        "TRAINER_ENV": trainer_env,
+        "SERVER_BACKEND": "camopd" if cpu else "sglang",
+        "SERVERS": " ".join(_q(c.name) for c in servers),
+        "SERVER_LABELS": " ".join(_q(_label(c)) for c in servers),
         "SERVER_NODES": " ".join(str(c.nodes) for c in servers),
         "SERVER_FUNCS": "\n".join(server_function(i, c) for i, c in enumerate(servers)) or "# (no servers)",
         "TRAIN_OVERRIDES": train_overrides(servers),
     }
     k = len(servers)
-    het_lines = [(f"{_label(c)}", sbatch_line(spec, c, cpu)) for c in servers] + \
-        [("trainer", sbatch_line(spec, trainer, cpu))]
-    hetjob = {**common, "SBATCH_COMPONENTS": _components_block(het_lines),
-              "START_SERVERS": start_servers_block(servers, spec, het=True),
-              "TRAINER_NODELIST": f'"$SLURM_JOB_NODELIST_HET_GROUP_{k}"' if k else '"$SLURM_JOB_NODELIST"',
-              "TRAINER_SRUN_ARGS": " ".join(srun_args(trainer.resources, k if k else None))}
-    server_job = {**common, "SBATCH_SERVERS": _components_block(het_lines[:-1]) or "# (no servers)",
-                  "START_SERVERS": start_servers_block(servers, spec, het=k > 1)}
-    train_job = {**common, "SBATCH_TRAINER": sbatch_line(spec, trainer, cpu),
-                 "TRAINER_SRUN_ARGS": " ".join(srun_args(trainer.resources, None))}
+    het_lines = [(f"{_label(c)}", sbatch_line(spec, c, cpu)) for c in servers] + [
+        ("trainer", sbatch_line(spec, trainer, cpu))
+    ]
+    hetjob = {
+        **common,
+        "SBATCH_COMPONENTS": _components_block(het_lines),
+        "START_SERVERS": start_servers_block(servers, spec, het=True),
+        "TRAINER_NODELIST": f'"$SLURM_JOB_NODELIST_HET_GROUP_{k}"' if k else '"$SLURM_JOB_NODELIST"',
+        "TRAINER_SRUN_ARGS": " ".join(srun_args(trainer.resources, k if k else None)),
+    }
+    server_job = {
+        **common,
+        "SBATCH_SERVERS": _components_block(het_lines[:-1]) or "# (no servers)",
+        "START_SERVERS": start_servers_block(servers, spec, het=k > 1),
+    }
+    train_job = {
+        **common,
+        "SBATCH_TRAINER": sbatch_line(spec, trainer, cpu),
+        "TRAINER_SRUN_ARGS": " ".join(srun_args(trainer.resources, None)),
+    }
     return {"hetjob": hetjob, "teachers": server_job, "train": train_job}
 
 
-def render_scripts(spec: ExperimentSpec, spec_path: str, overrides: list[str], *, cpu: bool,
-                   **kwargs: str) -> dict[str, str]:
+def render_scripts(
+    spec: ExperimentSpec, spec_path: str, overrides: list[str], *, cpu: bool, **kwargs: str
+) -> dict[str, str]:
     """The scripts for the spec's topology: {"hetjob": text} or {"teachers": text, "train": text}."""
     values = sbatch_values(spec, spec_path, overrides, cpu=cpu, **kwargs)
     topology = launcher_of(spec).topology
@@ -218,20 +256,27 @@ def example_scripts() -> dict[str, str]:
     """The example scripts of `slurm/` (written by `tools/render_slurm.py`): `templates/example_spec.yaml` rendered
     with environment placeholders for what differs per user (the spec path, the working directory, the python)."""
     spec = load_spec(EXAMPLE_SPEC)
-    values = sbatch_values(spec, str(EXAMPLE_SPEC), [], cpu=False, python='"${PYTHON:-python}"',
-                           workdir='"${SLURM_SUBMIT_DIR:-$PWD}"')
+    values = sbatch_values(
+        spec, str(EXAMPLE_SPEC), [], cpu=False, python='"${PYTHON:-python}"', workdir='"${SLURM_SUBMIT_DIR:-$PWD}"'
+    )
     for kind_values in values.values():
         kind_values.update(
-            LOG_DIR="logs", WORKDIR='"${SLURM_SUBMIT_DIR:-$PWD}"', PYTHON='"${PYTHON:-python}"',
-            SPEC='"${SPEC:?set SPEC=path/to/spec.yaml (sbatch --export=ALL,SPEC=...)}"', JOB_NAME="camopd")
+            LOG_DIR="logs",
+            WORKDIR='"${SLURM_SUBMIT_DIR:-$PWD}"',
+            PYTHON='"${PYTHON:-python}"',
+            SPEC='"${SPEC:?set SPEC=path/to/spec.yaml (sbatch --export=ALL,SPEC=...)}"',
+            JOB_NAME="camopd",
+        )
     return {EXAMPLE_FILES[kind]: render_template(kind, values[kind]) for kind in EXAMPLE_FILES}
 
 
 def write_scripts(scripts: dict[str, str], out: str) -> dict[str, Path]:
     """Write the scripts (one: to `out`; two: `<stem>_teachers<suffix>` and `<stem>_train<suffix>`)."""
     path = Path(out)
-    paths = {kind: path if len(scripts) == 1 else path.with_name(f"{path.stem}_{kind}{path.suffix or '.sbatch'}")
-             for kind in scripts}
+    paths = {
+        kind: path if len(scripts) == 1 else path.with_name(f"{path.stem}_{kind}{path.suffix or '.sbatch'}")
+        for kind in scripts
+    }
     for kind, text in scripts.items():
         paths[kind].parent.mkdir(parents=True, exist_ok=True)
         paths[kind].write_text(text)

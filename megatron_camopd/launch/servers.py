@@ -75,14 +75,45 @@ def served_hf_dir(spec: ExperimentSpec, name: str, given: str | None) -> str:
 
 
 def _sglang_argv(tp: int, dp: int, mem: float, context: int, dtype: str, extra: list[str]) -> tuple[str, ...]:
-    return (PYTHON, "-m", "sglang.launch_server", "--model-path", MODEL, "--host", "0.0.0.0", "--port", PORT,
-            "--tp-size", str(tp), "--dp-size", str(dp), "--mem-fraction-static", f"{mem:g}",
-            "--context-length", str(context), "--dtype", SGLANG_DTYPES[dtype], *extra)
+    return (
+        PYTHON,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        MODEL,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        PORT,
+        "--tp-size",
+        str(tp),
+        "--dp-size",
+        str(dp),
+        "--mem-fraction-static",
+        f"{mem:g}",
+        "--context-length",
+        str(context),
+        "--dtype",
+        SGLANG_DTYPES[dtype],
+        *extra,
+    )
 
 
 def _cpu_argv(kind: str) -> tuple[str, ...]:
-    return (PYTHON, "-m", "megatron_camopd.cli", CPU_SERVER[kind], "--checkpoint", MODEL, "--host", "0.0.0.0",
-            "--port", "0", "--ready-file", READY)
+    return (
+        PYTHON,
+        "-m",
+        "megatron_camopd.cli",
+        CPU_SERVER[kind],
+        "--checkpoint",
+        MODEL,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "0",
+        "--ready-file",
+        READY,
+    )
 
 
 def server_components(spec: ExperimentSpec, *, cpu: bool) -> list[Component]:
@@ -94,24 +125,65 @@ def server_components(spec: ExperimentSpec, *, cpu: bool) -> list[Component]:
             continue
         env = dict(serve.env)
         if serve.logits_chunk_size is not None:
-            env = {"SGLANG_ENABLE_LOGITS_PROCESSER_CHUNK": "1",
-                   "SGLANG_LOGITS_PROCESSER_CHUNK_SIZE": str(serve.logits_chunk_size), **env}
-        argv = _cpu_argv("teacher") if cpu else _sglang_argv(
-            serve.tp, serve.dp, serve.mem_fraction_static, serve.context_length or spec.seq_length,
-            teacher.dtype or spec.model.dtype, serve.extra_args)
+            env = {
+                "SGLANG_ENABLE_LOGITS_PROCESSER_CHUNK": "1",
+                "SGLANG_LOGITS_PROCESSER_CHUNK_SIZE": str(serve.logits_chunk_size),
+                **env,
+            }
+        argv = (
+            _cpu_argv("teacher")
+            if cpu
+            else _sglang_argv(
+                serve.tp,
+                serve.dp,
+                serve.mem_fraction_static,
+                serve.context_length or spec.seq_length,
+                teacher.dtype or spec.model.dtype,
+                serve.extra_args,
+            )
+        )
         overrides = tuple(f"teachers.{name}.{key}=null" for key in ("hf_path", "checkpoint", "dtype", "serve")) + (
-            f"teachers.{name}.discovery_file={ADDR}",)
-        out.append(Component("teacher", name, serve.nodes, serve.gpus_per_node, serve.resources,
-                             model=teacher.served_model, hf_dir=served_hf_dir(spec, name, serve.hf_dir),
-                             port=spec.teacher_port(name), argv=argv, env=env, overrides=overrides))
+            f"teachers.{name}.discovery_file={ADDR}",
+        )
+        out.append(
+            Component(
+                "teacher",
+                name,
+                serve.nodes,
+                serve.gpus_per_node,
+                serve.resources,
+                model=teacher.served_model,
+                hf_dir=served_hf_dir(spec, name, serve.hf_dir),
+                port=spec.teacher_port(name),
+                argv=argv,
+                env=env,
+                overrides=overrides,
+            )
+        )
     r = spec.rollout.sglang
     if spec.rollout.engine == "sglang" and r.urls is None:
-        argv = _cpu_argv("rollout") if cpu else _sglang_argv(
-            r.tp, r.dp, r.mem_fraction_static, r.context_length or spec.seq_length, spec.model.dtype, r.extra_args)
-        out.append(Component("rollout", "rollout", r.nodes, r.gpus_per_node, r.resources,
-                             model=spec.model.hf_path or spec.model.checkpoint,
-                             hf_dir=served_hf_dir(spec, "student", None), port=r.port, argv=argv, env=dict(r.env),
-                             overrides=(f"rollout.sglang.discovery_file={ADDR}",)))
+        argv = (
+            _cpu_argv("rollout")
+            if cpu
+            else _sglang_argv(
+                r.tp, r.dp, r.mem_fraction_static, r.context_length or spec.seq_length, spec.model.dtype, r.extra_args
+            )
+        )
+        out.append(
+            Component(
+                "rollout",
+                "rollout",
+                r.nodes,
+                r.gpus_per_node,
+                r.resources,
+                model=spec.model.hf_path or spec.model.checkpoint,
+                hf_dir=served_hf_dir(spec, "student", None),
+                port=r.port,
+                argv=argv,
+                env=dict(r.env),
+                overrides=(f"rollout.sglang.discovery_file={ADDR}",),
+            )
+        )
     return out
 
 

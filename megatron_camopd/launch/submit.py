@@ -8,7 +8,8 @@ torchrun) with overrides pointing at the discovery files, and when training ends
 cancelled. Every job requests its component's resources (GPUs, `--exclusive`, CPUs per task (also for its srun
 step, via SRUN_CPUS_PER_TASK), memory, an optional pyxis container). A trainer job that reaches its time limit is
 checkpointed by the trainer (submitit's pre-timeout signal -> SIGTERM -> checkpoint after the current step) and
-requeued through `Checkpointable.checkpoint`, so the resubmitted job resumes from that checkpoint. submitit has no heterogeneous
+requeued through `Checkpointable.checkpoint`, so the resubmitted job resumes from that checkpoint. submitit has no
+heterogeneous
 jobs, hence separate jobs. `--cluster local|debug` runs on this machine (LocalExecutor; debug runs the trainer
 in-process with DebugExecutor, the servers still as local jobs).
 """
@@ -76,8 +77,15 @@ def _prepare_model(model: str, hf_dir: str, first_task: bool, timeout_s: float) 
 class TeacherServer:
     """A submitit job body: one server of a server group on this node until cancelled; registered once healthy."""
 
-    def __init__(self, component: Component, addr_file: str, backend: str, python: str,
-                 health_timeout_s: float = 1800, health_check_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        component: Component,
+        addr_file: str,
+        backend: str,
+        python: str,
+        health_timeout_s: float = 1800,
+        health_check_timeout_s: float = 30.0,
+    ) -> None:
         self.component, self.addr_file, self.backend, self.python = component, addr_file, backend, python
         self.health_timeout_s, self.health_check_timeout_s = health_timeout_s, health_check_timeout_s
 
@@ -114,8 +122,9 @@ class TeacherServer:
 def _master_addr(hostname: str) -> str:
     """The address of a Slurm node (its NodeAddr; the name itself on most clusters or off Slurm)."""
     try:
-        out = subprocess.run(["scontrol", "show", "node", hostname], capture_output=True, text=True, timeout=30,
-                             check=False)
+        out = subprocess.run(
+            ["scontrol", "show", "node", hostname], capture_output=True, text=True, timeout=30, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return hostname
     for word in out.stdout.split():
@@ -127,10 +136,25 @@ def _master_addr(hostname: str) -> str:
 class TrainerJob(submitit.helpers.Checkpointable):
     """A submitit job body (one task per node): torchrun `camopd train`; requeued from its checkpoint on timeout."""
 
-    def __init__(self, python: str, spec: str, overrides: list[str], nproc_per_node: int,
-                 shutdown_timeout_s: int = 240, workdir: str | None = None, env: dict | None = None) -> None:
-        self.args = (python, spec, list(overrides), nproc_per_node, shutdown_timeout_s, workdir or os.getcwd(),
-                     dict(env or {}))
+    def __init__(
+        self,
+        python: str,
+        spec: str,
+        overrides: list[str],
+        nproc_per_node: int,
+        shutdown_timeout_s: int = 240,
+        workdir: str | None = None,
+        env: dict | None = None,
+    ) -> None:
+        self.args = (
+            python,
+            spec,
+            list(overrides),
+            nproc_per_node,
+            shutdown_timeout_s,
+            workdir or os.getcwd(),
+            dict(env or {}),
+        )
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -144,13 +168,33 @@ class TrainerJob(submitit.helpers.Checkpointable):
         # torch >= 2.6: the shutdown grace as TORCH_ELASTIC_SHUTDOWN_TIMEOUT (recent torch; older ones keep 30 s)
         # and signals to forward as TORCHELASTIC_SIGNALS_TO_HANDLE (the --shutdown-timeout/--signals-to-handle
         # flags do not exist in older torchrun)
-        run_env = {**os.environ, **extra_env, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown),
-                   "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
-        cmd = [python, "-m", "torch.distributed.run", f"--nnodes={env.num_nodes}", f"--nproc-per-node={nproc}",
-               f"--node-rank={env.node}", f"--master-addr={_master_addr(hosts[0])}", f"--master-port={port}",
-               "-m", "megatron_camopd.cli", "train", spec, *overrides]
-        self._proc = subprocess.Popen(cmd, cwd=workdir, env=run_env,  # noqa: PLW1509 (no threads here)
-                                      preexec_fn=_trainer_preexec)
+        run_env = {
+            **os.environ,
+            **extra_env,
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown),
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        }
+        cmd = [
+            python,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={env.num_nodes}",
+            f"--nproc-per-node={nproc}",
+            f"--node-rank={env.node}",
+            f"--master-addr={_master_addr(hosts[0])}",
+            f"--master-port={port}",
+            "-m",
+            "megatron_camopd.cli",
+            "train",
+            spec,
+            *overrides,
+        ]
+        self._proc = subprocess.Popen(
+            cmd,
+            cwd=workdir,
+            env=run_env,  # noqa: PLW1509 (no threads here)
+            preexec_fn=_trainer_preexec,
+        )
         rc = self._proc.wait()
         if rc != 0:
             raise RuntimeError(f"camopd train exited with rc={rc} (see the job log)")
@@ -189,17 +233,30 @@ def slurm_parameters(launcher: LauncherConfig, nodes: int, gpus: int, res: Slurm
             srun.append(f"--container-mounts={','.join(res.container_mounts)}")
         params["slurm_srun_args"] = srun
     cpus = str(res.cpus_per_task) if res.cpus_per_task is not None else "${SLURM_CPUS_ON_NODE:-1}"
-    params["slurm_setup"] = [f"export SRUN_CPUS_PER_TASK={cpus}  # srun does not inherit --cpus-per-task"] + \
-        [f"export {k}={shlex.quote(v)}" for k, v in launcher.env.items()]
+    params["slurm_setup"] = [f"export SRUN_CPUS_PER_TASK={cpus}  # srun does not inherit --cpus-per-task"] + [
+        f"export {k}={shlex.quote(v)}" for k, v in launcher.env.items()
+    ]
     return params
 
 
-def make_executor(cluster: str, folder: Path, name: str, launcher: LauncherConfig, nodes: int, gpus: int,
-                  cpu: bool, res: SlurmResources | None = None) -> Any:
+def make_executor(
+    cluster: str,
+    folder: Path,
+    name: str,
+    launcher: LauncherConfig,
+    nodes: int,
+    gpus: int,
+    cpu: bool,
+    res: SlurmResources | None = None,
+) -> Any:
     """A submitit executor for one job kind (a server group or the trainer)."""
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
-    params: dict[str, Any] = {"name": name, "timeout_min": slurm_minutes(launcher.time), "nodes": nodes,
-                              "tasks_per_node": 1}
+    params: dict[str, Any] = {
+        "name": name,
+        "timeout_min": slurm_minutes(launcher.time),
+        "nodes": nodes,
+        "tasks_per_node": 1,
+    }
     if not cpu:
         params["gpus_per_node"] = gpus
     if cluster == "slurm":
@@ -208,8 +265,9 @@ def make_executor(cluster: str, folder: Path, name: str, launcher: LauncherConfi
     return executor
 
 
-def wait_for_teachers(addr_files: dict[str, str], jobs: list[Any], nodes: dict[str, int], timeout_s: float,
-                      check_timeout_s: float = 30.0) -> None:
+def wait_for_teachers(
+    addr_files: dict[str, str], jobs: list[Any], nodes: dict[str, int], timeout_s: float, check_timeout_s: float = 30.0
+) -> None:
     """Until every discovery file lists its group's healthy servers; `TeacherError` if a job ends or time runs out."""
     from megatron_camopd.teachers.discovery import read_discovery_file
 
@@ -218,8 +276,9 @@ def wait_for_teachers(addr_files: dict[str, str], jobs: list[Any], nodes: dict[s
         while len(healthy_servers(path, check_timeout_s)) < nodes[name]:
             for job in jobs:
                 if job.done():
-                    raise TeacherError(f"teacher job {job.job_id} ended before teacher {name} was healthy:\n"
-                                       f"{job.stderr() or ''}")
+                    raise TeacherError(
+                        f"teacher job {job.job_id} ended before teacher {name} was healthy:\n{job.stderr() or ''}"
+                    )
             if time.monotonic() > deadline:
                 raise TeacherError(f"{name}: no {nodes[name]} healthy servers in {path} after {timeout_s:.0f}s")
             time.sleep(0.5)
@@ -248,20 +307,40 @@ def launch_main(argv: list[str]) -> int:
     jobs: list[Any] = []
     try:
         for c in servers:
-            ex = make_executor(server_cluster, folder, f"{spec.name}-{c.name}", launcher, c.nodes, c.gpus_per_node,
-                               cpu, c.resources)
-            body = TeacherServer(c, addr_files[c.name], "camopd" if cpu else "sglang", python,
-                                 launcher.health_timeout_s, launcher.health_check_timeout_s)
+            ex = make_executor(
+                server_cluster, folder, f"{spec.name}-{c.name}", launcher, c.nodes, c.gpus_per_node, cpu, c.resources
+            )
+            body = TeacherServer(
+                c,
+                addr_files[c.name],
+                "camopd" if cpu else "sglang",
+                python,
+                launcher.health_timeout_s,
+                launcher.health_check_timeout_s,
+            )
             jobs.append(ex.submit(body))
             print(f"{c.kind} {c.name}: job {jobs[-1].job_id}", flush=True)
-        wait_for_teachers(addr_files, jobs, {c.name: c.nodes for c in servers}, launcher.health_timeout_s,
-                          launcher.health_check_timeout_s)
+        wait_for_teachers(
+            addr_files,
+            jobs,
+            {c.name: c.nodes for c in servers},
+            launcher.health_timeout_s,
+            launcher.health_check_timeout_s,
+        )
         overrides = list(args.overrides)
         for c in servers:
             overrides += fill(c.overrides, addr=addr_files[c.name])
         ex = make_executor(args.cluster, folder, spec.name, launcher, launcher.nodes, launcher.gpus_per_node, cpu)
-        trainer = ex.submit(TrainerJob(python, os.path.abspath(args.spec), overrides, launcher.gpus_per_node,
-                                       launcher.shutdown_timeout_s, env=launcher.trainer_env))
+        trainer = ex.submit(
+            TrainerJob(
+                python,
+                os.path.abspath(args.spec),
+                overrides,
+                launcher.gpus_per_node,
+                launcher.shutdown_timeout_s,
+                env=launcher.trainer_env,
+            )
+        )
         print(f"trainer: job {trainer.job_id} (logs in {folder})", flush=True)
         trainer.results()
         print("training finished", flush=True)

@@ -13,6 +13,7 @@ tensors and the teacher top-k, used alike by the training step, SFT and the grad
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,13 +41,16 @@ def signal_batch(samples, teacher_weights: dict[str, float]) -> SignalBatch:
         return s.scores.logprobs
 
     mask = _pad2([torch.ones(n) for n in n_resp], width, 0.0, torch.float32)
-    batch = dict(
+    batch: dict[str, Any] = dict(
         mask=mask,
         teacher_lp=_pad2([teacher_row(s) for s in samples], width, 0.0, torch.float32),
         rollout_lp=_pad2([s.rollout.logprobs for s in samples], width, 0.0, torch.float32),
         branch=[s.branch if s.branch != "all" else "general" for s in samples],
-        entropy=(None if any(s.rollout.entropy is None for s in samples)  # not computed (served rollouts)
-                 else _pad2([s.rollout.entropy for s in samples], width, 0.0, torch.float32)),
+        entropy=(
+            None
+            if any(s.rollout.entropy is None for s in samples)  # not computed (served rollouts)
+            else _pad2([s.rollout.entropy for s in samples], width, 0.0, torch.float32)
+        ),
         student_top1=_pad2([s.rollout.top1 for s in samples], width, 0, torch.long),
         teacher_weight=torch.tensor([float(teacher_weights.get(s.teacher, 1.0)) for s in samples]),
     )
@@ -68,8 +72,15 @@ def signal_batch(samples, teacher_weights: dict[str, float]) -> SignalBatch:
     return SignalBatch(**batch)
 
 
-def train_batch(samples, signals: TrainSignals | None, rows: list[int], pad_id: int, multiple: int,
-                width: int | None = None, sft: bool = False) -> dict[str, torch.Tensor]:
+def train_batch(
+    samples,
+    signals: TrainSignals | None,
+    rows: list[int],
+    pad_id: int,
+    multiple: int,
+    width: int | None = None,
+    sft: bool = False,
+) -> dict[str, torch.Tensor]:
     """Megatron micro-batch tensors for `rows` of the step batch, padded with zero-weight rows to `multiple`.
 
     `width` is the tensors' width (at least the longest row); `seq_len` [n_rows] holds each row's real length, so
@@ -80,9 +91,11 @@ def train_batch(samples, signals: TrainSignals | None, rows: list[int], pad_id: 
     n_rows = -(-max(len(rows), 1) // multiple) * multiple
     tokens = torch.full((n_rows, width), pad_id, dtype=torch.long)
     labels = torch.full((n_rows, width), pad_id, dtype=torch.long)
-    f32 = dict(dtype=torch.float32)
-    out = {k: torch.zeros((n_rows, width), **f32) for k in ("loss_mask", "rollout_lp", "advantages", "token_weight")}
-    out["sample_weight"] = torch.zeros(n_rows, **f32)
+    f32 = torch.float32
+    out = {
+        k: torch.zeros((n_rows, width), dtype=f32) for k in ("loss_mask", "rollout_lp", "advantages", "token_weight")
+    }
+    out["sample_weight"] = torch.zeros(n_rows, dtype=f32)
     for r, i in enumerate(rows):
         s = samples[i]
         ids = torch.tensor(s.rollout.ids, dtype=torch.long)
@@ -95,6 +108,7 @@ def train_batch(samples, signals: TrainSignals | None, rows: list[int], pad_id: 
         if sft:
             out["sample_weight"][r] = 1.0
             continue
+        assert signals is not None, "an on-policy batch carries the method's signals"
         out["advantages"][r, cols] = signals.advantages[i, :n]
         out["token_weight"][r, cols] = signals.token_weight[i, :n]
         out["sample_weight"][r] = signals.sample_weight[i]
@@ -103,7 +117,7 @@ def train_batch(samples, signals: TrainSignals | None, rows: list[int], pad_id: 
     out["seq_len"] = torch.zeros(n_rows, dtype=torch.long)
     out["seq_len"][: len(rows)] = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     if signals is not None and signals.seq_scale is not None:
-        out["seq_scale"] = torch.zeros(n_rows, **f32)
+        out["seq_scale"] = torch.zeros(n_rows, dtype=f32)
         out["seq_scale"][: len(rows)] = signals.seq_scale[rows]
     return out
 
@@ -111,6 +125,8 @@ def train_batch(samples, signals: TrainSignals | None, rows: list[int], pad_id: 
 def add_topk(batch: dict[str, torch.Tensor], samples, rows: list[int], sig: SignalBatch) -> None:
     """Teacher top-k ids / log-probs in Megatron's layout (for the top-k loss)."""
     n_rows, width = batch["tokens"].shape
+    if sig.teacher_topk_ids is None or sig.teacher_topk_lp is None:
+        raise ValueError("add_topk: the teachers returned no top-k log-probs (method.topk / the top-k loss)")
     k = sig.teacher_topk_ids.shape[-1]
     ids = torch.zeros((n_rows, width, k), dtype=torch.long)
     lps = torch.zeros((n_rows, width, k), dtype=torch.float32)
@@ -132,13 +148,14 @@ class StepBatch:
     """One step's samples with the method's signals and this DP rank's rows; `megatron()` packs any rows of it."""
 
     samples: list
-    sig: SignalBatch | None        # the method's input (None for SFT)
-    signals: TrainSignals | None   # the method's output (None for SFT)
-    rows: list[int]                # this DP rank's rows
+    sig: SignalBatch | None  # the method's input (None for SFT)
+    signals: TrainSignals | None  # the method's output (None for SFT)
+    rows: list[int]  # this DP rank's rows
 
     @classmethod
-    def of(cls, samples: list, sig: SignalBatch | None, signals: TrainSignals | None, dp_rank: int,
-           dp_size: int) -> StepBatch:
+    def of(
+        cls, samples: list, sig: SignalBatch | None, signals: TrainSignals | None, dp_rank: int, dp_size: int
+    ) -> StepBatch:
         return cls(samples, sig, signals, dp_rows(len(samples), dp_rank, dp_size))
 
     @property
@@ -146,8 +163,15 @@ class StepBatch:
         """Tensor width of every micro-batch of this step: its longest sequence."""
         return max(len(s.rollout.ids) for s in self.samples)
 
-    def megatron(self, pad_id: int, multiple: int, *, topk: bool = False, rows: list[int] | None = None,
-                 signals: TrainSignals | None = None) -> dict[str, torch.Tensor]:
+    def megatron(
+        self,
+        pad_id: int,
+        multiple: int,
+        *,
+        topk: bool = False,
+        rows: list[int] | None = None,
+        signals: TrainSignals | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Megatron tensors of `rows` (default: this rank's), with the teacher top-k when the loss needs it;
         `signals` overrides the step's (the diagnostics' unselected batch)."""
         rows = self.rows if rows is None else rows

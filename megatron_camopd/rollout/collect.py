@@ -12,13 +12,15 @@ batch-level); each rank then trains on its own slice. Other ranks' samples come 
 
 Served rollouts (`rollout.engine: sglang`), and every rollout of the overlapped pipeline (`rollout/pipeline.py`,
 which reuses the pieces below: plan, slice, score, gather), carry the weight version they were sampled with;
-`rollout/staleness.py` applies `rollout.max_staleness` / `on_stale` against this step. A stale sample dropped, or one whose
+`rollout/staleness.py` applies `rollout.max_staleness` / `on_stale` against this step. A stale sample dropped, or one
+whose
 rollout failed on every server, stays in the batch unscored with its reason (dropped from the loss, counted).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from dataclasses import dataclass, field
 
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_camopd.config.sections import StreamConfig
 from megatron_camopd.data.prompts import Prompt
 from megatron_camopd.data.verifiers import VERIFIER_NAMES, get_verifier
 from megatron_camopd.errors import CamopdError, DataError, TeacherError
@@ -33,6 +36,7 @@ from megatron_camopd.rollout.assemble import dp_rows
 from megatron_camopd.rollout.dp_exchange import exchange_samples
 from megatron_camopd.rollout.sampling import Rollout, SamplingParams, sample_seed
 from megatron_camopd.rollout.staleness import STALE_KEY, fail_if_stale, lag_of, stale_reason
+from megatron_camopd.teachers.base import TeacherScores
 
 NOT_SCORED = "not_scored"  # Sample.meta key: why a sample was not sent to its teacher
 
@@ -46,11 +50,18 @@ class Sample:
     teacher: str
     verifier: str | None
     rollout: Rollout | None = None
-    scores: object | None = None  # TeacherScores
+    scores: TeacherScores | None = None
     ref_lp: torch.Tensor | None = None
     reward: float | None = None
     error: str | None = None
     meta: dict = field(default_factory=dict)
+
+    @property
+    def generated(self) -> Rollout:
+        """Its rollout, for the stages after generation."""
+        if self.rollout is None:
+            raise RuntimeError(f"sample {self.index}: read before its rollout was generated")
+        return self.rollout
 
 
 def route(spec, prompt: Prompt) -> str:
@@ -58,8 +69,10 @@ def route(spec, prompt: Prompt) -> str:
     try:
         return spec.routing[prompt.domain]
     except KeyError:
-        raise DataError(f"{prompt.source}: domain {prompt.domain!r} is not routed to a teacher "
-                        f"(routing has: {', '.join(sorted(spec.routing))})") from None
+        raise DataError(
+            f"{prompt.source}: domain {prompt.domain!r} is not routed to a teacher "
+            f"(routing has: {', '.join(sorted(spec.routing))})"
+        ) from None
 
 
 def fail_if_teacher_down(samples: list[Sample], http: set[str]) -> None:
@@ -68,8 +81,9 @@ def fail_if_teacher_down(samples: list[Sample], http: set[str]) -> None:
     for name in sorted(http):
         mine = [s for s in samples if s.teacher == name and NOT_SCORED not in s.meta]
         if mine and all(s.error is not None for s in mine):
-            raise TeacherError(f"teacher {name}: all {len(mine)} scoring requests of this step failed; "
-                               f"first error: {mine[0].error}")
+            raise TeacherError(
+                f"teacher {name}: all {len(mine)} scoring requests of this step failed; first error: {mine[0].error}"
+            )
 
 
 def _unscorable(s: Sample, step: int, bound) -> bool:
@@ -77,7 +91,7 @@ def _unscorable(s: Sample, step: int, bound) -> bool:
     rollouts, `on_stale: drop`) it lags the trainer's step by more than max_staleness. Either way it stays in the
     batch with its reason as `error` (dropped from the loss, counted). Records the lag of versioned rollouts.
     `bound` holds max_staleness and on_stale (`spec.rollout`)."""
-    r = s.rollout
+    r = s.generated
     if r.meta.get("error"):
         s.error, s.meta[NOT_SCORED] = f"rollout failed: {r.meta['error']}", "rollout"
         return True
@@ -100,7 +114,7 @@ def largest_remainder(n: int, weights: list[float]) -> list[int]:
     return out
 
 
-def draw_prompts(session, branch: str) -> list[tuple[Prompt, str, object]]:
+def draw_prompts(session, branch: str) -> list[tuple[Prompt, str, StreamConfig]]:
     """(prompt, branch, stream config) for one step; `branch` is general | domain | mixed | all."""
     n = session.spec.rollout.prompts_per_step
     if branch == "mixed" and "general" in session.streams:
@@ -109,7 +123,7 @@ def draw_prompts(session, branch: str) -> list[tuple[Prompt, str, object]]:
         wants = {"all": n}
     else:
         wants = {branch: n}
-    out = []
+    out: list[tuple[Prompt, str, StreamConfig]] = []
     for b, count in wants.items():
         streams = session.streams.get(b, [])
         if count and not streams:
@@ -138,9 +152,13 @@ class _Loop:
 def sampling_params(spec, tokenizer) -> SamplingParams:
     """The spec's rollout sampling (the tokenizer's end-of-turn tokens always stop a response)."""
     r = spec.rollout
-    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=max(r.top_k, 0),
-                          max_new_tokens=r.max_new_tokens,
-                          stop_token_ids=tuple(r.stop_token_ids) + tuple(tokenizer.stop_ids))
+    return SamplingParams(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=max(r.top_k, 0),
+        max_new_tokens=r.max_new_tokens,
+        stop_token_ids=tuple(r.stop_token_ids) + tuple(tokenizer.stop_ids),
+    )
 
 
 def teacher_top_k(session) -> int | None:
@@ -157,8 +175,9 @@ def _score_in_process(session, samples: list[Sample], top_k) -> None:
         by_teacher.setdefault(s.teacher, []).append(s)
     for name in sorted(by_teacher):
         group = by_teacher[name]
-        res = session.teachers[name].score_batch([s.rollout.ids for s in group],
-                                                 [len(s.prompt.prompt_ids) for s in group], top_k)
+        res = session.teachers[name].score_batch(
+            [s.generated.ids for s in group], [len(s.prompt.prompt_ids) for s in group], top_k
+        )
         for s, r in zip(group, res):
             s.scores = r
 
@@ -180,9 +199,16 @@ def plan_batch(session, branch: str) -> list[Sample]:
     drawn = draw_prompts(session, branch)
     n = spec.rollout.n_samples
     return [
-        Sample(index=g * n + j, group=g, branch=b, prompt=p, teacher=route(spec, p),
-               verifier=(cfg.verifier if cfg.verifier != "none" else None))
-        for g, (p, b, cfg) in enumerate(drawn) for j in range(n)
+        Sample(
+            index=g * n + j,
+            group=g,
+            branch=b,
+            prompt=p,
+            teacher=route(spec, p),
+            verifier=(cfg.verifier if cfg.verifier != "none" else None),
+        )
+        for g, (p, b, cfg) in enumerate(drawn)
+        for j in range(n)
     ]
 
 
@@ -202,7 +228,7 @@ class HttpScoring:
     def __init__(self, session, step: int, local: list[Sample], http: set[str]) -> None:
         self.session, self.step, self.local, self.http = session, step, local, http
         self.top_k = teacher_top_k(session)
-        self.futures: dict[int, object] = {}
+        self.futures: dict[int, concurrent.futures.Future] = {}
         self.loop = _Loop() if http and session.is_mp_leader else None
 
     def on_finish(self, i: int, rollout: Rollout) -> None:
@@ -233,17 +259,19 @@ def score_local(session, local: list[Sample], http: set[str]) -> None:
     the verifiers (collective over the model-parallel group when it is larger than one rank)."""
     if http:
         _share_over_model_parallel([s for s in local if s.teacher in http])
-    _score_in_process(session, [s for s in local if s.teacher not in http and NOT_SCORED not in s.meta],
-                      teacher_top_k(session))
+    _score_in_process(
+        session, [s for s in local if s.teacher not in http and NOT_SCORED not in s.meta], teacher_top_k(session)
+    )
     if session.reference is not None:
-        refs = session.reference.score_batch([s.rollout.ids for s in local],
-                                             [len(s.prompt.prompt_ids) for s in local])
+        refs = session.reference.score_batch(
+            [s.generated.ids for s in local], [len(s.prompt.prompt_ids) for s in local]
+        )
         for s, rs in zip(local, refs):
             s.ref_lp = rs.logprobs
     tok = session.tokenizer
     for s in local:
         if s.verifier:
-            text = tok.decode(s.rollout.response_ids, skip_special_tokens=True)
+            text = tok.decode(s.generated.response_ids, skip_special_tokens=True)
             s.reward = float(get_verifier(VERIFIER_NAMES[s.verifier])(text, s.prompt.reference))
 
 
@@ -251,8 +279,9 @@ def gather_batch(session, step: int, local: list[Sample], http: set[str]) -> lis
     """The full step batch on every rank (DP exchange), checked for stale rollouts and dead teachers."""
     spec = session.spec
     if session.dp_size > 1:  # other ranks' samples arrive without top-k tensors (rollout/dp_exchange.py)
-        local = exchange_samples(local, session.dp_rank, session.dp_size, ps.get_data_parallel_group(),
-                                 session.method.student_top1_k)
+        local = exchange_samples(
+            local, session.dp_rank, session.dp_size, ps.get_data_parallel_group(), session.method.student_top1_k
+        )
     if spec.rollout.on_stale == "error":
         fail_if_stale(local, step, spec.rollout.max_staleness)
     fail_if_teacher_down(local, http)
@@ -265,9 +294,12 @@ def collect_step(session, step: int, branch: str) -> list[Sample]:
     local = local_slice(session, plan_batch(session, branch))
     http = http_teachers(spec)
     scoring = HttpScoring(session, step, local, http)
-    session.sampler.generate([s.prompt.prompt_ids for s in local], sampling_params(spec, session.tokenizer),
-                             [sample_seed(spec.train.seed, step, s.index) for s in local],
-                             on_finish=scoring.on_finish)
+    session.sampler.generate(
+        [s.prompt.prompt_ids for s in local],
+        sampling_params(spec, session.tokenizer),
+        [sample_seed(spec.train.seed, step, s.index) for s in local],
+        on_finish=scoring.on_finish,
+    )
     scoring.collect()
     score_local(session, local, http)
     return gather_batch(session, step, local, http)

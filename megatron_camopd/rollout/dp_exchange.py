@@ -1,7 +1,8 @@
 """The step batch's exchange over data parallelism: what every DP rank must see of the other ranks' samples.
 
 Selection and calibration are batch-level, so every rank runs the method over the whole step batch; but each
-rank trains on its own slice only (`rollout/assemble.py` `dp_rows`), and the teacher's top-k tensors of a sample are read
+rank trains on its own slice only (`rollout/assemble.py` `dp_rows`), and the teacher's top-k tensors of a sample are
+read
 only for the rank's own rows (the top-k loss, SelecTKD's token weights), except for two per-sample facts the
 batch-level method uses on every row: whether the top-k log-probs are finite on the response (rows with a
 non-finite value are dropped) and, for SelecTKD, how many response tokens the top-k ids accept (its batch

@@ -15,7 +15,8 @@ step's hidden states through the stages with megatron-core's inference p2p (`rec
 stage. Interleaved (virtual) pipelining is not supported by megatron-core's inference and is refused.
 
 Finished rows stop costing compute: their cache rows are dropped (the cache is compacted) as soon as they
-finish. With FP8 every forward's rows are padded to a multiple of 16 (filler rows, never read). KV memory is bounded by `kv_cache_gb` per rank: a group holds at most
+finish. With FP8 every forward's rows are padded to a multiple of 16 (filler rows, never read). KV memory is bounded
+by `kv_cache_gb` per rank: a group holds at most
     rows <= kv_cache_gb * 2**30 / (kv_bytes_per_token * (longest prompt + max_new_tokens))
 with kv_bytes_per_token = 2 (K and V) * layers on this rank * (kv heads / tp) * head_dim * bytes per element.
 
@@ -35,7 +36,14 @@ from megatron_camopd.backend.engine import unwrap
 from megatron_camopd.backend.forward import comm_device
 from megatron_camopd.errors import SpecError
 from megatron_camopd.rollout.sampler import InProcessModel, OnFinish
-from megatron_camopd.rollout.sampling import Rollout, SamplingParams, make_rollout, sample_uniforms, token_stats
+from megatron_camopd.rollout.sampling import (
+    Rollout,
+    SamplingParams,
+    all_finished,
+    make_rollout,
+    sample_uniforms,
+    token_stats,
+)
 
 _STATS = ("token", "logprob", "entropy", "top1")
 
@@ -76,13 +84,18 @@ class MegatronSampler:
     engine = "megatron"
 
     def __init__(self, model: InProcessModel, kv_cache_gb: float = 16.0) -> None:
-        from megatron.core.inference.communication_utils import recv_from_prev_pipeline_rank_, send_to_next_pipeline_rank
+        from megatron.core.inference.communication_utils import (
+            recv_from_prev_pipeline_rank_,
+            send_to_next_pipeline_rank,
+        )
 
         self.model = model
         self.models = [unwrap(c) for c in model.chunks]
         if len(self.models) > 1:
-            raise SpecError("rollout.engine: megatron-core's inference does not support interleaved pipelining "
-                            "(parallel.vpp); use rollout.engine=sglang (or reference)")
+            raise SpecError(
+                "rollout.engine: megatron-core's inference does not support interleaved pipelining "
+                "(parallel.vpp); use rollout.engine=sglang (or reference)"
+            )
         self.kv_budget = float(kv_cache_gb) * 2**30
         self._recv, self._send = recv_from_prev_pipeline_rank_, send_to_next_pipeline_rank
         g = model.groups
@@ -120,24 +133,30 @@ class MegatronSampler:
     def _share(self, stats: torch.Tensor | None, n: int) -> torch.Tensor:
         """[n, 4] float64 (token, logprob, entropy, top1) from the last stage to every stage of the pipeline."""
         if self.pp_size == 1:
+            assert stats is not None, "a single stage computes the stats itself"
             return stats
         g = self.model.groups.pp
-        buf = stats.to(comm_device()) if self.last else torch.empty((n, 4), dtype=torch.float64, device=comm_device())
+        if self.last:
+            assert stats is not None, "the last stage computes the stats"
+            buf = stats.to(comm_device())
+        else:
+            buf = torch.empty((n, 4), dtype=torch.float64, device=comm_device())
         dist.broadcast(buf, src=dist.get_global_rank(g, self.pp_size - 1), group=g)
         return buf.cpu()
 
     # ------------------------------------------------------------------ decoding
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
-                 on_finish: OnFinish | None = None) -> list[Rollout]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_finish: OnFinish | None = None
+    ) -> list[Rollout]:
         from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
         m = self.model
         results: list[Rollout | None] = [None] * len(prompts)
 
         def done(i: int, out: dict, reason: str) -> None:
-            results[i] = make_rollout(prompts[i], out, reason, {"engine": self.engine})
+            results[i] = r = make_rollout(prompts[i], out, reason, {"engine": self.engine})
             if on_finish is not None:
-                on_finish(i, results[i])
+                on_finish(i, r)
 
         live = []
         for i, p in enumerate(prompts):
@@ -148,10 +167,9 @@ class MegatronSampler:
             else:
                 live.append(i)
         if not live:
-            return list(results)
+            return all_finished(results)
         max_new = min(params.max_new_tokens, m.max_context - min(len(prompts[i]) for i in live))
-        groups = plan_groups([len(prompts[i]) for i in live], max_new, kv_bytes_per_token(self.models),
-                             self.kv_budget)
+        groups = plan_groups([len(prompts[i]) for i in live], max_new, kv_bytes_per_token(self.models), self.kv_budget)
         model = self.models[0]
         sp = bool(model.config.sequence_parallel)
         for c in self.models:
@@ -166,10 +184,11 @@ class MegatronSampler:
         finally:
             if sp:
                 set_model_to_sequence_parallel(model, True)
-        return list(results)
+        return all_finished(results)
 
-    def _decode_group(self, rows: list[int], prompts, params: SamplingParams, seeds: list[int], max_new: int,
-                      done) -> None:
+    def _decode_group(
+        self, rows: list[int], prompts, params: SamplingParams, seeds: list[int], max_new: int, done
+    ) -> None:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         m = self.model
@@ -181,18 +200,19 @@ class MegatronSampler:
         ctx = StaticInferenceContext(len(slot), min(m.max_context, max(lens) + max_new))
         uniforms = sample_uniforms(seeds, max_new)
         stops = set(params.stop_token_ids) | ({m.eos_id} if m.eos_id is not None else set())
-        out = [{k: [] for k in _STATS} for _ in rows]
+        out: list[dict[str, list]] = [{k: [] for k in _STATS} for _ in rows]
         prefill = torch.tensor([prompts[rows[g if g is not None else n - 1]][:p0] for g in slot], dtype=torch.long)
         logits = self._forward(prefill, ctx)
         shim = _bypass_cpu_shim() if cpu_runtime_active() else contextlib.nullcontext()
         with shim:
             while any(g is not None for g in slot):
                 s = ctx.sequence_len_offset  # tokens in the cache; the logits predict position s
-                gen = [r for r, g in enumerate(slot) if g is not None and s >= lens[g]]  # rows past their prompt
+                past = [(r, g) for r, g in enumerate(slot) if g is not None and s >= lens[g]]  # rows past their prompt
+                gen = [r for r, _ in past]
                 stats = None
                 if gen and self.last:
-                    resp = [s - lens[slot[r]] for r in gen]
-                    u = uniforms[[slot[r] for r in gen], resp]
+                    assert logits is not None, "the last stage has the logits"
+                    u = uniforms[[g for _, g in past], [s - lens[g] for _, g in past]]
                     st = token_stats(logits[torch.tensor(gen)], u, params)
                     stats = torch.stack([st[k].double() for k in _STATS], dim=1)
                 if gen:
@@ -206,6 +226,7 @@ class MegatronSampler:
                     if r not in stat_of:
                         nxt.append(prompts[rows[g]][s])  # still consuming its prompt
                         continue
+                    assert stats is not None, "a row past its prompt has its token's stats"
                     tok, lp, ent, top1 = stats[stat_of[r]].tolist()
                     tok = int(tok)
                     o = out[g]
@@ -213,8 +234,15 @@ class MegatronSampler:
                     o["logprob"].append(lp)
                     o["entropy"].append(ent)
                     o["top1"].append(int(top1))
-                    reason = ("stop" if tok in stops else "length" if len(o["token"]) >= params.max_new_tokens
-                              else "context" if s + 1 >= m.max_context else None)
+                    reason = (
+                        "stop"
+                        if tok in stops
+                        else "length"
+                        if len(o["token"]) >= params.max_new_tokens
+                        else "context"
+                        if s + 1 >= m.max_context
+                        else None
+                    )
                     if reason is not None:
                         done(rows[g], o, reason)
                         slot[r] = None

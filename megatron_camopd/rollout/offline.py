@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_camopd.algo.uniopd import offline_difficulty_balance
+from megatron_camopd.algo.uniopd import OfflineBalance, offline_difficulty_balance
 from megatron_camopd.data.prompts import PromptSource, PromptStream
 from megatron_camopd.data.verifiers import VERIFIER_NAMES, get_verifier
 from megatron_camopd.rollout.collect import sampling_params
@@ -34,15 +34,16 @@ def choose_shape(hist: list[int], shape: str) -> str:
     return "u" if hist[0] >= 0.2 * total and hist[-1] >= 0.2 * total else "mirrored_j"
 
 
-def balance_plan(counts: list[int], uniopd) -> tuple[str, object]:
+def balance_plan(counts: list[int], uniopd) -> tuple[str, OfflineBalance]:
     """(shape, OfflineBalance) for the pass counts of one stream under `method.uniopd`: the histogram's shape
     (`offline_shape`, or chosen by `choose_shape`) and the prompts repeated within its bounds (`offline_low`/
     `offline_high`; unset, the shape's own: [1, N-1] for u, [0, N-1] for mirrored_j)."""
     u = uniopd
     hist = [counts.count(c) for c in range(u.offline_n + 1)]
     shape = choose_shape(hist, u.offline_shape)
-    return shape, offline_difficulty_balance(counts, u.offline_n, shape, u.offline_low, u.offline_high,
-                                             u.offline_factor)
+    return shape, offline_difficulty_balance(
+        counts, u.offline_n, shape, u.offline_low, u.offline_high, u.offline_factor
+    )
 
 
 def pass_counts(session, prompts, verifier: str, n: int, batch: int = 256) -> list[int]:
@@ -54,8 +55,11 @@ def pass_counts(session, prompts, verifier: str, n: int, batch: int = 256) -> li
     counts = [0] * len(prompts)
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        outs = session.sampler.generate([prompts[i].prompt_ids for i, _ in chunk], params,
-                                        [sample_seed(spec.train.seed, -1, i * n + j) for i, j in chunk])
+        outs = session.sampler.generate(
+            [prompts[i].prompt_ids for i, _ in chunk],
+            params,
+            [sample_seed(spec.train.seed, -1, i * n + j) for i, j in chunk],
+        )
         for (i, _), out in zip(chunk, outs):
             counts[i] += int(check(tok.decode(out.response_ids, skip_special_tokens=True), prompts[i].reference))
     return counts
@@ -66,7 +70,7 @@ def balance_streams(session) -> None:
     spec = session.spec
     u = spec.method.uniopd
     out_dir = Path(spec.checkpoint.dir) / "offline_balance"
-    for branch, streams in session.streams.items():
+    for streams in session.streams.values():
         for k, (cfg, stream) in enumerate(streams):
             if cfg.verifier == "none":
                 continue
@@ -81,17 +85,35 @@ def balance_streams(session) -> None:
                     with open(tmp, "w") as f:
                         for i in res.indices:
                             p = prompts[i]
-                            f.write(json.dumps({"uid": p.uid, "domain": p.domain, "messages": p.messages,
-                                                "answer": p.reference}) + "\n")
+                            f.write(
+                                json.dumps(
+                                    {"uid": p.uid, "domain": p.domain, "messages": p.messages, "answer": p.reference}
+                                )
+                                + "\n"
+                            )
                     os.replace(tmp, path)
-                    hist_path.write_text(json.dumps({"shape": shape, "n_rollouts": u.offline_n,
-                                                     "hist_before": res.hist_before, "hist_after": res.hist_after,
-                                                     "prompts_before": len(prompts),
-                                                     "prompts_after": len(res.indices)}, indent=1))
+                    hist_path.write_text(
+                        json.dumps(
+                            {
+                                "shape": shape,
+                                "n_rollouts": u.offline_n,
+                                "hist_before": res.hist_before,
+                                "hist_after": res.hist_after,
+                                "prompts_before": len(prompts),
+                                "prompts_after": len(res.indices),
+                            },
+                            indent=1,
+                        )
+                    )
                 dist.barrier()
                 log.info("offline balance %s: %s -> %s (%s)", cfg.name, res.hist_before, res.hist_after, shape)
-            balanced = PromptStream([PromptSource(str(path), format="messages", domain=cfg.domain)],
-                                    session.tokenizer, max_prompt_len=spec.data.max_prompt_tokens,
-                                    overlong=spec.data.overlong, seed=stream.seed, shuffle=spec.data.shuffle,
-                                    name=cfg.name)
+            balanced = PromptStream(
+                [PromptSource(str(path), format="messages", domain=cfg.domain)],
+                session.tokenizer,
+                max_prompt_len=spec.data.max_prompt_tokens,
+                overlong=spec.data.overlong,
+                seed=stream.seed,
+                shuffle=spec.data.shuffle,
+                name=cfg.name,
+            )
             streams[k] = (cfg, balanced)

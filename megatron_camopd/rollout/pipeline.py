@@ -46,8 +46,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_camopd.errors import CheckpointError
-from megatron_camopd.rollout.collect import (HttpScoring, Sample, _unscorable, gather_batch, http_teachers,
-                                             local_slice, plan_batch, sampling_params, score_local)
+from megatron_camopd.rollout.collect import (
+    HttpScoring,
+    Sample,
+    _unscorable,
+    gather_batch,
+    http_teachers,
+    local_slice,
+    plan_batch,
+    sampling_params,
+    score_local,
+)
 from megatron_camopd.rollout.sampling import sample_seed
 from megatron_camopd.rollout.staleness import staleness_metrics
 
@@ -98,7 +107,7 @@ class RolloutPipeline:
         else:
             self._snapshot_model()
         entry = resumed[1].get("rollouts_in_flight") if resumed else None
-        if entry:
+        if entry and resumed is not None:
             self._restore(resumed[0], entry, start)
 
     # ------------------------------------------------------------------ in-process engines
@@ -142,9 +151,15 @@ class RolloutPipeline:
                 raise RuntimeError(f"rollout pipeline: step {s} wants weights {version}, trainer holds {current}")
             branch = self.session.schedule.next()
             samples = plan_batch(self.session, branch)
-            job = Job(step=s, branch=branch, version=version, samples=samples,
-                      local=local_slice(self.session, samples), launched_at=time.time(),
-                      weights=None if self.served else self._copy_weights())
+            job = Job(
+                step=s,
+                branch=branch,
+                version=version,
+                samples=samples,
+                local=local_slice(self.session, samples),
+                launched_at=time.time(),
+                weights=None if self.served else self._copy_weights(),
+            )
             self._submit(job)
             self.next += 1
 
@@ -161,15 +176,15 @@ class RolloutPipeline:
         try:
             if job.restored:
                 for i, smp in enumerate(job.local):
-                    scoring.on_finish(i, smp.rollout)
-                job.rollouts = [smp.rollout for smp in job.local]
+                    scoring.on_finish(i, smp.generated)
+                job.rollouts = [smp.generated for smp in job.local]
             else:
                 seeds = [sample_seed(spec.train.seed, job.step, smp.index) for smp in job.local]
                 prompts = [smp.prompt.prompt_ids for smp in job.local]
                 if self.served:
-                    job.rollouts = s.sampler.generate_detached(prompts, self.params, seeds,
-                                                               on_finish=scoring.on_finish)
+                    job.rollouts = s.sampler.generate_detached(prompts, self.params, seeds, on_finish=scoring.on_finish)
                 else:
+                    assert job.weights is not None, "an in-process job carries its weight snapshot"
                     with torch.no_grad():
                         for dst, src in zip(self._snap, job.weights):
                             dst.copy_(src)
@@ -195,6 +210,7 @@ class RolloutPipeline:
         t0 = time.time()
         error = None
         try:
+            assert job.future is not None, "a step's job is launched before its batch is taken"
             job.future.result()
         except Exception as exc:  # noqa: BLE001 -- shared with the model-parallel group, then raised everywhere
             if self.mp_size == 1:
@@ -231,7 +247,8 @@ class RolloutPipeline:
         for job in self.jobs.values():
             job.gen_done.wait()
             try:
-                job.future.result()
+                if job.future is not None:
+                    job.future.result()
             except Exception:  # noqa: BLE001 -- raised again when the step takes the batch
                 pass
 
@@ -240,8 +257,10 @@ class RolloutPipeline:
         self.drain()
         if not self.jobs:
             return None
-        mine = {st: {smp.index: smp.rollout for smp in job.local if smp.rollout is not None}
-                for st, job in self.jobs.items()}
+        mine = {
+            st: {smp.index: smp.rollout for smp in job.local if smp.rollout is not None}
+            for st, job in self.jobs.items()
+        }
         every: list = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
         rel = f"{INFLIGHT_DIR}/step_{done:08d}.pt"
@@ -253,10 +272,19 @@ class RolloutPipeline:
                 missing = [smp.index for smp in job.samples if smp.index not in got]
                 if missing:
                     raise CheckpointError(f"step {st}: in-flight samples {missing[:4]} have no rollout to save")
-                out.append({"step": st, "branch": job.branch, "version": job.version,
-                            "samples": [dataclasses.replace(smp, rollout=got[smp.index], scores=None, ref_lp=None,
-                                                            reward=None, error=None, meta={})
-                                        for smp in job.samples]})
+                out.append(
+                    {
+                        "step": st,
+                        "branch": job.branch,
+                        "version": job.version,
+                        "samples": [
+                            dataclasses.replace(
+                                smp, rollout=got[smp.index], scores=None, ref_lp=None, reward=None, error=None, meta={}
+                            )
+                            for smp in job.samples
+                        ],
+                    }
+                )
             path = Path(root) / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -273,8 +301,15 @@ class RolloutPipeline:
         if [j["step"] for j in jobs] != list(range(start, start + len(jobs))):
             raise CheckpointError(f"{path}: in-flight steps {[j['step'] for j in jobs]} do not follow step {start}")
         for j in jobs:
-            job = Job(step=j["step"], branch=j["branch"], version=j["version"], samples=j["samples"],
-                      local=local_slice(self.session, j["samples"]), restored=True, launched_at=time.time())
+            job = Job(
+                step=j["step"],
+                branch=j["branch"],
+                version=j["version"],
+                samples=j["samples"],
+                local=local_slice(self.session, j["samples"]),
+                restored=True,
+                launched_at=time.time(),
+            )
             self._submit(job)
         self.next = start + len(jobs)
         self.base = min([start] + [j["version"] for j in jobs])

@@ -13,7 +13,14 @@ import torch
 
 from megatron_camopd.backend.forward import forward_collect
 from megatron_camopd.rollout.sampler import InProcessModel, OnFinish
-from megatron_camopd.rollout.sampling import Rollout, SamplingParams, make_rollout, sample_uniforms, token_stats
+from megatron_camopd.rollout.sampling import (
+    Rollout,
+    SamplingParams,
+    all_finished,
+    make_rollout,
+    sample_uniforms,
+    token_stats,
+)
 
 
 def gather_rows(rows_shard: torch.Tensor, tp_group) -> torch.Tensor:
@@ -51,8 +58,9 @@ class ReferenceSampler:
 
         return fn
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
-                 on_finish: OnFinish | None = None) -> list[Rollout]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_finish: OnFinish | None = None
+    ) -> list[Rollout]:
         m = self.model
         b = len(prompts)
         if b == 0:
@@ -65,16 +73,16 @@ class ReferenceSampler:
         lengths = torch.tensor([len(p) for p in prompts])
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        out = [{k: [] for k in ("token", "logprob", "entropy", "top1")} for _ in range(b)]
+        out: list[dict[str, list]] = [{k: [] for k in ("token", "logprob", "entropy", "top1")} for _ in range(b)]
         active = [True] * b
         fn = self._step_fn(params)
         results: list[Rollout | None] = [None] * b
 
         def finish(i: int, reason: str) -> None:
             active[i] = False
-            results[i] = make_rollout(prompts[i], out[i], reason, {"engine": self.engine})
+            results[i] = r = make_rollout(prompts[i], out[i], reason, {"engine": self.engine})
             if on_finish is not None:
-                on_finish(i, results[i])
+                on_finish(i, r)
 
         for i in range(b):
             if max_new == 0 or len(prompts[i]) >= m.max_context:
@@ -98,4 +106,4 @@ class ReferenceSampler:
                     finish(i, "length")
                 elif int(lengths[i]) >= m.max_context or int(lengths[i]) >= width:
                     finish(i, "context")
-        return list(results)
+        return all_finished(results)

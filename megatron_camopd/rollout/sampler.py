@@ -21,10 +21,14 @@ served engine's collective-free `generate_detached`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from megatron_camopd.rollout.sampling import Rollout, SamplingParams
+
+if TYPE_CHECKING:
+    from megatron_camopd.backend.forward import ParallelGroups
 
 ENGINES = ("megatron", "sglang", "reference")
 OnFinish = Callable[[int, Rollout], None]
@@ -34,8 +38,9 @@ OnFinish = Callable[[int, Rollout], None]
 class Sampler(Protocol):
     engine: str
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
-                 on_finish: OnFinish | None = None) -> list[Rollout]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_finish: OnFinish | None = None
+    ) -> list[Rollout]:
         """One response per prompt (see the module docstring for the collective contract)."""
         ...
 
@@ -53,7 +58,7 @@ class InProcessModel:
     """What an in-process engine decodes with: this rank's model chunks and the facts around them."""
 
     chunks: list  # this rank's GPTModel chunks (DDP-wrapped or bare), one per virtual pipeline stage
-    groups: object  # backend.forward.ParallelGroups
+    groups: ParallelGroups
     vocab_size: int  # the true (unpadded) vocabulary: Megatron's padding ids are never sampled
     max_context: int  # prompt + response never exceed this many tokens
     pad_id: int
@@ -66,9 +71,18 @@ def needs_entropy(method) -> bool:
     return method is not None and "entropy" in method.required(None)
 
 
-def build_sampler(engine: str, model: InProcessModel, *, kv_cache_gb: float = 16.0, servers=None,
-                  trainer=None, seed: int = 0, need_entropy: bool = False, model_dir=None,
-                  tokenizer_dir=None) -> Sampler:
+def build_sampler(
+    engine: str,
+    model: InProcessModel,
+    *,
+    kv_cache_gb: float = 16.0,
+    servers=None,
+    trainer=None,
+    seed: int = 0,
+    need_entropy: bool = False,
+    model_dir=None,
+    tokenizer_dir=None,
+) -> Sampler:
     """The sampler for `engine` (`rollout.engine`). `servers` (rollout.sglang), `trainer` (the training Engine,
     whose weights are synced to the servers), `need_entropy` (the servers return none: computed in process when
     the method needs it), `model_dir` / `tokenizer_dir` (config.json and tokenizer files written next to the
@@ -84,6 +98,13 @@ def build_sampler(engine: str, model: InProcessModel, *, kv_cache_gb: float = 16
     if engine == "sglang":
         from megatron_camopd.rollout.sglang import SglangSampler
 
-        return SglangSampler(servers, model=model, trainer=trainer, seed=seed, need_entropy=need_entropy,
-                             model_dir=model_dir, tokenizer_dir=tokenizer_dir)
+        return SglangSampler(
+            servers,
+            model=model,
+            trainer=trainer,
+            seed=seed,
+            need_entropy=need_entropy,
+            model_dir=model_dir,
+            tokenizer_dir=tokenizer_dir,
+        )
     raise ValueError(f"rollout.engine: {engine!r} is not one of {', '.join(ENGINES)}")

@@ -57,8 +57,9 @@ def sample_uniforms(seeds: list[int], n: int) -> torch.Tensor:
     n = max(n, 1)
     if not seeds:
         return torch.empty((0, n), dtype=torch.float64)
-    return torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-                        for s in seeds])
+    return torch.stack(
+        [torch.rand(n, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
+    )
 
 
 def choose_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -68,7 +69,7 @@ def choose_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams)
     scaled = logits / params.temperature
     sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
     if params.top_k and params.top_k > 0:
-        sorted_logits[:, params.top_k:] = float("-inf")
+        sorted_logits[:, params.top_k :] = float("-inf")
     probs = torch.softmax(sorted_logits, dim=-1)
     if params.top_p < 1.0:
         cum = probs.cumsum(-1)
@@ -96,8 +97,19 @@ def token_stats(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams) -
 def make_rollout(prompt: list[int], out: dict[str, list], reason: str, meta: dict | None = None) -> Rollout:
     """A `Rollout` from per-token python lists `out[token|logprob|entropy|top1]`."""
     return Rollout(
-        prompt_ids=list(prompt), response_ids=[int(t) for t in out["token"]],
+        prompt_ids=list(prompt),
+        response_ids=[int(t) for t in out["token"]],
         logprobs=torch.tensor(out["logprob"], dtype=torch.float32),
         entropy=torch.tensor(out["entropy"], dtype=torch.float32),
-        top1=torch.tensor(out["top1"], dtype=torch.long), finish_reason=reason, meta=dict(meta or {}),
+        top1=torch.tensor(out["top1"], dtype=torch.long),
+        finish_reason=reason,
+        meta=dict(meta or {}),
     )
+
+
+def all_finished(results: list[Rollout | None]) -> list[Rollout]:
+    """The rollouts of a batch in which every sample has finished (a missing one is a decoding bug)."""
+    out = [r for r in results if r is not None]
+    if len(out) != len(results):
+        raise RuntimeError(f"{len(results) - len(out)} of {len(results)} samples never finished")
+    return out

@@ -52,8 +52,17 @@ _POLL_S = 0.5  # finished rollouts are shared with the other model-parallel rank
 class SglangSampler:
     engine = "sglang"
 
-    def __init__(self, servers, *, model: InProcessModel, trainer=None, seed: int = 0, need_entropy: bool = False,
-                 model_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        servers,
+        *,
+        model: InProcessModel,
+        trainer=None,
+        seed: int = 0,
+        need_entropy: bool = False,
+        model_dir: str | Path | None = None,
+        tokenizer_dir: str | Path | None = None,
+    ) -> None:
         self.cfg, self.model, self.trainer = servers, model, trainer
         self.need_entropy = need_entropy
         self.model_dir, self.tokenizer_dir = model_dir, tokenizer_dir
@@ -77,15 +86,31 @@ class SglangSampler:
         self.pool: ReplicaPool | None = None
         if self.is_leader or self.is_sender:
             self.pool = ReplicaPool(
-                "rollout servers", servers.urls, error=RolloutError, discovery_file=servers.discovery_file,
-                discovery_timeout_s=servers.discovery_timeout_s, timeout_s=servers.timeout_s, retries=servers.retries,
-                max_in_flight=servers.max_in_flight, dead_deadline_s=servers.dead_deadline_s,
-                seed=seed * 1009 + self.dp_rank, revive_check=self._revive_check if trainer is not None else None)
-            self.pool.wait_ready(servers.discovery_timeout_s)
+                "rollout servers",
+                servers.urls,
+                error=RolloutError,
+                discovery_file=servers.discovery_file,
+                discovery_timeout_s=servers.discovery_timeout_s,
+                timeout_s=servers.timeout_s,
+                retries=servers.retries,
+                max_in_flight=servers.max_in_flight,
+                dead_deadline_s=servers.dead_deadline_s,
+                seed=seed * 1009 + self.dp_rank,
+                revive_check=self._revive_check if trainer is not None else None,
+            )
+            self._pool.wait_ready(servers.discovery_timeout_s)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
-                 on_finish: OnFinish | None = None) -> list[Rollout]:
+
+    @property
+    def _pool(self) -> ReplicaPool:
+        """The replica pool; only the model-parallel leader holds one and talks to the servers."""
+        assert self.pool is not None, "rollout servers: only the model-parallel leader holds the replica pool"
+        return self.pool
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_finish: OnFinish | None = None
+    ) -> list[Rollout]:
         if self.trainer is not None and self.version is None:
             self.update_weights(int(self.trainer.scheduler.num_steps))  # collective: every rank's first call
         for i, p in enumerate(prompts):
@@ -105,8 +130,9 @@ class SglangSampler:
         if self.trainer is not None and self.version is None:
             self.update_weights(int(self.trainer.scheduler.num_steps))
 
-    def generate_detached(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
-                          on_finish: OnFinish | None = None) -> list[Rollout] | None:
+    def generate_detached(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_finish: OnFinish | None = None
+    ) -> list[Rollout] | None:
         """`generate` without any collective, for a thread beside the trainer: the model-parallel leader samples
         (`on_finish` as samples finish) and returns the rollouts, other ranks return None at once; `share` then
         gives them to the model-parallel group and `fill_entropy` adds the entropy, on the main thread."""
@@ -125,6 +151,7 @@ class SglangSampler:
             rollouts, error = box[0]
         if error is not None:
             raise RolloutError(error)
+        assert rollouts is not None, "the leader sends rollouts or an error"
         return rollouts
 
     def fill_entropy(self, rollouts: list[Rollout]) -> None:
@@ -149,16 +176,26 @@ class SglangSampler:
 
         def check(obj: Any, url: str):
             where["url"] = url
-            return parse_generation(obj, max_new=max_new, stops=stops, vocab=self.model.vocab_size,
-                                    where=f"rollout server {url} (sample {i})")
+            return parse_generation(
+                obj,
+                max_new=max_new,
+                stops=stops,
+                vocab=self.model.vocab_size,
+                where=f"rollout server {url} (sample {i})",
+            )
 
-        g = await self.pool.with_retries(body, check)
+        g = await self._pool.with_retries(body, check)
         n = len(g.tokens)
         reason = "stop" if g.finish == "stop" else "length" if n >= params.max_new_tokens else "context"
-        return Rollout(prompt_ids=list(prompt), response_ids=g.tokens, logprobs=torch.tensor(g.logprobs),
-                       entropy=torch.full((n,), float("nan")), top1=torch.tensor(g.top1, dtype=torch.long),
-                       finish_reason=reason, meta={"engine": self.engine, "weight_version": g.weight_version,
-                                                   "server": where.get("url")})
+        return Rollout(
+            prompt_ids=list(prompt),
+            response_ids=g.tokens,
+            logprobs=torch.tensor(g.logprobs),
+            entropy=torch.full((n,), float("nan")),
+            top1=torch.tensor(g.top1, dtype=torch.long),
+            finish_reason=reason,
+            meta={"engine": self.engine, "weight_version": g.weight_version, "server": where.get("url")},
+        )
 
     def _serve(self, prompts, params, seeds, done: queue.SimpleQueue) -> None:
         """Leader: start every sample; each finished (or failed) rollout lands in `done`."""
@@ -167,7 +204,7 @@ class SglangSampler:
             if max_new <= 0:  # the prompt fills the context (as the in-process engines answer it)
                 done.put((i, _empty(p, "context", self.engine)))
                 continue
-            fut = self.pool.submit(self._one(i, p, params, s, max_new))
+            fut = self._pool.submit(self._one(i, p, params, s, max_new))
             fut.add_done_callback(lambda f, i=i, p=p: done.put((i, _result(f, p, self.engine))))
 
     def _collect(self, prompts, params, seeds, on_finish: OnFinish | None, share: bool = True) -> list[Rollout]:
@@ -196,10 +233,12 @@ class SglangSampler:
                 if on_finish is not None:
                     on_finish(i, r)
             got += len(chunk)
-        failed = [r.meta["error"] for r in results if r.meta.get("error")]
+        done_rollouts = [r for r in results if r is not None]
+        assert len(done_rollouts) == n, "every sample finishes exactly once"
+        failed = [r.meta["error"] for r in done_rollouts if r.meta.get("error")]
         if n and len(failed) == n:
             raise RolloutError(f"rollout servers: all {n} samples failed; first error: {failed[0]}")
-        return results
+        return done_rollouts
 
     def _fill_entropy(self, rollouts: list[Rollout]) -> None:
         """Student entropy at each response position: one forward-only pass over the rollouts (every MP rank)."""
@@ -230,22 +269,29 @@ class SglangSampler:
         """A server back from the dead serves again only with the current weights."""
         if self.version is None:
             return True
-        info = await self.pool.get_json(url, "/get_weight_version")
+        info = await self._pool.get_json(url, "/get_weight_version")
         if isinstance(info, dict) and str(info.get("weight_version")) == str(self.version):
             return True
         final = ws.version_dir(self.cfg.sync_dir, self.version) if self.cfg.weight_sync == "disk" else None
         if final is None or not final.is_dir():
-            log.warning("rollout server %s is back with weight_version %s (trainer: %s): out of the rotation until "
-                        "the next weight sync", url, info, self.version)
+            log.warning(
+                "rollout server %s is back with weight_version %s (trainer: %s): out of the rotation until "
+                "the next weight sync",
+                url,
+                info,
+                self.version,
+            )
             return False
-        ans = await self.pool.request(self.pool.replicas[url], "/update_weights_from_disk",
-                                      {"model_path": str(final), "weight_version": str(self.version),
-                                       "flush_cache": True})
+        ans = await self._pool.request(
+            self._pool.replicas[url],
+            "/update_weights_from_disk",
+            {"model_path": str(final), "weight_version": str(self.version), "flush_cache": True},
+        )
         return isinstance(ans, dict) and bool(ans.get("success"))
 
     def _members(self) -> tuple[list[str], dict[str, int]]:
         """Rank 0: the servers answering /health (waiting up to dead_deadline_s for one), and their workers."""
-        pool = self.pool
+        pool = self._pool
 
         async def probe() -> list[str]:
             urls = pool.urls
@@ -255,8 +301,10 @@ class SglangSampler:
         deadline = time.monotonic() + self.cfg.dead_deadline_s
         while not (members := pool.call(probe())):
             if time.monotonic() > deadline:
-                raise RolloutError(f"rollout servers: none of {pool.urls} answered /health for "
-                                   f"{self.cfg.dead_deadline_s:.0f}s (rollout.sglang.dead_deadline_s); weights not synced")
+                raise RolloutError(
+                    f"rollout servers: none of {pool.urls} answered /health for "
+                    f"{self.cfg.dead_deadline_s:.0f}s (rollout.sglang.dead_deadline_s); weights not synced"
+                )
             time.sleep(0.5)
         workers = {}
         for u in members:
@@ -264,10 +312,15 @@ class SglangSampler:
                 info = pool.call(pool.get_json(u, "/get_server_info"))
                 self._server_info[u] = info if isinstance(info, dict) else {}
             info = self._server_info[u]
-            if self.cfg.weight_sync == "distributed" and max(int(info.get("dp_size") or 1), int(info.get("pp_size") or 1)) > 1:
-                raise RolloutError(f"rollout.sglang.weight_sync: distributed sync needs servers with dp_size = pp_size"
-                                   f" = 1 (SGLang joins the update group as rank_offset + tp_rank); {u} has dp_size "
-                                   f"{info.get('dp_size')}, pp_size {info.get('pp_size')}: use weight_sync: disk")
+            if (
+                self.cfg.weight_sync == "distributed"
+                and max(int(info.get("dp_size") or 1), int(info.get("pp_size") or 1)) > 1
+            ):
+                raise RolloutError(
+                    f"rollout.sglang.weight_sync: distributed sync needs servers with dp_size = pp_size"
+                    f" = 1 (SGLang joins the update group as rank_offset + tp_rank); {u} has dp_size "
+                    f"{info.get('dp_size')}, pp_size {info.get('pp_size')}: use weight_sync: disk"
+                )
             workers[u] = int(info.get("tp_size") or 1)
         return members, workers
 
@@ -278,7 +331,7 @@ class SglangSampler:
 
     def _control(self, members: list[str], path: str) -> None:
         """Rank 0: one control request to every member (pause, flush, continue)."""
-        pool = self.pool
+        pool = self._pool
         futures = [pool.submit(pool.request(pool.replicas[u], path, None)) for u in members]
         for u, f in zip(members, futures):
             try:
@@ -328,12 +381,22 @@ class SglangSampler:
         if dist.get_rank() == 0:
             self._control(members, "/continue_generation")
             for u in members:  # they hold the current weights: back in the rotation
-                self.pool.replicas[u].alive = True
+                self._pool.replicas[u].alive = True
         self.version = step
-        log.info("weights of step %d synced to %d rollout servers in %.2fs (%s, %.1f MB)", step, len(members), dt,
-                 self.cfg.weight_sync, nbytes / 2**20)
-        return {"weight_sync_s": dt, "weight_sync_bytes": nbytes, "weight_sync_servers": len(members),
-                "weight_sync_tries": tries}
+        log.info(
+            "weights of step %d synced to %d rollout servers in %.2fs (%s, %.1f MB)",
+            step,
+            len(members),
+            dt,
+            self.cfg.weight_sync,
+            nbytes / 2**20,
+        )
+        return {
+            "weight_sync_s": dt,
+            "weight_sync_bytes": nbytes,
+            "weight_sync_servers": len(members),
+            "weight_sync_tries": tries,
+        }
 
     def _reset_groups(self) -> None:
         if self.sender is not None:
@@ -345,8 +408,8 @@ class SglangSampler:
         the other (a server takes one update at a time: concurrent stages could deadlock across servers). Errors
         are returned, never raised before the collectives end, so no rank is left waiting."""
         disk = self.cfg.weight_sync == "disk"
-        tmp = Path(self.cfg.sync_dir) / f".tmp_step_{step:08d}" if disk else None
-        if disk and dist.get_rank() == 0:
+        tmp = Path(self.cfg.sync_dir) / f".tmp_step_{step:08d}" if disk and self.cfg.sync_dir else None
+        if tmp is not None and dist.get_rank() == 0:
             tmp.mkdir(parents=True, exist_ok=True)
         nbytes, err = 0, None
         for stage in range(self.pp_size):
@@ -354,12 +417,13 @@ class SglangSampler:
             if stage == self.pp_rank and self.dp_rank == 0:
                 nbytes, err = self._sync_stage(members, workers, step, tmp)
         dist.barrier()
-        if disk and dist.get_rank() == 0 and err is None:
+        if tmp is not None and dist.get_rank() == 0 and err is None:
             err = self._publish(tmp, members, step)
         return nbytes, err
 
-    def _sync_stage(self, members: list[str], workers: dict[str, int], step: int,
-                    tmp: Path | None) -> tuple[int, str | None]:
+    def _sync_stage(
+        self, members: list[str], workers: dict[str, int], step: int, tmp: Path | None
+    ) -> tuple[int, str | None]:
         """DP=0 ranks of this stage walk its parameters (TP collectives); the stage's sender sends or writes."""
         cfg, err, nbytes, sender = self.cfg, None, 0, self.is_sender
         if sender and tmp is None:
@@ -369,8 +433,7 @@ class SglangSampler:
                     self._generation += 1
                     backend = "nccl" if torch.cuda.is_available() else "gloo"
                     name = f"camopd-{self._run_id}-pp{self.pp_rank}-{self._generation}"  # unique on the servers
-                    self.sender = ws.DistributedSender(name, backend,
-                                                       min(cfg.timeout_s, 600.0))
+                    self.sender = ws.DistributedSender(name, backend, min(cfg.timeout_s, 600.0))
                     self.sender.connect(self.pool, members, workers)
             except Exception as exc:  # noqa: BLE001 -- reported through the agreement in update_weights
                 err = f"{type(exc).__name__}: {exc}"
@@ -387,6 +450,7 @@ class SglangSampler:
         for bucket in ws.buckets(groups, cfg.bucket_mb):
             if sender and err is None:
                 try:
+                    assert self.sender is not None, "a distributed sync has a sender"
                     nbytes += self.sender.send(self.pool, bucket, step)
                 except Exception as exc:  # noqa: BLE001
                     err = f"{type(exc).__name__}: {exc}"
@@ -400,12 +464,14 @@ class SglangSampler:
         try:
             hf_config = json.loads((Path(self.model_dir) / "config.json").read_text()) if self.model_dir else {}
             dtype = next(self.trainer.models()[0].parameters()).dtype
-            ws.finish_version_dir(tmp, final, self.pp_size, hf_config, self.tokenizer_dir and str(self.tokenizer_dir),
-                                  dtype)
-            pool = self.pool
+            ws.finish_version_dir(
+                tmp, final, self.pp_size, hf_config, str(self.tokenizer_dir) if self.tokenizer_dir else None, dtype
+            )
+            pool = self._pool
             body = {"model_path": str(final.resolve()), "weight_version": str(step), "flush_cache": True}
-            futures = {u: pool.submit(pool.request(pool.replicas[u], "/update_weights_from_disk", body))
-                       for u in members}
+            futures = {
+                u: pool.submit(pool.request(pool.replicas[u], "/update_weights_from_disk", body)) for u in members
+            }
             ws._check({u: ws._answer(f) for u, f in futures.items()}, "/update_weights_from_disk")
         except Exception as exc:  # noqa: BLE001
             return f"{type(exc).__name__}: {exc}"
@@ -427,8 +493,15 @@ def _dev() -> torch.device:
 
 def _empty(prompt: list[int], reason: str, engine: str, error: str | None = None) -> Rollout:
     meta = {"engine": engine} | ({"error": error} if error else {})
-    return Rollout(prompt_ids=list(prompt), response_ids=[], logprobs=torch.zeros(0), entropy=torch.zeros(0),
-                   top1=torch.zeros(0, dtype=torch.long), finish_reason=reason, meta=meta)
+    return Rollout(
+        prompt_ids=list(prompt),
+        response_ids=[],
+        logprobs=torch.zeros(0),
+        entropy=torch.zeros(0),
+        top1=torch.zeros(0, dtype=torch.long),
+        finish_reason=reason,
+        meta=meta,
+    )
 
 
 def _result(fut: Any, prompt: list[int], engine: str) -> Rollout:

@@ -118,20 +118,29 @@ def parse_generation(obj: Any, *, max_new: int, stops: set[int], vocab: int, whe
             raise RolloutError(f"{where}: output_top_logprobs[{t}] is less likely than the sampled token")
     early = [t for t in range(n - 1) if tokens[t] in stops]
     if early:
-        raise RolloutError(f"{where}: stop token {tokens[early[0]]} at position {early[0]} but the response goes on "
-                           f"to {n} tokens (stop handling inconsistent)")
+        raise RolloutError(
+            f"{where}: stop token {tokens[early[0]]} at position {early[0]} but the response goes on "
+            f"to {n} tokens (stop handling inconsistent)"
+        )
     if kind == "stop":
         # the server stops on our stop ids and on its own end-of-sequence ids (e.g. several in a generation_config)
         matched = finish.get("matched")
         ours = tokens[-1] in stops and (matched is None or matched == tokens[-1])
         if not ours and not (_is_id(matched) and matched == tokens[-1]):
-            raise RolloutError(f"{where}: finish_reason stop (matched {matched!r}) but the last token {tokens[-1]} is "
-                               "not the stop token (no_stop_trim must keep it)")
+            raise RolloutError(
+                f"{where}: finish_reason stop (matched {matched!r}) but the last token {tokens[-1]} is "
+                "not the stop token (no_stop_trim must keep it)"
+            )
     elif n != max_new and tokens[-1] not in stops:
         raise RolloutError(f"{where}: finish_reason length after {n} tokens, asked for {max_new}")
     version = meta.get("weight_version")
-    return Generation(tokens, logprobs, top1, "stop" if kind == "stop" or tokens[-1] in stops else "length",
-                      None if version is None else str(version))
+    return Generation(
+        tokens,
+        logprobs,
+        top1,
+        "stop" if kind == "stop" or tokens[-1] in stops else "length",
+        None if version is None else str(version),
+    )
 
 
 def _is_id(value: Any) -> bool:

@@ -33,9 +33,11 @@ def stale_reason(index: int, rollout, trainer_version: int, max_staleness: int) 
     lag = lag_of(rollout, trainer_version)
     if lag is None or lag <= max_staleness:
         return None
-    return (f"stale rollout: sample {index} from {rollout.meta.get('server')} has weight_version "
-            f"{rollout.meta.get('weight_version')!r}, the trainer is at step {trainer_version} "
-            f"(rollout.max_staleness = {max_staleness})")
+    return (
+        f"stale rollout: sample {index} from {rollout.meta.get('server')} has weight_version "
+        f"{rollout.meta.get('weight_version')!r}, the trainer is at step {trainer_version} "
+        f"(rollout.max_staleness = {max_staleness})"
+    )
 
 
 def fail_if_stale(samples, trainer_version: int, max_staleness: int) -> None:
@@ -52,8 +54,10 @@ def stale_counts(samples) -> dict[str, float]:
     lags = [s.meta["stale_lag"] for s in samples if "stale_lag" in s.meta]
     if not lags:
         return {}
-    return {"stale_samples": float(sum(1 for s in samples if s.meta.get("stale_lag") and STALE_KEY not in s.meta)),
-            "stale_dropped": float(sum(1 for s in samples if STALE_KEY in s.meta))}
+    return {
+        "stale_samples": float(sum(1 for s in samples if s.meta.get("stale_lag") and STALE_KEY not in s.meta)),
+        "stale_dropped": float(sum(1 for s in samples if STALE_KEY in s.meta)),
+    }
 
 
 def staleness_metrics(samples, trainer_version: int) -> dict[str, float]:

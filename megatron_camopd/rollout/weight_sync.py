@@ -38,7 +38,9 @@ _EMBED = "embedding.word_embeddings.weight"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def stage_hf_groups(chunks: list, arch: Any, tp_group: Any, first_stage: bool) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def stage_hf_groups(
+    chunks: list, arch: Any, tp_group: Any, first_stage: bool
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Per Megatron tensor of this stage: its HF tensors (full, TP-gathered, on the parameter's device). Collective
     over `tp_group`. A tied output layer on a later stage is the first stage's embedding: not sent twice."""
     seen: set[str] = set()
@@ -46,8 +48,9 @@ def stage_hf_groups(chunks: list, arch: Any, tp_group: Any, first_stage: bool) -
     for chunk in chunks:
         params = chunk.state_dict(keep_vars=True)
         for key, full_key in chunk_key_map(chunk, arch).items():
-            if full_key in seen or (full_key == _EMBED and arch.tie_word_embeddings and not first_stage
-                                    and "output_layer" in key):
+            if full_key in seen or (
+                full_key == _EMBED and arch.tie_word_embeddings and not first_stage and "output_layer" in key
+            ):
                 continue
             seen.add(full_key)
             local = params[key].detach().contiguous()
@@ -58,12 +61,17 @@ def stage_hf_groups(chunks: list, arch: Any, tp_group: Any, first_stage: bool) -
             else:
                 full = local
             hf = megatron_to_hf_state_dict({full_key: full}, arch)
-            yield [(n, t.contiguous()) for n, t in hf.items() if not (n == "lm_head.weight" and arch.tie_word_embeddings)]
+            yield [
+                (n, t.contiguous()) for n, t in hf.items() if not (n == "lm_head.weight" and arch.tie_word_embeddings)
+            ]
 
 
-def buckets(groups: Iterator[list[tuple[str, torch.Tensor]]], bucket_mb: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def buckets(
+    groups: Iterator[list[tuple[str, torch.Tensor]]], bucket_mb: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Buckets of about `bucket_mb` MiB (a group larger than that is a bucket of its own)."""
-    limit, cur, size = bucket_mb * 2**20, [], 0
+    limit, size = bucket_mb * 2**20, 0
+    cur: list[tuple[str, torch.Tensor]] = []
     for group in groups:
         nbytes = sum(t.numel() * t.element_size() for _, t in group)
         if cur and size + nbytes > limit:
@@ -99,15 +107,30 @@ class DistributedSender:
         from megatron_camopd.serve.served_model import init_custom_process_group
 
         address = reachable_address(members)
-        store = dist.TCPStore(address, 0, is_master=True, wait_for_workers=False,
-                              timeout=timedelta(seconds=self.timeout_s))
+        store = dist.TCPStore(
+            address, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=self.timeout_s)
+        )
         offsets, world = {}, 1
         for url in members:
             offsets[url] = world
             world += ranks_per_server[url]
-        futures = {url: pool.submit(pool.request(pool.replicas[url], "/init_weights_update_group", {
-            "master_address": address, "master_port": store.port, "rank_offset": offsets[url], "world_size": world,
-            "group_name": self.name, "backend": self.backend})) for url in members}
+        futures = {
+            url: pool.submit(
+                pool.request(
+                    pool.replicas[url],
+                    "/init_weights_update_group",
+                    {
+                        "master_address": address,
+                        "master_port": store.port,
+                        "rank_offset": offsets[url],
+                        "world_size": world,
+                        "group_name": self.name,
+                        "backend": self.backend,
+                    },
+                )
+            )
+            for url in members
+        }
         init = f"tcp://{address}:{store.port}"
         # the rendezvous blocks until every server joined: build it in a thread, so that a server refusing to
         # join (its answer comes back first) fails the sync now instead of after the group timeout
@@ -115,8 +138,9 @@ class DistributedSender:
 
         def build() -> None:
             try:
-                made["pg"] = init_custom_process_group(self.backend, init, world, 0, self.name, self.timeout_s,
-                                                       store=store)
+                made["pg"] = init_custom_process_group(
+                    self.backend, init, world, 0, self.name, self.timeout_s, store=store
+                )
             except Exception as exc:  # noqa: BLE001 -- re-raised below
                 made["error"] = exc
 
@@ -135,11 +159,18 @@ class DistributedSender:
 
     def send(self, pool: Any, bucket: list[tuple[str, torch.Tensor]], version: int) -> int:
         """One bucket to every member; returns the bytes broadcast."""
-        body = {"names": [n for n, _ in bucket], "dtypes": [_DTYPE_NAMES[t.dtype] for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.name, "flush_cache": True,
-                "weight_version": str(version)}
-        futures = {url: pool.submit(pool.request(pool.replicas[url], "/update_weights_from_distributed", body))
-                   for url in self.members}
+        body = {
+            "names": [n for n, _ in bucket],
+            "dtypes": [_DTYPE_NAMES[t.dtype] for _, t in bucket],
+            "shapes": [list(t.shape) for _, t in bucket],
+            "group_name": self.name,
+            "flush_cache": True,
+            "weight_version": str(version),
+        }
+        futures = {
+            url: pool.submit(pool.request(pool.replicas[url], "/update_weights_from_distributed", body))
+            for url in self.members
+        }
         nbytes = 0
         try:
             for _, t in bucket:
@@ -154,8 +185,10 @@ class DistributedSender:
         """Destroy the group here and (best effort) on the servers."""
         if self.pg is None:
             return
-        futures = [pool.submit(pool.request(pool.replicas[u], "/destroy_weights_update_group",
-                                            {"group_name": self.name})) for u in self.members]
+        futures = [
+            pool.submit(pool.request(pool.replicas[u], "/destroy_weights_update_group", {"group_name": self.name}))
+            for u in self.members
+        ]
         for f in futures:
             _answer(f)
         try:
@@ -200,8 +233,9 @@ def write_stage_shard(tmp_dir: Path, stage: int, n_stages: int, tensors: dict[st
     return sum(v.numel() * v.element_size() for v in cpu.values())
 
 
-def finish_version_dir(tmp_dir: Path, final: Path, n_stages: int, hf_config: dict, tokenizer_dir: str | None,
-                       dtype: torch.dtype) -> None:
+def finish_version_dir(
+    tmp_dir: Path, final: Path, n_stages: int, hf_config: dict, tokenizer_dir: str | None, dtype: torch.dtype
+) -> None:
     """Index, config and tokenizer files, then the atomic rename of `tmp_dir` to `final` (rank 0)."""
     weight_map = {}
     for stage in range(n_stages):
@@ -209,8 +243,9 @@ def finish_version_dir(tmp_dir: Path, final: Path, n_stages: int, hf_config: dic
         shard = f"model-{stage + 1:05d}-of-{n_stages:05d}.safetensors"
         weight_map.update({n: shard for n in json.loads(names_file.read_text())})
         names_file.unlink()
-    (tmp_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                      indent=1))
+    (tmp_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+    )
     cfg = dict(hf_config, torch_dtype=_DTYPE_NAMES.get(dtype, "float32"))
     (tmp_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if tokenizer_dir:

@@ -28,24 +28,83 @@ MAX_JSON_DEPTH = 32  # nesting levels of a request body (SGLang's deepest field 
 _EPS = 1e-6  # SGLang: temperature below this is greedy
 
 # GenerateReqInput fields answered as SGLang answers them, and bookkeeping fields that change nothing here
-_SUPPORTED = {"text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
-              "return_text_in_logprobs"}
-_INERT = {"rid", "log_metrics", "no_logs", "custom_labels", "priority", "routed_dp_rank", "data_parallel_rank",
-          "extra_key", "conversation_id", "routing_key", "received_time", "external_trace_header"}
+_SUPPORTED = {
+    "text",
+    "input_ids",
+    "sampling_params",
+    "return_logprob",
+    "logprob_start_len",
+    "top_logprobs_num",
+    "return_text_in_logprobs",
+}
+_INERT = {
+    "rid",
+    "log_metrics",
+    "no_logs",
+    "custom_labels",
+    "priority",
+    "routed_dp_rank",
+    "data_parallel_rank",
+    "extra_key",
+    "conversation_id",
+    "routing_key",
+    "received_time",
+    "external_trace_header",
+}
 # GenerateReqInput fields this server does not implement: accepted only with their default value
-_UNSUPPORTED = {"input_embeds": None, "image_data": None, "video_data": None, "audio_data": None,
-                "token_ids_logprob": None, "return_hidden_states": False, "return_routed_experts": False,
-                "lora_path": None, "lora_id": None, "custom_logit_processor": None, "session_params": None,
-                "modalities": None, "stream": False, "return_entropy": False, "bootstrap_host": None,
-                "bootstrap_port": None, "bootstrap_room": None, "positional_embed_overrides": None,
-                "return_prompt_token_ids": False, "return_bytes": False, "background": False}
+_UNSUPPORTED = {
+    "input_embeds": None,
+    "image_data": None,
+    "video_data": None,
+    "audio_data": None,
+    "token_ids_logprob": None,
+    "return_hidden_states": False,
+    "return_routed_experts": False,
+    "lora_path": None,
+    "lora_id": None,
+    "custom_logit_processor": None,
+    "session_params": None,
+    "modalities": None,
+    "stream": False,
+    "return_entropy": False,
+    "bootstrap_host": None,
+    "bootstrap_port": None,
+    "bootstrap_room": None,
+    "positional_embed_overrides": None,
+    "return_prompt_token_ids": False,
+    "return_bytes": False,
+    "background": False,
+}
 # SamplingParams fields this server does not implement: accepted only with their default value
-_SAMPLING_UNSUPPORTED = {"min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
-                         "min_new_tokens": 0, "n": 1, "json_schema": None, "regex": None, "ebnf": None,
-                         "structural_tag": None, "stop_regex": None, "custom_params": None, "logit_bias": None}
-_SAMPLING_SUPPORTED = {"max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "ignore_eos",
-                       "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "stream_interval",
-                       "sampling_seed"}
+_SAMPLING_UNSUPPORTED = {
+    "min_p": 0.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_new_tokens": 0,
+    "n": 1,
+    "json_schema": None,
+    "regex": None,
+    "ebnf": None,
+    "structural_tag": None,
+    "stop_regex": None,
+    "custom_params": None,
+    "logit_bias": None,
+}
+_SAMPLING_SUPPORTED = {
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "no_stop_trim",
+    "stream_interval",
+    "sampling_seed",
+}
 
 
 class ApiError(Exception):
@@ -101,8 +160,11 @@ def load_json(raw: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
         value, depth = stack.pop()
         if depth > max_depth:
             raise ApiError("body", f"JSON nested deeper than {max_depth} levels")
-        stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value)
-                     if isinstance(v, (list, dict)))
+        stack.extend(
+            (v, depth + 1)
+            for v in (value.values() if isinstance(value, dict) else value)
+            if isinstance(v, (list, dict))
+        )
     return obj
 
 
@@ -149,11 +211,11 @@ def _prompts(body: dict, vocab: int, tokenizer: Any, context_len: int) -> tuple[
                 raise ApiError(f"text[{n}]" if batched else "text", "encodes to no tokens")
         return seqs, batched
     batched = isinstance(ids, list) and bool(ids) and all(isinstance(r, list) for r in ids)
-    seqs = ids if batched else [ids]
-    if len(seqs) > MAX_ITEMS:
+    id_seqs: list[Any] = ids if batched and isinstance(ids, list) else [ids]
+    if len(id_seqs) > MAX_ITEMS:
         raise ApiError("input_ids", f"at most {MAX_ITEMS} prompts per request")
     total = 0
-    for n, seq in enumerate(seqs):
+    for n, seq in enumerate(id_seqs):
         where = f"input_ids[{n}]" if batched else "input_ids"
         if not isinstance(seq, list) or not seq:
             raise ApiError(where, "must be a non-empty list of token ids")
@@ -165,7 +227,7 @@ def _prompts(body: dict, vocab: int, tokenizer: Any, context_len: int) -> tuple[
         for i, t in enumerate(seq):
             if not _is_int(t) or not 0 <= t < vocab:
                 raise ApiError(f"{where}[{i}]", f"= {t!r:.40} is not a token id in [0, {vocab})")
-    return seqs, batched
+    return id_seqs, batched
 
 
 def _too_long(n: int, context_len: int) -> str:
@@ -215,9 +277,18 @@ def _sampling(raw: Any, name: str, vocab: int, tokenizer: Any) -> dict[str, Any]
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
         raise ApiError(f"{name}.sampling_seed", f"must be an integer in [0, 2**64), got {seed!r:.40}")
     greedy = temp < _EPS
-    out.update(params=SamplingParams(temperature=1.0 if greedy else temp, top_p=top_p, top_k=max(top_k, 0),
-                                     max_new_tokens=mnt, stop_token_ids=tuple(stops), greedy=greedy),
-               stop_strs=stop_strs, seed=random.getrandbits(63) if seed is None else seed)
+    out.update(
+        params=SamplingParams(
+            temperature=1.0 if greedy else temp,
+            top_p=top_p,
+            top_k=max(top_k, 0),
+            max_new_tokens=mnt,
+            stop_token_ids=tuple(stops),
+            greedy=greedy,
+        ),
+        stop_strs=stop_strs,
+        seed=random.getrandbits(63) if seed is None else seed,
+    )
     return out
 
 
@@ -242,31 +313,52 @@ def parse_generate(body: Any, *, vocab: int, context_len: int, tokenizer: Any = 
     items = []
     for i, ids in enumerate(seqs):
         sfx = f"[{i}]" if batched else ""
-        s = _sampling(sp[i], f"sampling_params{sfx}" if isinstance(body.get("sampling_params"), list) else
-                      "sampling_params", vocab, tokenizer)
+        s = _sampling(
+            sp[i],
+            f"sampling_params{sfx}" if isinstance(body.get("sampling_params"), list) else "sampling_params",
+            vocab,
+            tokenizer,
+        )
         lp = False if ret_lp[i] is None else _bool(ret_lp[i], f"return_logprob{sfx}")
         st = -1 if start[i] is None else start[i]
         if not _is_int(st) or st < -1 or st >= len(ids):
-            raise ApiError(f"logprob_start_len{sfx}", f"must be -1 or in [0, {len(ids)}) (the input length), got "
-                           f"{st!r:.40}")
+            raise ApiError(
+                f"logprob_start_len{sfx}", f"must be -1 or in [0, {len(ids)}) (the input length), got {st!r:.40}"
+            )
         k = 0 if top[i] is None else top[i]
         if not _is_int(k) or not 0 <= k <= vocab:
             raise ApiError(f"top_logprobs_num{sfx}", f"must be an integer in [0, {vocab}], got {k!r:.40}")
         if len(ids) >= context_len:
-            raise ApiError(f"input_ids{sfx}" if body.get("input_ids") is not None else f"text{sfx}",
-                           _too_long(len(ids), context_len))
+            raise ApiError(
+                f"input_ids{sfx}" if body.get("input_ids") is not None else f"text{sfx}",
+                _too_long(len(ids), context_len),
+            )
         mnt = s["params"].max_new_tokens
         if mnt and len(ids) + mnt >= context_len:
-            raise ApiError(f"sampling_params{sfx}.max_new_tokens",
-                           f"requested token count exceeds the model's maximum context length of {context_len} "
-                           f"tokens: {len(ids)} tokens from the input and {mnt} for the completion")
-        item_rid = (rid[i] if isinstance(rid, list) and i < len(rid) else f"{rid}_{i}" if rid and batched else
-                    rid) or uuid.uuid4().hex
-        items.append(GenItem(ids=list(ids), params=s["params"], seed=s["seed"], ignore_eos=s.get("ignore_eos", False),
-                             stop_strs=s["stop_strs"], skip_special_tokens=s.get("skip_special_tokens", True),
-                             no_stop_trim=s.get("no_stop_trim", False), return_logprob=lp,
-                             logprob_start=len(ids) - 1 if st == -1 else st, top_logprobs_num=k,
-                             with_text=with_text, rid=str(item_rid)))
+            raise ApiError(
+                f"sampling_params{sfx}.max_new_tokens",
+                f"requested token count exceeds the model's maximum context length of {context_len} "
+                f"tokens: {len(ids)} tokens from the input and {mnt} for the completion",
+            )
+        item_rid = (
+            rid[i] if isinstance(rid, list) and i < len(rid) else f"{rid}_{i}" if rid and batched else rid
+        ) or uuid.uuid4().hex
+        items.append(
+            GenItem(
+                ids=list(ids),
+                params=s["params"],
+                seed=s["seed"],
+                ignore_eos=s.get("ignore_eos", False),
+                stop_strs=s["stop_strs"],
+                skip_special_tokens=s.get("skip_special_tokens", True),
+                no_stop_trim=s.get("no_stop_trim", False),
+                return_logprob=lp,
+                logprob_start=len(ids) - 1 if st == -1 else st,
+                top_logprobs_num=k,
+                with_text=with_text,
+                rid=str(item_rid),
+            )
+        )
     return items, batched
 
 
@@ -281,8 +373,17 @@ def _token_texts(tokenizer: Any, ids: list[int], with_text: bool) -> list[str | 
     return [_text(tokenizer, [i]) for i in ids] if with_text and tokenizer is not None else [None] * len(ids)
 
 
-def build_answer(item: GenItem, *, output: list[int], output_lps: list[float], finish: dict, scores: Any,
-                 tokenizer: Any, weight_version: str, latency_s: float) -> dict[str, Any]:
+def build_answer(
+    item: GenItem,
+    *,
+    output: list[int],
+    output_lps: list[float],
+    finish: dict,
+    scores: Any,
+    tokenizer: Any,
+    weight_version: str,
+    latency_s: float,
+) -> dict[str, Any]:
     """One SGLang-shaped answer. `scores` (TeacherScores of prompt + output, positions 1..) is needed when
     log-probs of prompt positions or top log-probs are asked for; `output_lps` are the rollout log-probs."""
     ids, n_in = item.ids, len(item.ids)
@@ -292,22 +393,31 @@ def build_answer(item: GenItem, *, output: list[int], output_lps: list[float], f
     text = _text(tokenizer, text_out, item.skip_special_tokens)
     if isinstance(finish.get("matched"), str) and not item.no_stop_trim:
         text = text[: text.find(finish["matched"])] if finish["matched"] in text else text
-    meta: dict[str, Any] = {"id": item.rid, "finish_reason": finish, "prompt_tokens": n_in,
-                            "completion_tokens": len(output), "cached_tokens": 0, "weight_version": weight_version,
-                            "e2e_latency": latency_s}
+    meta: dict[str, Any] = {
+        "id": item.rid,
+        "finish_reason": finish,
+        "prompt_tokens": n_in,
+        "completion_tokens": len(output),
+        "cached_tokens": 0,
+        "weight_version": weight_version,
+        "e2e_latency": latency_s,
+    }
     if item.return_logprob:
         full = ids + output
         texts = _token_texts(tokenizer, full, item.with_text)
         lps = scores.logprobs.tolist() if scores is not None else None
         first = item.logprob_start  # SGLang: the first returned entry never has a log-prob
-        meta["input_token_logprobs"] = [[None if p == first or lps is None else lps[p - 1], ids[p], texts[p]]
-                                        for p in range(first, n_in)]
+        meta["input_token_logprobs"] = [
+            [None if p == first or lps is None else lps[p - 1], ids[p], texts[p]] for p in range(first, n_in)
+        ]
         meta["output_token_logprobs"] = [[output_lps[t], output[t], texts[n_in + t]] for t in range(len(output))]
         if item.top_logprobs_num:
             tid, tlp = scores.topk_ids.tolist(), scores.topk_logprobs.tolist()
 
             def row(p: int) -> list:  # the top-k at position p (predicting full[p])
-                return [[lp, t, _text(tokenizer, [t]) if item.with_text else None] for lp, t in zip(tlp[p - 1], tid[p - 1])]
+                return [
+                    [lp, t, _text(tokenizer, [t]) if item.with_text else None] for lp, t in zip(tlp[p - 1], tid[p - 1])
+                ]
 
             meta["input_top_logprobs"] = [None if p == first else row(p) for p in range(first, n_in)]
             meta["output_top_logprobs"] = [row(n_in + t) for t in range(len(output))]

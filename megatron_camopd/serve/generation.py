@@ -21,6 +21,7 @@ queued items and the batches running at that moment are answered with finish_rea
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections import defaultdict, deque
@@ -82,10 +83,11 @@ class ExclusiveExecutor(ThreadPoolExecutor):
         super().__init__(max_workers=1, thread_name_prefix="model-update")
         self.lock = lock
 
-    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+    def submit(self, fn, /, *args, **kwargs):
         def alone() -> Any:
             with self.lock.exclusive():
                 return fn(*args, **kwargs)
+
         return super().submit(alone)
 
 
@@ -123,6 +125,10 @@ class _Job:
     gone: bool = False  # its request was answered or given up: skip its work (read by the worker threads)
 
 
+def _mark_gone(job: _Job, _fut: asyncio.Future) -> None:
+    job.gone = True
+
+
 class WorkBatcher:
     """Collects items from concurrent requests (round-robin over requests) and runs them in groups on the
     workers, at most `n_workers` batches at a time."""
@@ -143,7 +149,7 @@ class WorkBatcher:
         loop = asyncio.get_running_loop()
         jobs = deque(_Job(it, loop.create_future()) for it in items)
         for job in jobs:
-            job.fut.add_done_callback(lambda _f, j=job: setattr(j, "gone", True))
+            job.fut.add_done_callback(functools.partial(_mark_gone, job))
         if jobs:
             self.queues.append(jobs)
             self.queued += len(jobs)
@@ -183,7 +189,7 @@ class WorkBatcher:
         try:
             await asyncio.wait_for(self.wake.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def run(self) -> None:
@@ -225,8 +231,9 @@ class WorkBatcher:
                 self.stats.batches += 1
                 epoch = self.state.abort_epoch
                 try:
-                    answers = await loop.run_in_executor(self.state.workers or self.state.pool, self._execute,
-                                                         key[0], group)
+                    answers = await loop.run_in_executor(
+                        self.state.workers or self.state.pool, self._execute, key[0], group
+                    )
                 except Exception as exc:  # noqa: BLE001 -- reported to each waiting request as a 500
                     for job in group:
                         if not job.fut.done():
@@ -253,7 +260,7 @@ class WorkBatcher:
 
     def _score_live(self, pairs: list[tuple[_Job, list[int]]], top: int | None) -> dict[int, Any]:
         """Scores of the (job, sequence) pairs, micro-batch by micro-batch, skipping jobs given up meanwhile."""
-        model, out = self.state.model, {}
+        model, out = self.state.model, dict[int, Any]()
         step = max(1, int(getattr(model, "micro_batch_size", 8) or 8))
         for i in range(0, len(pairs), step):
             live = [(j, seq) for j, seq in pairs[i : i + step] if not j.gone]
@@ -265,24 +272,39 @@ class WorkBatcher:
         tok, t0, version = self.state.tokenizer, time.monotonic(), self.state.weight_version
         need = [(j, j.item.ids) for j in jobs if needs_scores(j.item)]
         scores = self._score_live(need, jobs[0].item.top_logprobs_num or None) if need else {}
-        return [None if needs_scores(j.item) and id(j) not in scores else
-                build_answer(j.item, output=[], output_lps=[], finish={"type": "length", "length": 0},
-                             scores=scores.get(id(j)), tokenizer=tok, weight_version=version,
-                             latency_s=time.monotonic() - t0) for j in jobs]
+        return [
+            None
+            if needs_scores(j.item) and id(j) not in scores
+            else build_answer(
+                j.item,
+                output=[],
+                output_lps=[],
+                finish={"type": "length", "length": 0},
+                scores=scores.get(id(j)),
+                tokenizer=tok,
+                weight_version=version,
+                latency_s=time.monotonic() - t0,
+            )
+            for j in jobs
+        ]
 
     def _sample(self, jobs: list[_Job]) -> list[dict[str, Any] | None]:
         model, tok, t0 = self.state.model, self.state.tokenizer, time.monotonic()
         version = self.state.weight_version
         items = [j.item for j in jobs]
         first = items[0]
-        rollouts = model.generate([it.ids for it in items], first.params, [it.seed for it in items],
-                                  ignore_eos=first.ignore_eos)
+        rollouts = model.generate(
+            [it.ids for it in items], first.params, [it.seed for it in items], ignore_eos=first.ignore_eos
+        )
         outs = []
         for job, r in zip(jobs, rollouts):
             it = job.item
             ids, lps = list(r.response_ids), r.logprobs.tolist()
-            finish: dict[str, Any] = ({"type": "stop", "matched": ids[-1]} if r.finish_reason == "stop" and ids
-                                      else {"type": "length", "length": len(ids)})
+            finish: dict[str, Any] = (
+                {"type": "stop", "matched": ids[-1]}
+                if r.finish_reason == "stop" and ids
+                else {"type": "length", "length": len(ids)}
+            )
             cut = apply_stop_strings(tok, ids, it.stop_strs)
             if cut is not None:
                 ids, lps = ids[: cut[0]], lps[: cut[0]]
@@ -299,16 +321,31 @@ class WorkBatcher:
                 continue
             if sc is not None and sc.topk_ids is not None and it.top_logprobs_num < sc.topk_ids.shape[1]:
                 k = it.top_logprobs_num
-                sc = type(sc)(sc.logprobs, sc.topk_ids[:, :k], sc.topk_logprobs[:, :k]) if k else \
-                    type(sc)(sc.logprobs)
-            answers.append(build_answer(it, output=ids, output_lps=lps, finish=finish, scores=sc, tokenizer=tok,
-                                        weight_version=version, latency_s=time.monotonic() - t0))
+                sc = type(sc)(sc.logprobs, sc.topk_ids[:, :k], sc.topk_logprobs[:, :k]) if k else type(sc)(sc.logprobs)
+            answers.append(
+                build_answer(
+                    it,
+                    output=ids,
+                    output_lps=lps,
+                    finish=finish,
+                    scores=sc,
+                    tokenizer=tok,
+                    weight_version=version,
+                    latency_s=time.monotonic() - t0,
+                )
+            )
         return answers
 
 
 def _aborted(item: GenItem, version: str) -> dict[str, Any]:
-    meta = {"id": item.rid, "finish_reason": {"type": "abort", "message": "generation paused (mode abort)"},
-            "prompt_tokens": len(item.ids), "completion_tokens": 0, "cached_tokens": 0, "weight_version": version}
+    meta = {
+        "id": item.rid,
+        "finish_reason": {"type": "abort", "message": "generation paused (mode abort)"},
+        "prompt_tokens": len(item.ids),
+        "completion_tokens": 0,
+        "cached_tokens": 0,
+        "weight_version": version,
+    }
     return {"text": "", "output_ids": [], "meta_info": meta}
 
 
@@ -328,26 +365,33 @@ async def generate_handler(request: web.Request, stats: Any, batcher: WorkBatche
         try:
             if BODY_KEY not in request:
                 raise ApiError("body", "empty request body: send a JSON object (SGLang's GenerateReqInput)")
-            items, batched = parse_generate(request[BODY_KEY], vocab=model.vocab_size(), context_len=state.context_len,
-                                            tokenizer=state.tokenizer)
+            items, batched = parse_generate(
+                request[BODY_KEY], vocab=model.vocab_size(), context_len=state.context_len, tokenizer=state.tokenizer
+            )
             if not state.can_generate:
                 for i, it in enumerate(items):
                     if it.max_new:
-                        raise ApiError(f"sampling_params{f'[{i}]' if batched else ''}.max_new_tokens",
-                                       f"this server only scores (--backend hf): max_new_tokens must be 0, got "
-                                       f"{it.max_new} (a missing max_new_tokens means 128)")
+                        raise ApiError(
+                            f"sampling_params{f'[{i}]' if batched else ''}.max_new_tokens",
+                            f"this server only scores (--backend hf): max_new_tokens must be 0, got "
+                            f"{it.max_new} (a missing max_new_tokens means 128)",
+                        )
         except ApiError as exc:
             return _bad(stats, str(exc))
         stats.sequences += len(items)
         futs = batcher.submit_many(items)
         try:
             answers = await asyncio.wait_for(asyncio.gather(*futs), state.request_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             for fut in futs:
                 fut.cancel()
             stats.timeouts += 1
-            return _bad(stats, f"request timed out after {state.request_timeout_s:g} s (the server's "
-                               f"--request-timeout-s); its unfinished work was dropped", status=504)
+            return _bad(
+                stats,
+                f"request timed out after {state.request_timeout_s:g} s (the server's "
+                f"--request-timeout-s); its unfinished work was dropped",
+                status=504,
+            )
         except Exception as exc:  # noqa: BLE001
             for fut in futs:
                 fut.cancel()

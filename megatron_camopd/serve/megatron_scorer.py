@@ -29,8 +29,15 @@ if TYPE_CHECKING:
 class MegatronScorer:
     """Full-sequence input log-probs of a frozen Megatron model, scored in chunks of `micro_batch_size`."""
 
-    def __init__(self, teacher: MegatronTeacher, tokenizer: Tokenizer | None, *, model_path: str,
-                 tokenizer_path: str | None, micro_batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        teacher: MegatronTeacher,
+        tokenizer: Tokenizer | None,
+        *,
+        model_path: str,
+        tokenizer_path: str | None,
+        micro_batch_size: int = 8,
+    ) -> None:
         self.teacher = teacher
         self.tokenizer = tokenizer
         self.micro_batch_size = max(1, int(micro_batch_size))
@@ -78,8 +85,9 @@ def _init_single_process() -> None:
     init_distributed(1, 1, None, rank=0, world_size=1, seed=0)
 
 
-def load_megatron_scorer(checkpoint: str | Path, tokenizer_dir: str | Path | None = None, *,
-                         dtype: str = "fp32", micro_batch_size: int = 8) -> MegatronScorer:
+def load_megatron_scorer(
+    checkpoint: str | Path, tokenizer_dir: str | Path | None = None, *, dtype: str = "fp32", micro_batch_size: int = 8
+) -> MegatronScorer:
     """Load a camopd checkpoint (a root -> its latest, or one `iter_*` dir) as a TP=1 scorer in this process.
 
     The architecture and, unless `tokenizer_dir` is given, the tokenizer come from the checkpoint's `hf/` dir.
@@ -104,11 +112,22 @@ def load_megatron_scorer(checkpoint: str | Path, tokenizer_dir: str | Path | Non
     has_tok = any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = Tokenizer.from_dir(tok_dir) if has_tok else None
     pad_id = tokenizer.pad_id if tokenizer is not None else 0  # padding sits after each sequence: never scored
-    teacher = MegatronTeacher("served", chunks, arch, pad_id=pad_id, micro_batch_size=micro_batch_size,
-                              source=str(iter_dir), tokenizer_fingerprint=None)
-    return MegatronScorer(teacher, tokenizer, model_path=str(iter_dir.resolve()),
-                          tokenizer_path=str(tok_dir.resolve()) if has_tok else None,
-                          micro_batch_size=micro_batch_size)
+    teacher = MegatronTeacher(
+        "served",
+        chunks,
+        arch,
+        pad_id=pad_id,
+        micro_batch_size=micro_batch_size,
+        source=str(iter_dir),
+        tokenizer_fingerprint=None,
+    )
+    return MegatronScorer(
+        teacher,
+        tokenizer,
+        model_path=str(iter_dir.resolve()),
+        tokenizer_path=str(tok_dir.resolve()) if has_tok else None,
+        micro_batch_size=micro_batch_size,
+    )
 
 
 def checkpoint_kind(path: str | Path) -> str:

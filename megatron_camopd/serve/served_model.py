@@ -41,13 +41,16 @@ from .megatron_scorer import MegatronScorer, _init_single_process, checkpoint_ki
 
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # HF tensors that form one Megatron tensor, in hf_mapping's concatenation order
-_TOGETHER = (("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-             ("mlp.gate_proj.weight", "mlp.up_proj.weight"))
+_TOGETHER = (
+    ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def init_custom_process_group(backend: str, init_method: str, world_size: int, rank: int, group_name: str,
-                              timeout_s: float, store: Any = None) -> Any:
+def init_custom_process_group(
+    backend: str, init_method: str, world_size: int, rank: int, group_name: str, timeout_s: float, store: Any = None
+) -> Any:
     """A process group outside the default world (SGLang's `init_custom_process_group`, as slime uses it):
     rendezvous at `init_method` (tcp://host:port; rank 0 hosts the store unless `store` is given), the store
     prefixed with `init_method`. Both ends of a weights-update group must build it this way."""
@@ -57,8 +60,16 @@ def init_custom_process_group(backend: str, init_method: str, world_size: int, r
     if store is None:
         store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
         store.set_timeout(timeout)
-    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(init_method, store),
-                                      group_name=group_name, backend_options=None, timeout=timeout)
+    pg, _ = _new_process_group_helper(
+        world_size,
+        rank,
+        [],
+        Backend(backend),
+        PrefixStore(init_method, store),
+        group_name=group_name,  # type: ignore[arg-type]  # a str at runtime; the private helper's stub wants its NewType
+        backend_options=None,
+        timeout=timeout,
+    )
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
 
@@ -66,10 +77,20 @@ def init_custom_process_group(backend: str, init_method: str, world_size: int, r
 class ServedModel(MegatronScorer):
     """A `MegatronScorer` that also samples and updates its weights (see the module docstring)."""
 
-    def __init__(self, teacher, tokenizer: Tokenizer | None, *, model_path: str, tokenizer_path: str | None,
-                 context_length: int, eos_id: int | None, micro_batch_size: int = 8) -> None:
-        super().__init__(teacher, tokenizer, model_path=model_path, tokenizer_path=tokenizer_path,
-                         micro_batch_size=micro_batch_size)
+    def __init__(
+        self,
+        teacher,
+        tokenizer: Tokenizer | None,
+        *,
+        model_path: str,
+        tokenizer_path: str | None,
+        context_length: int,
+        eos_id: int | None,
+        micro_batch_size: int = 8,
+    ) -> None:
+        super().__init__(
+            teacher, tokenizer, model_path=model_path, tokenizer_path=tokenizer_path, micro_batch_size=micro_batch_size
+        )
         self.arch: ModelArch = teacher.arch
         self.context_length = int(context_length)
         self.eos_id = eos_id
@@ -82,16 +103,22 @@ class ServedModel(MegatronScorer):
         return self.teacher.chunks
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
-                 ignore_eos: bool = False) -> list[Rollout]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], ignore_eos: bool = False
+    ) -> list[Rollout]:
         """One rollout per prompt with the in-process megatron engine (world of one)."""
         from ..backend.cpu_runtime import activate_cpu_runtime
         from ..rollout.kv_engine import MegatronSampler
 
         activate_cpu_runtime()  # per thread: the server works in a worker thread
-        model = InProcessModel(chunks=self.chunks, groups=self.teacher.groups, vocab_size=self.vocab_size(),
-                               max_context=self.context_length, pad_id=self.teacher.pad_id,
-                               eos_id=None if ignore_eos else self.eos_id)
+        model = InProcessModel(
+            chunks=self.chunks,
+            groups=self.teacher.groups,
+            vocab_size=self.vocab_size(),
+            max_context=self.context_length,
+            pad_id=self.teacher.pad_id,
+            eos_id=None if ignore_eos else self.eos_id,
+        )
         return MegatronSampler(model, kv_cache_gb=4.0).generate(prompts, params, seeds)
 
     # ------------------------------------------------------------------ weights in HF naming
@@ -129,8 +156,9 @@ class ServedModel(MegatronScorer):
             if name not in shapes:
                 raise CheckpointError(f"names: '{name}' is not a weight of the served {self.arch.model_type} model")
             if tuple(t.shape) != shapes[name]:
-                raise CheckpointError(f"shapes: '{name}' has shape {tuple(t.shape)}, the served model expects "
-                                      f"{shapes[name]}")
+                raise CheckpointError(
+                    f"shapes: '{name}' has shape {tuple(t.shape)}, the served model expects {shapes[name]}"
+                )
             self._pending[name] = t
         full: dict[str, torch.Tensor] = {}
         applied = 0
@@ -172,13 +200,22 @@ class ServedModel(MegatronScorer):
         self._pending.clear()
         return f"loaded {kind} weights from {path}"
 
-    def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                   group_name: str, backend: str, timeout_s: float = 600.0) -> None:
+    def init_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+        timeout_s: float = 600.0,
+    ) -> None:
         """Join a trainer's weights-update group as rank `rank_offset` (updates are applied by one thread)."""
         if group_name in self.groups:
             raise ValueError(f"group_name: a weights update group named {group_name!r} already exists")
-        pg = init_custom_process_group(backend, f"tcp://{master_address}:{master_port}", world_size, rank_offset,
-                                       group_name, timeout_s)
+        pg = init_custom_process_group(
+            backend, f"tcp://{master_address}:{master_port}", world_size, rank_offset, group_name, timeout_s
+        )
         self.groups[group_name] = pg
 
     def destroy_group(self, group_name: str) -> None:
@@ -212,8 +249,13 @@ def _layer_part(i: int, group: tuple[str, ...], parts: list[torch.Tensor], arch:
     return {mp + _DIRECT[group[0]]: parts[0]}
 
 
-def load_served_model(path: str | Path, tokenizer_dir: str | Path | None = None, *, context_length: int | None = None,
-                      micro_batch_size: int = 8) -> ServedModel:
+def load_served_model(
+    path: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    *,
+    context_length: int | None = None,
+    micro_batch_size: int = 8,
+) -> ServedModel:
     """A HF dir or camopd checkpoint as a TP=1 `ServedModel` in this process (fp32)."""
     from ..backend.checkpoint import find_model_meta, load_model_only, resolve_checkpoint
     from ..backend.engine import build_chunks
@@ -234,14 +276,25 @@ def load_served_model(path: str | Path, tokenizer_dir: str | Path | None = None,
     has_tok = any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = Tokenizer.from_dir(tok_dir) if has_tok else None
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
-    teacher = MegatronTeacher("served", chunks, arch, pad_id=pad_id, micro_batch_size=micro_batch_size,
-                              source=str(model_path), tokenizer_fingerprint=None)
+    teacher = MegatronTeacher(
+        "served",
+        chunks,
+        arch,
+        pad_id=pad_id,
+        micro_batch_size=micro_batch_size,
+        source=str(model_path),
+        tokenizer_fingerprint=None,
+    )
     cfg_eos = _config_eos(meta)
-    return ServedModel(teacher, tokenizer, model_path=str(model_path.resolve()),
-                       tokenizer_path=str(tok_dir.resolve()) if has_tok else None,
-                       context_length=context_length or arch.max_position_embeddings,
-                       eos_id=tokenizer.eos_id if tokenizer is not None else cfg_eos,
-                       micro_batch_size=micro_batch_size)
+    return ServedModel(
+        teacher,
+        tokenizer,
+        model_path=str(model_path.resolve()),
+        tokenizer_path=str(tok_dir.resolve()) if has_tok else None,
+        context_length=context_length or arch.max_position_embeddings,
+        eos_id=tokenizer.eos_id if tokenizer is not None else cfg_eos,
+        micro_batch_size=micro_batch_size,
+    )
 
 
 def _config_eos(meta: Path) -> int | None:

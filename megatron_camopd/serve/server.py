@@ -77,7 +77,7 @@ async def _health_generate(request: web.Request) -> web.Response:
     try:
         items, _ = parse_generate(body, vocab=state.model.vocab_size(), context_len=state.context_len)
         await asyncio.wait_for(request.app[BATCHER_KEY].submit(items[0]), state.request_timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return web.Response(status=503, text=f"model did not answer within {state.request_timeout_s:g} s")
     except Exception as exc:  # noqa: BLE001
         return web.Response(status=503, text=f"model failed: {exc}")
@@ -87,8 +87,13 @@ async def _health_generate(request: web.Request) -> web.Response:
 async def _model_info(request: web.Request) -> web.Response:
     scorer = request.app[SCORER_KEY]
     state = request.app[STATE_KEY]
-    info = {"is_generation": True, "vocab_size": scorer.vocab_size(), "weight_version": state.weight_version,
-            "context_length": state.context_len, **scorer.model_info()}
+    info = {
+        "is_generation": True,
+        "vocab_size": scorer.vocab_size(),
+        "weight_version": state.weight_version,
+        "context_length": state.context_len,
+        **scorer.model_info(),
+    }
     info.setdefault("model_path", None)
     info.setdefault("tokenizer_path", None)
     info.setdefault("tokenizer_fingerprint", None)
@@ -100,8 +105,9 @@ JSON_TYPES = ("application/json", "text/json")
 
 def _refuse(status: int, message: str) -> web.Response:
     """An error answer both kinds of clients read: SGLang's /generate shape and its control endpoints' shape."""
-    return web.json_response({"error": {"message": message, "code": status}, "success": False, "message": message},
-                             status=status)
+    return web.json_response(
+        {"error": {"message": message, "code": status}, "success": False, "message": message}, status=status
+    )
 
 
 def guard_middleware(max_body_bytes: int, read_timeout_s: float | None):
@@ -120,18 +126,23 @@ def guard_middleware(max_body_bytes: int, read_timeout_s: float | None):
     async def _check_body(request: web.Request) -> web.Response | None:
         if request.method in ("POST", "PUT", "PATCH") and request.body_exists:
             if request.content_length is not None and request.content_length > max_body_bytes:
-                return _refuse(413, f"request body of {request.content_length} bytes is larger than "
-                                    f"{max_body_bytes} bytes (the server's --max-body-bytes)")
+                return _refuse(
+                    413,
+                    f"request body of {request.content_length} bytes is larger than "
+                    f"{max_body_bytes} bytes (the server's --max-body-bytes)",
+                )
             ctype = request.headers.get("Content-Type")
-            if ctype is not None and request.content_type not in JSON_TYPES and \
-                    not request.content_type.endswith("+json"):
+            if (
+                ctype is not None
+                and request.content_type not in JSON_TYPES
+                and not request.content_type.endswith("+json")
+            ):
                 return _refuse(415, f"Content-Type {request.content_type!r} is not JSON: send application/json")
             try:
                 raw = await asyncio.wait_for(request.read(), read_timeout_s)
             except web.HTTPRequestEntityTooLarge:
-                return _refuse(413, f"request body larger than {max_body_bytes} bytes (the server's "
-                                    f"--max-body-bytes)")
-            except asyncio.TimeoutError:
+                return _refuse(413, f"request body larger than {max_body_bytes} bytes (the server's --max-body-bytes)")
+            except TimeoutError:
                 return _refuse(408, f"request body not received within {read_timeout_s:g} s")
             if raw.strip():
                 try:
@@ -143,23 +154,36 @@ def guard_middleware(max_body_bytes: int, read_timeout_s: float | None):
     return guard
 
 
-def make_app(scorer: Scorer, *, max_batch: int = 16, max_wait_ms: float = 5.0, context_length: int | None = None,
-             max_body_bytes: int = 64 << 20, workers: int = 2, request_timeout_s: float | None = 900.0
-             ) -> web.Application:
+def make_app(
+    scorer: Scorer,
+    *,
+    max_batch: int = 16,
+    max_wait_ms: float = 5.0,
+    context_length: int | None = None,
+    max_body_bytes: int = 64 << 20,
+    workers: int = 2,
+    request_timeout_s: float | None = 900.0,
+) -> web.Application:
     """The aiohttp application serving `scorer` (batching up to `max_batch` items or `max_wait_ms`, on `workers`
     threads). A model with `generate` (a `ServedModel`) also samples and takes weight updates. `context_length`
     bounds prompt + max_new_tokens (default: the model's); bodies are at most `max_body_bytes`; a /generate
     request is answered 504 after `request_timeout_s` (None: never)."""
-    app = web.Application(client_max_size=max_body_bytes,
-                          middlewares=[guard_middleware(max_body_bytes, request_timeout_s)])
+    app = web.Application(
+        client_max_size=max_body_bytes, middlewares=[guard_middleware(max_body_bytes, request_timeout_s)]
+    )
     stats = ServerStats()
     app[SCORER_KEY] = scorer
     app[STATS_KEY] = stats
     ctx = context_length or getattr(scorer, "context_length", None) or _scorer_context(scorer)
     lock = ModelLock()
-    state = ServeState(model=scorer, pool=ExclusiveExecutor(lock), lock=lock, context_len=int(ctx),
-                       workers=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model"),
-                       request_timeout_s=request_timeout_s)
+    state = ServeState(
+        model=scorer,
+        pool=ExclusiveExecutor(lock),
+        lock=lock,
+        context_len=int(ctx),
+        workers=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model"),
+        request_timeout_s=request_timeout_s,
+    )
     state.running.set()
     app[STATE_KEY] = state
 
@@ -172,7 +196,8 @@ def make_app(scorer: Scorer, *, max_batch: int = 16, max_wait_ms: float = 5.0, c
         for task in list(batcher.tasks):
             task.cancel()
         state.pool.shutdown(wait=False, cancel_futures=True)
-        state.workers.shutdown(wait=False, cancel_futures=True)
+        if state.workers is not None:
+            state.workers.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/generate", _generate)
@@ -296,17 +321,34 @@ class LocalReplica:
                 self.proc.wait()
 
 
-def start_local_replicas(checkpoint: str | os.PathLike, workdir: str | os.PathLike, n: int, *,
-                         env: dict[str, str] | None = None, timeout_s: float = 300.0,
-                         extra_args: tuple[str, ...] = ()) -> list[LocalReplica]:
+def start_local_replicas(
+    checkpoint: str | os.PathLike,
+    workdir: str | os.PathLike,
+    n: int,
+    *,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 300.0,
+    extra_args: tuple[str, ...] = (),
+) -> list[LocalReplica]:
     """Start `n` `camopd serve` replicas of `checkpoint` at once (port 0) and wait for each one's ready file."""
     pending = []
     for i in range(n):
         ready, log = os.path.join(workdir, f"replica{i}.ready"), os.path.join(workdir, f"replica{i}.log")
         if os.path.exists(ready):
             os.remove(ready)
-        cmd = [sys.executable, "-m", "megatron_camopd.cli", "serve", "--checkpoint", str(checkpoint),
-               "--port", "0", "--ready-file", ready, *extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "megatron_camopd.cli",
+            "serve",
+            "--checkpoint",
+            str(checkpoint),
+            "--port",
+            "0",
+            "--ready-file",
+            ready,
+            *extra_args,
+        ]
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         pending.append((proc, ready, log))
@@ -361,6 +403,7 @@ def _int_in(low: int, high: int):
         if not low <= v <= high:
             raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {v}")
         return v
+
     return parse
 
 
@@ -406,8 +449,14 @@ def model_positions(path: str) -> int | None:
     except (OSError, ValueError) as exc:
         raise CamopdError(f"{meta / 'config.json'}: cannot read it: {exc}") from None
     cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
-    n = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-              if isinstance(cfg.get(k), int) and cfg[k] > 0), None)
+    n = next(
+        (
+            cfg[k]
+            for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+            if isinstance(cfg.get(k), int) and cfg[k] > 0
+        ),
+        None,
+    )
     return n
 
 
@@ -415,37 +464,70 @@ def serve_main(argv: list[str] | None = None) -> int:
     """`camopd serve --checkpoint DIR [--tokenizer DIR] [--host H] [--port P] [--ready-file F] [--backend B]
     [--workers N] [--request-timeout-s S] [--max-body-bytes B] ...` (`camopd serve-teacher` is the same command)."""
     parser = argparse.ArgumentParser(prog="camopd serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="a HuggingFace dir (config.json + weights) or a camopd checkpoint (root or iter_* dir)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a HuggingFace dir (config.json + weights) or a camopd checkpoint (root or iter_* dir)",
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=_int_in(0, 65535), default=0, help="0 = any free port (see --ready-file)")
     parser.add_argument("--ready-file", default=None, help="write host:port here (atomically) once listening")
-    parser.add_argument("--backend", choices=("auto", "megatron", "hf"), default="auto",
-                        help="megatron: megatron-core, scores and samples; hf: transformers, scores only; "
-                             "auto: megatron when it builds the architecture")
-    parser.add_argument("--context-length", type=_int_in(2, 1 << 24), default=None,
-                        help="prompt + max_new_tokens must stay below this; at most the model's positions "
-                             "(default: max_position_embeddings)")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "megatron", "hf"),
+        default="auto",
+        help="megatron: megatron-core, scores and samples; hf: transformers, scores only; "
+        "auto: megatron when it builds the architecture",
+    )
+    parser.add_argument(
+        "--context-length",
+        type=_int_in(2, 1 << 24),
+        default=None,
+        help="prompt + max_new_tokens must stay below this; at most the model's positions "
+        "(default: max_position_embeddings)",
+    )
     parser.add_argument("--max-batch", type=_int_in(1, 4096), default=16, help="items per model call")
     parser.add_argument("--max-wait-ms", type=_seconds, default=5.0, help="how long a batch collects items")
-    parser.add_argument("--workers", type=_int_in(1, 64), default=2,
-                        help="model calls running at once (threads); one long request holds only one of them")
-    parser.add_argument("--request-timeout-s", type=_seconds, default=900.0,
-                        help="a /generate request unanswered after this long gets 504 and its remaining work is "
-                             "dropped (0: no limit)")
-    parser.add_argument("--max-body-bytes", type=_int_in(1024, 1 << 34), default=64 << 20,
-                        help="largest request body accepted (413 above)")
+    parser.add_argument(
+        "--workers",
+        type=_int_in(1, 64),
+        default=2,
+        help="model calls running at once (threads); one long request holds only one of them",
+    )
+    parser.add_argument(
+        "--request-timeout-s",
+        type=_seconds,
+        default=900.0,
+        help="a /generate request unanswered after this long gets 504 and its remaining work is dropped (0: no limit)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=_int_in(1024, 1 << 34),
+        default=64 << 20,
+        help="largest request body accepted (413 above)",
+    )
     args = parser.parse_args(argv)
     check_listen(args.host, args.port)
     positions = model_positions(args.checkpoint)
     if args.context_length and positions and args.context_length > positions:
-        raise CamopdError(f"--context-length {args.context_length} is more than the model's "
-                          f"{positions} positions (max_position_embeddings in its config.json)")
+        raise CamopdError(
+            f"--context-length {args.context_length} is more than the model's "
+            f"{positions} positions (max_position_embeddings in its config.json)"
+        )
     model = load_model(args.checkpoint, args.tokenizer, args.backend, args.context_length)
-    run_server(model, args.host, args.port, args.ready_file, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-               context_length=args.context_length, max_body_bytes=args.max_body_bytes, workers=args.workers,
-               request_timeout_s=args.request_timeout_s or None)
+    run_server(
+        model,
+        args.host,
+        args.port,
+        args.ready_file,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        context_length=args.context_length,
+        max_body_bytes=args.max_body_bytes,
+        workers=args.workers,
+        request_timeout_s=args.request_timeout_s or None,
+    )
     return 0
 
 

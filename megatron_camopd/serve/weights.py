@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from aiohttp import web
@@ -33,7 +34,9 @@ class _Bad(Exception):
         super().__init__(f"{field}: {message}")
 
 
-async def _body(request: web.Request, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:
+async def _body(
+    request: web.Request, allowed: AbstractSet[str], required: AbstractSet[str] = frozenset()
+) -> dict[str, Any]:
     raw = await request.read()
     if not raw.strip():
         body: Any = {}
@@ -93,6 +96,7 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
                 return await fn(request, request.app[STATE_KEY])
             except _Bad as exc:
                 return _fail(str(exc))
+
         return wrapped
 
     async def pause(request: web.Request, state: ServeState) -> web.Response:
@@ -121,13 +125,32 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
     async def set_version(request: web.Request, state: ServeState) -> web.Response:
         body = await _body(request, {"new_version", "abort_all_requests"}, {"new_version"})
         state.weight_version = _version({"weight_version": body["new_version"]}) or state.weight_version
-        return web.json_response({"success": True, "message": f"Weight version updated to {state.weight_version}",
-                                  "new_version": state.weight_version})
+        return web.json_response(
+            {
+                "success": True,
+                "message": f"Weight version updated to {state.weight_version}",
+                "new_version": state.weight_version,
+            }
+        )
 
     async def from_disk(request: web.Request, state: ServeState) -> web.Response:
-        body = await _body(request, {"model_path", "load_format", "abort_all_requests", "weight_version", "is_async",
-                                     "torch_empty_cache", "keep_pause", "recapture_cuda_graph", "token_step",
-                                     "flush_cache", "manifest"}, {"model_path"})
+        body = await _body(
+            request,
+            {
+                "model_path",
+                "load_format",
+                "abort_all_requests",
+                "weight_version",
+                "is_async",
+                "torch_empty_cache",
+                "keep_pause",
+                "recapture_cuda_graph",
+                "token_step",
+                "flush_cache",
+                "manifest",
+            },
+            {"model_path"},
+        )
         _need_weights(state)
         if body.get("load_format") not in (None, "auto", "safetensors"):
             raise _Bad("load_format", f"only auto/safetensors, got {body['load_format']!r:.40}")
@@ -152,10 +175,14 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
         body = await _body(request, keys, {"master_address", "master_port", "rank_offset", "world_size"})
         _need_weights(state)
         world = _int(body, "world_size", 2, 1 << 16)
-        args = dict(master_address=str(body["master_address"]), master_port=_int(body, "master_port", 1, 65535),
-                    rank_offset=_int(body, "rank_offset", 1, world - 1), world_size=world,
-                    group_name=str(body.get("group_name", "weight_update_group")),
-                    backend=str(body.get("backend", "nccl")))
+        args = dict(
+            master_address=str(body["master_address"]),
+            master_port=_int(body, "master_port", 1, 65535),
+            rank_offset=_int(body, "rank_offset", 1, world - 1),
+            world_size=world,
+            group_name=str(body.get("group_name", "weight_update_group")),
+            backend=str(body.get("backend", "nccl")),
+        )
         import torch
 
         if args["backend"] not in ("gloo", "nccl") or (args["backend"] == "nccl" and not torch.cuda.is_available()):
@@ -177,14 +204,27 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
         return _ok(f"destroyed weights update group {name}")
 
     async def from_distributed(request: web.Request, state: ServeState) -> web.Response:
-        body = await _body(request, {"names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests",
-                                     "weight_version", "load_format", "torch_empty_cache"},
-                           {"names", "dtypes", "shapes"})
+        body = await _body(
+            request,
+            {
+                "names",
+                "dtypes",
+                "shapes",
+                "group_name",
+                "flush_cache",
+                "abort_all_requests",
+                "weight_version",
+                "load_format",
+                "torch_empty_cache",
+            },
+            {"names", "dtypes", "shapes"},
+        )
         _need_weights(state)
         names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         group = str(body.get("group_name", "weight_update_group"))
-        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)) or \
-                not len(names) == len(dtypes) == len(shapes):
+        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)) or not len(
+            names
+        ) == len(dtypes) == len(shapes):
             raise _Bad("names", "names, dtypes and shapes must be lists of equal length")
         if not all(isinstance(n, str) for n in names):
             raise _Bad("names", "must be strings")
@@ -192,8 +232,9 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
         for i, (dt, shape) in enumerate(zip(dtypes, shapes)):
             if dt not in _DTYPES:
                 raise _Bad(f"dtypes[{i}]", f"{dt!r:.40} is not one of {', '.join(_DTYPES)}")
-            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                      for d in shape):
+            if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            ):
                 raise _Bad(f"shapes[{i}]", f"must be a list of non-negative integers, got {str(shape)[:60]}")
             total += math.prod(shape) * _DTYPES[dt]
         limit = 2 * sum(math.prod(s) * 4 for s in state.model.hf_shapes().values())
@@ -213,12 +254,17 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
             n = await _in_worker(state, work)
         except Exception as exc:  # noqa: BLE001
             return _fail(f"{type(exc).__name__}: {exc}")
-        return _ok(f"received {len(names)} tensors ({n} applied)" +
-                   (f" Weight version updated to {version}." if version else ""))
+        return _ok(
+            f"received {len(names)} tensors ({n} applied)"
+            + (f" Weight version updated to {version}." if version else "")
+        )
 
     async def get_weights(request: web.Request, state: ServeState) -> web.Response:
-        body = (await _body(request, {"name", "truncate_size"}, {"name"}) if request.method == "POST" or
-                request.can_read_body else dict(request.query))
+        body = (
+            await _body(request, {"name", "truncate_size"}, {"name"})
+            if request.method == "POST" or request.can_read_body
+            else dict(request.query)
+        )
         _need_weights(state)
         name = body.get("name")
         if not isinstance(name, str):
@@ -236,10 +282,19 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
 
     async def server_info(request: web.Request, state: ServeState) -> web.Response:
         info = state.model.model_info()
-        return web.json_response({"context_length": state.context_len, "weight_version": state.weight_version,
-                                  "tp_size": 1, "dp_size": 1, "pp_size": 1,  # one worker joins an update group
-                                  "model_path": info.get("model_path"), "tokenizer_path": info.get("tokenizer_path"),
-                                  "can_generate": state.can_generate, "paused": not state.running.is_set()})
+        return web.json_response(
+            {
+                "context_length": state.context_len,
+                "weight_version": state.weight_version,
+                "tp_size": 1,
+                "dp_size": 1,
+                "pp_size": 1,  # one worker joins an update group
+                "model_path": info.get("model_path"),
+                "tokenizer_path": info.get("tokenizer_path"),
+                "can_generate": state.can_generate,
+                "paused": not state.running.is_set(),
+            }
+        )
 
     r = app.router
     r.add_post("/pause_generation", handler(pause))

@@ -37,7 +37,11 @@ class TeacherScores:
             raise TeacherError("TeacherScores: topk_ids and topk_logprobs must be both set or both None")
         if self.topk_ids is not None and self.topk_logprobs is not None:
             n = self.logprobs.shape[0]
-            if self.topk_ids.dim() != 2 or self.topk_ids.shape[0] != n or self.topk_ids.shape != self.topk_logprobs.shape:
+            if (
+                self.topk_ids.dim() != 2
+                or self.topk_ids.shape[0] != n
+                or self.topk_ids.shape != self.topk_logprobs.shape
+            ):
                 raise TeacherError(
                     f"TeacherScores: top-k shapes {tuple(self.topk_ids.shape)} / {tuple(self.topk_logprobs.shape)}"
                     f" do not match {n} response positions"
@@ -65,9 +69,7 @@ class Teacher(Protocol):
         """Scores of `ids[start:]` given their prefixes."""
         ...
 
-    def score_batch(
-        self, seqs: list[list[int]], starts: list[int], top_k: int | None = None
-    ) -> list[TeacherScores]:
+    def score_batch(self, seqs: list[list[int]], starts: list[int], top_k: int | None = None) -> list[TeacherScores]:
         """Synchronous helper: scores of every sequence, in order; raises `TeacherError` if any sample failed."""
         ...
 

@@ -11,6 +11,7 @@ fail with a `TeacherError` naming the teacher and its URLs (never hang).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterable, AsyncIterator, Hashable
 from typing import Any
 
@@ -43,10 +44,19 @@ class HttpTeacher:
     ):
         self.name = name
         self._pool = ReplicaPool(
-            f"teacher {name}", urls, error=TeacherError, discovery_file=discovery_file,
-            discovery_timeout_s=discovery_timeout_s, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
-            max_in_flight=max_in_flight, health_interval_s=health_interval_s, health_timeout_s=health_timeout_s,
-            dead_deadline_s=dead_deadline_s, seed=seed,
+            f"teacher {name}",
+            urls,
+            error=TeacherError,
+            discovery_file=discovery_file,
+            discovery_timeout_s=discovery_timeout_s,
+            timeout_s=timeout_s,
+            retries=retries,
+            backoff_s=backoff_s,
+            max_in_flight=max_in_flight,
+            health_interval_s=health_interval_s,
+            health_timeout_s=health_timeout_s,
+            dead_deadline_s=dead_deadline_s,
+            seed=seed,
         )
         # the served model's vocab_size, set by the tokenizer check (teachers/tokcheck.py): SGLang echoes input
         # ids >= vocab_size - 1 as 0, which the response checks then tolerate (protocol.py)
@@ -76,8 +86,10 @@ class HttpTeacher:
         check_start(ids, start, f"teacher {self.name}")
         body = build_request(list(ids), top_k)
         return await self._pool.with_retries(
-            body, lambda obj, url: parse_scores(obj, ids, start, top_k, f"teacher {self.name} at {url}",
-                                                self.echo_vocab_size)
+            body,
+            lambda obj, url: parse_scores(
+                obj, ids, start, top_k, f"teacher {self.name} at {url}", self.echo_vocab_size
+            ),
         )
 
     # ------------------------------------------------------------------ public API
@@ -91,8 +103,9 @@ class HttpTeacher:
             raise TeacherError(f"teacher {self.name}: {len(seqs)} sequences but {len(starts)} starts")
 
         async def _all() -> list[Any]:
-            return await asyncio.gather(*(self._score(list(s), st, top_k) for s, st in zip(seqs, starts)),
-                                        return_exceptions=True)
+            return await asyncio.gather(
+                *(self._score(list(s), st, top_k) for s, st in zip(seqs, starts)), return_exceptions=True
+            )
 
         results = self._pool.call(_all())
         failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
@@ -105,7 +118,7 @@ class HttpTeacher:
 
     async def score_many(
         self, items: AsyncIterable[tuple[Hashable, list[int], int]] | asyncio.Queue, top_k: int | None = None
-    ) -> AsyncIterator[tuple[Hashable, TeacherScores | Exception]]:
+    ) -> AsyncIterator[tuple[Hashable, TeacherScores | BaseException]]:
         """Score samples as they arrive and yield `(key, scores or exception)` as each finishes.
 
         `items` is an async iterable of `(key, ids, start)`, or an `asyncio.Queue` of them ended by `None`.
@@ -125,6 +138,9 @@ class HttpTeacher:
                 async for item in items:
                     yield item
 
+        def _finished(key: Hashable, task: asyncio.Task) -> None:
+            done.put_nowait((key, task))
+
         async def _feed() -> None:
             nonlocal submitted, feeding, feed_error
             try:
@@ -132,7 +148,7 @@ class HttpTeacher:
                     task = asyncio.ensure_future(self.score(ids, start, top_k))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
-                    task.add_done_callback(lambda t, k=key: done.put_nowait((k, t)))
+                    task.add_done_callback(functools.partial(_finished, key))
                     submitted += 1
             except BaseException as exc:  # noqa: BLE001 -- re-raised in the consumer
                 feed_error = exc

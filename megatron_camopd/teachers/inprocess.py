@@ -46,8 +46,17 @@ def score_fn(top_k: int | None, tp_group, vocab_size: int):
 class MegatronTeacher:
     """A frozen teacher model held in process (loaded from a HF dir or a checkpoint of this project)."""
 
-    def __init__(self, name: str, chunks: list, arch: ModelArch, *, pad_id: int, micro_batch_size: int = 1,
-                 source: str | Path = "", tokenizer_fingerprint: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        chunks: list,
+        arch: ModelArch,
+        *,
+        pad_id: int,
+        micro_batch_size: int = 1,
+        source: str | Path = "",
+        tokenizer_fingerprint: str | None = None,
+    ) -> None:
         self.name = name
         self.chunks = chunks
         self.arch = arch
@@ -66,16 +75,23 @@ class MegatronTeacher:
             check_start(s, st, f"teacher {self.name}")
         tokens = pad_sequences(seqs, self.pad_id)
         batch = {"tokens": tokens, "seq_len": torch.tensor([len(s) for s in seqs])}  # per-micro-batch widths
-        res = forward_collect(self.chunks, batch, score_fn(top_k, self.groups.tp, self.arch.vocab_size),
-                              self.groups, micro_batch_size=self.micro_batch_size)
+        res = forward_collect(
+            self.chunks,
+            batch,
+            score_fn(top_k, self.groups.tp, self.arch.vocab_size),
+            self.groups,
+            micro_batch_size=self.micro_batch_size,
+        )
         out = []
         for i, (s, st) in enumerate(zip(seqs, starts)):
             sl = slice(st - 1, len(s) - 1)  # logits at j predict token j+1
-            out.append(TeacherScores(
-                logprobs=res["logprobs"][i, sl].contiguous(),
-                topk_ids=res["topk_ids"][i, sl].contiguous() if top_k else None,
-                topk_logprobs=res["topk_lp"][i, sl].contiguous() if top_k else None,
-            ))
+            out.append(
+                TeacherScores(
+                    logprobs=res["logprobs"][i, sl].contiguous(),
+                    topk_ids=res["topk_ids"][i, sl].contiguous() if top_k else None,
+                    topk_logprobs=res["topk_lp"][i, sl].contiguous() if top_k else None,
+                )
+            )
         return out
 
     async def score(self, ids: list[int], start: int, top_k: int | None = None) -> TeacherScores:
@@ -83,8 +99,11 @@ class MegatronTeacher:
         return (await asyncio.to_thread(self.score_batch, [ids], [start], top_k))[0]
 
     def model_info(self) -> dict[str, Any]:
-        return {"model_path": self.source, "tokenizer_path": self.source,
-                "tokenizer_fingerprint": self.tokenizer_fingerprint}
+        return {
+            "model_path": self.source,
+            "tokenizer_path": self.source,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+        }
 
     def close(self) -> None:
         self.chunks = []

@@ -115,8 +115,9 @@ def _parse_top(raw: Any, n: int, top_k: int, where: str) -> list[list[tuple[floa
     return tops
 
 
-def parse_scores(obj: Any, ids: list[int], start: int, top_k: int | None, where: str,
-                 vocab_size: int | None = None) -> TeacherScores:
+def parse_scores(
+    obj: Any, ids: list[int], start: int, top_k: int | None, where: str, vocab_size: int | None = None
+) -> TeacherScores:
     """Checked `TeacherScores` of the response part `ids[start:]` from one response object."""
     logprobs, _texts, tops = parse_meta(obj, ids, top_k, where, vocab_size)
     full = TeacherScores(logprobs=torch.tensor(logprobs, dtype=torch.float32).reshape(-1))

@@ -1,4 +1,5 @@
-"""Start-up check that a teacher shares the student's tokenizer (SGLang scores by token id): a mismatched tokenizer makes every
+"""Start-up check that a teacher shares the student's tokenizer (SGLang scores by token id): a mismatched tokenizer
+makes every
 token gap meaningless, silently. Two independent checks:
 
 1. our fingerprint (`data.tokenizer.hf_fingerprint`: vocab, special tokens, chat template), when the server
@@ -71,8 +72,9 @@ def served_vocab_size(info: dict[str, Any], fallback: int | None) -> int | None:
     return fallback
 
 
-def default_probe_ids(tokenizer: Any, texts: tuple[str, ...] = DEFAULT_PROBE_TEXTS,
-                      n_spread: int = 64) -> list[list[int]]:
+def default_probe_ids(
+    tokenizer: Any, texts: tuple[str, ...] = DEFAULT_PROBE_TEXTS, n_spread: int = 64
+) -> list[list[int]]:
     """Probe sequences: the encodings of a few known strings, plus ids spread over the whole vocabulary (they
     catch a teacher whose vocabulary is smaller or ordered differently)."""
     probes = [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
@@ -93,9 +95,7 @@ class TokenizerCheck:
     vocab_size: dict[str, int | None] = field(default_factory=dict)  # the served model's, per replica (echo clip)
 
 
-def check_tokenizer(
-    teacher: Any, student: TokenizerInfo, probe_ids: list[list[int]] | None = None
-) -> TokenizerCheck:
+def check_tokenizer(teacher: Any, student: TokenizerInfo, probe_ids: list[list[int]] | None = None) -> TokenizerCheck:
     """Refuse (`TeacherError`) a teacher whose tokenizer differs from the student's; check every live replica.
 
     `teacher` is an `HttpTeacher` (per-replica `model_info(url)` and `probe(ids, url)`), or any `Teacher`, for which
@@ -141,8 +141,9 @@ def check_tokenizer(
     return report
 
 
-def _probe_texts(teacher: Any, url: str, student: TokenizerInfo, probe_ids: list[list[int]], where: str,
-                 vocab_size: int | None) -> int:
+def _probe_texts(
+    teacher: Any, url: str, student: TokenizerInfo, probe_ids: list[list[int]], where: str, vocab_size: int | None
+) -> int:
     assert student.decode_token is not None
     compared = 0
     for ids in probe_ids:

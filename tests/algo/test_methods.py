@@ -41,8 +41,9 @@ def test_opd_clipped_gap_and_common_metrics():
 
 
 def test_mopd_teacher_weight_scales_advantages():
-    b = batch_from_delta([[1.0, -1.0], [0.5, 0.5]], branch=["general", "domain"],
-                         teacher_weight=torch.tensor([2.0, 1.0]))
+    b = batch_from_delta(
+        [[1.0, -1.0], [0.5, 0.5]], branch=["general", "domain"], teacher_weight=torch.tensor([2.0, 1.0])
+    )
     s = build_method("mopd").prepare(b)
     assert torch.allclose(s.advantages, torch.tensor([[2.0, -2.0], [0.5, 0.5]]))
     assert s.metrics["mean_gap/general"] == 0.0 and s.metrics["mean_gap/domain"] == 0.5
@@ -70,15 +71,17 @@ def test_uniopd_spread_shift_and_balancing():
     # group 0: 1 correct (G=0), 1 incorrect (G=0) -> m = 0 < 0.4 -> spread +-0.2
     # group 1: 3 correct, 1 incorrect -> balancing keeps 1 correct
     delta = torch.zeros(6, 2)
-    b = batch_from_delta(delta, reward=torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 0.0]),
-                         group=torch.tensor([0, 0, 1, 1, 1, 1]))
+    b = batch_from_delta(
+        delta, reward=torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 0.0]), group=torch.tensor([0, 0, 1, 1, 1, 1])
+    )
     s = build_method("uniopd").prepare(b)
     assert s.sample_weight[:2].tolist() == [1.0, 1.0]
     assert s.sample_weight[2:5].sum().item() == 1.0 and s.sample_weight[5].item() == 1.0
     assert torch.allclose(s.advantages[:2], torch.tensor([[0.2, 0.2], [-0.2, -0.2]]))
     assert s.metrics["balance_dropped"] == 2.0 and s.metrics["margin_after"] == pytest.approx(0.4)
-    masked = build_method("uniopd", calibration="mask", balance=False).prepare(
-        batch_from_delta([[0.0], [1.0], [0.5]], reward=torch.tensor([1.0, 1.0, 0.0]), group=torch.zeros(3).long()))
+    masked = build_method("uniopd", calibration="mask", online_balance=False).prepare(
+        batch_from_delta([[0.0], [1.0], [0.5]], reward=torch.tensor([1.0, 1.0, 0.0]), group=torch.zeros(3).long())
+    )
     assert masked.sample_weight.tolist() == [0.0, 1.0, 1.0]
     with pytest.raises(DataError, match="reward"):
         build_method("uniopd").prepare(batch_from_delta([[0.0]]))
@@ -103,8 +106,11 @@ def test_relaxed_opd_floor_and_entropy_mask():
 
 
 def test_selectkd_token_weights_and_acceptance():
-    b = batch_from_delta([[1.0, 1.0]], student_top1=torch.tensor([[4, 9]]),
-                         teacher_topk_ids=torch.tensor([[[1, 4, 0, 0, 0], [1, 2, 3, 5, 6]]]))
+    b = batch_from_delta(
+        [[1.0, 1.0]],
+        student_top1=torch.tensor([[4, 9]]),
+        teacher_topk_ids=torch.tensor([[[1, 4, 0, 0, 0], [1, 2, 3, 5, 6]]]),
+    )
     s = build_method("selectkd").prepare(b)
     assert torch.allclose(s.token_weight, torch.tensor([[1.0, 0.01]]))
     assert s.metrics["acceptance_rate"] == 0.5
@@ -124,9 +130,14 @@ def test_nan_on_response_token_drops_sample_never_propagates(name):
     teacher = torch.tensor([[-1.0, NAN], [-1.0, -2.0], [-0.5, NAN]])
     rollout = torch.tensor([[-1.5, -1.0], [-1.2, -1.0], [-1.0, -1.0]])
     mask = torch.tensor([[1, 1], [1, 1], [1, 0]])  # row 2's NaN is on padding: kept
-    extra = {"entropy": torch.rand(3, 2), "student_top1": torch.zeros(3, 2).long(),
-             "teacher_topk_ids": torch.zeros(3, 2, 5).long(), "ref_lp": rollout - 0.1,
-             "reward": torch.tensor([1.0, 0.0, 1.0]), "group": torch.tensor([0, 0, 1])}
+    extra = {
+        "entropy": torch.rand(3, 2),
+        "student_top1": torch.zeros(3, 2).long(),
+        "teacher_topk_ids": torch.zeros(3, 2, 5).long(),
+        "ref_lp": rollout - 0.1,
+        "reward": torch.tensor([1.0, 0.0, 1.0]),
+        "group": torch.tensor([0, 0, 1]),
+    }
     b = SignalBatch(mask, teacher, rollout, ["general", "general", "domain"], **extra)
     method = build_method(name, **({"selection": False} if name == "camopd" else {}))
     s = method.prepare(b)
@@ -135,35 +146,53 @@ def test_nan_on_response_token_drops_sample_never_propagates(name):
     assert torch.isfinite(s.advantages).all() and s.advantages[0].abs().sum() == 0
     assert all(not math.isnan(s.metrics[k]) for k in ("mean_gap", "reverse_kl"))
     train_lp = torch.tensor([[NAN, NAN], [-1.1, -0.9], [-1.0, NAN]], requires_grad=True)
-    seq = pg_seq_loss(train_lp, s.advantages, b.mask, is_weights(train_lp, b.rollout_lp, b.mask, method.is_mode, method.is_eps_low,
-                                                          method.is_eps_high, method.is_cap),
-                      s.token_weight)
+    seq = pg_seq_loss(
+        train_lp,
+        s.advantages,
+        b.mask,
+        is_weights(train_lp, b.rollout_lp, b.mask, method.is_weight, method.eps_low, method.eps_high, method.is_cap),
+        s.token_weight,
+    )
     loss_sum, count = reduce_selected(seq, s.sample_weight)
     loss_sum.backward()
     assert torch.isfinite(loss_sum) and count.item() == 2 and torch.isfinite(train_lp.grad).all()
 
 
 def test_topk_form_requires_teacher_topk_and_gives_seq_scale():
-    m = build_method("camopd", loss_form="topk", selection=False)
+    m = build_method("camopd", loss="topk", selection=False)
     with pytest.raises(DataError, match="teacher_topk_lp"):
         m.prepare(batch_from_delta([[1.0]]))
     t_lp = torch.log(torch.tensor([[[0.5, 0.25]], [[0.5, 0.25]]]))
-    b = batch_from_delta([[1.0], [1.0]], branch=["general", "domain"], teacher_topk_lp=t_lp,
-                         teacher_topk_ids=torch.tensor([[[0, 1]], [[0, 1]]]))
+    b = batch_from_delta(
+        [[1.0], [1.0]],
+        branch=["general", "domain"],
+        teacher_topk_lp=t_lp,
+        teacher_topk_ids=torch.tensor([[[0, 1]], [[0, 1]]]),
+    )
     s = m.prepare(b)
     seq = topk_seq_loss(t_lp.clone(), t_lp, b.mask) * s.seq_scale
     assert s.seq_scale.tolist() == [2.0, 1.0] and reduce_selected(seq, s.sample_weight)[1].item() == 2
-    with pytest.raises(SpecError, match="loss_form"):
-        build_method("exopd", loss_form="topk")
+    with pytest.raises(SpecError, match="loss"):
+        build_method("exopd", loss="topk")
 
 
-@pytest.mark.parametrize("name,params,field", [
-    ("camopd", {"rho_g": 0.0}, "rho_g"), ("camopd", {"r_d": -1.0}, "r_d"), ("opd", {"a_max": 0}, "a_max"),
-    ("opd", {"is_mode": "clip"}, "is_mode"), ("uniopd", {"margin_mode": "median"}, "margin_mode"),
-    ("uniopd", {"balance_ratio": 0.0}, "balance_ratio"), ("relaxed_opd", {"lam": 1.0}, "lam"),
-    ("relaxed_opd", {"beta": 0.0}, "beta"), ("selectkd", {"k": 0}, "selectkd.k"), ("exopd", {"lam": 0.0}, "lam"),
-    ("camopd", {"rho": 0.5}, "rho"), ("nope", {}, "method.name"),
-])
+@pytest.mark.parametrize(
+    "name,params,field",
+    [
+        ("camopd", {"rho_g": 0.0}, "rho_g"),
+        ("camopd", {"r_d": -1.0}, "r_d"),
+        ("opd", {"a_max": 0}, "a_max"),
+        ("opd", {"is_weight": "clip"}, "is_weight"),
+        ("uniopd", {"margin_mode": "median"}, "margin_mode"),
+        ("uniopd", {"balance_ratio": 0.0}, "balance_ratio"),
+        ("relaxed_opd", {"lam": 1.0}, "lam"),
+        ("relaxed_opd", {"beta": 0.0}, "beta"),
+        ("selectkd", {"k": 0}, "selectkd.k"),
+        ("exopd", {"lam": 0.0}, "lam"),
+        ("camopd", {"rho": 0.5}, "rho"),
+        ("nope", {}, "method.name"),
+    ],
+)
 def test_parameter_validation_names_the_field(name, params, field):
     with pytest.raises(SpecError, match=field):
         build_method(name, **params)
@@ -183,17 +212,27 @@ def test_padding_values_never_change_signals(name, seed):
     b, t = 6, 5
     mask = torch.rand(b, t, generator=g) < 0.7
     mask[:, 0] = True
-    fields = {"teacher_lp": -torch.rand(b, t, generator=g) * 3, "rollout_lp": -torch.rand(b, t, generator=g) * 3,
-              "entropy": torch.rand(b, t, generator=g), "ref_lp": -torch.rand(b, t, generator=g) * 3}
-    ids = {"student_top1": torch.randint(0, 6, (b, t), generator=g),
-           "teacher_topk_ids": torch.randint(0, 6, (b, t, 5), generator=g)}
-    common = {"branch": ["general", "domain"] * 3, "reward": (torch.rand(b, generator=g) < 0.5).float(),
-              "group": torch.tensor([0, 0, 0, 1, 1, 1])}
+    fields = {
+        "teacher_lp": -torch.rand(b, t, generator=g) * 3,
+        "rollout_lp": -torch.rand(b, t, generator=g) * 3,
+        "entropy": torch.rand(b, t, generator=g),
+        "ref_lp": -torch.rand(b, t, generator=g) * 3,
+    }
+    ids = {
+        "student_top1": torch.randint(0, 6, (b, t), generator=g),
+        "teacher_topk_ids": torch.randint(0, 6, (b, t, 5), generator=g),
+    }
+    common = {
+        "branch": ["general", "domain"] * 3,
+        "reward": (torch.rand(b, generator=g) < 0.5).float(),
+        "group": torch.tensor([0, 0, 0, 1, 1, 1]),
+    }
     out = []
     for noisy in (False, True):
         f = {k: torch.where(mask | (not noisy), v, torch.full_like(v, NAN)) for k, v in fields.items()}
-        i = {k: torch.where((mask if v.dim() == 2 else mask.unsqueeze(-1)) | (not noisy), v, 99)
-             for k, v in ids.items()}
+        i = {
+            k: torch.where((mask if v.dim() == 2 else mask.unsqueeze(-1)) | (not noisy), v, 99) for k, v in ids.items()
+        }
         out.append(build_method(name, seed=1) if name == "uniopd" else build_method(name))
         out[-1] = out[-1].prepare(SignalBatch(mask=mask, **f, **i, **common))
     assert torch.equal(out[0].advantages, out[1].advantages)

@@ -55,8 +55,15 @@ def test_is_weights_detached_zero_on_padding_and_nonfinite():
     assert w[0, 1:].tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("kw,field", [({"mode": "clip"}, "is_mode"), ({"eps_low": 1.5}, "is_eps_low"),
-                                      ({"eps_high": 0.5}, "is_eps_high"), ({"cap": 0.0}, "is_cap")])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({"mode": "clip"}, "is_weight"),
+        ({"eps_low": 1.5}, "eps_low"),
+        ({"eps_high": 0.5}, "eps_high"),
+        ({"cap": 0.0}, "is_cap"),
+    ],
+)
 def test_is_weights_rejects_bad_params(kw, field):
     with pytest.raises(SpecError, match=field):
         is_weights(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), **kw)

@@ -50,8 +50,13 @@ def group_batch(draw):
 
 
 @SETTINGS
-@given(group_batch(), st.sampled_from(["lift", "suppress", "spread"]), st.sampled_from(["mean", "minmax"]),
-       st.sampled_from(["group", "global"]), st.floats(-0.5, 2.0))
+@given(
+    group_batch(),
+    st.sampled_from(["lift", "suppress", "spread"]),
+    st.sampled_from(["mean", "minmax"]),
+    st.sampled_from(["group", "global"]),
+    st.floats(-0.5, 2.0),
+)
 def test_margin_shift_reaches_target_and_keeps_order(batch, direction, mode, scope, target):
     rewards, mask, reward, group = batch
     res = margin_shift(rewards, mask, reward, group, target, direction, mode, scope)

@@ -27,16 +27,30 @@ def fixed_batch(with_seq_len: bool = True) -> dict[str, torch.Tensor]:
     for i, n in enumerate(LENGTHS):
         tokens[i, :n] = torch.randint(0, 300, (n,), generator=g)
         mask[i, : n - 1] = 1.0
-    batch = dict(tokens=tokens, labels=torch.roll(tokens, -1, 1) * (mask > 0), loss_mask=mask,
-                 rollout_lp=torch.zeros(b, WIDTH), advantages=torch.randn(b, WIDTH, generator=g) * mask,
-                 token_weight=mask.clone(), sample_weight=torch.ones(b))
+    batch = dict(
+        tokens=tokens,
+        labels=torch.roll(tokens, -1, 1) * (mask > 0),
+        loss_mask=mask,
+        rollout_lp=torch.zeros(b, WIDTH),
+        advantages=torch.randn(b, WIDTH, generator=g) * mask,
+        token_weight=mask.clone(),
+        sample_weight=torch.ones(b),
+    )
     if with_seq_len:
         batch["seq_len"] = torch.tensor(LENGTHS)
     return batch
 
 
-def run_layout(hf_dir: Path, *, tp: int = 1, pp: int = 1, vpp: Any = None, fields: dict | None = None,
-               with_seq_len: bool = True, kind: str = "pg") -> dict:
+def run_layout(
+    hf_dir: Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: Any = None,
+    fields: dict | None = None,
+    with_seq_len: bool = True,
+    kind: str = "pg",
+) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_camopd.backend.cpu_runtime import init_distributed
@@ -49,8 +63,9 @@ def run_layout(hf_dir: Path, *, tp: int = 1, pp: int = 1, vpp: Any = None, field
     arch = ModelArch.from_hf_dir(hf_dir)
 
     def init(chunks):
-        load_hf_weights(chunks, hf_dir, arch, ps.get_tensor_model_parallel_rank(), tp,
-                        ps.get_pipeline_model_parallel_rank(), pp)
+        load_hf_weights(
+            chunks, hf_dir, arch, ps.get_tensor_model_parallel_rank(), tp, ps.get_pipeline_model_parallel_rank(), pp
+        )
 
     engine = Engine(arch, tp=tp, pp=pp, vpp=vpp, micro_batch_size=2, model_fields=fields or {}, init_fn=init)
     widths: list[int] = []
@@ -59,11 +74,18 @@ def run_layout(hf_dir: Path, *, tp: int = 1, pp: int = 1, vpp: Any = None, field
         m.register_forward_pre_hook(lambda mod, args: widths.append(int(args[0].shape[1])) if args else None)
         for layer in m.decoder.layers:
             layer.mlp.register_forward_pre_hook(lambda mod, args: mlp_calls.__setitem__(0, mlp_calls[0] + 1))
-    stats = engine.accumulate_grads(fixed_batch(with_seq_len), LossSpec(kind=kind, is_mode="none"))
+    stats = engine.accumulate_grads(fixed_batch(with_seq_len), LossSpec(loss=kind, is_weight="none"))
     grads = {n: p.main_grad.detach().clone() for c in engine.chunks for n, p in c.named_parameters()}
-    return {"stats": stats, "grads": grads, "widths": widths, "mlp_calls": mlp_calls[0],
-            "config": {k: getattr(engine.config, k) for k in ("sequence_parallel", "recompute_granularity",
-                                                             "recompute_method", "recompute_modules")}}
+    return {
+        "stats": stats,
+        "grads": grads,
+        "widths": widths,
+        "mlp_calls": mlp_calls[0],
+        "config": {
+            k: getattr(engine.config, k)
+            for k in ("sequence_parallel", "recompute_granularity", "recompute_method", "recompute_modules")
+        },
+    }
 
 
 def layout_suite(rank: int, world: int, hf_dir: Path, vpp_hf_dir: Path) -> dict:

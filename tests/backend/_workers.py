@@ -18,8 +18,15 @@ def make_tiny_hf(name: str, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
     torch.manual_seed(hash(name) % 1000)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     if name.startswith("qwen3"):
         cfg = Qwen3Config(head_dim=24, tie_word_embeddings=name.endswith("tied"), rope_theta=1e6, **common)
     elif name == "llama_tied4":  # 4 layers for interleaved PP=2 x VPP=2, tied embeddings across stages
@@ -45,8 +52,9 @@ def build_loaded(hf_dir: Path, tp: int, pp: int, vpp: Any = None) -> tuple[Any, 
     arch = ModelArch.from_hf_dir(hf_dir)
     config = transformer_config(arch, tp=tp, pp=pp, vpp=vpp)
     chunks = build_model_chunks(arch, config)
-    load_hf_weights(chunks, hf_dir, arch, ps.get_tensor_model_parallel_rank(), tp,
-                    ps.get_pipeline_model_parallel_rank(), pp)
+    load_hf_weights(
+        chunks, hf_dir, arch, ps.get_tensor_model_parallel_rank(), tp, ps.get_pipeline_model_parallel_rank(), pp
+    )
     return arch, [c.eval() for c in chunks]
 
 
@@ -54,9 +62,16 @@ def _positions(ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
 
 
-def vocab_parallel_worker(rank: int, world: int, logits_full: torch.Tensor, ids: torch.Tensor,
-                          topk_ids: torch.Tensor, grad_lp: torch.Tensor, grad_at: torch.Tensor,
-                          vocab_size: int) -> dict:
+def vocab_parallel_worker(
+    rank: int,
+    world: int,
+    logits_full: torch.Tensor,
+    ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    grad_lp: torch.Tensor,
+    grad_at: torch.Tensor,
+    vocab_size: int,
+) -> dict:
     """Vocab-parallel maths at TP=world on slices of ``logits_full``; returns values and shard gradients."""
     from megatron.core import parallel_state as ps
 
@@ -71,9 +86,12 @@ def vocab_parallel_worker(rank: int, world: int, logits_full: torch.Tensor, ids:
     ((lp * grad_lp).sum() + (at * grad_at).sum()).backward()
     top_vals, top_ids = vp.vocab_parallel_topk(shard.detach(), 4, group, chunk_size=3, vocab_size=vocab_size)
     return {
-        "lp": lp.detach(), "at": at.detach(), "grad": shard.grad,
+        "lp": lp.detach(),
+        "at": at.detach(),
+        "grad": shard.grad,
         "entropy": vp.vocab_parallel_entropy(shard.detach(), group, chunk_size=4, vocab_size=vocab_size),
-        "top_vals": top_vals, "top_ids": top_ids,
+        "top_vals": top_vals,
+        "top_ids": top_ids,
         "argmax": vp.vocab_parallel_argmax(shard.detach(), group, vocab_size=vocab_size),
     }
 
@@ -96,7 +114,11 @@ def tp_model_worker(rank: int, world: int, hf_dir: Path, ids: torch.Tensor) -> d
     targets = torch.roll(ids, -1, dims=1)
     lp = vocab_parallel_logprobs(shard, targets, group, chunk_size=7, vocab_size=arch.vocab_size)
     hf_sd = megatron_to_hf_state_dict(gather_full_state_dict(chunks, arch), arch)
-    return {"logits": torch.cat(shards, dim=-1)[..., : arch.vocab_size], "lp": lp, "hf_sd": hf_sd if rank == 0 else None}
+    return {
+        "logits": torch.cat(shards, dim=-1)[..., : arch.vocab_size],
+        "lp": lp,
+        "hf_sd": hf_sd if rank == 0 else None,
+    }
 
 
 def pp_model_worker(rank: int, world: int, hf_dir: Path, ids: torch.Tensor, vpp: Any = None) -> dict:
@@ -122,16 +144,20 @@ def pp_model_worker(rank: int, world: int, hf_dir: Path, ids: torch.Tensor, vpp:
     micro = list(ids.split(1))
     iterators = [iter(micro) for _ in chunks] if vpp else iter(micro)
     outputs = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterators, model=chunks, num_microbatches=len(micro),
-        seq_length=ids.shape[1], micro_batch_size=1, forward_only=True,
+        forward_step_func=forward_step,
+        data_iterator=iterators,
+        model=chunks,
+        num_microbatches=len(micro),
+        seq_length=ids.shape[1],
+        micro_batch_size=1,
+        forward_only=True,
     )
     logits = torch.cat([o["logits"] for o in outputs])[..., : arch.vocab_size] if outputs else None
     hf_sd = megatron_to_hf_state_dict(gather_full_state_dict(chunks, arch), arch)
     return {"logits": logits, "hf_sd": hf_sd if rank == 0 else None}
 
 
-def two_rank_suite(rank: int, world: int, hf_dir: Path, vpp_hf_dir: Path, ids: torch.Tensor,
-                   vp_args: tuple) -> dict:
+def two_rank_suite(rank: int, world: int, hf_dir: Path, vpp_hf_dir: Path, ids: torch.Tensor, vp_args: tuple) -> dict:
     """All 2-rank checks in one spawn (each spawn costs ~10 s of imports)."""
     out = {"vp": vocab_parallel_worker(rank, world, *vp_args)}
     out["tp"] = tp_model_worker(rank, world, hf_dir, ids)
@@ -145,4 +171,3 @@ def failing_on_rank_one(rank: int, world: int, message: str) -> int:
     if rank == 1:
         raise ValueError(message)
     return rank
-

@@ -32,8 +32,14 @@ pytestmark = pytest.mark.timeout(300)
 def _overrides(tiny: Path, ckpt: Path, *extra: str) -> list[str]:
     from megatron_camopd.demo.tiny import tiny_spec_overrides
 
-    return [*tiny_spec_overrides(tiny), f"checkpoint.dir={ckpt}", "logging.progress=off", "logging.diagnostics=false",
-            "rollout.max_new_tokens=12", *extra]
+    return [
+        *tiny_spec_overrides(tiny),
+        f"checkpoint.dir={ckpt}",
+        "logging.progress=off",
+        "logging.diagnostics=false",
+        "rollout.max_new_tokens=12",
+        *extra,
+    ]
 
 
 def _cli(*args: str) -> list[str]:
@@ -62,9 +68,12 @@ def killed_run(tmp_path_factory):
 
     tiny = make_tiny_setup(tmp_path_factory.mktemp("tiny"))
     run = tmp_path_factory.mktemp("killed")
-    proc = subprocess.Popen(_cli(*_overrides(tiny, run, "train.steps=50", "checkpoint.save_interval=1",
-                                             "checkpoint.keep_last=null")),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cli(*_overrides(tiny, run, "train.steps=50", "checkpoint.save_interval=1", "checkpoint.keep_last=null")),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not (run / "iter_0000002" / MANIFEST).exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -111,7 +120,7 @@ def test_manifest_lists_every_file(ckpt):
 def _flip(f: Path) -> None:
     data = bytearray(f.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
     f.write_bytes(bytes(data))
 
 
@@ -155,8 +164,13 @@ def test_legacy_load_errors_are_messages(ckpt, megatron_world):
     from megatron_camopd.backend.model import ModelArch
 
     engine = Engine(ModelArch.from_hf_dir(ckpt / "hf"), optim=OptimSettings(lr=1e-3, total_steps=50))
-    cases = {"truncated_distcp": "__0_1.distcp", "truncated_metadata": ".metadata", "empty_rng": "rng/rank0.pt",
-             "empty_scheduler": "scheduler.pt", "half_train_state": "train_state.json"}
+    cases = {
+        "truncated_distcp": "__0_1.distcp",
+        "truncated_metadata": ".metadata",
+        "empty_rng": "rng/rank0.pt",
+        "empty_scheduler": "scheduler.pt",
+        "half_train_state": "train_state.json",
+    }
     for case, name in cases.items():
         it = ckpt / f"legacy_{case}"
         shutil.copytree(ckpt / "iter_0000002", it)

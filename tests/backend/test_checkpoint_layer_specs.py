@@ -30,8 +30,8 @@ class _Fp8State(torch.nn.Module):
 
 
 def _model(hf_dir, *, te_like: bool = False, extra_param: bool = False):
-    from megatron_camopd.backend.model import ModelArch, build_model_chunks, transformer_config
     from megatron_camopd.backend.hf_mapping import load_hf_weights
+    from megatron_camopd.backend.model import ModelArch, build_model_chunks, transformer_config
 
     arch = ModelArch.from_hf_dir(hf_dir)
     chunks = build_model_chunks(arch, transformer_config(arch), use_transformer_engine=False)

@@ -22,8 +22,11 @@ class _Allocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                if isinstance(a, torch.Tensor)}
+        seen = {
+            a.untyped_storage().data_ptr()
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        }
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
                 self.made.append((t.dtype, t.numel()))
@@ -53,7 +56,7 @@ def _naive_grad(engine, batch, spec):
 
 
 def test_streamed_values_match_naive_fp64(engine) -> None:
-    spec = LossSpec(kind="pg", is_mode="none")
+    spec = LossSpec(loss="pg", is_weight="none")
     batches, keep = _per_sample(), [True, False, True, True]
     got = gd.coherence_stats(engine, batches, keep, spec)
     grads = [_naive_grad(engine, b, spec) for b in batches]
@@ -73,7 +76,7 @@ def test_streamed_values_match_naive_fp64(engine) -> None:
 
 def test_bounded_allocations(engine, monkeypatch) -> None:
     monkeypatch.setattr(gd, "CHUNK", 1000)
-    spec = LossSpec(kind="pg", is_mode="none")
+    spec = LossSpec(loss="pg", is_weight="none")
     n = sum(g.numel() for g in gd._counted(engine))
     assert n > 100 * 1000  # the gradient spans many pieces
     batches = _per_sample()

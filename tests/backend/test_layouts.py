@@ -88,8 +88,12 @@ def test_width_multiple_and_split() -> None:
     assert width_multiple(_Cfg(4, True, None)) == 4
     assert width_multiple(_Cfg(1, False, "hybrid")) == 16
     assert width_multiple(_Cfg(2, True, "e4m3")) == 32
-    batch = {"tokens": torch.arange(4 * 6).reshape(4, 6), "topk": torch.ones(4, 6, 3), "w": torch.ones(4),
-             "seq_len": torch.tensor([2, 6, 1, 0])}
+    batch = {
+        "tokens": torch.arange(4 * 6).reshape(4, 6),
+        "topk": torch.ones(4, 6, 3),
+        "w": torch.ones(4),
+        "seq_len": torch.tensor([2, 6, 1, 0]),
+    }
     mbs = split_microbatches(batch, 2, multiple=4)
     assert [mb["tokens"].shape[1] for mb in mbs] == [8, 4]  # 6 -> 8 (padded), 1 -> 4 (cut)
     assert mbs[0]["topk"].shape == (2, 8, 3) and mbs[0]["topk"][:, 6:].abs().sum() == 0

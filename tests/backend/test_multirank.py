@@ -28,8 +28,13 @@ def suite(tiny_hf_dirs):
     model_ids = torch.randint(0, VOCAB, (2, 11), generator=g)
     hf_dir = tiny_hf_dirs["qwen3"]
     results = run_on_ranks(two_rank_suite, 2, hf_dir, tiny_hf_dirs["llama_tied4"], model_ids, vp_args)
-    return {"results": results, "vp_args": vp_args, "ids": model_ids, "hf_dir": hf_dir,
-            "vpp_hf_dir": tiny_hf_dirs["llama_tied4"]}
+    return {
+        "results": results,
+        "vp_args": vp_args,
+        "ids": model_ids,
+        "hf_dir": hf_dir,
+        "vpp_hf_dir": tiny_hf_dirs["llama_tied4"],
+    }
 
 
 def test_tp2_vocab_parallel_values_and_gradients(suite) -> None:

@@ -59,8 +59,12 @@ def test_unknown_key_inside_list_item(write_spec) -> None:
         ("  rho_g: 0.8", "  eps_low: 6.0", "method.eps_low", "must be <= eps_high (5.0), got 6.0"),
         ("  med: domain", "  med: nobody", "routing.med", "teacher 'nobody' is not defined"),
         ("  med: domain", "  other: domain", "data.streams.1.domain", "domain 'med' is not routed"),
-        ('    urls: ["http://127.0.0.1:30000", "http://127.0.0.1:30001"]', "    urls: [localhost]",
-         "teachers.domain.urls.0", "must look like http://host:port"),
+        (
+            '    urls: ["http://127.0.0.1:30000", "http://127.0.0.1:30001"]',
+            "    urls: [localhost]",
+            "teachers.domain.urls.0",
+            "must look like http://host:port",
+        ),
         ("      path: data/domain.jsonl", "      path: data/domain.csv", "data.streams.1.path", ".jsonl or .parquet"),
         ("      branch: general\n", "", "data.streams.0.branch", "give every stream a branch"),
     ],
@@ -113,9 +117,17 @@ def test_method_cross_checks(write_spec) -> None:
     assert "camopd needs a stream with branch: domain" in error_of(write_spec, no_domain_stream)
     msg = error_of(write_spec, VALID, ["method.loss=topk", "method.topk=0"])
     assert "method.topk: the topk loss needs topk >= 1" in msg
-    msg = error_of(write_spec, VALID, ["method.name=uniopd", "data.streams.0.verifier=exact",
-                                       "data.streams.1.verifier=exact", "rollout.n_samples=1",
-                                       "schedule.mix_ratio=[1, 1]"])
+    msg = error_of(
+        write_spec,
+        VALID,
+        [
+            "method.name=uniopd",
+            "data.streams.0.verifier=exact",
+            "data.streams.1.verifier=exact",
+            "rollout.n_samples=1",
+            "schedule.mix_ratio=[1, 1]",
+        ],
+    )
     assert "rollout.n_samples: uniopd's groups need n_samples >= 2" in msg
     msg = error_of(write_spec, VALID, ["method.name=exopd", "method.loss=topk", "schedule.mix_ratio=[1, 1]"])
     assert "method.loss: exopd trains with loss 'pg', got 'topk'" in msg

@@ -12,9 +12,10 @@ fails the walk: remove it from the spec schema.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -38,8 +39,10 @@ def _launch(spec: Any) -> Any:
     from megatron_camopd.launch.servers import launcher_of, server_components
 
     launcher = launcher_of(spec)
-    params = [slurm_parameters(launcher, c.nodes, c.gpus_per_node, c.resources, False)
-              for c in server_components(spec, cpu=False)]
+    params = [
+        slurm_parameters(launcher, c.nodes, c.gpus_per_node, c.resources, False)
+        for c in server_components(spec, cpu=False)
+    ]
     return render_scripts(spec, "spec.yaml", [], cpu=False, workdir="/w"), params, _plan(spec)
 
 
@@ -74,10 +77,12 @@ def _http(spec: Any) -> Any:
     from megatron_camopd import session
 
     name, cfg = next(iter(spec.teachers.items()))
-    with mock.patch("megatron_camopd.teachers.http.HttpTeacher") as client, \
-            mock.patch("megatron_camopd.teachers.tokcheck.check_tokenizer"), \
-            mock.patch("megatron_camopd.teachers.tokcheck.TokenizerInfo"), \
-            mock.patch("megatron_camopd.teachers.tokcheck.default_probe_ids"):
+    with (
+        mock.patch("megatron_camopd.teachers.http.HttpTeacher") as client,
+        mock.patch("megatron_camopd.teachers.tokcheck.check_tokenizer"),
+        mock.patch("megatron_camopd.teachers.tokcheck.TokenizerInfo"),
+        mock.patch("megatron_camopd.teachers.tokcheck.default_probe_ids"),
+    ):
         session._http_teacher(name, cfg, spec, SimpleNamespace(hf=None, path=None), 512)
     return client.call_args
 
@@ -90,9 +95,16 @@ def _offline(spec: Any) -> Any:
     return repr(balance_plan(counts, u))
 
 
-PROBES: dict[str, Callable[[Any], Any]] = {"plan": _plan, "launch": _launch, "method": _method,
-                                           "schedule": _schedule, "streams": _streams, "sampling": _sampling,
-                                           "http": _http, "offline": _offline}
+PROBES: dict[str, Callable[[Any], Any]] = {
+    "plan": _plan,
+    "launch": _launch,
+    "method": _method,
+    "schedule": _schedule,
+    "streams": _streams,
+    "sampling": _sampling,
+    "http": _http,
+    "offline": _offline,
+}
 
 
 def probe(name: str, new: Any = None, base: Path = FLAGSHIP, extra: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -104,23 +116,54 @@ def loop(function: str) -> dict[str, Any]:
     return {"loop": function}
 
 
-SERVE = {f"teachers.*.serve.{k}": probe("launch", v) for k, v in {
-    "model": "/data/other_teacher", "hf_dir": "/data/hf_out", "nodes": None, "gpus_per_node": None, "tp": 2,
-    "dp": 4, "mem_fraction_static": 0.5, "context_length": 40000, "logits_chunk_size": 4096, "port": 31000,
-    "extra_args": "[--enable-metrics]", "env": "{A: b}", "resources.exclusive": None,
-    "resources.cpus_per_task": None, "resources.mem": "500G", "resources.container_image": "img:1",
-    "resources.container_mounts": None}.items()}
+SERVE = {
+    f"teachers.*.serve.{k}": probe("launch", v)
+    for k, v in {
+        "model": "/data/other_teacher",
+        "hf_dir": "/data/hf_out",
+        "nodes": None,
+        "gpus_per_node": None,
+        "tp": 2,
+        "dp": 4,
+        "mem_fraction_static": 0.5,
+        "context_length": 40000,
+        "logits_chunk_size": 4096,
+        "port": 31000,
+        "extra_args": "[--enable-metrics]",
+        "env": "{A: b}",
+        "resources.exclusive": None,
+        "resources.cpus_per_task": None,
+        "resources.mem": "500G",
+        "resources.container_image": "img:1",
+        "resources.container_mounts": None,
+    }.items()
+}
 SERVE["teachers.*.serve.tp"] = probe("launch", 2, extra=("teachers.general.serve.dp=4",))
 SERVE["teachers.*.serve.resources.container_mounts"] = probe(
-    "launch", "[/a:/a]", extra=("teachers.general.serve.resources.container_image=img:1",))
+    "launch", "[/a:/a]", extra=("teachers.general.serve.resources.container_image=img:1",)
+)
 SGLANG_ROLLOUT = ("rollout.engine=sglang", "rollout.sglang.weight_sync=disk")
-ROLLOUT_SERVE = {f"rollout.sglang.{k}": probe("launch", v, extra=SGLANG_ROLLOUT) for k, v in {
-    "nodes": None, "gpus_per_node": None, "dp": 4, "mem_fraction_static": 0.5, "context_length": 40000,
-    "port": 31000, "extra_args": "[--x]", "env": "{A: b}", "resources.exclusive": None,
-    "resources.cpus_per_task": 8, "resources.mem": "500G", "resources.container_image": "img:1"}.items()}
+ROLLOUT_SERVE = {
+    f"rollout.sglang.{k}": probe("launch", v, extra=SGLANG_ROLLOUT)
+    for k, v in {
+        "nodes": None,
+        "gpus_per_node": None,
+        "dp": 4,
+        "mem_fraction_static": 0.5,
+        "context_length": 40000,
+        "port": 31000,
+        "extra_args": "[--x]",
+        "env": "{A: b}",
+        "resources.exclusive": None,
+        "resources.cpus_per_task": 8,
+        "resources.mem": "500G",
+        "resources.container_image": "img:1",
+    }.items()
+}
 ROLLOUT_SERVE["rollout.sglang.tp"] = probe("launch", 2, extra=(*SGLANG_ROLLOUT, "rollout.sglang.dp=4"))
 ROLLOUT_SERVE["rollout.sglang.resources.container_mounts"] = probe(
-    "launch", "[/a:/a]", extra=(*SGLANG_ROLLOUT, "rollout.sglang.resources.container_image=img:1"))
+    "launch", "[/a:/a]", extra=(*SGLANG_ROLLOUT, "rollout.sglang.resources.container_image=img:1")
+)
 SAMPLER = "megatron_camopd.rollout.sglang:SglangSampler"
 
 CONSUMERS: dict[str, dict[str, Any]] = {
@@ -134,35 +177,87 @@ CONSUMERS: dict[str, dict[str, Any]] = {
     "model.seq_length": probe("plan", 40000),
     "teachers.*.checkpoint": loop("megatron_camopd.session:open_session"),
     "teachers.*.hf_path": loop("megatron_camopd.session:open_session"),
-    "teachers.*.urls": probe("http", '["http://h:1"]', extra=(
-        "teachers.general.discovery_file=null", "teachers.general.serve=null", "teachers.general.urls=[http://a:1]")),
+    "teachers.*.urls": probe(
+        "http",
+        '["http://h:1"]',
+        extra=(
+            "teachers.general.discovery_file=null",
+            "teachers.general.serve=null",
+            "teachers.general.urls=[http://a:1]",
+        ),
+    ),
     "teachers.*.discovery_file": probe("http", "/data/x.hosts"),
     "teachers.*.weight": loop("megatron_camopd.train:run_step"),
     "teachers.*.dtype": probe("launch", "fp16"),
-    "teachers.*.timeout_s": probe("http"), "teachers.*.max_in_flight": probe("http"),
-    "teachers.*.retries": probe("http"), "teachers.*.discovery_timeout_s": probe("http"),
-    "teachers.*.dead_deadline_s": probe("http"), "teachers.*.serve": probe("launch", "null"),
+    "teachers.*.timeout_s": probe("http"),
+    "teachers.*.max_in_flight": probe("http"),
+    "teachers.*.retries": probe("http"),
+    "teachers.*.discovery_timeout_s": probe("http"),
+    "teachers.*.dead_deadline_s": probe("http"),
+    "teachers.*.serve": probe("launch", "null"),
     **SERVE,
     "routing": loop("megatron_camopd.rollout.collect:route"),
-    **{f"data.streams.*.{k}": probe("streams", v) for k, v in {
-        "name": "other", "path": "/data/other.jsonl", "format": "prompt", "limit": 10}.items()},
+    **{
+        f"data.streams.*.{k}": probe("streams", v)
+        for k, v in {"name": "other", "path": "/data/other.jsonl", "format": "prompt", "limit": 10}.items()
+    },
     "data.streams.*.domain": loop("megatron_camopd.rollout.collect:route"),
     "data.streams.*.branch": loop("megatron_camopd.session:_build_streams"),
     "data.streams.*.weight": loop("megatron_camopd.rollout.collect:draw_prompts"),
     "data.streams.*.verifier": loop("megatron_camopd.rollout.collect:collect_step"),
-    **{f"data.{k}": probe("streams", v) for k, v in {
-        "max_prompt_tokens": None, "overlong": "skip", "on_bad_row": "skip", "seed": None, "shuffle": None}.items()},
-    **{f"method.{k}": probe("method", v) for k, v in {
-        "name": "mopd", "loss": "topk", "a_max": None, "is_weight": "truncate", "eps_low": None, "eps_high": None,
-        "is_cap": None, "selection": None, "rho_g": 0.5, "rho_d": 0.5, "r_g": None, "r_d": None}.items()},
+    **{
+        f"data.{k}": probe("streams", v)
+        for k, v in {
+            "max_prompt_tokens": None,
+            "overlong": "skip",
+            "on_bad_row": "skip",
+            "seed": None,
+            "shuffle": None,
+        }.items()
+    },
+    **{
+        f"method.{k}": probe("method", v)
+        for k, v in {
+            "name": "mopd",
+            "loss": "topk",
+            "a_max": None,
+            "is_weight": "truncate",
+            "eps_low": None,
+            "eps_high": None,
+            "is_cap": None,
+            "selection": None,
+            "rho_g": 0.5,
+            "rho_d": 0.5,
+            "r_g": None,
+            "r_d": None,
+        }.items()
+    },
     "method.name": probe("method", "mopd", extra=("schedule.mode=mixed", "schedule.mix_ratio=[1, 1]")),
     "method.topk": loop("megatron_camopd.rollout.collect:teacher_top_k"),
-    **{f"method.uniopd.{k}": probe("method", v, base=UNIOPD) for k, v in {
-        "calibration": "mask", "delta_star": None, "scope": "global", "margin_mode": "minmax", "shift": "lift",
-        "mask_min_frac": 0.5, "online_balance": None, "balance_ratio": None}.items()},
+    **{
+        f"method.uniopd.{k}": probe("method", v, base=UNIOPD)
+        for k, v in {
+            "calibration": "mask",
+            "delta_star": None,
+            "scope": "global",
+            "margin_mode": "minmax",
+            "shift": "lift",
+            "mask_min_frac": 0.5,
+            "online_balance": None,
+            "balance_ratio": None,
+        }.items()
+    },
     "method.uniopd.offline_balance": loop("megatron_camopd.train:train"),  # runs rollout.offline.balance_streams
-    **{f"method.uniopd.{k}": probe("offline", v, base=UNIOPD) for k, v in {
-        "offline_n": 6, "offline_shape": "u", "offline_factor": None, "offline_low": 2, "offline_high": 5}.items()},
+    **{
+        f"method.uniopd.{k}": probe("offline", v, base=UNIOPD)
+        for k, v in {
+            "offline_n": 6,
+            "offline_shape": "u",
+            "offline_factor": None,
+            "offline_low": 2,
+            "offline_high": 5,
+        }.items()
+    },
     "method.relaxed.lam": probe("method", 0.3, extra=("method.name=relaxed_opd",)),
     "method.relaxed.beta": probe("method", 0.3, extra=("method.name=relaxed_opd",)),
     "method.selectkd.k": probe("method", None, extra=("method.name=selectkd",)),
@@ -174,50 +269,123 @@ CONSUMERS: dict[str, dict[str, Any]] = {
     "schedule.mix_ratio": probe("schedule", "[3, 1]", extra=("schedule.mode=mixed", "schedule.mix_ratio=[1, 1]")),
     "rollout.engine": probe("plan", "sglang", extra=("rollout.sglang.weight_sync=disk",)),
     "rollout.kv_cache_gb": probe("plan", 8),
-    "rollout.sglang.urls": loop(SAMPLER), "rollout.sglang.discovery_file": loop(SAMPLER),
+    "rollout.sglang.urls": loop(SAMPLER),
+    "rollout.sglang.discovery_file": loop(SAMPLER),
     **ROLLOUT_SERVE,
-    **{f"rollout.sglang.{k}": loop(SAMPLER) for k in (
-        "weight_sync", "sync_dir", "bucket_mb", "timeout_s", "max_in_flight", "retries", "discovery_timeout_s",
-        "dead_deadline_s")},
+    **{
+        f"rollout.sglang.{k}": loop(SAMPLER)
+        for k in (
+            "weight_sync",
+            "sync_dir",
+            "bucket_mb",
+            "timeout_s",
+            "max_in_flight",
+            "retries",
+            "discovery_timeout_s",
+            "dead_deadline_s",
+        )
+    },
     "rollout.max_staleness": loop("megatron_camopd.rollout.pipeline:RolloutPipeline"),  # and collect:_unscorable
     "rollout.on_stale": loop("megatron_camopd.rollout.collect:_unscorable"),
     "rollout.prompts_per_step": probe("schedule", 256, extra=("schedule.mode=mixed", "schedule.mix_ratio=[3, 1]")),
     "rollout.n_samples": loop("megatron_camopd.rollout.collect:collect_step"),
-    **{f"rollout.{k}": probe("sampling", v) for k, v in {
-        "temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_new_tokens": 1024, "stop_token_ids": "[3]"}.items()},
-    **{f"train.{k}": probe("plan", v) for k, v in {
-        "steps": 200, "micro_batch_size": 2, "lr": 1e-6, "min_lr": 1e-7, "warmup_steps": 10, "lr_decay": "cosine",
-        "weight_decay": None, "adam_beta1": 0.8, "adam_beta2": 0.99, "adam_eps": None, "clip_grad": None,
-        "distributed_optimizer": None}.items()},
+    **{
+        f"rollout.{k}": probe("sampling", v)
+        for k, v in {
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "top_k": 20,
+            "max_new_tokens": 1024,
+            "stop_token_ids": "[3]",
+        }.items()
+    },
+    **{
+        f"train.{k}": probe("plan", v)
+        for k, v in {
+            "steps": 200,
+            "micro_batch_size": 2,
+            "lr": 1e-6,
+            "min_lr": 1e-7,
+            "warmup_steps": 10,
+            "lr_decay": "cosine",
+            "weight_decay": None,
+            "adam_beta1": 0.8,
+            "adam_beta2": 0.99,
+            "adam_eps": None,
+            "clip_grad": None,
+            "distributed_optimizer": None,
+        }.items()
+    },
     "train.seed": probe("http"),
-    **{f"parallel.{k}": probe("plan", v) for k, v in {
-        "tp": 4, "pp": 1, "vpp": None, "dp": 8, "sequence_parallel": None, "recompute": "selective",
-        "recompute_modules": None}.items()},
+    **{
+        f"parallel.{k}": probe("plan", v)
+        for k, v in {
+            "tp": 4,
+            "pp": 1,
+            "vpp": None,
+            "dp": 8,
+            "sequence_parallel": None,
+            "recompute": "selective",
+            "recompute_modules": None,
+        }.items()
+    },
     "parallel.vpp": probe("plan", 2, extra=SGLANG_ROLLOUT),
     "parallel.dp": probe("plan", 2, extra=("launcher=null",)),  # with a launcher: checked against its world size
     "parallel.recompute_modules": probe("plan", "[mlp, core_attn]", extra=("parallel.recompute=selective",)),
-    **{f"parallel.fp8.{k}": probe("plan", v) for k, v in {
-        "enabled": None, "format": "e4m3", "recipe": "tensorwise", "margin": None, "amax_history_len": 16,
-        "amax_compute_algo": "most_recent"}.items()},
+    **{
+        f"parallel.fp8.{k}": probe("plan", v)
+        for k, v in {
+            "enabled": None,
+            "format": "e4m3",
+            "recipe": "tensorwise",
+            "margin": None,
+            "amax_history_len": 16,
+            "amax_compute_algo": "most_recent",
+        }.items()
+    },
     "checkpoint.dir": probe("launch", "/data/other_ckpt", extra=("launcher.log_dir=null",)),
     "checkpoint.save_interval": loop("megatron_camopd.train:train"),
     "checkpoint.keep_last": loop("megatron_camopd.train:train"),
     "checkpoint.resume": loop("megatron_camopd.resume:choose_checkpoint"),
-    **{f"logging.{k}": loop("megatron_camopd.train:train") for k in (
-        "log_interval", "progress", "diagnostics", "diagnostics_interval")},
+    **{
+        f"logging.{k}": loop("megatron_camopd.train:train")
+        for k in ("log_interval", "progress", "diagnostics", "diagnostics_interval")
+    },
     "logging.diagnostics_samples": loop("megatron_camopd.steplog:diagnostics_row"),
-    **{f"logging.wandb.{k}": loop("megatron_camopd.metrics:MetricsWriter") for k in (
-        "enabled", "project", "entity", "mode", "run_name")},
+    **{
+        f"logging.wandb.{k}": loop("megatron_camopd.metrics:MetricsWriter")
+        for k in ("enabled", "project", "entity", "mode", "run_name")
+    },
     "launcher": probe("launch", "null"),
-    **{f"launcher.{k}": probe("launch", v) for k, v in {
-        "nodes": 2, "gpus_per_node": 4, "gpu_memory_gb": 141, "partition": "gpu", "account": "proj",
-        "time": "04:00:00", "topology": "dependency", "log_dir": "/data/logs2", "python": "/opt/py",
-        "env": "{A: b}", "trainer_env": "{NCCL_IB_HCA: mlx5}", "resources.exclusive": None,
-        "resources.cpus_per_task": 32, "resources.mem": "900G", "resources.container_image": "img:2",
-        "signal_lead_s": 600, "shutdown_timeout_s": 60, "health_timeout_s": 600, "health_check_timeout_s": 10,
-        "teacher_dead_s": 100, "watch_interval_s": 5}.items()},
-    "launcher.resources.container_mounts": probe("launch", "[/a:/a]",
-                                                 extra=("launcher.resources.container_image=img:1",)),
+    **{
+        f"launcher.{k}": probe("launch", v)
+        for k, v in {
+            "nodes": 2,
+            "gpus_per_node": 4,
+            "gpu_memory_gb": 141,
+            "partition": "gpu",
+            "account": "proj",
+            "time": "04:00:00",
+            "topology": "dependency",
+            "log_dir": "/data/logs2",
+            "python": "/opt/py",
+            "env": "{A: b}",
+            "trainer_env": "{NCCL_IB_HCA: mlx5}",
+            "resources.exclusive": None,
+            "resources.cpus_per_task": 32,
+            "resources.mem": "900G",
+            "resources.container_image": "img:2",
+            "signal_lead_s": 600,
+            "shutdown_timeout_s": 60,
+            "health_timeout_s": 600,
+            "health_check_timeout_s": 10,
+            "teacher_dead_s": 100,
+            "watch_interval_s": 5,
+        }.items()
+    },
+    "launcher.resources.container_mounts": probe(
+        "launch", "[/a:/a]", extra=("launcher.resources.container_image=img:1",)
+    ),
     "launcher.teacher_dead_s": probe("launch", 100, extra=("launcher.topology=dependency",)),
     "launcher.watch_interval_s": probe("launch", 5, extra=("launcher.topology=dependency",)),
 }
@@ -264,8 +432,13 @@ def test_changing_the_field_changes_its_consumer(pattern: str) -> None:
     if value is None:
         current: Any = base
         for part in field.split("."):
-            current = current[part] if isinstance(current, dict) else \
-                current[int(part)] if isinstance(current, list) else getattr(current, part)
+            current = (
+                current[part]
+                if isinstance(current, dict)
+                else current[int(part)]
+                if isinstance(current, list)
+                else getattr(current, part)
+            )
         value = _changed(current)
     changed = load_spec(entry["base"], [*entry["extra"], f"{field}={value}"])
     fn = PROBES[entry["probe"]]

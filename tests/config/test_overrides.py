@@ -15,11 +15,19 @@ from .conftest import VALID
 
 
 def test_overrides_set_scalars_lists_and_nested_values(write_spec) -> None:
-    spec = load_spec(write_spec(), [
-        "method.rho_g=0.6", "parallel.tp=2", "parallel.fp8.enabled=true", "schedule.n_g=4",
-        "rollout.stop_token_ids=[1, 2]", "method.a_max=null", "teachers.domain.urls.1=http://h:9",
-        "description=a b=c",
-    ])
+    spec = load_spec(
+        write_spec(),
+        [
+            "method.rho_g=0.6",
+            "parallel.tp=2",
+            "parallel.fp8.enabled=true",
+            "schedule.n_g=4",
+            "rollout.stop_token_ids=[1, 2]",
+            "method.a_max=null",
+            "teachers.domain.urls.1=http://h:9",
+            "description=a b=c",
+        ],
+    )
     assert spec.method.rho_g == 0.6 and isinstance(spec.method.rho_g, float)
     assert (spec.parallel.tp, spec.parallel.fp8.enabled, spec.schedule.n_g) == (2, True, 4)
     assert spec.rollout.stop_token_ids == [1, 2] and spec.method.a_max is None
@@ -75,8 +83,10 @@ def test_paths_resolve_against_the_spec_directory(write_spec, tmp_path, monkeypa
     assert spec.data.streams[1].path == str(tmp_path / "data" / "domain.jsonl")
     assert spec.checkpoint.dir == str(tmp_path / "out" / "ckpt") and spec.checkpoint.resume == "auto"
     monkeypatch.chdir(tmp_path / "..")
-    spec = load_spec(write_spec(), ["data.streams.0.path=rel/g.jsonl", "checkpoint.resume=ckpts/iter_5",
-                                    "model.checkpoint=/abs/ckpt"])
+    spec = load_spec(
+        write_spec(),
+        ["data.streams.0.path=rel/g.jsonl", "checkpoint.resume=ckpts/iter_5", "model.checkpoint=/abs/ckpt"],
+    )
     assert spec.data.streams[0].path == os.path.join(os.getcwd(), "rel", "g.jsonl")  # overrides: working dir
     assert spec.checkpoint.resume == os.path.join(os.getcwd(), "ckpts", "iter_5")
     assert spec.model.checkpoint == "/abs/ckpt"

@@ -44,34 +44,49 @@ def test_on_bad_row_from_the_readme_is_a_data_field(write_spec) -> None:
     assert "did you mean 'on_bad_row'" in spec_error(write_spec, ["data.on_bad_rows=skip"])
 
 
-@pytest.mark.parametrize(("override", "field"), [
-    ("train.lr=.inf", "train.lr"), ("method.a_max=.nan", "method.a_max"), ("teachers.general.weight=-.inf",
-                                                                          "teachers.general.weight"),
-    ("teachers.domain.timeout_s=.inf", "teachers.domain.timeout_s"), ("schedule.mix_ratio=[.inf, 1]",
-                                                                       "schedule.mix_ratio"),
-])
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("train.lr=.inf", "train.lr"),
+        ("method.a_max=.nan", "method.a_max"),
+        ("teachers.general.weight=-.inf", "teachers.general.weight"),
+        ("teachers.domain.timeout_s=.inf", "teachers.domain.timeout_s"),
+        ("schedule.mix_ratio=[.inf, 1]", "schedule.mix_ratio"),
+    ],
+)
 def test_non_finite_numbers_are_refused(write_spec, override: str, field: str) -> None:
     msg = spec_error(write_spec, [override])
     assert field in msg and "finite" in msg
 
 
-@pytest.mark.parametrize(("overrides", "field", "words"), [
-    (["teachers.general.serve.context_length=4096"], "teachers.general.serve.context_length",
-     "must hold a prompt plus a rollout"),
-    (["teachers.medical.serve.port=30000"], "teachers.medical.serve.port", "already used"),
-    (["launcher.time=00:20:00"], "launcher.signal_lead_s", "shorter than the job's time limit"),
-    (["teachers.general.serve.tp=2"], "teachers.general.serve.dp", "tp * dp = 16 GPUs per server"),
-    (["parallel.recompute_modules=[mlp]"], "parallel.recompute_modules", "selective only"),
-    (["parallel.recompute=selective", "parallel.recompute_modules=[layernorm]"], "parallel.recompute_modules",
-     "FP8 delayed scaling"),
-    (["teachers.general.serve=null", "teachers.general.dtype=fp16"], "teachers.general.dtype",
-     "in-process"),
-    (["launcher.health_check_timeout_s=400"], "launcher.health_check_timeout_s", "shorter than teacher_dead_s"),
-    (["rollout.engine=sglang", "rollout.sglang.port=30001"], "rollout.sglang.port", "already used"),
-    (["rollout.engine=sglang"], "rollout.sglang.dp", "weight_sync: distributed needs servers with dp = 1"),
-    (["parallel.sequence_parallel=true", "parallel.tp=1", "parallel.pp=1"], "parallel.sequence_parallel",
-     "needs tp > 1"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"),
+    [
+        (
+            ["teachers.general.serve.context_length=4096"],
+            "teachers.general.serve.context_length",
+            "must hold a prompt plus a rollout",
+        ),
+        (["teachers.medical.serve.port=30000"], "teachers.medical.serve.port", "already used"),
+        (["launcher.time=00:20:00"], "launcher.signal_lead_s", "shorter than the job's time limit"),
+        (["teachers.general.serve.tp=2"], "teachers.general.serve.dp", "tp * dp = 16 GPUs per server"),
+        (["parallel.recompute_modules=[mlp]"], "parallel.recompute_modules", "selective only"),
+        (
+            ["parallel.recompute=selective", "parallel.recompute_modules=[layernorm]"],
+            "parallel.recompute_modules",
+            "FP8 delayed scaling",
+        ),
+        (["teachers.general.serve=null", "teachers.general.dtype=fp16"], "teachers.general.dtype", "in-process"),
+        (["launcher.health_check_timeout_s=400"], "launcher.health_check_timeout_s", "shorter than teacher_dead_s"),
+        (["rollout.engine=sglang", "rollout.sglang.port=30001"], "rollout.sglang.port", "already used"),
+        (["rollout.engine=sglang"], "rollout.sglang.dp", "weight_sync: distributed needs servers with dp = 1"),
+        (
+            ["parallel.sequence_parallel=true", "parallel.tp=1", "parallel.pp=1"],
+            "parallel.sequence_parallel",
+            "needs tp > 1",
+        ),
+    ],
+)
 def test_cross_field_consistency(overrides: list[str], field: str, words: str) -> None:
     msg = spec_error(None, overrides, FLAGSHIP)
     assert field in msg and words in msg, msg

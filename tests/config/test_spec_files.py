@@ -12,9 +12,15 @@ from .conftest import SPEC_FILES, VALID, YAML_DIR
 def test_expected_specs_exist() -> None:
     names = {str(p.relative_to(YAML_DIR)) for p in SPEC_FILES}
     assert names >= {
-        "camopd_roleplay_qwen3_4b.yaml", "camopd_medical_qwen3_8b.yaml", "mopd_vanilla_1to1.yaml",
-        "mopd_vanilla_3to1.yaml", "uniopd_math.yaml", "baselines/relaxed_opd.yaml", "baselines/selectkd.yaml",
-        "baselines/exopd.yaml", "examples/camopd_tiny_cpu.yaml",
+        "camopd_roleplay_qwen3_4b.yaml",
+        "camopd_medical_qwen3_8b.yaml",
+        "mopd_vanilla_1to1.yaml",
+        "mopd_vanilla_3to1.yaml",
+        "uniopd_math.yaml",
+        "baselines/relaxed_opd.yaml",
+        "baselines/selectkd.yaml",
+        "baselines/exopd.yaml",
+        "examples/camopd_tiny_cpu.yaml",
     }
 
 
@@ -61,6 +67,7 @@ def test_method_dependent_defaults(write_spec) -> None:
     mopd = load_spec(write_spec(VALID), ["method.name=mopd", "schedule.mix_ratio=[3, 1]"])
     assert (mopd.method.selection, mopd.schedule.mode) == (False, "mixed")
     uni = VALID.replace("      branch: general\n", "      verifier: exact\n").replace(
-        "      branch: domain\n", "      verifier: numeric\n")
+        "      branch: domain\n", "      verifier: numeric\n"
+    )
     spec = load_spec(write_spec(uni), ["method.name=uniopd"])
     assert spec.rollout.n_samples == 16 and spec.schedule.mode == "mixed"

@@ -42,14 +42,23 @@ HOSTILE: dict[str, tuple[bytes, int, str]] = {  # name -> (file bytes, line name
     "recursive_alias": (b"name: x\na: &a [*a]\n", 2, "recursive alias *a"),
     "recursive_mapping": (b"name: x\nm: &m\n  k: v\n  self: *m\n", 4, "recursive alias *m"),
     "deep_flow": (b"name: x\nd: " + b"[" * 10_000 + b"]" * 10_000 + b"\n", 2, f"deeper than {MAX_DEPTH}"),
-    "deep_block": (b"name: x\n" + b"".join(b"  " * i + f"k{i}:\n".encode() for i in range(200)), 65,
-                   f"deeper than {MAX_DEPTH}"),
+    "deep_block": (
+        b"name: x\n" + b"".join(b"  " * i + f"k{i}:\n".encode() for i in range(200)),
+        65,
+        f"deeper than {MAX_DEPTH}",
+    ),
     "deep_via_aliases": (_alias_chain(12).encode(), 9, f"deeper than {MAX_DEPTH}"),
-    "many_aliases": (b"x: &x 1\nl: [" + b", ".join([b"*x"] * (MAX_ALIASES + 1)) + b"]\n", 2,
-                     f"more than {MAX_ALIASES} alias uses"),
-    "latin1": (VALID.replace("name: unit", "name: unit\ndescription: caf\xe9 fran\xe7ais").encode("latin-1"), 2,
-               "not UTF-8"),
-    "nul_byte": (b"name: unit\ndescription: \"a\x00b\"\n", 2, "special characters"),
+    "many_aliases": (
+        b"x: &x 1\nl: [" + b", ".join([b"*x"] * (MAX_ALIASES + 1)) + b"]\n",
+        2,
+        f"more than {MAX_ALIASES} alias uses",
+    ),
+    "latin1": (
+        VALID.replace("name: unit", "name: unit\ndescription: caf\xe9 fran\xe7ais").encode("latin-1"),
+        2,
+        "not UTF-8",
+    ),
+    "nul_byte": (b'name: unit\ndescription: "a\x00b"\n', 2, "special characters"),
     "int_of_5000_digits": ((VALID + "train:\n  steps: " + "9" * 5000 + "\n").encode(), 29, "train.steps"),
 }
 
@@ -61,8 +70,12 @@ def test_hostile_spec_is_refused_fast_with_file_and_line(tmp_path: Path, name: s
     path = tmp_path / f"{name}.yaml"
     path.write_bytes(data)
     start = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "megatron_camopd.cli", "validate", str(path), "-q"],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "megatron_camopd.cli", "validate", str(path), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     elapsed = time.monotonic() - start
     assert res.returncode == 2, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
@@ -90,11 +103,15 @@ def test_anchors_and_merge_keys_within_the_limits_load_as_their_expansion(write_
     urls = '    urls: ["http://127.0.0.1:30000", "http://127.0.0.1:30001"]\n'
     general = "    hf_path: models/general\n"
     anchors = VALID.replace(general, general + "    timeout_s: &t 30.0\n    retries: &r 5\n").replace(
-        urls, urls + "    timeout_s: *t\n    retries: *r\n")
+        urls, urls + "    timeout_s: *t\n    retries: *r\n"
+    )
     plain = VALID.replace(general, general + "    timeout_s: 30.0\n    retries: 5\n").replace(
-        urls, urls + "    timeout_s: 30.0\n    retries: 5\n")
-    merged = VALID.replace("  general:\n" + general, "  general: &g\n" + general + "    timeout_s: 30.0\n"
-                           "  backup:\n    <<: *g\n    hf_path: models/backup\n")
+        urls, urls + "    timeout_s: 30.0\n    retries: 5\n"
+    )
+    merged = VALID.replace(
+        "  general:\n" + general,
+        "  general: &g\n" + general + "    timeout_s: 30.0\n  backup:\n    <<: *g\n    hf_path: models/backup\n",
+    )
     a = load_spec(write_spec(anchors, "anchors.yaml")).to_dict()
     assert a == load_spec(write_spec(plain, "plain.yaml")).to_dict() and a["teachers"]["domain"]["retries"] == 5
     m = load_spec(write_spec(merged, "merged.yaml"))
@@ -109,11 +126,17 @@ FLOAT_FIELDS = {  # dotted field -> how to put VALUE into the spec text (`{v}`),
     "method.r_g": (lambda v: VALID.replace("  rho_g: 0.8\n", f"  rho_g: 0.8\n  r_g: {v}\n"), 26),
     "method.a_max": (lambda v: VALID.replace("  rho_g: 0.8\n", f"  rho_g: 0.8\n  a_max: {v}\n"), 26),
     "teachers.general.weight": (
-        lambda v: VALID.replace("    hf_path: models/general\n", f"    hf_path: models/general\n    weight: {v}\n"), 8),
+        lambda v: VALID.replace("    hf_path: models/general\n", f"    hf_path: models/general\n    weight: {v}\n"),
+        8,
+    ),
     "data.streams.1.weight": (
-        lambda v: VALID.replace("      domain: med\n", f"      domain: med\n      weight: {v}\n"), 22),
-    "schedule.mix_ratio.1": (lambda v: VALID.replace("name: camopd", "name: mopd")
-                             + f"schedule:\n  mix_ratio: [1, {v}]\n", 29),
+        lambda v: VALID.replace("      domain: med\n", f"      domain: med\n      weight: {v}\n"),
+        22,
+    ),
+    "schedule.mix_ratio.1": (
+        lambda v: VALID.replace("name: camopd", "name: mopd") + f"schedule:\n  mix_ratio: [1, {v}]\n",
+        29,
+    ),
     "rollout.temperature": (lambda v: VALID + f"rollout:\n  temperature: {v}\n", 29),
 }
 

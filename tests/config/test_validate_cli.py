@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import yaml
-
 from megatron_camopd.config import validate_main
 
 from .conftest import REPO, VALID
@@ -48,10 +47,20 @@ def test_check_paths(write_spec, tmp_path, capsys) -> None:
 
 
 def test_module_entry_point(write_spec) -> None:
-    ok = subprocess.run([sys.executable, "-m", "megatron_camopd.config", str(write_spec())],
-                        capture_output=True, text=True, cwd=REPO, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, "-m", "megatron_camopd.config", str(write_spec())],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert ok.returncode == 0 and yaml.safe_load(ok.stdout)["name"] == "unit"
-    bad = subprocess.run([sys.executable, "-m", "megatron_camopd.config", str(write_spec()), "train.lr=-1"],
-                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "megatron_camopd.config", str(write_spec()), "train.lr=-1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == "error: override 'train.lr=-1': train.lr: must be > 0, got -1.0"

@@ -19,8 +19,16 @@ def make_tiny_hf_with_tokenizer(kind: str, out: Path, seed: int = 0) -> Path:
 
     make_tiny_tokenizer(out)
     vocab = Tokenizer.from_dir(out).vocab_size  # 102: pads to 128 at TP=1 and 256 at TP=2
-    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=256)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(seed)
     if kind.startswith("qwen3"):
         cfg = Qwen3Config(tie_word_embeddings=kind.endswith("tied"), rope_theta=1e6, **common)
@@ -41,8 +49,13 @@ def positions(ids: torch.Tensor) -> torch.Tensor:
 
 def tp2_resave_worker(rank: int, world: int, pairs: list[tuple[Path, Path]], ids: torch.Tensor) -> dict[str, Any]:
     """For each (src root, dst root): load ``src`` at TP=world, return the full logits, save again under ``dst``."""
-    from megatron_camopd.backend.checkpoint import (find_model_meta, load_model_only, resolve_checkpoint,
-                                                    save_checkpoint, write_model_meta)
+    from megatron_camopd.backend.checkpoint import (
+        find_model_meta,
+        load_model_only,
+        resolve_checkpoint,
+        save_checkpoint,
+        write_model_meta,
+    )
     from megatron_camopd.backend.cpu_runtime import init_distributed
     from megatron_camopd.backend.model import ModelArch, build_model_chunks, transformer_config
 

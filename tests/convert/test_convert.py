@@ -68,11 +68,14 @@ def test_layout_that_does_not_fit_the_architecture_is_a_spec_error(tiny_hf, tmp_
         convert_main(["--from-hf", str(tiny_hf["qwen3"]), str(tmp_path / "ckpt"), "--pp", "4"])
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("intermediate_size", 96, "linear_fc1.weight' has shape"),
-    ("num_hidden_layers", 1, "shape"),
-    ("vocab_size", 200, r"embedding.word_embeddings.weight' has shape \(128, 64\), expected \(200\+padding"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("intermediate_size", 96, "linear_fc1.weight' has shape"),
+        ("num_hidden_layers", 1, "shape"),
+        ("vocab_size", 200, r"embedding.word_embeddings.weight' has shape \(128, 64\), expected \(200\+padding"),
+    ],
+)
 def test_to_hf_with_a_config_that_does_not_match_the_checkpoint(tiny_hf, tmp_path, field, value, match) -> None:
     root = tmp_path / "ckpt"
     convert_main(["--from-hf", str(tiny_hf["qwen3"]), str(root)])

@@ -55,11 +55,10 @@ def test_tp2_checkpoint_to_hf_matches_megatron_and_original(tp2, tiny_hf, kind: 
 
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    prompt = tok.apply_chat_template([{"role": "user", "content": "2+2="}], add_generation_prompt=True,
-                                     tokenize=False)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2+2="}], add_generation_prompt=True, tokenize=False)
     enc = tok(prompt, return_tensors="pt")
     gen = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     ref = AutoModelForCausalLM.from_pretrained(tiny_hf[kind], dtype=torch.float32).eval()
     assert gen.shape[1] > enc["input_ids"].shape[1]
     assert torch.equal(gen, ref.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id))
-    assert isinstance(tok.decode(gen[0, enc["input_ids"].shape[1]:]), str)
+    assert isinstance(tok.decode(gen[0, enc["input_ids"].shape[1] :]), str)

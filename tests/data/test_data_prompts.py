@@ -26,8 +26,11 @@ def stream(tok: Tokenizer, path: Path, fmt: str, **kw: Any) -> PromptStream:
 
 def test_messages_format(tmp_path: Path, tiny_tok: Tokenizer) -> None:
     rows = [
-        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2="}],
-         "answer": "4", "domain": "math"},
+        {
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2="}],
+            "answer": "4",
+            "domain": "math",
+        },
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "id": 7},
     ]
     s = stream(tiny_tok, write_jsonl(tmp_path / "m.jsonl", rows), "messages", domain="general", shuffle=False)
@@ -46,26 +49,38 @@ def test_prompt_format(tmp_path: Path, tiny_tok: Tokenizer) -> None:
 
 
 def test_nemotron_drops_reference_reply(tmp_path: Path, tiny_tok: Tokenizer) -> None:
-    rows = [{"category": "math", "messages": [{"role": "user", "content": "1+1"},
-                                              {"role": "assistant", "content": "secret reference"}]}]
+    rows = [
+        {
+            "category": "math",
+            "messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "secret reference"}],
+        }
+    ]
     (p,) = stream(tiny_tok, write_jsonl(tmp_path / "n.jsonl", rows), "nemotron").next_batch(1)
     assert p.category == "math" and p.messages == [{"role": "user", "content": "1+1"}]
     assert "secret" not in tiny_tok.decode(p.prompt_ids)
 
 
 def test_coser_first_n_minus_1_turns(tmp_path: Path, tiny_tok: Tokenizer) -> None:
-    conv = [{"from": "system", "value": "You are Ahab."}, {"from": "human", "value": "Whale?"},
-            {"from": "gpt", "value": "Aye."}, {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "There"}]
-    (p,) = stream(tiny_tok, write_jsonl(tmp_path / "c.jsonl", [{"conversations": conv}]), "coser",
-                  domain="roleplay").next_batch(1)
+    conv = [
+        {"from": "system", "value": "You are Ahab."},
+        {"from": "human", "value": "Whale?"},
+        {"from": "gpt", "value": "Aye."},
+        {"from": "human", "value": "Where?"},
+        {"from": "gpt", "value": "There"},
+    ]
+    (p,) = stream(
+        tiny_tok, write_jsonl(tmp_path / "c.jsonl", [{"conversations": conv}]), "coser", domain="roleplay"
+    ).next_batch(1)
     assert [m["role"] for m in p.messages] == ["system", "user", "assistant", "user"]
     assert p.reference == "There" and p.domain == "roleplay"
 
 
 def test_medical_mc_template(tmp_path: Path, tiny_tok: Tokenizer) -> None:
-    rows = [{"question": "Which vitamin?", "opa": "A1", "opb": "B12", "opc": "C", "opd": "D", "cop": 1},
-            {"question": "Q2", "options": {"A": "x", "B": "y", "C": "z", "D": "w", "E": "v"}, "answer": "e"},
-            {"question": "Describe asthma."}]
+    rows = [
+        {"question": "Which vitamin?", "opa": "A1", "opb": "B12", "opc": "C", "opd": "D", "cop": 1},
+        {"question": "Q2", "options": {"A": "x", "B": "y", "C": "z", "D": "w", "E": "v"}, "answer": "e"},
+        {"question": "Describe asthma."},
+    ]
     s = stream(tiny_tok, write_jsonl(tmp_path / "med.jsonl", rows), "medical_mc", shuffle=False)
     p1, p2, p3 = s.next_batch(3)
     assert p1.reference == "B" and p2.reference == "E" and p3.reference is None
@@ -89,8 +104,9 @@ BAD_ROWS = [
 
 
 @pytest.mark.parametrize("bad,expected", BAD_ROWS)
-def test_malformed_row_errors_name_file_line_field(tmp_path: Path, tiny_tok: Tokenizer, bad: Any,
-                                                    expected: str) -> None:
+def test_malformed_row_errors_name_file_line_field(
+    tmp_path: Path, tiny_tok: Tokenizer, bad: Any, expected: str
+) -> None:
     good = {"messages": [{"role": "user", "content": "ok"}]}
     path = write_jsonl(tmp_path / "m.jsonl", [good, bad, good])
     with pytest.raises(DataError) as exc:
@@ -99,12 +115,14 @@ def test_malformed_row_errors_name_file_line_field(tmp_path: Path, tiny_tok: Tok
 
 
 def test_format_specific_errors(tmp_path: Path, tiny_tok: Tokenizer) -> None:
-    cases = [("nemotron", {"messages": [{"role": "user", "content": "x"}]}, "field 'category'"),
-             ("prompt", {"prompt": ""}, "field 'prompt'"),
-             ("coser", {"messages": [{"role": "user", "content": "x"}]}, "at least 2 turns"),
-             ("medical_mc", {"question": "q", "opa": "x", "opb": "y", "cop": 5}, "field 'cop'"),
-             ("medical_mc", {"question": "q", "opa": "x", "opb": "y", "answer": "Z"}, "field 'answer'"),
-             ("messages", {"messages": [{"role": "user", "content": "x"}], "domain": 3}, "field 'domain'")]
+    cases = [
+        ("nemotron", {"messages": [{"role": "user", "content": "x"}]}, "field 'category'"),
+        ("prompt", {"prompt": ""}, "field 'prompt'"),
+        ("coser", {"messages": [{"role": "user", "content": "x"}]}, "at least 2 turns"),
+        ("medical_mc", {"question": "q", "opa": "x", "opb": "y", "cop": 5}, "field 'cop'"),
+        ("medical_mc", {"question": "q", "opa": "x", "opb": "y", "answer": "Z"}, "field 'answer'"),
+        ("messages", {"messages": [{"role": "user", "content": "x"}], "domain": 3}, "field 'domain'"),
+    ]
     for fmt, row, expected in cases:
         path = write_jsonl(tmp_path / f"{fmt}.jsonl", [row])
         with pytest.raises(DataError, match=expected) as exc:
@@ -181,8 +199,9 @@ def test_nemotron_proportional_sampling(tmp_path: Path, tiny_tok: Tokenizer) -> 
     assert len({p.uid for p in s.prompts}) == 20
     again = stream(tiny_tok, path, "nemotron", num_samples=20, seed=1)
     assert [p.uid for p in again.prompts] == [p.uid for p in s.prompts]
-    assert [p.uid for p in stream(tiny_tok, path, "nemotron", num_samples=20, seed=2).prompts] != \
-        [p.uid for p in s.prompts]
+    assert [p.uid for p in stream(tiny_tok, path, "nemotron", num_samples=20, seed=2).prompts] != [
+        p.uid for p in s.prompts
+    ]
 
 
 def test_proportional_allocation_sums() -> None:
@@ -194,8 +213,11 @@ def test_proportional_allocation_sums() -> None:
 def test_parquet_and_multi_source(tmp_path: Path, tiny_tok: Tokenizer) -> None:
     pq_path = write_parquet(make_examples("reverse", 7, seed=0), tmp_path / "r.parquet", fmt="messages")
     jl_path = write_jsonl(tmp_path / "j.jsonl", [{"prompt": "copy: a", "answer": "a"}])
-    s = PromptStream([PromptSource(str(pq_path), "messages"), PromptSource(str(jl_path), "prompt", domain="dom")],
-                     tiny_tok, shuffle=False)
+    s = PromptStream(
+        [PromptSource(str(pq_path), "messages"), PromptSource(str(jl_path), "prompt", domain="dom")],
+        tiny_tok,
+        shuffle=False,
+    )
     got = s.next_batch(8)
     assert [p.source for p in got[:2]] == [f"{pq_path}:1", f"{pq_path}:2"]
     assert got[0].uid == "reverse-0-0" and got[0].reference == got[0].messages[0]["content"][9:][::-1]
@@ -211,9 +233,11 @@ def test_parquet_and_multi_source(tmp_path: Path, tiny_tok: Tokenizer) -> None:
 
 
 def test_medical_options_validation(tmp_path: Path, tiny_tok: Tokenizer) -> None:
-    for row, expected in [({"question": "q", "options": {"a": "x", "A": "y"}}, "duplicate option letters"),
-                          ({"question": "q", "options": {"A": 3}}, "must be a letter A-J mapping to a string"),
-                          ({"question": "q", "options": "A. x"}, "must be an object or a list")]:
+    for row, expected in [
+        ({"question": "q", "options": {"a": "x", "A": "y"}}, "duplicate option letters"),
+        ({"question": "q", "options": {"A": 3}}, "must be a letter A-J mapping to a string"),
+        ({"question": "q", "options": "A. x"}, "must be an object or a list"),
+    ]:
         path = write_jsonl(tmp_path / "med.jsonl", [row])
         with pytest.raises(DataError, match=expected):
             stream(tiny_tok, path, "medical_mc")

@@ -26,8 +26,12 @@ ROUTED = frozenset({"general", "domain"})
 
 
 def row(i: int, domain: str = "domain") -> dict[str, Any]:
-    return {"uid": f"r{i}", "domain": domain, "messages": [{"role": "user", "content": f"shift: abc{i}"}],
-            "answer": "bcd"}
+    return {
+        "uid": f"r{i}",
+        "domain": domain,
+        "messages": [{"role": "user", "content": f"shift: abc{i}"}],
+        "answer": "bcd",
+    }
 
 
 def write_rows(path: Path, n: int = 8, bad_byte_line: int | None = None, unrouted_line: int | None = None) -> Path:
@@ -94,8 +98,14 @@ def test_parquet_and_json_rows_are_numbered(tmp_path: Path) -> None:
 def test_scan_data_names_the_stream_field_of_a_missing_file(tmp_path: Path) -> None:
     from megatron_camopd.config import load_spec
 
-    spec = load_spec(TINY_SPEC, [f"data.streams.0.path={write_rows(tmp_path / 'g.jsonl')}",
-                                 f"data.streams.1.path={tmp_path / 'missing.jsonl'}", "routing.general=domain"])
+    spec = load_spec(
+        TINY_SPEC,
+        [
+            f"data.streams.0.path={write_rows(tmp_path / 'g.jsonl')}",
+            f"data.streams.1.path={tmp_path / 'missing.jsonl'}",
+            "routing.general=domain",
+        ],
+    )
     with pytest.raises(DataError, match=r"^data.streams.1.path: .*missing.jsonl does not exist"):
         scan_data(spec)
 
@@ -110,10 +120,19 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _train(root: Path, ckpt: Path, *extra: str) -> subprocess.CompletedProcess:
     from megatron_camopd.demo.tiny import tiny_spec_overrides
 
-    args = [*tiny_spec_overrides(root), f"checkpoint.dir={ckpt}", "logging.progress=off", "logging.diagnostics=false",
-            *extra]
-    return subprocess.run([sys.executable, "-m", "megatron_camopd.cli", "train", str(TINY_SPEC), *args],
-                          capture_output=True, text=True, timeout=300)
+    args = [
+        *tiny_spec_overrides(root),
+        f"checkpoint.dir={ckpt}",
+        "logging.progress=off",
+        "logging.diagnostics=false",
+        *extra,
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_camopd.cli", "train", str(TINY_SPEC), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _with_bad_rows(root: Path, out: Path) -> Path:
@@ -136,8 +155,16 @@ def test_train_stops_before_any_model_loads_then_skip_mode_trains(tiny_root: Pat
 
     # the unrouted domain on line 5 is named the same way (test_unrouted_domain_is_named_with_its_line)
     data = _with_bad_rows(tiny_root, data)
-    res = _train(tiny_root, tmp_path / "c2", f"data.streams.1.path={data}", "data.on_bad_row=skip", "train.steps=1",
-                 "schedule.mode=mixed", "schedule.mix_ratio=[1, 1]", "rollout.max_new_tokens=8")
+    res = _train(
+        tiny_root,
+        tmp_path / "c2",
+        f"data.streams.1.path={data}",
+        "data.on_bad_row=skip",
+        "train.steps=1",
+        "schedule.mode=mixed",
+        "schedule.mix_ratio=[1, 1]",
+        "rollout.max_new_tokens=8",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "data stream domain" in res.stderr and "skipped 2 bad rows of 256" in res.stderr, res.stderr[-3000:]
     metrics = [json.loads(x) for x in (tmp_path / "c2" / "metrics.jsonl").read_text().splitlines()]

@@ -5,8 +5,16 @@ from pathlib import Path
 import pytest
 
 from megatron_camopd.data.prompts import PromptSource, PromptStream
-from megatron_camopd.data.synthetic import (TASKS, accuracy, make_examples, make_mixture, score_exact,
-                                            shift_letters, verifier_name, write_jsonl)
+from megatron_camopd.data.synthetic import (
+    TASKS,
+    accuracy,
+    make_examples,
+    make_mixture,
+    score_exact,
+    shift_letters,
+    verifier_name,
+    write_jsonl,
+)
 from megatron_camopd.data.tokenizer import Tokenizer
 from megatron_camopd.data.verifiers import get_verifier
 from megatron_camopd.errors import DataError
@@ -43,7 +51,7 @@ def test_answers_are_right(task: str) -> None:
 
 def test_mc_answer_letter_is_the_sum() -> None:
     for ex in make_examples("mc", 50, seed=0):
-        a, b = map(int, ex["question"][len("What is "):-1].split("+"))
+        a, b = map(int, ex["question"][len("What is ") : -1].split("+"))
         assert ex["options"][ex["answer"]] == str(a + b)
         assert sum(v == str(a + b) for v in ex["options"].values()) == 1
 

@@ -7,8 +7,15 @@ import time
 import pytest
 
 from megatron_camopd.data.sandbox import SandboxLimits, run_python
-from megatron_camopd.data.verifiers import (code, exact_match, final_letter, get_verifier, last_number, mc_letter,
-                                            numeric)
+from megatron_camopd.data.verifiers import (
+    code,
+    exact_match,
+    final_letter,
+    get_verifier,
+    last_number,
+    mc_letter,
+    numeric,
+)
 from megatron_camopd.errors import DataError, SpecError
 
 
@@ -73,6 +80,7 @@ def test_code_memory_limit() -> None:
 
 
 def test_output_flood_is_capped() -> None:
-    res = run_python("while True:\n    print('x' * 1000)\n",
-                     limits=SandboxLimits(wall_time_s=5.0, max_output_bytes=64 * 1024))
+    res = run_python(
+        "while True:\n    print('x' * 1000)\n", limits=SandboxLimits(wall_time_s=5.0, max_output_bytes=64 * 1024)
+    )
     assert not res.ok and len(res.stdout) <= 64 * 1024

@@ -37,7 +37,9 @@ while _f is not None:
     _f = _f.f_back
 """
 
-FORK_EXEC = UNHOOK + """
+FORK_EXEC = (
+    UNHOOK
+    + """
 import _posixsubprocess, os
 def sh(cmd):
     er, ew = os.pipe()
@@ -47,6 +49,7 @@ def sh(cmd):
     os.close(ew); os.read(er, 64); os.close(er)
     os.waitpid(pid, 0)
 """
+)
 
 
 @pytest.fixture()
@@ -103,8 +106,10 @@ def _survivors(marker: str) -> list[int]:
 
 def test_guard_switched_off_then_subprocess_reads_nothing(canary: tuple[Path, str]) -> None:
     d, secret = canary
-    prog = UNHOOK + f"import subprocess\nprint(subprocess.run(['cat', '{d}/secret.txt', '/etc/passwd'], " \
-                    "capture_output=True, text=True).stdout)\nprint('spawned')\n"
+    prog = (
+        UNHOOK + f"import subprocess\nprint(subprocess.run(['cat', '{d}/secret.txt', '/etc/passwd'], "
+        "capture_output=True, text=True).stdout)\nprint('spawned')\n"
+    )
     res = run_python(prog)
     assert res.ok and "spawned" in res.stdout  # spawning works, but inside the sandbox
     assert secret not in res.stdout and "root:" not in res.stdout
@@ -121,12 +126,21 @@ def test_posixsubprocess_fork_exec_shell_is_confined(canary: tuple[Path, str]) -
 
 def test_host_files_are_not_visible(canary: tuple[Path, str]) -> None:
     d, secret = canary
-    paths = ["/etc/passwd", "/etc/shadow", "/root/.bashrc", "/root/.profile", f"{d}/secret.txt",
-             str(Path(megatron_camopd.__file__)), f"{sys.prefix}/pyvenv.cfg"]
-    prog = UNHOOK + f"import json, os\nout = {{}}\nfor p in {paths!r}:\n    try:\n" \
-                    "        out[p] = 'READ:' + open(p).read()\n    except OSError as e:\n" \
-                    "        out[p] = 'ERR:' + type(e).__name__\n" \
-                    "out['ls'] = sorted(os.listdir('/'))\nprint(json.dumps(out))\n"
+    paths = [
+        "/etc/passwd",
+        "/etc/shadow",
+        "/root/.bashrc",
+        "/root/.profile",
+        f"{d}/secret.txt",
+        str(Path(megatron_camopd.__file__)),
+        f"{sys.prefix}/pyvenv.cfg",
+    ]
+    prog = (
+        UNHOOK + f"import json, os\nout = {{}}\nfor p in {paths!r}:\n    try:\n"
+        "        out[p] = 'READ:' + open(p).read()\n    except OSError as e:\n"
+        "        out[p] = 'ERR:' + type(e).__name__\n"
+        "out['ls'] = sorted(os.listdir('/'))\nprint(json.dumps(out))\n"
+    )
     res = run_python(prog)
     assert res.ok, res
     out = json.loads(res.stdout)
@@ -140,9 +154,11 @@ def test_writes_outside_the_work_dir_do_not_persist(canary: tuple[Path, str]) ->
     name = f"camopd_escape_{uuid.uuid4().hex}"
     pkg = Path(megatron_camopd.__file__).parent
     targets = [pkg, Path(sys.prefix), Path("/etc/cron.d"), d, Path("/tmp"), Path("/usr/lib")]
-    prog = UNHOOK + f"import os\nfor t in {[str(t) for t in targets]!r} + ['/work', '/tmp']:\n    try:\n" \
-                    f"        os.makedirs(t, exist_ok=True); open(os.path.join(t, {name!r}), 'w').write('x')\n" \
-                    "        print('wrote', t)\n    except OSError as e:\n        print('refused', t, e)\n"
+    prog = (
+        UNHOOK + f"import os\nfor t in {[str(t) for t in targets]!r} + ['/work', '/tmp']:\n    try:\n"
+        f"        os.makedirs(t, exist_ok=True); open(os.path.join(t, {name!r}), 'w').write('x')\n"
+        "        print('wrote', t)\n    except OSError as e:\n        print('refused', t, e)\n"
+    )
     res = run_python(prog)
     assert res.ok and "wrote /work" in res.stdout, res
     assert not [t for t in targets if (t / name).exists()]
@@ -160,9 +176,11 @@ def test_unix_sockets_of_the_host_are_unreachable(canary: tuple[Path, str]) -> N
         srv.bind(addr)
         servers.append((srv, *_serve(srv)))
     path.chmod(0o777)
-    prog = UNHOOK + f"import socket\nfor a in {[str(path), abstract]!r}:\n    try:\n" \
-                    "        s = socket.socket(socket.AF_UNIX); s.connect(a); s.sendall(b'leak'); print('sent', a)\n" \
-                    "    except OSError as e:\n        print('refused', type(e).__name__)\n"
+    prog = (
+        UNHOOK + f"import socket\nfor a in {[str(path), abstract]!r}:\n    try:\n"
+        "        s = socket.socket(socket.AF_UNIX); s.connect(a); s.sendall(b'leak'); print('sent', a)\n"
+        "    except OSError as e:\n        print('refused', type(e).__name__)\n"
+    )
     try:
         res = run_python(prog)
         time.sleep(0.3)
@@ -178,8 +196,10 @@ def test_unix_sockets_of_the_host_are_unreachable(canary: tuple[Path, str]) -> N
 def test_tcp_loopback_listener_is_unreachable() -> None:
     srv, got, stop = _listen_tcp()
     port = srv.getsockname()[1]
-    prog = UNHOOK + f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)" \
-                    ".sendall(b'leak'); print('sent')\nexcept OSError as e:\n    print('refused', e)\n"
+    prog = (
+        UNHOOK + f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)"
+        ".sendall(b'leak'); print('sent')\nexcept OSError as e:\n    print('refused', e)\n"
+    )
     try:
         res = run_python(prog)
         assert code(prog, {"tests": [{"stdin": "", "stdout": "sent"}]}) == 0.0
@@ -193,9 +213,11 @@ def test_tcp_loopback_listener_is_unreachable() -> None:
 def test_cannot_signal_a_host_process() -> None:
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        prog = UNHOOK + f"import os, signal\nfor pid in ({victim.pid}, {os.getpid()}):\n    try:\n" \
-                        "        os.kill(pid, signal.SIGKILL); print('killed', pid)\n" \
-                        "    except OSError as e:\n        print('refused', type(e).__name__)\n"
+        prog = (
+            UNHOOK + f"import os, signal\nfor pid in ({victim.pid}, {os.getpid()}):\n    try:\n"
+            "        os.kill(pid, signal.SIGKILL); print('killed', pid)\n"
+            "    except OSError as e:\n        print('refused', type(e).__name__)\n"
+        )
         res = run_python(prog)
         time.sleep(0.2)
         assert res.ok and victim.poll() is None, res
@@ -215,12 +237,14 @@ def test_password_file_answer_does_not_score() -> None:
 def test_no_process_outlives_the_run(ending: str) -> None:
     marker = f"camopd-survivor-{uuid.uuid4().hex}"
     child = f"import os, time\\nif os.fork() == 0:\\n    os.setsid(); time.sleep(60)\\ntime.sleep(60)  # {marker}"
-    prog = UNHOOK + "import os, subprocess, sys\n" \
-        f"a = subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(60)  # {marker}'])\n" \
-        f"b = subprocess.Popen([sys.executable, '-c', '{child}'], start_new_session=True)\n" \
-        f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)  # {marker}'])\n" \
-        "import time\ntime.sleep(0.5)\nprint(a.pid, b.pid, c.pid, flush=True)\n" \
+    prog = (
+        UNHOOK + "import os, subprocess, sys\n"
+        f"a = subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(60)  # {marker}'])\n"
+        f"b = subprocess.Popen([sys.executable, '-c', '{child}'], start_new_session=True)\n"
+        f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)  # {marker}'])\n"
+        "import time\ntime.sleep(0.5)\nprint(a.pid, b.pid, c.pid, flush=True)\n"
         + ("while True:\n    pass\n" if ending == "timeout" else "")
+    )
     lim = SandboxLimits(wall_time_s=2.0)
     res = run_python(prog, limits=lim)
     assert len(res.stdout.split()) == 3, res  # the children were started
@@ -231,8 +255,10 @@ def test_no_process_outlives_the_run(ending: str) -> None:
 def test_interrupted_run_leaves_nothing() -> None:
     """An exception in the parent mid-run (here a timer signal, like Ctrl-C) still kills the whole sandbox."""
     marker = f"camopd-interrupted-{uuid.uuid4().hex}"
-    prog = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', " \
-           f"'import os, time; os.setsid(); time.sleep(60)  # {marker}'])\ntime.sleep(60)\n"
+    prog = (
+        f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', "
+        f"'import os, time; os.setsid(); time.sleep(60)  # {marker}'])\ntime.sleep(60)\n"
+    )
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -251,9 +277,11 @@ def test_interrupted_run_leaves_nothing() -> None:
 def test_fork_bomb_is_bounded() -> None:
     marker = f"camopd-bomb-{uuid.uuid4().hex}"
     lim = SandboxLimits(max_processes=16)
-    prog = "import os, time\nn = 0\nfor _ in range(400):\n    try:\n        if os.fork() == 0:\n" \
-           f"            os.execv('/bin/sleep', ['sleep', '30', '{marker}'])\n        n += 1\n" \
-           "    except OSError:\n        break\nprint(n)\n"
+    prog = (
+        "import os, time\nn = 0\nfor _ in range(400):\n    try:\n        if os.fork() == 0:\n"
+        f"            os.execv('/bin/sleep', ['sleep', '30', '{marker}'])\n        n += 1\n"
+        "    except OSError:\n        break\nprint(n)\n"
+    )
     res = run_python(prog, limits=lim)
     assert res.ok and 0 < int(res.stdout) < lim.max_processes, res
     assert _survivors(marker) == []
@@ -263,9 +291,11 @@ def test_memory_and_disk_bombs_are_bounded() -> None:
     lim = SandboxLimits(memory_mb=256, tmpfs_mb=8)
     res = run_python("x = bytearray(4 * 1024 ** 3)\nprint('allocated')", limits=lim)
     assert not res.ok and "MemoryError" in res.stderr and "allocated" not in res.stdout
-    fill = "import os\nfor d in ('/tmp', '/work'):\n    n = 0\n    try:\n        while n < 1000:\n" \
-           "            open(f'{d}/f{n}', 'wb').write(b'x' * 2 ** 20); n += 1\n    except OSError:\n        pass\n" \
-           "    print(n)\n"
+    fill = (
+        "import os\nfor d in ('/tmp', '/work'):\n    n = 0\n    try:\n        while n < 1000:\n"
+        "            open(f'{d}/f{n}', 'wb').write(b'x' * 2 ** 20); n += 1\n    except OSError:\n        pass\n"
+        "    print(n)\n"
+    )
     res = run_python(fill, limits=lim)
     assert res.ok and all(int(n) <= lim.tmpfs_mb for n in res.stdout.split()), res
 
@@ -326,8 +356,10 @@ def test_interpreter_outside_usr_gets_only_its_prefix() -> None:
     try:
         (prefix / "bin").mkdir(mode=0o755)
         shutil.copy2(os.path.realpath("/usr/bin/python3"), prefix / "bin" / "python3")  # stdlib from /usr
-        prog = f"import os\nprint([os.path.exists(p) for p in ({str(prefix / 'bin' / 'python3')!r}, " \
-               f"'/root/.bashrc', {str(Path(megatron_camopd.__file__))!r})])\nopen({str(prefix)!r} + '/x', 'w')\n"
+        prog = (
+            f"import os\nprint([os.path.exists(p) for p in ({str(prefix / 'bin' / 'python3')!r}, "
+            f"'/root/.bashrc', {str(Path(megatron_camopd.__file__))!r})])\nopen({str(prefix)!r} + '/x', 'w')\n"
+        )
         res = run_python(prog, limits=SandboxLimits(python=str(prefix / "bin" / "python3")))
         assert res.stdout == "[True, False, False]\n" and "Read-only file system" in res.stderr, res
     finally:

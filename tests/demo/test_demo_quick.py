@@ -21,8 +21,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _camopd(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "megatron_camopd.cli", *args], check=False, capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_camopd.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -89,8 +96,19 @@ def test_rerun_reuses_cached_phases(demo_dir):
 def test_compare_table(demo_dir, tmp_path):
     out, _ = demo_dir
     cmp_dir = tmp_path / "cmp"
-    stdout = _camopd("compare", str(out / "specs" / "distill.yaml"), "--seeds", "2", "--methods",
-                     "mopd_1to1", "camopd_no_select", "--steps", "2", "--out", str(cmp_dir)).stdout
+    stdout = _camopd(
+        "compare",
+        str(out / "specs" / "distill.yaml"),
+        "--seeds",
+        "2",
+        "--methods",
+        "mopd_1to1",
+        "camopd_no_select",
+        "--steps",
+        "2",
+        "--out",
+        str(cmp_dir),
+    ).stdout
     assert "| MOPD (1:1) |" in stdout and "| CaMOPD w/o selection |" in stdout
     data = json.loads((cmp_dir / "compare.json").read_text())
     assert data["domains"] == ["domain", "general"] and data["seeds"] == 2

@@ -17,9 +17,16 @@ from megatron_camopd.errors import SpecError
 
 
 def test_proxy_uses_shifted_lengths_and_task_subset(tmp_path):
-    s = DemoSetting(n_train=40, n_eval=10, general_tasks={"reverse": [3, 6], "copy": [3, 6], "sort": [3, 5]},
-                    proxy_tasks=["reverse", "copy"], proxy_lengths={"reverse": [3, 4]}, domain_tasks={"copy": [3, 6]},
-                    domain_replay_tasks=["sort"], proxy_weights={})
+    s = DemoSetting(
+        n_train=40,
+        n_eval=10,
+        general_tasks={"reverse": [3, 6], "copy": [3, 6], "sort": [3, 5]},
+        proxy_tasks=["reverse", "copy"],
+        proxy_lengths={"reverse": [3, 4]},
+        domain_tasks={"copy": [3, 6]},
+        domain_replay_tasks=["sort"],
+        proxy_weights={},
+    )
     data = write_data(s, tmp_path)
     proxy = read_jsonl(data["proxy_general"])
     tasks = {r["uid"].split("-")[0] for r in proxy}
@@ -36,9 +43,16 @@ def test_proxy_uses_shifted_lengths_and_task_subset(tmp_path):
 
 
 def test_eval_overlap_counts_prompts_seen_in_training(tmp_path):
-    s = DemoSetting(n_train=300, n_eval=20, general_tasks={"arithmetic": [1, 1], "reverse": [6, 6]},
-                    proxy_tasks=["reverse"], proxy_lengths={}, domain_tasks={"reverse": [6, 6]},
-                    domain_replay_tasks=[], proxy_weights={})
+    s = DemoSetting(
+        n_train=300,
+        n_eval=20,
+        general_tasks={"arithmetic": [1, 1], "reverse": [6, 6]},
+        proxy_tasks=["reverse"],
+        proxy_lengths={},
+        domain_tasks={"reverse": [6, 6]},
+        domain_replay_tasks=[],
+        proxy_weights={},
+    )
     data = write_data(s, tmp_path)
     ov = eval_overlap(data)
     assert ov["general"]["arithmetic"][1] == 20 and ov["general"]["reverse"] == [0, 20]  # 26^6 strings: no repeats
@@ -53,8 +67,15 @@ def test_eval_overlap_counts_prompts_seen_in_training(tmp_path):
 
 
 def test_set_overrides_change_fields_and_name_bad_keys():
-    s = DemoSetting().with_overrides(["distill_steps=12", "distill_lr=1e-3", "sft_domain_lr=1",
-                                      "proxy_lengths={reverse: [4, 5]}", "distill_lr_decay=cosine"])
+    s = DemoSetting().with_overrides(
+        [
+            "distill_steps=12",
+            "distill_lr=1e-3",
+            "sft_domain_lr=1",
+            "proxy_lengths={reverse: [4, 5]}",
+            "distill_lr_decay=cosine",
+        ]
+    )
     assert (s.distill_steps, s.distill_lr, s.sft_domain_lr) == (12, 1e-3, 1.0)
     assert s.proxy_lengths == {"reverse": [4, 5]} and s.distill_lr_decay == "cosine"
     assert DemoSetting().with_overrides([]) == DemoSetting()
@@ -75,10 +96,17 @@ def test_set_overrides_change_fields_and_name_bad_keys():
 
 
 def test_loud_persona_shares_the_surface_form_and_proxy_shares_follow_weights(tmp_path):
-    s = DemoSetting(n_train=100, n_eval=10, general_tasks={"arithmetic": [1, 1], "reverse": [3, 5]},
-                    domain_tasks={"reverse": [3, 5]}, proxy_tasks=["arithmetic", "reverse"], proxy_lengths={},
-                    proxy_weights={"arithmetic": 3.0, "reverse": 0.5}, domain_replay=0.2,
-                    domain_replay_tasks=["arithmetic"])
+    s = DemoSetting(
+        n_train=100,
+        n_eval=10,
+        general_tasks={"arithmetic": [1, 1], "reverse": [3, 5]},
+        domain_tasks={"reverse": [3, 5]},
+        proxy_tasks=["arithmetic", "reverse"],
+        proxy_lengths={},
+        proxy_weights={"arithmetic": 3.0, "reverse": 0.5},
+        domain_replay=0.2,
+        domain_replay_tasks=["arithmetic"],
+    )
     data = write_data(s, tmp_path)
     loud = read_jsonl(data["prompts_domain"])
     assert all(r["messages"][-1]["content"].startswith("! reverse: ") for r in loud)

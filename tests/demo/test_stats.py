@@ -11,7 +11,7 @@ from megatron_camopd.demo.stats import instruments, mean_std, paired_difference,
 
 
 def test_mean_std_skips_missing_and_nonfinite():
-    assert mean_std([1.0, None, float("nan"), 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert mean_std([1.0, None, float("nan"), 3.0]) == (2.0, pytest.approx(2**0.5))
     assert mean_std([5.0]) == (5.0, 0.0) and mean_std([None]) == (None, None)
 
 
@@ -34,9 +34,12 @@ def test_verdict_reads_the_interval():
 
 
 def test_instruments_and_counteraction():
-    rows = [{"diag_grad_cos": -0.2, "diag_gcg": 10.0, "selected_len_mean/general": 4.0},
-            {"diag_grad_cos": -0.1, "diag_gcg": 30.0, "selected_len_mean/general": 6.0},
-            {"diag_grad_cos": 0.05}, {"loss": 1.0}]
+    rows = [
+        {"diag_grad_cos": -0.2, "diag_gcg": 10.0, "selected_len_mean/general": 4.0},
+        {"diag_grad_cos": -0.1, "diag_gcg": 30.0, "selected_len_mean/general": 6.0},
+        {"diag_grad_cos": 0.05},
+        {"loss": 1.0},
+    ]
     ins = instruments(rows)
     assert ins["cross_cos_mean"] == pytest.approx(-0.25 / 3) and ins["cross_cos_negative_share"] == pytest.approx(2 / 3)
     assert ins["gcg"] == pytest.approx(20.0) and ins["selected_len_mean/general"] == pytest.approx(5.0)
@@ -48,11 +51,18 @@ def test_instruments_and_counteraction():
 
 def test_summarise_pairs_methods_with_mopd_on_common_seeds():
     def run(seed, g, d):
-        return {"seed": seed, "accuracy": {"general": g, "domain": d}, "normalised": {"score": g - 0.5},
-                "instruments": {"gcg": 1.0}, "seconds": 10.0}
+        return {
+            "seed": seed,
+            "accuracy": {"general": g, "domain": d},
+            "normalised": {"score": g - 0.5},
+            "instruments": {"gcg": 1.0},
+            "seconds": 10.0,
+        }
 
-    results = {"mopd_1to1": [run(0, 0.7, 0.9), run(1, 0.6, 0.9), run(2, 0.65, 0.9)],
-               "camopd": [run(0, 0.8, 0.95), run(2, 0.7, 0.9)]}
+    results = {
+        "mopd_1to1": [run(0, 0.7, 0.9), run(1, 0.6, 0.9), run(2, 0.65, 0.9)],
+        "camopd": [run(0, 0.8, 0.95), run(2, 0.7, 0.9)],
+    }
     s = summarise(results, ["domain", "general"])
     assert "paired" not in s["mopd_1to1"] and s["camopd"]["seconds"] == 20.0
     assert s["camopd"]["paired"]["general"]["per_seed"] == pytest.approx([0.1, 0.05])  # seeds 0 and 2 only

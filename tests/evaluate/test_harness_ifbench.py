@@ -54,13 +54,22 @@ def test_ifbench_checkers_tell_a_following_response_from_a_violating_one() -> No
 @pytest.mark.timeout(300)
 def test_bench_ifbench_on_a_tiny_model_writes_ifbench_files_and_the_table(tiny_model_dir, tmp_path) -> None:
     out = tmp_path / "ev"
-    assert eval_main([str(tiny_model_dir), "--bench", "ifbench", "--limit", "2", "--max-new-tokens", "8",
-                      "--out-dir", str(out)]) == 0
+    assert (
+        eval_main(
+            [str(tiny_model_dir), "--bench", "ifbench", "--limit", "2", "--max-new-tokens", "8", "--out-dir", str(out)]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in (out / "ifbench" / "output.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and set(rows[0]) == {"prompt", "response"}
     strict = [json.loads(x) for x in (out / "ifbench" / "eval_results_strict.jsonl").read_text().splitlines()]
-    assert set(strict[0]) == {"instruction_id_list", "prompt", "response", "follow_all_instructions",
-                              "follow_instruction_list"}
+    assert set(strict[0]) == {
+        "instruction_id_list",
+        "prompt",
+        "response",
+        "follow_all_instructions",
+        "follow_instruction_list",
+    }
     assert [s["response"] for s in strict] == [r["response"] for r in rows]
     metrics = json.loads((out / "ifbench" / "metrics.json").read_text())
     assert {"strict:prompt-level", "loose:instruction-level", "strict:count:keywords_multiple"} <= set(metrics)

@@ -6,8 +6,8 @@ import json
 import re
 
 import pytest
-import yaml
 
+import yaml
 from megatron_camopd.data.verifiers import mc_letter, numeric
 from megatron_camopd.errors import SpecError
 from megatron_camopd.evaluate.lm_eval_export import export_lm_eval
@@ -24,15 +24,27 @@ def test_export_writes_a_well_formed_generate_until_task(tmp_path) -> None:
     (task,) = load_tasks(["arithmetic"], limit=7)
     paths = export_lm_eval(task, tmp_path / "lm", max_new_tokens=32)
     cfg = yaml.safe_load(paths["yaml"].read_text())
-    for key in ("task", "dataset_path", "dataset_kwargs", "test_split", "output_type", "doc_to_text",
-                "doc_to_target", "generation_kwargs", "metric_list"):
+    for key in (
+        "task",
+        "dataset_path",
+        "dataset_kwargs",
+        "test_split",
+        "output_type",
+        "doc_to_text",
+        "doc_to_target",
+        "generation_kwargs",
+        "metric_list",
+    ):
         assert key in cfg, key
     assert cfg["task"] == "camopd_arithmetic" and cfg["output_type"] == "generate_until"
     assert cfg["dataset_path"] == "json" and cfg["test_split"] == "test"
     data = cfg["dataset_kwargs"]["data_files"]["test"]
     assert data == str(paths["data"]) and paths["data"].is_absolute()
-    assert cfg["generation_kwargs"] == {"until": ["<|im_end|>", "<|endoftext|>"], "do_sample": False,
-                                        "max_gen_toks": 32}
+    assert cfg["generation_kwargs"] == {
+        "until": ["<|im_end|>", "<|endoftext|>"],
+        "do_sample": False,
+        "max_gen_toks": 32,
+    }
     assert cfg["metric_list"][0]["metric"] == "exact_match"
     rows = [json.loads(line) for line in paths["data"].read_text().splitlines()]
     assert len(rows) == 7
@@ -43,14 +55,27 @@ def test_export_writes_a_well_formed_generate_until_task(tmp_path) -> None:
             assert field in row
 
 
-@pytest.mark.parametrize("verifier,scorer,cases", [
-    ("mc_letter", mc_letter, [("Reasoning... Final answer: C", "C"), ("final answer: b", "B"),
-                              ("Final answer: A then Final answer: D", "D"), ("no letter", "A")]),
-    ("numeric", numeric, [("so it is 1,234", "1234"), ("3 then 42", "42"), ("-7", "-7"), ("none", "5")]),
-])
+@pytest.mark.parametrize(
+    "verifier,scorer,cases",
+    [
+        (
+            "mc_letter",
+            mc_letter,
+            [
+                ("Reasoning... Final answer: C", "C"),
+                ("final answer: b", "B"),
+                ("Final answer: A then Final answer: D", "D"),
+                ("no letter", "A"),
+            ],
+        ),
+        ("numeric", numeric, [("so it is 1,234", "1234"), ("3 then 42", "42"), ("-7", "-7"), ("none", "5")]),
+    ],
+)
 def test_exported_filters_score_like_the_project_verifier(tmp_path, verifier, scorer, cases) -> None:
-    examples = [{"uid": str(i), "messages": [{"role": "user", "content": "q"}], "answer": ans}
-                for i, (_, ans) in enumerate(cases)]
+    examples = [
+        {"uid": str(i), "messages": [{"role": "user", "content": "q"}], "answer": ans}
+        for i, (_, ans) in enumerate(cases)
+    ]
     cfg = yaml.safe_load(export_lm_eval(EvalTask("t", examples, verifier, "x"), tmp_path)["yaml"].read_text())
     steps = cfg["filter_list"][0]["filter"]
     assert steps[-1]["function"] == "take_first"

@@ -9,16 +9,19 @@ import pytest
 from megatron_camopd.evaluate.core import mean_pass_at_k, pass_at_k
 
 
-@pytest.mark.parametrize("n,c,k,expected", [
-    (5, 0, 1, 0.0),        # nothing correct
-    (5, 5, 3, 1.0),        # everything correct
-    (5, 1, 1, 0.2),        # pass@1 is the fraction correct
-    (10, 3, 1, 0.3),
-    (5, 2, 2, 0.7),        # 1 - C(3,2)/C(5,2) = 1 - 3/10
-    (4, 3, 2, 1.0),        # n - c < k: every k-subset holds a correct sample
-    (6, 2, 3, 0.8),        # 1 - C(4,3)/C(6,3) = 1 - 4/20
-    (1, 1, 1, 1.0),
-])
+@pytest.mark.parametrize(
+    "n,c,k,expected",
+    [
+        (5, 0, 1, 0.0),  # nothing correct
+        (5, 5, 3, 1.0),  # everything correct
+        (5, 1, 1, 0.2),  # pass@1 is the fraction correct
+        (10, 3, 1, 0.3),
+        (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+        (4, 3, 2, 1.0),  # n - c < k: every k-subset holds a correct sample
+        (6, 2, 3, 0.8),  # 1 - C(4,3)/C(6,3) = 1 - 4/20
+        (1, 1, 1, 1.0),
+    ],
+)
 def test_pass_at_k_hand_cases(n: int, c: int, k: int, expected: float) -> None:
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 

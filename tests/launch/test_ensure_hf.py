@@ -7,7 +7,6 @@ from pathlib import Path
 
 from megatron_camopd.convert.megatron_hf import hf_to_checkpoint
 from megatron_camopd.launch.servers import CONVERTED_MARKER, ensure_hf, main
-
 from tests.convert._workers import make_tiny_hf_with_tokenizer
 
 
@@ -19,8 +18,10 @@ def test_checkpoint_converted_once_and_hf_dir_kept(tmp_path: Path, capsys) -> No
     out = tmp_path / "served" / "teacher"
     assert ensure_hf(str(ckpt), str(out)) == str(out)
     assert (out / "config.json").is_file() and json.loads((out / CONVERTED_MARKER).read_text())["source"]
-    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == \
-        json.loads((hf / "config.json").read_text())["num_hidden_layers"]
+    assert (
+        json.loads((out / "config.json").read_text())["num_hidden_layers"]
+        == json.loads((hf / "config.json").read_text())["num_hidden_layers"]
+    )
     stamp = (out / CONVERTED_MARKER).stat().st_mtime_ns
     assert main(["ensure-hf", str(ckpt), str(out)]) == 0  # the launchers' entry point: a no-op the second time
     assert capsys.readouterr().out.strip() == str(out)

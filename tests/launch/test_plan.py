@@ -35,8 +35,15 @@ def test_plan_json_shows_the_spec_settings(path: Path, capsys: pytest.CaptureFix
     assert plan["ddp_config"]["use_distributed_optimizer"] is spec.train.distributed_optimizer
     assert plan["optimizer_config"]["lr"] == spec.train.lr
     mem = plan["memory_gb_per_gpu"]
-    assert set(mem["terms"]) == {"weights", "grads", "optimizer", "activations", "inprocess_teachers",
-                                 "rollout_kv_cache", "overhead"}
+    assert set(mem["terms"]) == {
+        "weights",
+        "grads",
+        "optimizer",
+        "activations",
+        "inprocess_teachers",
+        "rollout_kv_cache",
+        "overhead",
+    }
     assert mem["fits"] and 0 < mem["total"] <= spec.launcher.gpu_memory_gb
     kinds = [c["kind"] for c in plan["slurm"]["components"]]
     assert kinds == ["teacher"] * len(spec.teachers) + ["trainer"]
@@ -45,13 +52,24 @@ def test_plan_json_shows_the_spec_settings(path: Path, capsys: pytest.CaptureFix
 
 
 def test_selective_recompute_and_fp8_recipe_reach_the_config() -> None:
-    spec = load_spec(FLAGSHIP, ["parallel.recompute=selective", "parallel.recompute_modules=[mlp, layernorm]",
-                                "parallel.fp8.recipe=tensorwise"])
+    spec = load_spec(
+        FLAGSHIP,
+        [
+            "parallel.recompute=selective",
+            "parallel.recompute_modules=[mlp, layernorm]",
+            "parallel.fp8.recipe=tensorwise",
+        ],
+    )
     tc = build_plan(spec, str(FLAGSHIP), [])["transformer_config"]
     assert (tc["recompute_granularity"], tc["recompute_modules"]) == ("selective", ["mlp", "layernorm"])
     assert (tc["fp8"], tc["fp8_recipe"]) == ("hybrid", "tensorwise")
-    off = build_plan(load_spec(FLAGSHIP, ["parallel.sequence_parallel=false", "parallel.recompute=none",
-                                          "parallel.fp8.enabled=false"]), str(FLAGSHIP), [])["transformer_config"]
+    off = build_plan(
+        load_spec(
+            FLAGSHIP, ["parallel.sequence_parallel=false", "parallel.recompute=none", "parallel.fp8.enabled=false"]
+        ),
+        str(FLAGSHIP),
+        [],
+    )["transformer_config"]
     assert (off["sequence_parallel"], off["recompute_granularity"], off["fp8"]) == (False, None, None)
 
 
@@ -71,8 +89,10 @@ def test_memory_terms_follow_the_spec() -> None:
     assert 80 < full["activations_no_recompute"] < 160 and full["activations_recompute_full"] < 25
     plain = estimate(load_spec(FLAGSHIP, ["train.distributed_optimizer=false"]), arch)
     assert plain["terms"]["optimizer"] == pytest.approx(8 * full["terms"]["optimizer"], rel=0.01)  # dp = 8
-    inproc = load_spec(FLAGSHIP, ["teachers.general.discovery_file=null", "teachers.general.serve=null",
-                                  "teachers.general.hf_path=/data/x"])
+    inproc = load_spec(
+        FLAGSHIP,
+        ["teachers.general.discovery_file=null", "teachers.general.serve=null", "teachers.general.hf_path=/data/x"],
+    )
     assert estimate(inproc, arch)["terms"]["inprocess_teachers"] == pytest.approx(full["terms"]["weights"])
     sglang = estimate(load_spec(FLAGSHIP, ["rollout.engine=sglang", "rollout.sglang.weight_sync=disk"]), arch)
     assert sglang["terms"]["rollout_kv_cache"] == 0
@@ -95,8 +115,10 @@ def test_inprocess_teacher_counts_its_own_architecture(tmp_path: Path) -> None:
     teacher = tmp_path / "teacher"
     teacher.mkdir()
     (teacher / "config.json").write_text(json.dumps(PRESETS["qwen3-4b"]))
-    spec = load_spec(FLAGSHIP, ["teachers.general.discovery_file=null", "teachers.general.serve=null",
-                                f"teachers.general.hf_path={teacher}"])
+    spec = load_spec(
+        FLAGSHIP,
+        ["teachers.general.discovery_file=null", "teachers.general.serve=null", f"teachers.general.hf_path={teacher}"],
+    )
     student = student_arch(spec)[0]
     archs = frozen_archs(spec, student)
     assert [a.hidden_size for a in archs] == [2560]

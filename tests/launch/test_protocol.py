@@ -44,8 +44,13 @@ def _free_dead_port() -> str:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "megatron_camopd.launch.protocol", *args], capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_camopd.launch.protocol", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_register_and_count_healthy(tmp_path: Path, server: str) -> None:
@@ -71,9 +76,11 @@ def test_lib_sh_functions_use_the_protocol(tmp_path: Path, server: str) -> None:
     """The bash side: sourcing the package's lib.sh gives register_address/healthy_count backed by this module."""
     assert Path(_cli("lib-path").stdout.strip()) == LIB_SH
     addr = tmp_path / "d.addr"
-    script = (f'set -euo pipefail; PYTHON={sys.executable}; HEALTH_CHECK_TIMEOUT_S=2; source "{LIB_SH}"; '
-              f'register_address {addr} {server}; register_address {addr} {_free_dead_port()}; '
-              f'healthy_count {addr}; http_ok http://{server}/health && echo up')
+    script = (
+        f'set -euo pipefail; PYTHON={sys.executable}; HEALTH_CHECK_TIMEOUT_S=2; source "{LIB_SH}"; '
+        f"register_address {addr} {server}; register_address {addr} {_free_dead_port()}; "
+        f"healthy_count {addr}; http_ok http://{server}/health && echo up"
+    )
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1", "up"]

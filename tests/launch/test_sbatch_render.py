@@ -23,9 +23,15 @@ from megatron_camopd.launch.submit import slurm_minutes
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml"
 SERVE = "{nodes: 1, gpus_per_node: 2, tp: 1, dp: 2}"
-LAUNCHER = ["launcher.nodes=2", "launcher.gpus_per_node=4", f"teachers.general.serve={SERVE}",
-            f"teachers.domain.serve={SERVE}", "launcher.time=01:00:00", "launcher.partition=gpu",
-            "launcher.env={HF_HOME: /cache}"]
+LAUNCHER = [
+    "launcher.nodes=2",
+    "launcher.gpus_per_node=4",
+    f"teachers.general.serve={SERVE}",
+    f"teachers.domain.serve={SERVE}",
+    "launcher.time=01:00:00",
+    "launcher.partition=gpu",
+    "launcher.env={HF_HOME: /cache}",
+]
 
 
 def bash_syntax_ok(text: str, tmp_path: Path) -> None:
@@ -44,14 +50,25 @@ def test_hetjob_gpu_script(tmp_path: Path) -> None:
     bash_syntax_ok(text, tmp_path)
     sbatch = [line for line in text.splitlines() if line.startswith("#SBATCH")]
     assert sbatch.count("#SBATCH hetjob") == 2  # 2 teacher components + the trainer
-    assert sbatch[-1] == ("#SBATCH --nodes=2 --ntasks-per-node=1 --time=01:00:00 --gpus-per-node=4 --exclusive "
-                          "--mem=0 --partition=gpu")
-    assert ("#SBATCH --nodes=1 --ntasks-per-node=1 --time=01:00:00 --gpus-per-node=2 --exclusive --mem=0 "
-            "--partition=gpu") in sbatch
-    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@1800", "SERVER_BACKEND=sglang", "NODES=2",
-                 "NPROC_PER_NODE=4", "SERVERS=(general domain)", "export HF_HOME=/cache", "WORKDIR=/work",
-                 f"SPEC={TINY}", "export CUDA_DEVICE_MAX_CONNECTIONS=1"):
-        assert line in text.splitlines() or any(l.startswith(line + " ") for l in text.splitlines()), line
+    assert sbatch[-1] == (
+        "#SBATCH --nodes=2 --ntasks-per-node=1 --time=01:00:00 --gpus-per-node=4 --exclusive --mem=0 --partition=gpu"
+    )
+    assert (
+        "#SBATCH --nodes=1 --ntasks-per-node=1 --time=01:00:00 --gpus-per-node=2 --exclusive --mem=0 --partition=gpu"
+    ) in sbatch
+    for line in (
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@1800",
+        "SERVER_BACKEND=sglang",
+        "NODES=2",
+        "NPROC_PER_NODE=4",
+        "SERVERS=(general domain)",
+        "export HF_HOME=/cache",
+        "WORKDIR=/work",
+        f"SPEC={TINY}",
+        "export CUDA_DEVICE_MAX_CONNECTIONS=1",
+    ):
+        assert line in text.splitlines() or any(x.startswith(line + " ") for x in text.splitlines()), line
     assert "@{" not in text and 'source "$CAMOPD_LIB"' in text  # fully rendered, sources the package's lib.sh
     lib = LIB_SH.read_text()
     assert "--shutdown-timeout=" not in lib and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT_S" in lib
@@ -74,7 +91,7 @@ def test_dependency_topology_renders_two_scripts(tmp_path: Path) -> None:
     servers = [line for line in scripts["teachers"].splitlines() if line.startswith("#SBATCH --nodes=")]
     assert len(servers) == 2 and "#SBATCH hetjob" in scripts["teachers"]  # one component per teacher
     assert "TEACHER_JOB_ID=${TEACHER_JOB_ID:?" in scripts["train"]
-    assert "hetjob" not in "".join(l for l in scripts["train"].splitlines() if l.startswith("#SBATCH"))
+    assert "hetjob" not in "".join(x for x in scripts["train"].splitlines() if x.startswith("#SBATCH"))
 
 
 def test_no_served_teachers_gives_a_plain_job(tmp_path: Path) -> None:
@@ -105,7 +122,8 @@ def test_missing_template_value_is_an_error() -> None:
         render_template("hetjob", {})
 
 
-@pytest.mark.parametrize(("text", "minutes"), [("30", 30), ("01:30", 2), ("08:00:00", 480), ("1-00:00:00", 1440),
-                                               ("2-1", 2940)])
+@pytest.mark.parametrize(
+    ("text", "minutes"), [("30", 30), ("01:30", 2), ("08:00:00", 480), ("1-00:00:00", 1440), ("2-1", 2940)]
+)
 def test_slurm_minutes(text: str, minutes: int) -> None:
     assert slurm_minutes(text) == minutes

@@ -40,16 +40,25 @@ def test_cluster_spec_renders_servers_trainer_and_resources(path: Path, tmp_path
     for i, (name, teacher) in enumerate(http.items()):
         model = teacher.served_model
         assert model and f"prepare_model {model} " in text
-        start = re.search(rf"^start_servers {i} {name} \"\$MODEL_{i}\" (\d+) (\d+) .*--het-group={i}"
-                          rf" --cpus-per-task={teacher.serve.resources.cpus_per_task}$", text, re.M)
+        start = re.search(
+            rf"^start_servers {i} {name} \"\$MODEL_{i}\" (\d+) (\d+) .*--het-group={i}"
+            rf" --cpus-per-task={teacher.serve.resources.cpus_per_task}$",
+            text,
+            re.M,
+        )
         assert start, f"teacher {name} is not started"
         assert int(start.group(2)) == spec.teacher_port(name)
         assert f"teachers.{name}.discovery_file=$DISCOVERY_DIR/{name}.addr" in text
-    server_fn = text[text.index("server_0()"):text.index("export -f server_0")]
+    server_fn = text[text.index("server_0()") : text.index("export -f server_0")]
     serve = next(iter(http.values())).serve
-    for flag in ("-m sglang.launch_server", "--model-path \"$1\"", f"--tp-size {serve.tp}",
-                 f"--dp-size {serve.dp}", f"--mem-fraction-static {serve.mem_fraction_static:g}",
-                 f"--context-length {serve.context_length or spec.seq_length}"):
+    for flag in (
+        "-m sglang.launch_server",
+        '--model-path "$1"',
+        f"--tp-size {serve.tp}",
+        f"--dp-size {serve.dp}",
+        f"--mem-fraction-static {serve.mem_fraction_static:g}",
+        f"--context-length {serve.context_length or spec.seq_length}",
+    ):
         assert flag in " ".join(server_fn.replace("\\\n", " ").split()), flag
     # the trainer starts only after every server group answered /health, with the NCCL environment
     wait, train = text.index('wait_for_servers "$DISCOVERY_DIR"'), text.index("start_trainer ")
@@ -61,8 +70,13 @@ def test_cluster_spec_renders_servers_trainer_and_resources(path: Path, tmp_path
 
 def test_checkpoint_teacher_is_converted_once_for_sglang(tmp_path: Path) -> None:
     path = REPO / "yaml" / "camopd_medical_qwen3_8b.yaml"
-    spec = load_spec(path, ["teachers.medical.serve.model=/data/ckpt/medical_teacher",
-                            "teachers.medical.serve.hf_dir=/data/served/medical"])
+    spec = load_spec(
+        path,
+        [
+            "teachers.medical.serve.model=/data/ckpt/medical_teacher",
+            "teachers.medical.serve.hf_dir=/data/served/medical",
+        ],
+    )
     (c,) = [c for c in server_components(spec, cpu=False) if c.name == "medical"]
     assert (c.model, c.hf_dir) == ("/data/ckpt/medical_teacher", "/data/served/medical")
     text = render_scripts(spec, str(path), [], cpu=False)["hetjob"]
@@ -73,9 +87,14 @@ def test_checkpoint_teacher_is_converted_once_for_sglang(tmp_path: Path) -> None
 def test_container_image_reaches_every_srun(tmp_path: Path) -> None:
     path = REPO / "yaml" / "uniopd_math.yaml"
     image = "nvcr.io/nvidia/pytorch:25.01-py3"
-    spec = load_spec(path, [f"launcher.resources.container_image={image}",
-                            f"teachers.math.serve.resources.container_image={image}",
-                            "launcher.resources.container_mounts=[/data:/data]"])
+    spec = load_spec(
+        path,
+        [
+            f"launcher.resources.container_image={image}",
+            f"teachers.math.serve.resources.container_image={image}",
+            "launcher.resources.container_mounts=[/data:/data]",
+        ],
+    )
     text = render_scripts(spec, str(path), [], cpu=False)["hetjob"]
     assert text.count(f"--container-image={image}") >= 3  # conversion step, servers, trainer
     assert "--container-mounts=/data:/data" in text

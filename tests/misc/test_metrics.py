@@ -24,8 +24,9 @@ def test_rows_resume_truncation_and_nan(tmp_path):
 
 def test_progress_lines_and_wandb_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    w = MetricsWriter(tmp_path, 2, progress="lines",
-                      wandb_cfg={"enabled": True, "mode": "offline", "project": "t", "run_name": "r"})
+    w = MetricsWriter(
+        tmp_path, 2, progress="lines", wandb_cfg={"enabled": True, "mode": "offline", "project": "t", "run_name": "r"}
+    )
     w.log({"step": 1, "loss": 0.5, "branch": "general"})
     w.close()
     assert "[camopd] step 1/2 branch=general loss=0.5" in capsys.readouterr().out

@@ -23,6 +23,8 @@ def tp_logits_worker(rank: int, world: int, ckpt: str, ids: list[int]) -> dict[s
     with torch.no_grad():
         logits = chunks[0].eval()(t, torch.arange(len(ids)).unsqueeze(0), attention_mask=None)
     attn = chunks[0].decoder.layers[0].self_attention
-    return {"logits": logits[..., : arch.vocab_size].float(),
-            "heads_per_rank": attn.num_attention_heads_per_partition,
-            "kv_groups_per_rank": attn.num_query_groups_per_partition}
+    return {
+        "logits": logits[..., : arch.vocab_size].float(),
+        "heads_per_rank": attn.num_attention_heads_per_partition,
+        "kv_groups_per_rank": attn.num_query_groups_per_partition,
+    }

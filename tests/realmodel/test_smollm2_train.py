@@ -27,8 +27,14 @@ STEPS = 2
 
 
 def _overrides(ckpt: Path, out: Path, teachers: list[str]) -> list[str]:
-    return [f"model.checkpoint={ckpt}", f"checkpoint.dir={out}", f"train.steps={STEPS}", "checkpoint.resume=never",
-            "logging.progress=off", *teachers]
+    return [
+        f"model.checkpoint={ckpt}",
+        f"checkpoint.dir={out}",
+        f"train.steps={STEPS}",
+        "checkpoint.resume=never",
+        "logging.progress=off",
+        *teachers,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +44,23 @@ def runs(smollm2_dir, smollm2_ckpt, tmp_path_factory) -> dict[str, Path]:
     (rep,) = start_local_replicas(smollm2_dir, root, 1, env=sub_env())
     try:
         local = [f"teachers.{n}.hf_path={smollm2_dir}" for n in ("general", "domain")]
-        served = [x for n in ("general", "domain")
-                  for x in (f"teachers.{n}.hf_path=null", f"teachers.{n}.urls=[{rep.url}]")]
-        jobs = {"local": _overrides(smollm2_ckpt, root / "local", local),
-                "served": _overrides(smollm2_ckpt, root / "served", served)}
-        for name, over in jobs.items():  # bad overrides fail here, before any process starts
+        served = [
+            x for n in ("general", "domain") for x in (f"teachers.{n}.hf_path=null", f"teachers.{n}.urls=[{rep.url}]")
+        ]
+        jobs = {
+            "local": _overrides(smollm2_ckpt, root / "local", local),
+            "served": _overrides(smollm2_ckpt, root / "served", served),
+        }
+        for over in jobs.values():  # bad overrides fail here, before any process starts
             load_spec(EXAMPLE_SPEC, over)
         errors: dict[str, BaseException] = {}
         times: dict[str, float] = {}
 
         def run(name: str) -> None:
             try:
-                times[name] = run_camopd("train", str(EXAMPLE_SPEC), *jobs[name], log=root / f"{name}.log",
-                                         timeout_s=600)
+                times[name] = run_camopd(
+                    "train", str(EXAMPLE_SPEC), *jobs[name], log=root / f"{name}.log", timeout_s=600
+                )
             except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
                 errors[name] = exc
 
@@ -95,7 +105,7 @@ def test_trained_smollm2_converts_back_and_generates(runs, smollm2_dir, tmp_path
     enc = tok.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-    text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert out.shape[1] > enc["input_ids"].shape[1] and text.strip(), repr(text)
     before, after = read_hf_state_dict(smollm2_dir), read_hf_state_dict(hf)
     assert sorted(before) == sorted(after)

@@ -19,9 +19,11 @@ def prompts_and_seeds(n: int = 10, vocab: int = 300) -> tuple[list[list[int]], l
 def params_list():
     from megatron_camopd.rollout.sampling import SamplingParams
 
-    return [SamplingParams(greedy=True, max_new_tokens=24),
-            SamplingParams(temperature=1.0, max_new_tokens=24, stop_token_ids=STOPS),
-            SamplingParams(temperature=0.7, top_p=0.9, top_k=40, max_new_tokens=30, stop_token_ids=STOPS)]
+    return [
+        SamplingParams(greedy=True, max_new_tokens=24),
+        SamplingParams(temperature=1.0, max_new_tokens=24, stop_token_ids=STOPS),
+        SamplingParams(temperature=0.7, top_p=0.9, top_k=40, max_new_tokens=30, stop_token_ids=STOPS),
+    ]
 
 
 def make_model(root: Path) -> Path:
@@ -44,10 +46,18 @@ def in_process_model(hf_dir: Path, tp: int = 1, pp: int = 1, max_context: int = 
 
     arch = ModelArch.from_hf_dir(hf_dir)
     chunks, _ = build_chunks(arch, tp, pp, None, "fp32")
-    load_hf_weights(chunks, hf_dir, arch, ps.get_tensor_model_parallel_rank(), tp,
-                    ps.get_pipeline_model_parallel_rank(), pp)
-    return InProcessModel(chunks, ParallelGroups.from_parallel_state(), arch.vocab_size, max_context=max_context,
-                          pad_id=0, eos_id=None, micro_batch_size=4)
+    load_hf_weights(
+        chunks, hf_dir, arch, ps.get_tensor_model_parallel_rank(), tp, ps.get_pipeline_model_parallel_rank(), pp
+    )
+    return InProcessModel(
+        chunks,
+        ParallelGroups.from_parallel_state(),
+        arch.vocab_size,
+        max_context=max_context,
+        pad_id=0,
+        eos_id=None,
+        micro_batch_size=4,
+    )
 
 
 def as_data(rollouts) -> list[tuple]:

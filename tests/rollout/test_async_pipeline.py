@@ -1,7 +1,8 @@
 """Rollouts overlapped with training, in process (`rollout.engine: megatron`, `rollout.max_staleness: k`): every
 sample's weight_version lags the trainer's by exactly min(step, k) <= k (k = 1, 2), checked per sample as the
 trainer takes each batch; a k=1 run preempted (SIGTERM) at step 3 of 6, rollouts in flight saved, and resumed
-reproduces the uninterrupted loss curve bit for bit from metrics.jsonl; k=0 still takes the on-policy path; TP/PP > 1 in process
+reproduces the uninterrupted loss curve bit for bit from metrics.jsonl; k=0 still takes the on-policy path;
+TP/PP > 1 in process
 is refused by the spec check with the field named."""
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import pytest
 from megatron_camopd.backend.spawn import run_on_ranks
 from megatron_camopd.config import load_spec
 from megatron_camopd.errors import SpecError
-
 from tests.train._workers import TINY_SPEC, tiny_overrides
 
 STEPS = 6
@@ -58,8 +58,9 @@ def runs(rank: int, world: int, root: str, out: str) -> dict:
         return tiny_overrides(root, out / name, "rollout.prompts_per_step=4", "train.micro_batch_size=2", *extra)
 
     res = {}
-    res["k1"] = _train_recording(o("k1", f"train.steps={STEPS}", "rollout.max_staleness=1",
-                                   "checkpoint.save_interval=3"))
+    res["k1"] = _train_recording(
+        o("k1", f"train.steps={STEPS}", "rollout.max_staleness=1", "checkpoint.save_interval=3")
+    )
     interrupted = o("part", f"train.steps={STEPS}", "rollout.max_staleness=1", "checkpoint.save_interval=0")
     res["part"] = _train_recording(interrupted, preempt_at=2)  # stops after step 3 of 6
     res["part_state"] = json.loads((out / "part" / "iter_0000003" / "train_state.json").read_text())
@@ -93,7 +94,7 @@ def test_staleness_never_exceeds_the_bound(results, run, k):
         lags = [trainer - v for v in versions]
         assert all(0 <= lag <= k for lag in lags), (step, lags)
         assert lags == [min(step, k)] * len(lags)  # exactly k steps off once the pipeline is full
-    for r, (step, _, versions) in zip(rows, seen):
+    for r, (step, _, _versions) in zip(rows, seen):
         assert r["rollout_staleness_max"] == min(step, k) and r["rollout_staleness_mean"] == min(step, k)
         assert r["rollout_wait_s"] >= 0 and r["weight_wait_s"] >= 0 and r["loss"] == r["loss"]
     # stale rollouts differ from the policy that trains on them: the IS weight has work to do

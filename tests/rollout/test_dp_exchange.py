@@ -30,8 +30,16 @@ def _samples(n_samples: int = 6) -> list[Sample]:
             lps[2, 5] = float("nan")  # dropped by a method that checks the top-k log-probs
         prompt = Prompt(uid=str(i), domain="general", prompt_ids=[1, 2, 3], messages=[], reference=None, source="t")
         r = Rollout([1, 2, 3], list(range(n)), -torch.rand(n, generator=g), torch.rand(n, generator=g), top1)
-        s = Sample(index=i, group=i, branch="general", prompt=prompt, teacher="general", verifier=None,
-                   rollout=r, scores=TeacherScores(-torch.rand(n, generator=g), ids, lps))
+        s = Sample(
+            index=i,
+            group=i,
+            branch="general",
+            prompt=prompt,
+            teacher="general",
+            verifier=None,
+            rollout=r,
+            scores=TeacherScores(-torch.rand(n, generator=g), ids, lps),
+        )
         out.append(s)
     return out
 
@@ -39,7 +47,7 @@ def _samples(n_samples: int = 6) -> list[Sample]:
 def test_standins_reproduce_selection_and_acceptance() -> None:
     real = _samples()
     stand = [with_standin_topk(without_topk(s), summarize(s, accept_k=5)) for s in real]
-    for method, kept in ((build_method("selectkd", k=5), 6), (build_method("opd", loss_form="topk"), 5)):
+    for method, kept in ((build_method("selectkd", k=5), 6), (build_method("opd", loss="topk"), 5)):
         a = method.prepare(signal_batch(real, {"general": 1.0}))
         b = method.prepare(signal_batch(stand, {"general": 1.0}))
         assert torch.equal(a.sample_weight, b.sample_weight)

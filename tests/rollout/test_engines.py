@@ -86,12 +86,13 @@ def test_greedy_megatron_equals_transformers(hf_dir, model):
 
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     prompts, _ = prompts_and_seeds()
-    got = build_sampler("megatron", model).generate(prompts, SamplingParams(greedy=True, max_new_tokens=20),
-                                                    [0] * len(prompts))
+    got = build_sampler("megatron", model).generate(
+        prompts, SamplingParams(greedy=True, max_new_tokens=20), [0] * len(prompts)
+    )
     for p, r in zip(prompts, got):
         with torch.no_grad():
             want = hf.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
-        assert r.response_ids == want[0, len(p):].tolist()
+        assert r.response_ids == want[0, len(p) :].tolist()
 
 
 @pytest.mark.multiproc

@@ -37,11 +37,22 @@ def _setup(student: str):
 
     init_distributed(1, 1, rank=0, world_size=1, seed=0)
     arch = ModelArch.from_hf_dir(student)
-    engine = Engine(arch, micro_batch_size=2, optim=OptimSettings(lr=1e-2),
-                    init_fn=lambda chunks: load_hf_weights(chunks, student, arch, 0, 1))
+    engine = Engine(
+        arch,
+        micro_batch_size=2,
+        optim=OptimSettings(lr=1e-2),
+        init_fn=lambda chunks: load_hf_weights(chunks, student, arch, 0, 1),
+    )
     tok = Tokenizer.from_dir(student)
-    model = InProcessModel(engine.chunks, engine.groups, arch.vocab_size, max_context=MAX_CONTEXT, pad_id=tok.pad_id,
-                           eos_id=tok.eos_id, micro_batch_size=2)
+    model = InProcessModel(
+        engine.chunks,
+        engine.groups,
+        arch.vocab_size,
+        max_context=MAX_CONTEXT,
+        pad_id=tok.pad_id,
+        eos_id=tok.eos_id,
+        micro_batch_size=2,
+    )
     return arch, engine, tok, model
 
 
@@ -66,8 +77,15 @@ def sync_steps(rank: int, world: int, student: str, urls: list[str], mode: str, 
     from megatron_camopd.rollout.sglang import SglangSampler
 
     arch, engine, tok, model = _setup(student)
-    sampler = SglangSampler(_servers(urls, weight_sync=mode, sync_dir=sync_dir, bucket_mb=1), model=model,
-                            trainer=engine, seed=0, need_entropy=True, model_dir=student, tokenizer_dir=student)
+    sampler = SglangSampler(
+        _servers(urls, weight_sync=mode, sync_dir=sync_dir, bucket_mb=1),
+        model=model,
+        trainer=engine,
+        seed=0,
+        need_entropy=True,
+        model_dir=student,
+        tokenizer_dir=student,
+    )
     prompts, seeds = prompts_and_seeds(arch.vocab_size)
     params = SamplingParams(temperature=1.0, max_new_tokens=12, stop_token_ids=tuple(tok.stop_ids))
     first = megatron_to_hf_state_dict(gather_full_state_dict(engine.models(), arch), arch)
@@ -78,8 +96,9 @@ def sync_steps(rank: int, world: int, student: str, urls: list[str], mode: str, 
             ref = MegatronSampler(model).generate(prompts, params, seeds)
             rnd = {"versions": [r.meta["weight_version"] for r in served], "served": _data(served), "ref": _data(ref)}
             samples = [SimpleNamespace(prompt=SimpleNamespace(prompt_ids=r.prompt_ids), rollout=r) for r in served]
-            engine.train_step(train_batch(samples, None, list(range(len(samples))), tok.pad_id, 2, sft=True),
-                              LossSpec(kind="sft"))
+            engine.train_step(
+                train_batch(samples, None, list(range(len(samples))), tok.pad_id, 2, sft=True), LossSpec(loss="sft")
+            )
             rnd["sync"] = sampler.update_weights(step + 1)
             hf = megatron_to_hf_state_dict(gather_full_state_dict(engine.models(), arch), arch)
             names = [n for n in hf if not (n == "lm_head.weight" and arch.tie_word_embeddings)]
@@ -138,8 +157,13 @@ def kill_mid_rollout(rank: int, world: int, student: str, urls: list[str], victi
     try:
         for _ in range(2):
             served = sampler.generate(prompts, params, seeds, on_finish=on_finish)
-            rounds.append({"served": _data(served), "servers": [r.meta.get("server") for r in served],
-                           "errors": [r.meta.get("error") for r in served]})
+            rounds.append(
+                {
+                    "served": _data(served),
+                    "servers": [r.meta.get("server") for r in served],
+                    "errors": [r.meta.get("error") for r in served],
+                }
+            )
         stats = {u: vars(s) for u, s in sampler.pool.replica_stats().items()}
     finally:
         sampler.close()

@@ -77,8 +77,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def teacher_ckpt(tiny: Path) -> Path:
     """The general teacher as a camopd checkpoint root (hf/ + iter_0000000/), made by `camopd convert --from-hf`."""
     dst = tiny / "teacher_general_ckpt"
-    res = subprocess.run(camopd("convert", "--from-hf", str(tiny / "teacher_general"), str(dst)), env=sub_env(),
-                         capture_output=True, text=True, timeout=300, check=False)
+    res = subprocess.run(
+        camopd("convert", "--from-hf", str(tiny / "teacher_general"), str(dst)),
+        env=sub_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return dst
 

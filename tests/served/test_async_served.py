@@ -29,8 +29,9 @@ def test_served_one_step_off_matches_in_process_one_step_off(tiny, student_repli
     urls = [r.url for r in student_replicas]
     teachers = in_process_teachers(tiny)
     ref_dir, served_dir = tmp_path / "inproc", tmp_path / "served"
-    ref = start_train(_overlapped(write_spec(tiny, ref_dir, teachers, tmp_path / "inproc.yaml")),
-                      tmp_path / "inproc.log")
+    ref = start_train(
+        _overlapped(write_spec(tiny, ref_dir, teachers, tmp_path / "inproc.yaml")), tmp_path / "inproc.log"
+    )
     spec = _overlapped(served_rollouts(write_spec(tiny, served_dir, teachers, tmp_path / "served.yaml"), urls))
     served_log = tmp_path / "served.log"
     assert finish(start_train(spec, served_log), served_log) == 0, served_log.read_text()[-4000:]

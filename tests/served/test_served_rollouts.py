@@ -35,9 +35,11 @@ from .conftest import STEPS, finish, in_process_teachers, metrics, served_rollou
 pytestmark = pytest.mark.multiproc
 
 STOPS = tuple(range(40, 48))  # a few % of the tiny student's mass: rows stop at different steps
-PARAMS = [SamplingParams(greedy=True, max_new_tokens=12),
-          SamplingParams(temperature=1.0, max_new_tokens=12, stop_token_ids=STOPS),
-          SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=12, stop_token_ids=STOPS)]
+PARAMS = [
+    SamplingParams(greedy=True, max_new_tokens=12),
+    SamplingParams(temperature=1.0, max_new_tokens=12, stop_token_ids=STOPS),
+    SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=12, stop_token_ids=STOPS),
+]
 
 
 def assert_same_tokens(served, ref, lp_atol=1e-4):
@@ -74,8 +76,18 @@ def test_served_rollouts_equal_in_process(served_run, urls):
 
 
 def _samples(rollouts) -> list[Sample]:
-    return [Sample(index=i, group=i, branch="all", prompt=SimpleNamespace(prompt_ids=r.prompt_ids), teacher="t",
-                   verifier=None, rollout=r) for i, r in enumerate(rollouts)]
+    return [
+        Sample(
+            index=i,
+            group=i,
+            branch="all",
+            prompt=SimpleNamespace(prompt_ids=r.prompt_ids),
+            teacher="t",
+            verifier=None,
+            rollout=r,
+        )
+        for i, r in enumerate(rollouts)
+    ]
 
 
 def _bound(max_staleness: int, on_stale: str):
@@ -160,21 +172,27 @@ def _gen(**over) -> dict:
     return {"input_ids": [5, 6, 7], "sampling_params": sp, "return_logprob": True, "top_logprobs_num": 1, **over}
 
 
-@pytest.mark.parametrize(("path", "body", "field"), [
-    ("/generate", b'{"input_ids": [5, 6', "malformed JSON"),
-    ("/generate", b"[1, 2]", "JSON object"),
-    ("/generate", _gen(sampling_params={"temperature": "hot"}), "temperature"),
-    ("/generate", _gen(sampling_params={"max_new_tokens": -2}), "max_new_tokens"),
-    ("/generate", _gen(sampling_params={"max_new_tokens": 10**6}), "max_new_tokens"),
-    ("/generate", _gen(sampling_params={"frequency_penalty": 0.5}), "frequency_penalty"),
-    ("/generate", _gen(input_ids=[5, 10**7]), "input_ids"),
-    ("/generate", _gen(bogus_field=1), "bogus_field"),
-    ("/update_weights_from_distributed", {"names": ["x"], "dtypes": ["float32"], "shapes": [[2]],
-                                          "group_name": "no-such-group"}, "group_name"),
-    ("/init_weights_update_group", {"master_address": "127.0.0.1"}, "master_port"),
-    ("/update_weights_from_disk", {"model_path": "/nonexistent/dir"}, "model_path"),
-    ("/pause_generation", {"mode": "sideways"}, "mode"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/generate", b'{"input_ids": [5, 6', "malformed JSON"),
+        ("/generate", b"[1, 2]", "JSON object"),
+        ("/generate", _gen(sampling_params={"temperature": "hot"}), "temperature"),
+        ("/generate", _gen(sampling_params={"max_new_tokens": -2}), "max_new_tokens"),
+        ("/generate", _gen(sampling_params={"max_new_tokens": 10**6}), "max_new_tokens"),
+        ("/generate", _gen(sampling_params={"frequency_penalty": 0.5}), "frequency_penalty"),
+        ("/generate", _gen(input_ids=[5, 10**7]), "input_ids"),
+        ("/generate", _gen(bogus_field=1), "bogus_field"),
+        (
+            "/update_weights_from_distributed",
+            {"names": ["x"], "dtypes": ["float32"], "shapes": [[2]], "group_name": "no-such-group"},
+            "group_name",
+        ),
+        ("/init_weights_update_group", {"master_address": "127.0.0.1"}, "master_port"),
+        ("/update_weights_from_disk", {"model_path": "/nonexistent/dir"}, "model_path"),
+        ("/pause_generation", {"mode": "sideways"}, "mode"),
+    ],
+)
 def test_malformed_request_gets_4xx(urls, path, body, field):
     status, answer = _post(urls[0], path, body)
     assert 400 <= status < 500, (status, answer)
@@ -191,12 +209,23 @@ def test_server_still_serves_after_bad_requests(urls):
 def test_sampling_answers_in_sglang_shape(urls):
     """A batched request (one sampling_params per prompt) answers each prompt as its own request would (same
     seeds); a text prompt is tokenized; the answer has SGLang's fields, one log-prob entry per output id."""
-    single = [_post(urls[0], "/generate", _gen(input_ids=ids, sampling_params={"sampling_seed": seed}))[1]
-              for ids, seed in (([5, 6, 7], 11), ([9, 8, 7, 6, 5], 12))]
-    status, batch = _post(urls[0], "/generate", {
-        "input_ids": [[5, 6, 7], [9, 8, 7, 6, 5]], "return_logprob": True, "top_logprobs_num": 1,
-        "sampling_params": [{"max_new_tokens": 4, "temperature": 1.0, "sampling_seed": 11},
-                            {"max_new_tokens": 4, "temperature": 1.0, "sampling_seed": 12}]})
+    single = [
+        _post(urls[0], "/generate", _gen(input_ids=ids, sampling_params={"sampling_seed": seed}))[1]
+        for ids, seed in (([5, 6, 7], 11), ([9, 8, 7, 6, 5], 12))
+    ]
+    status, batch = _post(
+        urls[0],
+        "/generate",
+        {
+            "input_ids": [[5, 6, 7], [9, 8, 7, 6, 5]],
+            "return_logprob": True,
+            "top_logprobs_num": 1,
+            "sampling_params": [
+                {"max_new_tokens": 4, "temperature": 1.0, "sampling_seed": 11},
+                {"max_new_tokens": 4, "temperature": 1.0, "sampling_seed": 12},
+            ],
+        },
+    )
     assert status == 200 and isinstance(batch, list) and len(batch) == 2
     for got, want in zip(batch, single):
         assert got["output_ids"] == want["output_ids"]
@@ -206,8 +235,9 @@ def test_sampling_answers_in_sglang_shape(urls):
         assert meta["weight_version"] == want["meta_info"]["weight_version"]
         assert meta["finish_reason"]["type"] in ("stop", "length")
         assert meta["completion_tokens"] == len(got["output_ids"])
-    status, text = _post(urls[1], "/generate", {"text": "2+3=", "sampling_params": {"max_new_tokens": 3,
-                                                                                     "temperature": 0}})
+    status, text = _post(
+        urls[1], "/generate", {"text": "2+3=", "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
+    )
     assert status == 200 and isinstance(text["text"], str) and 1 <= len(text["output_ids"]) <= 3
     assert text["meta_info"]["prompt_tokens"] >= 2
 
@@ -239,13 +269,13 @@ def test_train_with_sglang_engine_matches_in_process(tiny, urls, tmp_path):
     with the in-process megatron engine: same loss curve, every sample used. The served runs go one after the
     other (they share the servers)."""
     ref_dir = tmp_path / "ref"
-    ref = start_train(write_spec(tiny, ref_dir, in_process_teachers(tiny), tmp_path / "ref.yaml"),
-                      tmp_path / "ref.log")
+    ref = start_train(write_spec(tiny, ref_dir, in_process_teachers(tiny), tmp_path / "ref.yaml"), tmp_path / "ref.log")
     served = {}
     for mode in ("distributed", "disk"):
         out = tmp_path / mode
-        spec = served_rollouts(write_spec(tiny, out, in_process_teachers(tiny), tmp_path / f"{mode}.yaml"), urls,
-                               weight_sync=mode)
+        spec = served_rollouts(
+            write_spec(tiny, out, in_process_teachers(tiny), tmp_path / f"{mode}.yaml"), urls, weight_sync=mode
+        )
         log = tmp_path / f"{mode}.log"
         assert finish(start_train(spec, log), log) == 0, log.read_text()[-4000:]
         served[mode] = metrics(out)
@@ -258,8 +288,11 @@ def test_train_with_sglang_engine_matches_in_process(tiny, urls, tmp_path):
             assert r["weight_sync_servers"] == 2 and r["weight_sync_s"] > 0 and r["weight_sync_bytes"] > 0, r
             assert r.get("rollout_failed", 0) == 0 and r.get("stale_dropped", 0) == 0, r
             assert math.isfinite(r["loss"]) and r["branch"] == want["branch"]
-            assert abs(r["loss"] - want["loss"]) < 1e-4, (mode, [x["loss"] for x in rows],
-                                                          [x["loss"] for x in ref_rows])
+            assert abs(r["loss"] - want["loss"]) < 1e-4, (
+                mode,
+                [x["loss"] for x in rows],
+                [x["loss"] for x in ref_rows],
+            )
 
 
 def test_replica_killed_mid_rollout_loses_no_sample(tiny, urls, tmp_path):

@@ -124,14 +124,21 @@ def test_teacher_with_other_tokenizer_refused_at_start(tiny, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny / "teacher_general", dtype=torch.float32)
     scorer = HFScorer(model, AutoTokenizer.from_pretrained(tok_dir), str(tiny / "teacher_general"), str(tok_dir))
     with ServerThread(scorer) as srv:
-        spec = write_spec(tiny, tmp_path / "ck", {"general": {"urls": [srv.url]}, "domain": {"urls": [srv.url]}},
-                          tmp_path / "spec.yaml")
+        spec = write_spec(
+            tiny,
+            tmp_path / "ck",
+            {"general": {"urls": [srv.url]}, "domain": {"urls": [srv.url]}},
+            tmp_path / "spec.yaml",
+        )
         proc = start_train(spec, tmp_path / "train.log")
         rc = finish(proc, tmp_path / "train.log", timeout_s=240)
     out = (tmp_path / "train.log").read_text()
     assert rc == 2, out[-3000:]
-    assert re.search(r"camopd train: error: teacher (general|domain) at http://\S+: tokenizer differs from the "
-                     r"student's \(fingerprint", out), out[-3000:]
+    assert re.search(
+        r"camopd train: error: teacher (general|domain) at http://\S+: tokenizer differs from the "
+        r"student's \(fingerprint",
+        out,
+    ), out[-3000:]
     assert not metrics(tmp_path / "ck")  # refused before any training step
 
 
@@ -168,8 +175,9 @@ def test_nan_from_teacher_drops_and_counts_sample(tiny, tmp_path):
     scorer = NaNScorer(inner, im_start=inner.tokenizer.convert_tokens_to_ids("<|im_start|>"))
     with ServerThread(scorer) as srv:
         teacher = {"urls": [srv.url], "retries": 1}
-        spec = write_spec(tiny, tmp_path / "ck", {"general": teacher, "domain": teacher}, tmp_path / "spec.yaml",
-                          steps=2)
+        spec = write_spec(
+            tiny, tmp_path / "ck", {"general": teacher, "domain": teacher}, tmp_path / "spec.yaml", steps=2
+        )
         proc = start_train(spec, tmp_path / "train.log")
         rc = finish(proc, tmp_path / "train.log")
     assert rc == 0, (tmp_path / "train.log").read_text()[-4000:]

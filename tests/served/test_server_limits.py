@@ -40,9 +40,18 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=16, intermediate_size=64, max_position_embeddings=POSITIONS,
-                      tie_word_embeddings=False, eos_token_id=2)
+    cfg = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        max_position_embeddings=POSITIONS,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+    )
     path = tmp_path_factory.mktemp("limits_qwen3")
     Qwen3ForCausalLM(cfg).save_pretrained(path)
     return path
@@ -73,8 +82,14 @@ class SlowScorer:
         return getattr(self.inner, name)
 
 
-def post(url: str, body: Any = None, raw: bytes | None = None, ctype: str | None = "application/json",
-         path: str = "/generate", timeout: float = 60) -> tuple[int, Any, float]:
+def post(
+    url: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    ctype: str | None = "application/json",
+    path: str = "/generate",
+    timeout: float = 60,
+) -> tuple[int, Any, float]:
     """(status, JSON answer or text, seconds) of one POST."""
     data = raw if raw is not None else json.dumps(body).encode()
     req = urllib.request.Request(url + path, data=data, method="POST")
@@ -93,8 +108,12 @@ def post(url: str, body: Any = None, raw: bytes | None = None, ctype: str | None
 
 
 def score_body(ids: list, start: int = 0) -> dict:
-    return {"input_ids": ids, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
-            "logprob_start_len": start}
+    return {
+        "input_ids": ids,
+        "sampling_params": {"max_new_tokens": 0},
+        "return_logprob": True,
+        "logprob_start_len": start,
+    }
 
 
 def message(out: Any) -> str:
@@ -141,16 +160,31 @@ def test_deeply_nested_json_is_400(server, depth):
 
 
 BAD = [
-    (b"", "empty"), (b"   ", "empty"), (b"not json", "malformed JSON"), (b"\xff\xfe{", "malformed JSON"),
-    (b'{"input_ids": [1, 2]', "malformed JSON"), (b"[1, 2]", "JSON object"), (b"null", "JSON object"),
-    (b"42", "JSON object"), (b"{}", "input_ids"), (b'{"input_ids": null}', "input_ids"),
-    (b'{"input_ids": 5}', "input_ids"), (b'{"input_ids": "1 2"}', "input_ids"), (b'{"input_ids": {"a": 1}}', "input_ids"),
-    (b'{"input_ids": []}', "non-empty"), (b'{"input_ids": [1, 2.5]}', "input_ids[1]"),
-    (b'{"input_ids": [1, "2"]}', "input_ids[1]"), (b'{"input_ids": [1, true]}', "input_ids[1]"),
-    (b'{"input_ids": [1, 64]}', "[0, 64)"), (b'{"input_ids": [1, -1]}', "[0, 64)"),
-    (b'{"input_ids": [1, 1e400]}', "input_ids[1]"), (b'{"input_ids": [1, ' + b"9" * 5000 + b"]}", "malformed JSON"),
-    (b'{"input_ids": [1, NaN]}', "NaN"), (b'{"input_ids": [1, 2], "logprob_start_len": Infinity}', "Infinity"),
-    (b'{"input_ids": [[1, 2], [[3]]]}', "input_ids[1]"), (b'{"input_ids": [[1, 2], 3]}', "input_ids"),
+    (b"", "empty"),
+    (b"   ", "empty"),
+    (b"not json", "malformed JSON"),
+    (b"\xff\xfe{", "malformed JSON"),
+    (b'{"input_ids": [1, 2]', "malformed JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b"null", "JSON object"),
+    (b"42", "JSON object"),
+    (b"{}", "input_ids"),
+    (b'{"input_ids": null}', "input_ids"),
+    (b'{"input_ids": 5}', "input_ids"),
+    (b'{"input_ids": "1 2"}', "input_ids"),
+    (b'{"input_ids": {"a": 1}}', "input_ids"),
+    (b'{"input_ids": []}', "non-empty"),
+    (b'{"input_ids": [1, 2.5]}', "input_ids[1]"),
+    (b'{"input_ids": [1, "2"]}', "input_ids[1]"),
+    (b'{"input_ids": [1, true]}', "input_ids[1]"),
+    (b'{"input_ids": [1, 64]}', "[0, 64)"),
+    (b'{"input_ids": [1, -1]}', "[0, 64)"),
+    (b'{"input_ids": [1, 1e400]}', "input_ids[1]"),
+    (b'{"input_ids": [1, ' + b"9" * 5000 + b"]}", "malformed JSON"),
+    (b'{"input_ids": [1, NaN]}', "NaN"),
+    (b'{"input_ids": [1, 2], "logprob_start_len": Infinity}', "Infinity"),
+    (b'{"input_ids": [[1, 2], [[3]]]}', "input_ids[1]"),
+    (b'{"input_ids": [[1, 2], 3]}', "input_ids"),
     (b'{"input_ids": [[1, 2], []]}', "input_ids[1]"),
     (b'{"input_ids": [[1, 2], [3, 4]], "sampling_params": [{"max_new_tokens": 0}]}', "sampling_params"),
     (b'{"input_ids": [1, 2], "sampling_params": [{"max_new_tokens": 0}]}', "sampling_params"),
@@ -169,8 +203,10 @@ BAD = [
     (b'{"input_ids": [1, 2], "logprob_start_len": -2}', "logprob_start_len"),
     (b'{"input_ids": [1, 2], "top_logprobs_num": 1000000000}', "top_logprobs_num"),
     (b'{"input_ids": [1, 2], "top_logprobs_num": "3"}', "top_logprobs_num"),
-    (b'{"input_ids": [1, 2], "stream": true}', "stream"), (b'{"input_ids": [1, 2], "bogus": 1}', "bogus"),
-    (b'{"text": "hi"}', "tokenizer"), (b'{"text": "hi", "input_ids": [1, 2]}', "exactly one"),
+    (b'{"input_ids": [1, 2], "stream": true}', "stream"),
+    (b'{"input_ids": [1, 2], "bogus": 1}', "bogus"),
+    (b'{"text": "hi"}', "tokenizer"),
+    (b'{"text": "hi", "input_ids": [1, 2]}', "exactly one"),
 ]
 
 
@@ -210,8 +246,9 @@ def test_one_long_prompt_holds_one_worker_not_the_others(scorer):
     """2 workers: a 250-token prompt takes ~3 s (12 ms a token); a short request sent meanwhile is answered
     at once. (One worker, as before, answered it only after the long one.)"""
     with ServerThread(SlowScorer(scorer, 0.012), workers=2, max_wait_ms=1) as srv:
-        (ls, lout, lsec), (ss, sout, ssec) = _race(srv.url, score_body(list(range(3, 63)) * 4 + [1] * 10),
-                                                    score_body([5, 6, 7]), delay=0.4)
+        (ls, lout, lsec), (ss, sout, ssec) = _race(
+            srv.url, score_body(list(range(3, 63)) * 4 + [1] * 10), score_body([5, 6, 7]), delay=0.4
+        )
         assert ls == 200 and ss == 200, (lout, sout)
         assert lsec > 2.5 and ssec < lsec / 3, (lsec, ssec)
         assert srv.stats.max_busy_workers == 2
@@ -234,8 +271,14 @@ def test_answers_do_not_depend_on_the_worker_or_batch(scorer, server):
     alone = [post(server.url, {**score_body(s), "top_logprobs_num": 3})[1] for s in seqs]
     with ServerThread(scorer, workers=2, max_batch=1, max_wait_ms=0) as srv:
         res: list[Any] = [None] * 6
-        threads = [threading.Thread(target=lambda i=i: res.__setitem__(i, post(
-            srv.url, {**score_body(seqs[i % 3]), "top_logprobs_num": 3})[1])) for i in range(6)]
+        threads = [
+            threading.Thread(
+                target=lambda i=i: res.__setitem__(
+                    i, post(srv.url, {**score_body(seqs[i % 3]), "top_logprobs_num": 3})[1]
+                )
+            )
+            for i in range(6)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -248,8 +291,7 @@ def test_answers_do_not_depend_on_the_worker_or_batch(scorer, server):
 
 @pytest.mark.timeout(120)
 def test_a_request_past_its_timeout_gets_504_and_its_work_is_dropped(scorer):
-    with ServerThread(SlowScorer(scorer, 0.003), workers=1, max_batch=2, max_wait_ms=1,
-                      request_timeout_s=1.0) as srv:
+    with ServerThread(SlowScorer(scorer, 0.003), workers=1, max_batch=2, max_wait_ms=1, request_timeout_s=1.0) as srv:
         status, out, seconds = post(srv.url, score_body([[4 + i % 50] * 25 for i in range(60)]))  # ~4.5 s of work
         assert status == 504 and "--request-timeout-s" in message(out), (status, out)
         assert seconds < 2.5, seconds
@@ -267,12 +309,34 @@ def test_bad_host_or_port_exits_2_with_a_message_before_loading(hf_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        cases = {("--port", "99999"): "--port", ("--port", "abc"): "--port", ("--port", str(port)): "cannot listen",
-                 ("--host", "192.0.2.1"): "cannot listen", ("--context-length", "100000"): "256 positions",
-                 ("--workers", "0", "--request-timeout-s", "nan"): "--workers"}
-        procs = {args: subprocess.Popen([sys.executable, "-m", "megatron_camopd.cli", "serve", "--checkpoint",
-                                         str(hf_dir), "--backend", "hf", *args], env=env(), stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True) for args in cases}
+        cases = {
+            ("--port", "99999"): "--port",
+            ("--port", "abc"): "--port",
+            ("--port", str(port)): "cannot listen",
+            ("--host", "192.0.2.1"): "cannot listen",
+            ("--context-length", "100000"): "256 positions",
+            ("--workers", "0", "--request-timeout-s", "nan"): "--workers",
+        }
+        procs = {
+            args: subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "megatron_camopd.cli",
+                    "serve",
+                    "--checkpoint",
+                    str(hf_dir),
+                    "--backend",
+                    "hf",
+                    *args,
+                ],
+                env=env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for args in cases
+        }
         try:
             for args, proc in procs.items():
                 try:
@@ -292,8 +356,13 @@ def test_bad_host_or_port_exits_2_with_a_message_before_loading(hf_dir):
 @pytest.fixture(scope="module")
 def megatron_server(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """`camopd serve --backend megatron` of the tiny model (scores and samples with megatron-core)."""
-    rep = start_local_replicas(hf_dir, tmp_path_factory.mktemp("limits_replica"), 1, env=env(),
-                               extra_args=("--backend", "megatron", "--workers", "2"))[0]
+    rep = start_local_replicas(
+        hf_dir,
+        tmp_path_factory.mktemp("limits_replica"),
+        1,
+        env=env(),
+        extra_args=("--backend", "megatron", "--workers", "2"),
+    )[0]
     try:
         yield rep
     finally:
@@ -308,13 +377,19 @@ def test_megatron_server_caps_prompts_and_outputs_at_the_context(megatron_server
     sample = {"input_ids": [1] * 200, "sampling_params": {"max_new_tokens": 100, "temperature": 0}}
     status, out, _ = post(url, sample)
     assert status == 400 and "max_new_tokens" in message(out) and str(POSITIONS) in message(out), out
-    for sp in ({"max_new_tokens": 4, "top_k": 10**20}, {"max_new_tokens": 4, "temperature": 1e300},
-               {"max_new_tokens": 4, "top_p": 1e-300, "sampling_seed": 2**64 - 1}):
+    for sp in (
+        {"max_new_tokens": 4, "top_k": 10**20},
+        {"max_new_tokens": 4, "temperature": 1e300},
+        {"max_new_tokens": 4, "top_p": 1e-300, "sampling_seed": 2**64 - 1},
+    ):
         status, out, _ = post(url, {"input_ids": [5, 6, 7], "sampling_params": sp})
         assert status in (200, 400), (sp, status, out)  # a legal extreme is sampled, an illegal one refused
         assert status != 200 or len(out["output_ids"]) <= 4
-    for raw in (b"[" * 100_000, b'{"input_ids": [1, 2], "sampling_params": {"max_new_tokens": NaN}}',
-                b'{"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4, "stop_token_ids": [1.5]}}'):
+    for raw in (
+        b"[" * 100_000,
+        b'{"input_ids": [1, 2], "sampling_params": {"max_new_tokens": NaN}}',
+        b'{"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4, "stop_token_ids": [1.5]}}',
+    ):
         assert post(url, raw=raw)[0] == 400
     status, out, _ = post(url, {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
     assert status == 200 and 1 <= len(out["output_ids"]) <= 4
@@ -324,13 +399,20 @@ def test_megatron_server_caps_prompts_and_outputs_at_the_context(megatron_server
 @pytest.mark.timeout(300)
 def test_megatron_workers_answer_concurrent_requests_as_sequential_ones(megatron_server):
     """Scoring and seeded sampling on two megatron-core workers at once: the numbers of one request at a time."""
-    bodies = [{**score_body([5, 9, 12, 3, 40, 41, 7]), "top_logprobs_num": 2},
-              {"input_ids": [9, 8, 7, 6], "return_logprob": True,
-               "sampling_params": {"max_new_tokens": 6, "temperature": 1.0, "sampling_seed": 7, "ignore_eos": True}}]
+    bodies = [
+        {**score_body([5, 9, 12, 3, 40, 41, 7]), "top_logprobs_num": 2},
+        {
+            "input_ids": [9, 8, 7, 6],
+            "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 6, "temperature": 1.0, "sampling_seed": 7, "ignore_eos": True},
+        },
+    ]
     want = [post(megatron_server.url, b)[1] for b in bodies]
     res: list[Any] = [None] * 6
-    threads = [threading.Thread(target=lambda i=i: res.__setitem__(i, post(megatron_server.url, bodies[i % 2])[1]))
-               for i in range(6)]
+    threads = [
+        threading.Thread(target=lambda i=i: res.__setitem__(i, post(megatron_server.url, bodies[i % 2])[1]))
+        for i in range(6)
+    ]
     for t in threads:
         t.start()
     for t in threads:

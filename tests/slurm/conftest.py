@@ -22,8 +22,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "slurm_cluster.py"
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 @dataclass(frozen=True)
@@ -35,8 +44,9 @@ class SlurmCluster:
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run a Slurm client command against this cluster and capture its text output."""
-        proc = subprocess.run(cmd, check=False, env={**os.environ, **self.env}, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            cmd, check=False, env={**os.environ, **self.env}, capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed (rc={proc.returncode}):\n{proc.stdout}{proc.stderr}")
         return proc
@@ -64,8 +74,9 @@ class SlurmCluster:
 
 
 def _tool(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(TOOL), *args], check=False, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args], check=False, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")

@@ -29,10 +29,13 @@ def _script(path: Path, body: str) -> Path:
 
 def test_sbatch_job_completes_and_writes_its_output(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     out = tmp_path / "job.out"
-    script = _script(tmp_path / "job.sh", """
+    script = _script(
+        tmp_path / "job.sh",
+        """
         #!/bin/bash
         echo "job=$SLURM_JOB_ID partition=$SLURM_JOB_PARTITION sum=$((6 * 7))"
-    """)
+    """,
+    )
     job_id = slurm_cluster.sbatch("-o", str(out), str(script))
     assert slurm_cluster.wait(job_id) == "COMPLETED"
     assert out.read_text() == f"job={job_id} partition=debug sum=42\n"
@@ -49,12 +52,15 @@ def test_failing_job_is_reported_failed(slurm_cluster: SlurmCluster, tmp_path: P
 
 def test_two_node_job_sees_both_nodes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     hosts, steps = tmp_path / "hosts.txt", tmp_path / "steps.txt"
-    script = _script(tmp_path / "two.sh", f"""
+    script = _script(
+        tmp_path / "two.sh",
+        f"""
         #!/bin/bash
         #SBATCH --nodes=2 --ntasks-per-node=1 -o {tmp_path}/two.out
         scontrol show hostnames "$SLURM_JOB_NODELIST" > {hosts}
         srun bash -c 'echo "$SLURM_PROCID $SLURMD_NODENAME"' | sort > {steps}
-    """)
+    """,
+    )
     job_id = slurm_cluster.sbatch(str(script))
     assert slurm_cluster.wait(job_id) == "COMPLETED", (tmp_path / "two.out").read_text()
     assert hosts.read_text().split() == ["n1", "n2"]
@@ -98,7 +104,9 @@ def test_hetjob_components_meet_through_discovery_file(slurm_cluster: SlurmClust
     server.write_text(SERVER)
     client.write_text(CLIENT)
     discovery, result = tmp_path / "discovery.addr", tmp_path / "result.txt"
-    script = _script(tmp_path / "het.sh", f"""
+    script = _script(
+        tmp_path / "het.sh",
+        f"""
         #!/bin/bash
         #SBATCH --nodes=1 --ntasks=1 -o {tmp_path}/het.out
         #SBATCH hetjob
@@ -106,7 +114,8 @@ def test_hetjob_components_meet_through_discovery_file(slurm_cluster: SlurmClust
         srun --het-group=0 {sys.executable} {server} {discovery} &
         srun --het-group=1 {sys.executable} {client} {discovery} {result}
         wait
-    """)
+    """,
+    )
     job_id = slurm_cluster.sbatch(str(script))
     assert slurm_cluster.wait(job_id) == "COMPLETED", (tmp_path / "het.out").read_text()
     host, port = discovery.read_text().rsplit(":", 1)
@@ -122,8 +131,7 @@ def test_submitit_job_returns_its_result(slurm_cluster: SlurmCluster, tmp_path: 
     import submitit
 
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
-    executor.update_parameters(timeout_min=5, slurm_partition="debug", nodes=2, tasks_per_node=1,
-                               cpus_per_task=1)
+    executor.update_parameters(timeout_min=5, slurm_partition="debug", nodes=2, tasks_per_node=1, cpus_per_task=1)
 
     def rank_report(x: int) -> tuple[str, str, int]:
         return os.environ["SLURMD_NODENAME"], os.environ["SLURM_PROCID"], x * x
@@ -138,7 +146,9 @@ def test_submitit_job_returns_its_result(slurm_cluster: SlurmCluster, tmp_path: 
 def test_signal_before_time_limit_requeues_the_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """USR1 arrives before the 1-minute limit (checked every ~30 s); the job requeues itself and reruns."""
     out = tmp_path / "requeue.out"
-    script = _script(tmp_path / "requeue.sh", f"""
+    script = _script(
+        tmp_path / "requeue.sh",
+        f"""
         #!/bin/bash
         #SBATCH --time=1 --signal=B:USR1@50 --requeue --open-mode=append -o {out}
         echo "run restart_count=${{SLURM_RESTART_COUNT:-0}}"
@@ -147,7 +157,8 @@ def test_signal_before_time_limit_requeues_the_job(slurm_cluster: SlurmCluster, 
         sleep 300 &  # proctrack/linuxproc loses children orphaned by the shell's exit: kill it in the trap
         sleeper=$!
         wait
-    """)
+    """,
+    )
     job_id = slurm_cluster.sbatch(str(script))
     assert slurm_cluster.wait(job_id, timeout=90) == "COMPLETED", out.read_text()
     lines = [ln for ln in out.read_text().splitlines() if not ln.startswith("slurmstepd")]  # daemon noise

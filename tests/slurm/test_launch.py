@@ -44,9 +44,15 @@ def write_spec(tiny_root: Path, run_dir: Path) -> Path:
     spec = yaml.safe_load((REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml").read_text())
     spec["model"]["hf_path"] = str(tiny_root / "student")
     shared = {"exclusive": False}  # CPUs per task: what Slurm allocated (group_cpus)
-    spec["teachers"] = {"general": {"hf_path": str(tiny_root / "teacher_general"), "timeout_s": 20.0, "retries": 1,
-                                    "discovery_timeout_s": 60.0,
-                                    "serve": {"nodes": 1, "gpus_per_node": 1, "tp": 1, "dp": 1, "resources": shared}}}
+    spec["teachers"] = {
+        "general": {
+            "hf_path": str(tiny_root / "teacher_general"),
+            "timeout_s": 20.0,
+            "retries": 1,
+            "discovery_timeout_s": 60.0,
+            "serve": {"nodes": 1, "gpus_per_node": 1, "tp": 1, "dp": 1, "resources": shared},
+        }
+    }
     spec["routing"] = {"general": "general", "domain": "general"}
     for stream in spec["data"]["streams"]:
         stream["path"] = str(tiny_root / "data" / Path(stream["path"]).name)
@@ -54,8 +60,15 @@ def write_spec(tiny_root: Path, run_dir: Path) -> Path:
     spec["train"]["steps"] = STEPS
     spec["checkpoint"].update(dir=str(run_dir / "ckpt"), save_interval=1)
     spec["logging"].update(diagnostics=False)
-    spec["launcher"] = {"nodes": 1, "gpus_per_node": 1, "time": "60:00", "log_dir": str(run_dir / "logs"),
-                        "health_timeout_s": 300, "shutdown_timeout_s": 60, "resources": shared}
+    spec["launcher"] = {
+        "nodes": 1,
+        "gpus_per_node": 1,
+        "time": "60:00",
+        "log_dir": str(run_dir / "logs"),
+        "health_timeout_s": 300,
+        "shutdown_timeout_s": 60,
+        "resources": shared,
+    }
     path = run_dir / "spec.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -64,8 +77,15 @@ def write_spec(tiny_root: Path, run_dir: Path) -> Path:
 
 def camopd(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "megatron_camopd.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_camopd.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def submit_hetjob(spec: Path) -> str:
@@ -90,8 +110,9 @@ def losses(run_dir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def hetjobs(slurm_cluster: SlurmCluster, tiny_root: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, Path]]:
+def hetjobs(
+    slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[str, Path]]:
     """The uninterrupted and the to-be-preempted runs, submitted together (they share the two nodes)."""
     runs = {}
     for kind in ("reference", "preempted"):
@@ -108,11 +129,13 @@ def reference_run(slurm_cluster: SlurmCluster, hetjobs: dict[str, tuple[str, Pat
 
 
 def test_preempted_hetjob_requeues_and_matches_the_uninterrupted_run(
-        slurm_cluster: SlurmCluster, hetjobs: dict[str, tuple[str, Path]], request: pytest.FixtureRequest) -> None:
+    slurm_cluster: SlurmCluster, hetjobs: dict[str, tuple[str, Path]], request: pytest.FixtureRequest
+) -> None:
     job, run_dir = hetjobs["preempted"]
     metrics = run_dir / "ckpt" / "metrics.jsonl"
-    wait_until("the first step", lambda: metrics.exists() and metrics.read_text().strip(), 400,
-               lambda: job_log(run_dir))
+    wait_until(
+        "the first step", lambda: metrics.exists() and metrics.read_text().strip(), 400, lambda: job_log(run_dir)
+    )
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@N delivers
     assert slurm_cluster.wait(job, timeout=400) == "COMPLETED", job_log(run_dir)
     log = job_log(run_dir)
@@ -143,11 +166,11 @@ def server_pid(address: str) -> int:
 
 
 def test_dead_teacher_fails_the_job_with_a_clear_message(
-        slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path: Path) -> None:
+    slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path: Path
+) -> None:
     job = submit_hetjob(write_spec(tiny_root, tmp_path))
     addr = lambda: list((tmp_path / "logs" / "discovery").glob("*/general.addr"))
-    wait_until("the trainer's start", lambda: "trainer: 1 node(s)" in job_log(tmp_path), 200,
-               lambda: job_log(tmp_path))
+    wait_until("the trainer's start", lambda: "trainer: 1 node(s)" in job_log(tmp_path), 200, lambda: job_log(tmp_path))
     started = time.monotonic()
     os.kill(server_pid(addr()[0].read_text().split()[0]), signal.SIGKILL)
     assert slurm_cluster.wait(job, timeout=120) == "FAILED", job_log(tmp_path)
@@ -158,7 +181,8 @@ def test_dead_teacher_fails_the_job_with_a_clear_message(
 
 
 def test_submitit_launch_trains_and_cancels_the_teacher(
-        slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path: Path) -> None:
+    slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path: Path
+) -> None:
     spec = write_spec(tiny_root, tmp_path)
     proc = camopd("launch", str(spec), "--cluster", "slurm", "--cpu", timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -24,7 +24,10 @@ def make_tokenizer(chars: str) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
         clean_up_tokenization_spaces=False,
     )
 
@@ -32,8 +35,15 @@ def make_tokenizer(chars: str) -> PreTrainedTokenizerFast:
 def make_checkpoint(path: Path, chars: str = CHARS, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     cfg = Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     )
     Qwen3ForCausalLM(cfg).save_pretrained(path)
     make_tokenizer(chars).save_pretrained(path)

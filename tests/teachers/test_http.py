@@ -64,7 +64,7 @@ def test_scores_are_the_sliced_direct_computation(server, scorer):
         out = teacher.score_batch(SEQS, STARTS)
         for seq, start, sc in zip(SEQS, STARTS, out):
             assert len(sc) == len(seq) - start and sc.logprobs.dtype == torch.float32
-            torch.testing.assert_close(sc.logprobs, direct_logprobs(scorer, seq)[start - 1:], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(sc.logprobs, direct_logprobs(scorer, seq)[start - 1 :], atol=1e-5, rtol=1e-5)
             assert sc.topk_ids is None
         single = asyncio.run(teacher.score(SEQS[0], STARTS[0], top_k=5))
         assert single.topk_ids.shape == (len(SEQS[0]) - STARTS[0], 5) and single.topk_ids.dtype == torch.long
@@ -152,6 +152,7 @@ def test_score_many_yields_every_key_once_as_samples_arrive(server, scorer):
         queue: asyncio.Queue = asyncio.Queue()
         got: dict = {}
         with HttpTeacher("general", [server.url], max_in_flight=2) as teacher:
+
             async def produce() -> None:
                 for i in range(10):
                     await queue.put((f"s{i}", [2, 3 + i, 4, 5], 2))
@@ -171,8 +172,9 @@ def test_score_many_yields_every_key_once_as_samples_arrive(server, scorer):
     assert isinstance(got["bad"], TeacherError)
     for i in range(10):
         assert isinstance(got[f"s{i}"], TeacherScores)
-        torch.testing.assert_close(got[f"s{i}"].logprobs, direct_logprobs(scorer, [2, 3 + i, 4, 5])[1:],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            got[f"s{i}"].logprobs, direct_logprobs(scorer, [2, 3 + i, 4, 5])[1:], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_discovery_file_is_waited_for(server, tmp_path):

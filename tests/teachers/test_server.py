@@ -76,8 +76,9 @@ def test_batched_input_ids_answered_in_order(server, scorer):
     for seq, obj in zip(seqs, out):
         entries = obj["meta_info"]["input_token_logprobs"]
         assert [e[1] for e in entries] == seq
-        torch.testing.assert_close(torch.tensor([e[0] for e in entries[1:]]), direct_logprobs(scorer, seq),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor([e[0] for e in entries[1:]]), direct_logprobs(scorer, seq), atol=1e-5, rtol=1e-5
+        )
         assert len(obj["meta_info"]["input_top_logprobs"]) == len(seq)
 
 

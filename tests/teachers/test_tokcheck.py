@@ -123,14 +123,14 @@ def test_scoring_response_check_tolerates_the_clip_only_with_the_vocab_size():
     from megatron_camopd.teachers.protocol import parse_scores
 
     ids = [5, 127, 3, 128]  # vocab_size 128: SGLang echoes ids >= 127 as 0
-    answer = {"meta_info": {"input_token_logprobs": [[None, 5, None], [-1.0, 0, None], [-2.0, 3, None],
-                                                     [-0.5, 0, None]]}}
+    answer = {
+        "meta_info": {"input_token_logprobs": [[None, 5, None], [-1.0, 0, None], [-2.0, 3, None], [-0.5, 0, None]]}
+    }
     scores = parse_scores(answer, ids, 2, None, "teacher t", vocab_size=128)
     assert scores.logprobs.tolist() == [-2.0, -0.5]
     with pytest.raises(TeacherError, match="entry 1 echoes token id 0, we sent 127"):
         parse_scores(answer, ids, 2, None, "teacher t")
-    bad = {"meta_info": {"input_token_logprobs": [[None, 5, None], [-1.0, 0, None], [-2.0, 0, None],
-                                                  [-0.5, 0, None]]}}
+    bad = {"meta_info": {"input_token_logprobs": [[None, 5, None], [-1.0, 0, None], [-2.0, 0, None], [-0.5, 0, None]]}}
     with pytest.raises(TeacherError, match="entry 2 echoes token id 0, we sent 3"):  # 3 is not clipped
         parse_scores(bad, ids, 2, None, "teacher t", vocab_size=128)
 
@@ -149,8 +149,9 @@ def test_http_teacher_scoring_tolerates_the_clip_after_the_check():
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             ids = req["input_ids"]
             entries = [[None if k == 0 else -0.25 * k, i if i < vocab - 1 else 0, None] for k, i in enumerate(ids)]
-            body = json.dumps({"text": "", "meta_info": {"input_token_logprobs": entries,
-                                                         "output_token_logprobs": []}}).encode()
+            body = json.dumps(
+                {"text": "", "meta_info": {"input_token_logprobs": entries, "output_token_logprobs": []}}
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

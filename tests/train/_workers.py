@@ -64,7 +64,7 @@ def loss_vs_formula(rank: int, world: int, overrides: list[str], mbs_list: list[
     for mbs in mbs_list:
         session.engine.micro_batch_size = mbs
         batch = train_batch(samples, signals, rows, session.tokenizer.pad_id, mbs, width)
-        if loss_spec.kind == "topk":
+        if loss_spec.loss == "topk":
             add_topk(batch, samples, rows, sig)
         stats = session.engine.accumulate_grads(batch, loss_spec)
         model = session.engine.models()[0]
@@ -73,7 +73,7 @@ def loss_vs_formula(rank: int, world: int, overrides: list[str], mbs_list: list[
             logits = model(batch["tokens"], pos, None)[..., : session.arch.vocab_size].float()
             logp = torch.log_softmax(logits, -1)
         mask = batch["loss_mask"]
-        if loss_spec.kind == "topk":
+        if loss_spec.loss == "topk":
             seq = topk_seq_loss(logp.gather(-1, batch["topk_ids"]), batch["topk_lp"], mask) * batch["seq_scale"]
         else:
             lp = logp.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
@@ -102,8 +102,13 @@ def sft_batch_check(rank: int, world: int, overrides: list[str]) -> list[tuple[l
     out = []
     for r in range(2):
         m = batch["loss_mask"][r] > 0
-        out.append((batch["labels"][r][m].tolist(), session.tokenizer.eos_id,
-                    session.tokenizer.decode(batch["labels"][r][m].tolist()[:-1])))
+        out.append(
+            (
+                batch["labels"][r][m].tolist(),
+                session.tokenizer.eos_id,
+                session.tokenizer.decode(batch["labels"][r][m].tolist()[:-1]),
+            )
+        )
     session.close()
     return out
 

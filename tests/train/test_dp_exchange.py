@@ -19,9 +19,13 @@ KEYS = ("loss", "grad_norm", "selected_fraction", "acceptance_rate", "mean_gap",
 def test_scalar_exchange_trains_bitwise_like_full_exchange(tiny_root, tmp_path):
     common = ("train.steps=2", "train.micro_batch_size=2")
     methods = {"topk": ("method.loss=topk", "method.topk=4"), "selectkd": ("method.name=selectkd",)}
-    runs = {name: (tiny_overrides(tiny_root, tmp_path / f"{name}_scalar", *common, *extra),
-                   tiny_overrides(tiny_root, tmp_path / f"{name}_full", *common, *extra))
-            for name, extra in methods.items()}
+    runs = {
+        name: (
+            tiny_overrides(tiny_root, tmp_path / f"{name}_scalar", *common, *extra),
+            tiny_overrides(tiny_root, tmp_path / f"{name}_full", *common, *extra),
+        )
+        for name, extra in methods.items()
+    }
     res = run_on_ranks(scalar_vs_full, 2, runs)[0]
     for name, (scalar, full) in res.items():
         assert len(scalar) == len(full) == 2, name

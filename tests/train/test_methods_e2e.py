@@ -22,12 +22,27 @@ RUNS = {
     "camopd_mixed": ("method.name=camopd", *MIXED, "logging.diagnostics=true", "logging.diagnostics_interval=1"),
     "camopd_alt_diag": ("logging.diagnostics=true", "logging.diagnostics_interval=1", "schedule.n_g=1"),
     "camopd_diag_one": ("logging.diagnostics=true", "logging.diagnostics_samples=1"),
-    "uniopd": ("method.name=uniopd", *MIXED, "rollout.n_samples=2", "rollout.prompts_per_step=4",
-               "data.streams.0.verifier=exact", "data.streams.1.verifier=exact"),
-    "uniopd_offline": ("method.name=uniopd", *MIXED, "rollout.n_samples=2", "rollout.prompts_per_step=4",
-                       "data.streams.0.verifier=exact", "data.streams.1.verifier=exact",
-                       "method.uniopd.offline_balance=true", "method.uniopd.offline_n=2", "data.streams.0.limit=6",
-                       "data.streams.1.limit=6", "method.uniopd.offline_shape=mirrored_j"),
+    "uniopd": (
+        "method.name=uniopd",
+        *MIXED,
+        "rollout.n_samples=2",
+        "rollout.prompts_per_step=4",
+        "data.streams.0.verifier=exact",
+        "data.streams.1.verifier=exact",
+    ),
+    "uniopd_offline": (
+        "method.name=uniopd",
+        *MIXED,
+        "rollout.n_samples=2",
+        "rollout.prompts_per_step=4",
+        "data.streams.0.verifier=exact",
+        "data.streams.1.verifier=exact",
+        "method.uniopd.offline_balance=true",
+        "method.uniopd.offline_n=2",
+        "data.streams.0.limit=6",
+        "data.streams.1.limit=6",
+        "method.uniopd.offline_shape=mirrored_j",
+    ),
     "relaxed_opd": ("method.name=relaxed_opd", *MIXED),
     "selectkd": ("method.name=selectkd", *MIXED),
     "exopd": ("method.name=exopd", *MIXED),
@@ -68,8 +83,11 @@ RECORDED = Path(__file__).with_name("recorded_curves.json")
 
 def _machine() -> dict:
     """What decides float rounding on CPU: where the fingerprint matches the recording, curves must be bitwise."""
-    return {"torch": torch.__version__.split("+")[0], "cpu": torch.backends.cpu.get_cpu_capability(),
-            "threads": os.cpu_count()}
+    return {
+        "torch": torch.__version__.split("+")[0],
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "threads": os.cpu_count(),
+    }
 
 
 def check_recorded_curves(res: dict[str, list[dict]]) -> None:

@@ -26,8 +26,12 @@ def test_tp2_pp2_dp2_match_tp1(tiny_root, tmp_path):
     base = run_on_ranks(run_train, 1, tiny_overrides(tiny_root, tmp_path / "tp1", f"train.steps={STEPS}"))[0]
     assert len(base) == STEPS and all(math.isfinite(x) for x in _losses(base))
     assert [r["branch"] for r in base] == ["general", "general", "general", "domain"]
-    for name, extra in (("tp2", "parallel.tp=2"), ("pp2", "parallel.pp=2"), ("dp2", "train.micro_batch_size=2"),
-                        ("dp2_distopt", "train.distributed_optimizer=true")):
+    for name, extra in (
+        ("tp2", "parallel.tp=2"),
+        ("pp2", "parallel.pp=2"),
+        ("dp2", "train.micro_batch_size=2"),
+        ("dp2_distopt", "train.distributed_optimizer=true"),
+    ):
         rows = run_on_ranks(run_train, 2, tiny_overrides(tiny_root, tmp_path / name, f"train.steps={STEPS}", extra))[0]
         assert [r["branch"] for r in rows] == [r["branch"] for r in base], name
         for a, b in zip(_losses(base), _losses(rows)):
@@ -39,8 +43,14 @@ def test_tp2_pp2_dp2_match_tp1(tiny_root, tmp_path):
 
 @pytest.mark.multiproc
 def test_gradient_diagnostics_do_not_depend_on_dp(tiny_root, tmp_path):
-    extra = ("train.steps=1", "schedule.mode=mixed", "schedule.mix_ratio=[1,1]", "logging.diagnostics=true",
-             "logging.diagnostics_interval=1", "train.micro_batch_size=2")
+    extra = (
+        "train.steps=1",
+        "schedule.mode=mixed",
+        "schedule.mix_ratio=[1,1]",
+        "logging.diagnostics=true",
+        "logging.diagnostics_interval=1",
+        "train.micro_batch_size=2",
+    )
     one = run_on_ranks(run_train, 1, tiny_overrides(tiny_root, tmp_path / "d1", *extra))[0][0]
     two = run_on_ranks(run_train, 2, tiny_overrides(tiny_root, tmp_path / "d2", *extra))[0][0]
     for key in ("diag_grad_dot", "diag_grad_cos", "diag_coherence_full", "diag_coherence_selected"):

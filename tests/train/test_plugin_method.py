@@ -14,8 +14,9 @@ from ._workers import tiny_overrides
 @pytest.mark.multiproc
 def test_a_method_registered_in_one_file_trains_from_a_spec(tiny_root, tmp_path):
     mixed = ("schedule.mode=mixed", "schedule.mix_ratio=[1,1]", "train.steps=1")
-    runs = {name: tiny_overrides(tiny_root, tmp_path / name, f"method.name={name}", *mixed)
-            for name in ("opd", "half_gap")}
+    runs = {
+        name: tiny_overrides(tiny_root, tmp_path / name, f"method.name={name}", *mixed) for name in ("opd", "half_gap")
+    }
     res = run_on_ranks(train_both, 1, runs)[0]
     opd, half = res["opd"][0], res["half_gap"][0]
     assert half["loss"] == 0.5 * opd["loss"] and opd["loss"] != 0.0

@@ -31,8 +31,11 @@ def test_resume_is_bitwise_identical(tiny_root, tmp_path):
 @pytest.mark.multiproc
 def test_resume_reshards_tp2_to_tp1(tiny_root, tmp_path):
     ref = run_on_ranks(run_train, 1, tiny_overrides(tiny_root, tmp_path / "ref", "train.steps=4"))[0]
-    run_on_ranks(run_train, 2, tiny_overrides(tiny_root, tmp_path / "rs", "train.steps=2", "parallel.tp=2",
-                                              "checkpoint.save_interval=2"))
+    run_on_ranks(
+        run_train,
+        2,
+        tiny_overrides(tiny_root, tmp_path / "rs", "train.steps=2", "parallel.tp=2", "checkpoint.save_interval=2"),
+    )
     rows = run_on_ranks(run_train, 1, tiny_overrides(tiny_root, tmp_path / "rs", "train.steps=4"))[0]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for a, b in zip(ref, rows):

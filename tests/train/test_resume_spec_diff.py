@@ -22,8 +22,12 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megatron_camopd.cli", "train", str(TINY_SPEC), *args],
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_camopd.cli", "train", str(TINY_SPEC), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +69,41 @@ def test_changed_architecture_is_refused_before_models_load(tiny_root, one_step,
 
 
 def test_refused_fields_are_named_with_old_and_new_values():
-    old = {"data": {"seed": 0, "streams": [{"path": "a.jsonl"}]}, "train": {"lr": 1e-3, "seed": 0},
-           "method": {"name": "camopd"}, "parallel": {"tp": 2, "vpp": None}, "teachers": {"g": {"hf_path": "x",
-                                                                                            "timeout_s": 1.0}}}
-    new = {"data": {"seed": 1, "streams": [{"path": "b.jsonl"}]}, "train": {"lr": 2e-3, "seed": 0},
-           "method": {"name": "mopd"}, "parallel": {"tp": 1, "vpp": 2}, "teachers": {"g": {"hf_path": "x",
-                                                                                           "timeout_s": 9.0}}}
+    old = {
+        "data": {"seed": 0, "streams": [{"path": "a.jsonl"}]},
+        "train": {"lr": 1e-3, "seed": 0},
+        "method": {"name": "camopd"},
+        "parallel": {"tp": 2, "vpp": None},
+        "teachers": {"g": {"hf_path": "x", "timeout_s": 1.0}},
+    }
+    new = {
+        "data": {"seed": 1, "streams": [{"path": "b.jsonl"}]},
+        "train": {"lr": 2e-3, "seed": 0},
+        "method": {"name": "mopd"},
+        "parallel": {"tp": 1, "vpp": 2},
+        "teachers": {"g": {"hf_path": "x", "timeout_s": 9.0}},
+    }
     diff = {f: (a, b) for f, a, b in spec_diff(old, new)}
-    assert set(diff) == {"data.seed", "data.streams.0.path", "train.lr", "method.name", "parallel.tp",
-                         "parallel.vpp", "teachers.g.timeout_s"}
+    assert set(diff) == {
+        "data.seed",
+        "data.streams.0.path",
+        "train.lr",
+        "method.name",
+        "parallel.tp",
+        "parallel.vpp",
+        "teachers.g.timeout_s",
+    }
     applied = {f for f, (a, b) in diff.items() if judge(f, a, b)[0]}
     assert applied == {"train.lr", "parallel.tp", "teachers.g.timeout_s"}
     with pytest.raises(SpecError) as err:
         check_spec_changes("ckpt", old, new)
     msg = str(err.value)
-    for text in ("data.seed: 0 -> 1", "data.streams.0.path: 'a.jsonl' -> 'b.jsonl'", "method.name: 'camopd' -> "
-                 "'mopd'", "parallel.vpp: None -> 2"):
+    for text in (
+        "data.seed: 0 -> 1",
+        "data.streams.0.path: 'a.jsonl' -> 'b.jsonl'",
+        "method.name: 'camopd' -> 'mopd'",
+        "parallel.vpp: None -> 2",
+    ):
         assert text in msg
     assert "train.lr" not in msg
     added = {"teachers": {"g": {"hf_path": "x"}, "extra": {"hf_path": "y"}}}

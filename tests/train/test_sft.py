@@ -13,8 +13,15 @@ from ._workers import run_train, sft_batch_check, tiny_overrides
 
 @pytest.mark.multiproc
 def test_sft_trains_on_responses_only(tiny_root, tmp_path):
-    over = tiny_overrides(tiny_root, tmp_path / "sft", "method.name=sft", "train.steps=8", "train.lr=3e-3",
-                          "data.streams.0.limit=8", "data.streams.1.limit=8")
+    over = tiny_overrides(
+        tiny_root,
+        tmp_path / "sft",
+        "method.name=sft",
+        "train.steps=8",
+        "train.lr=3e-3",
+        "data.streams.0.limit=8",
+        "data.streams.1.limit=8",
+    )
     rows = run_on_ranks(run_train, 1, over)[0]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
     answers = {json.loads(line)["answer"] for line in (tiny_root / "data" / "general.jsonl").read_text().splitlines()}

