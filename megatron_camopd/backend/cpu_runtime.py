@@ -328,6 +328,7 @@ def init_distributed(
                 raise RuntimeError("MASTER_PORT must be set for a multi-process run")
             torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
+        _destroy_subgroups()
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
@@ -337,6 +338,19 @@ def init_distributed(
     )
     if seed is not None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _destroy_subgroups() -> None:
+    """Collective: destroy every process group but the default one. megatron-core's destroy_model_parallel only
+    forgets its groups, and each forgotten gloo group keeps its pipes and threads (~70 descriptors per
+    re-initialisation) for the life of the process: a process that trains or converts several times in one world
+    (the demo's phases, `camopd compare`, in-process conversions) would run out of file descriptors."""
+    from torch.distributed import distributed_c10d as c10d
+
+    default = c10d._get_default_group()
+    for group in list(c10d._world.pg_map):
+        if group is not default:
+            torch.distributed.destroy_process_group(group)
 
 
 def destroy_distributed() -> None:

@@ -248,8 +248,17 @@ def _file_with(data: str) -> IO[bytes]:
     return f
 
 
+def _ready(fds: list[int], timeout: float) -> set[int]:
+    """The descriptors of `fds` readable (or hung up) within `timeout` seconds; poll, not select: a long-lived
+    process may hold descriptors numbered past select's 1024."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return {fd for fd, _ in poller.poll(max(timeout, 0.0) * 1000.0)}
+
+
 def _wait_fd(fd: int, timeout: float) -> bool:
-    return bool(select.select([fd], [], [], max(timeout, 0.0))[0])
+    return fd in _ready([fd], timeout)
 
 
 def _pin_init(info_fd: int, bwrap_pid: int, bwrap_pidfd: int, deadline: float) -> int | None:
@@ -259,7 +268,7 @@ def _pin_init(info_fd: int, bwrap_pid: int, bwrap_pidfd: int, deadline: float) -
     still our unreaped bwrap (so that pid named the init when it was opened). None if bwrap exited first."""
     data = b""
     while True:
-        ready = select.select([info_fd, bwrap_pidfd], [], [], max(deadline - time.monotonic(), 0.0))[0]
+        ready = _ready([info_fd, bwrap_pidfd], deadline - time.monotonic())
         if info_fd not in ready:
             return None  # bwrap exited or the deadline passed before it reported the init
         chunk = os.read(info_fd, 4096)

@@ -13,13 +13,15 @@ the sandbox works, so a trainer or evaluation fails with a clear message at its 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
+import secrets
 from collections.abc import Callable
 from typing import Any
 
-from megatron_camopd.data.sandbox import SandboxLimits, ensure_available, run_python
+from megatron_camopd.data.sandbox import SandboxLimits, SandboxResult, ensure_available, run_python
 from megatron_camopd.errors import DataError, SpecError
 
 Verifier = Callable[[str, Any], float]
@@ -133,11 +135,20 @@ def code(response: str, reference: Any, limits: SandboxLimits | None = None) -> 
         res = run_python(program, stdin=stdin, limits=lim)
         if not res.ok or not _outputs_match(res.stdout, want):
             return 0.0
-    if asserts:
-        res = run_python(program + "\n\n" + "\n".join(asserts) + "\n", limits=lim)
-        if not res.ok:
-            return 0.0
+    if asserts and not run_to_the_end(program + "\n\n" + "\n".join(asserts), lim).ok:
+        return 0.0
     return 1.0
+
+
+def run_to_the_end(program: str, limits: SandboxLimits) -> SandboxResult:
+    """Run `program` in the sandbox; `ok` only if it ran to its last line. A program that exits early with
+    status 0 (sys.exit(0), os._exit(0), raise SystemExit) before its checks never prints the per-run token
+    appended after them, and fails."""
+    token = secrets.token_hex(16)
+    res = run_python(program + f"\nprint({token!r})\n", limits=limits)
+    if res.ok and res.stdout.rstrip().splitlines()[-1:] != [token]:
+        return dataclasses.replace(res, returncode=1, stderr=res.stderr + "\nexited before its last line")
+    return res
 
 
 _REGISTRY: dict[str, Verifier] = {

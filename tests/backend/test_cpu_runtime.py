@@ -94,3 +94,22 @@ def test_megatron_ddp_optimizer_step_with_grad_clipping(megatron_world, tiny_hf_
     ok, grad_norm, _ = opt.step()
     assert ok and grad_norm is not None and torch.isfinite(torch.tensor(grad_norm)) and grad_norm > 0
     assert not torch.equal(model.decoder.final_layernorm.weight.detach(), before)
+
+
+def _reinit_descriptors(rank: int, world: int) -> list[int]:
+    import os
+
+    from megatron_camopd.backend.cpu_runtime import init_distributed
+
+    counts = []
+    for tp in (1, 2, 1, 2):  # a running world re-initialised with other layouts, as each in-process run does
+        init_distributed(tp, 1)
+        counts.append(len(os.listdir("/proc/self/fd")))
+    return counts
+
+
+def test_reinitialising_model_parallel_releases_the_old_groups() -> None:
+    from megatron_camopd.backend.spawn import run_on_ranks
+
+    for counts in run_on_ranks(_reinit_descriptors, 2):
+        assert counts[2] == counts[0] and counts[3] == counts[1], counts  # no gloo group's pipes left behind

