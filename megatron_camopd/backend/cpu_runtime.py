@@ -98,7 +98,7 @@ def _with_cpu_mode(apply: Callable) -> Callable:
         with _CpuDeviceMode():
             return apply(self, *args)
 
-    wrapped._camopd_cpu = True  # type: ignore[attr-defined]
+    wrapped._camopd_cpu = True  # type: ignore[attr-defined]  # marker attribute on the function object
     return wrapped
 
 

@@ -139,7 +139,7 @@ class Section:
     """Base of every spec section: type-checks fields from annotations, then runs `validate()`."""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass; the base isn't
             hints = type_hints(type(self))  # type: ignore[arg-type]  # lru_cache's stub wants Hashable; classes are
             problem = type_problem(getattr(self, f.name), hints[f.name])
             if problem:

@@ -88,16 +88,18 @@ def apply_override(raw: dict[str, Any], text: str, origin: Origin) -> None:
             step, child_tp = int(part), typing.get_args(tp)[0]
         else:
             raise SpecError(f"{where}: {dotted(path)} is a {type_name(tp)} and has no key {part!r}")
-        if not isinstance(node, (dict, list)):
+        # a key needs a mapping (a list here, e.g. `model: [1]`, would be indexed by a str); an item index
+        # (int step) already saw a list in the length check above
+        if isinstance(step, str) and not isinstance(node, dict):
             raise SpecError(f"{where}: {dotted(path)}: is {describe(node)}, not a mapping")
         path = path + (step,)
         if i == len(parts) - 1:
-            node[step] = value  # type: ignore[index]
+            node[step] = value
         else:
-            child = node.get(step) if isinstance(node, dict) else node[step]  # type: ignore[index]
+            child = node.get(step) if isinstance(node, dict) else node[step]
             if child is None:
                 child = {}
-                node[step] = child  # type: ignore[index]
+                node[step] = child
             node, tp = child, child_tp
     origin.forget_below(path)
     origin.overrides[path] = text
@@ -141,7 +143,7 @@ class _Builder:
         if inner is not tp:
             return self.convert(value, inner, path, meta)
         if dataclasses.is_dataclass(tp):
-            return self.build(tp, value, path)  # type: ignore[arg-type]
+            return self.build(tp, value, path)  # type: ignore[arg-type]  # an annotation: a dataclass type, no instance
         if origin is list and isinstance(value, list):
             item_tp = typing.get_args(tp)[0]
             return [self.convert(v, item_tp, path + (i,)) for i, v in enumerate(value)]

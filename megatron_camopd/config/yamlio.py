@@ -96,7 +96,7 @@ class _SafeLoader(_Loader):
             return
         own = sum(1 for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge")
         super().flatten_mapping(node)
-        node.own_start = len(node.value) - own  # type: ignore[attr-defined]
+        node.own_start = len(node.value) - own  # type: ignore[attr-defined]  # our marker on PyYAML's node
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
@@ -201,7 +201,7 @@ def _to_python(loader: _SafeLoader, node: yaml.Node, path: KeyPath, origin: Orig
                 raise SpecError(f"{where}:{line}: {dotted(path) or '<top>'}: keys must be strings, got {key!r}")
             if key in own:
                 raise SpecError(f"{where}:{line}: {dotted(path + (key,))}: duplicate key")
-            if i >= node.own_start:  # type: ignore[attr-defined]
+            if i >= node.own_start:  # type: ignore[attr-defined]  # set by flatten_mapping above
                 own.add(key)
             out[key] = _to_python(loader, value_node, path + (key,), origin, where)
             origin.lines[path + (key,)] = line

@@ -5,41 +5,28 @@ Worker functions live here (not in test modules) so spawned processes import the
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tests.helpers import tiny_hf_model
+
 VOCAB = 300  # pads to 384 at TP=1 and 512 at TP=2: exercises padded-vocabulary masking
 
 
 def make_tiny_hf(name: str, out: Path) -> Path:
-    """Save a tiny random HF model: 'qwen3' (head_dim 24 != 64/4), 'qwen3_tied', 'llama' (GQA 4/2)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
-
-    torch.manual_seed(hash(name) % 1000)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    """Save a tiny random HF model (perturbed norms): 'qwen3' (head_dim 24 != 64/4), 'qwen3_tied', 'llama' (GQA 4/2),
+    'llama_tied4' (4 layers for interleaved PP=2 x VPP=2, tied embeddings across stages)."""
+    config: dict[str, Any] = dict(intermediate_size=96)
     if name.startswith("qwen3"):
-        cfg = Qwen3Config(head_dim=24, tie_word_embeddings=name.endswith("tied"), rope_theta=1e6, **common)
-    elif name == "llama_tied4":  # 4 layers for interleaved PP=2 x VPP=2, tied embeddings across stages
-        cfg = LlamaConfig(tie_word_embeddings=True, **{**common, "num_hidden_layers": 4})
+        config.update(arch="qwen3", head_dim=24, tie_word_embeddings=name.endswith("tied"), rope_theta=1e6)
+    elif name == "llama_tied4":
+        config.update(arch="llama", tie_word_embeddings=True, num_hidden_layers=4)
     else:
-        cfg = LlamaConfig(tie_word_embeddings=False, **common)
-    model = AutoModelForCausalLM.from_config(cfg).float()
-    with torch.no_grad():  # non-trivial norm weights so a mis-mapped norm shows up
-        for key, p in model.named_parameters():
-            if "norm" in key:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(out)
-    return out
+        config.update(arch="llama", tie_word_embeddings=False)
+    return tiny_hf_model(out, vocab_size=VOCAB, seed=zlib.crc32(name.encode()) % 1000, perturb_norms=True, **config)
 
 
 def build_loaded(hf_dir: Path, tp: int, pp: int, vpp: Any = None) -> tuple[Any, list]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from ._workers import make_tiny_hf
 
@@ -24,11 +23,3 @@ def tiny_hf_dirs(tmp_path_factory) -> dict[str, Path]:
     """Tiny random HF checkpoints: qwen3 untied/tied (head_dim != hidden/heads) llama untied, 4-layer tied llama."""
     root = tmp_path_factory.mktemp("hf")
     return {name: make_tiny_hf(name, root / name) for name in ("qwen3", "qwen3_tied", "llama", "llama_tied4")}
-
-
-def hf_logits(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids).logits

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,9 +22,8 @@ import pytest
 from megatron_camopd.backend.checkpoint import latest_checkpoint, load_checkpoint, verify_checkpoint
 from megatron_camopd.backend.manifest import MANIFEST
 from megatron_camopd.errors import CheckpointError
+from tests.helpers import TINY_SPEC, cli_argv, run_cli
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_SPEC = REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml"
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -43,11 +41,11 @@ def _overrides(tiny: Path, ckpt: Path, *extra: str) -> list[str]:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "megatron_camopd.cli", "train", str(TINY_SPEC), *args]
+    return cli_argv("train", str(TINY_SPEC), *args)
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_cli(*args), capture_output=True, text=True, timeout=240)
+    return run_cli("train", str(TINY_SPEC), *args, timeout=240)
 
 
 def _alive(procs: list) -> list[int]:

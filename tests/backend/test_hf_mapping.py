@@ -18,9 +18,9 @@ from megatron_camopd.backend.hf_mapping import (
 )
 from megatron_camopd.backend.vocab_parallel import vocab_parallel_logprobs
 from megatron_camopd.errors import CheckpointError
+from tests.helpers import hf_logits
 
 from ._workers import build_loaded
-from .conftest import hf_logits
 
 
 @pytest.mark.parametrize("name", ["qwen3", "qwen3_tied", "llama"])

@@ -8,9 +8,9 @@ import torch
 
 from megatron_camopd.backend.hf_mapping import read_hf_state_dict
 from megatron_camopd.backend.spawn import run_on_ranks
+from tests.helpers import hf_logits
 
 from ._workers import VOCAB, two_rank_suite
-from .conftest import hf_logits
 
 pytestmark = pytest.mark.multiproc
 V_PAD = 512

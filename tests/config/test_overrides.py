@@ -77,6 +77,22 @@ def test_bad_overrides(write_spec, override, fragment) -> None:
     assert fragment in str(info.value) and f"override {override!r}" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=[1, 2]", "model.dtype=bf16"], "override 'model.dtype=bf16': model: is list, not a mapping"),
+        (
+            ["teachers=[1]", "teachers.g.timeout_s=3"],
+            "override 'teachers.g.timeout_s=3': teachers: is list, not a mapping",
+        ),
+    ],
+)
+def test_override_into_a_list_where_a_mapping_belongs(write_spec, overrides, message) -> None:
+    with pytest.raises(SpecError) as info:  # was a raw TypeError (a list indexed by a str key)
+        load_spec(write_spec(), overrides)
+    assert str(info.value) == message
+
+
 def test_paths_resolve_against_the_spec_directory(write_spec, tmp_path, monkeypatch) -> None:
     spec = load_spec(write_spec())
     assert spec.model.hf_path == str(tmp_path / "models" / "student")

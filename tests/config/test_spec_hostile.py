@@ -7,8 +7,6 @@ keys still load as their expansion.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 from megatron_camopd.config import load_spec
 from megatron_camopd.config.yamlio import MAX_ALIASES, MAX_DEPTH
 from megatron_camopd.errors import SpecError
+from tests.helpers import run_cli
 
 from .conftest import VALID
 
@@ -70,12 +69,7 @@ def test_hostile_spec_is_refused_fast_with_file_and_line(tmp_path: Path, name: s
     path = tmp_path / f"{name}.yaml"
     path.write_bytes(data)
     start = time.monotonic()
-    res = subprocess.run(
-        [sys.executable, "-m", "megatron_camopd.cli", "validate", str(path), "-q"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    res = run_cli("validate", str(path), "-q", timeout=60)
     elapsed = time.monotonic() - start
     assert res.returncode == 2, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]

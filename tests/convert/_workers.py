@@ -10,37 +10,21 @@ from typing import Any
 
 import torch
 
+from tests.helpers import tiny_hf_model
+
 
 def make_tiny_hf_with_tokenizer(kind: str, out: Path, seed: int = 0) -> Path:
-    """A tiny random HF model ('qwen3', 'qwen3_tied' or 'llama'; GQA 4/2) sized to a tiny tokenizer saved beside it."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
-
+    """A tiny random HF model ('qwen3', 'qwen3_tied' or 'llama'; GQA 4/2; perturbed norms) sized to a tiny
+    tokenizer saved beside it."""
     from megatron_camopd.data.tokenizer import Tokenizer, make_tiny_tokenizer
 
     make_tiny_tokenizer(out)
     vocab = Tokenizer.from_dir(out).vocab_size  # 102: pads to 128 at TP=1 and 256 at TP=2
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(seed)
     if kind.startswith("qwen3"):
-        cfg = Qwen3Config(tie_word_embeddings=kind.endswith("tied"), rope_theta=1e6, **common)
+        extra: dict[str, Any] = dict(arch="qwen3", tie_word_embeddings=kind.endswith("tied"), rope_theta=1e6)
     else:
-        cfg = LlamaConfig(tie_word_embeddings=False, **common)
-    model = AutoModelForCausalLM.from_config(cfg).float()
-    with torch.no_grad():  # non-trivial norm weights so a mis-mapped norm shows up
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(out)
-    return out
+        extra = dict(arch="llama", tie_word_embeddings=False)
+    return tiny_hf_model(out, vocab_size=vocab, seed=seed, perturb_norms=True, **extra)
 
 
 def positions(ids: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,3 @@ IDS = torch.tensor([[7, 19, 3, 55, 101, 12, 0, 42, 8], [1, 2, 3, 4, 5, 6, 7, 8, 
 def tiny_hf(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("convert_hf")
     return {k: make_tiny_hf_with_tokenizer(k, root / k, seed=i) for i, k in enumerate(("qwen3", "qwen3_tied", "llama"))}
-
-
-def hf_logits(hf_dir: Path, ids: torch.Tensor = IDS) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids).logits

@@ -13,8 +13,9 @@ from megatron_camopd.backend.hf_mapping import read_hf_state_dict
 from megatron_camopd.cli import main as cli_main
 from megatron_camopd.convert.main import convert_main
 from megatron_camopd.errors import CheckpointError, SpecError
+from tests.helpers import hf_logits
 
-from .conftest import IDS, hf_logits
+from .conftest import IDS
 
 
 def _assert_bit_exact(a_dir: Path, b_dir: Path) -> None:
@@ -39,7 +40,7 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(tiny_hf, tmp_path, kind: str) ->
     assert ("lm_head.weight" in saved) == (kind != "qwen3_tied")
     assert saved["model.embed_tokens.weight"].shape[0] == json.loads((src / "config.json").read_text())["vocab_size"]
     if kind == "llama":  # one architecture end to end through transformers as well
-        torch.testing.assert_close(hf_logits(back), hf_logits(src), rtol=0, atol=0)
+        torch.testing.assert_close(hf_logits(back, IDS), hf_logits(src, IDS), rtol=0, atol=0)
 
 
 def test_from_hf_into_checkpoint_of_another_architecture_is_refused(tiny_hf, tmp_path) -> None:
@@ -112,4 +113,4 @@ def test_bf16_export_and_megatron_logits_match_hf(tiny_hf, tmp_path) -> None:
         with torch.no_grad():
             pos = torch.arange(IDS.shape[1]).unsqueeze(0).expand_as(IDS)
             logits = chunks[0].eval()(IDS, pos, attention_mask=None)[..., : arch.vocab_size]
-    assert (logits - hf_logits(src)).abs().max().item() < 1e-4
+    assert (logits - hf_logits(src, IDS)).abs().max().item() < 1e-4

@@ -12,9 +12,10 @@ from megatron_camopd.backend.hf_mapping import read_hf_state_dict
 from megatron_camopd.backend.spawn import run_on_ranks
 from megatron_camopd.convert.main import convert_main
 from megatron_camopd.convert.megatron_hf import checkpoint_tensor_meta
+from tests.helpers import hf_logits
 
 from ._workers import tp2_resave_worker
-from .conftest import IDS, hf_logits
+from .conftest import IDS
 
 KINDS = ("qwen3", "qwen3_tied")
 
@@ -45,9 +46,9 @@ def test_tp2_checkpoint_to_hf_matches_megatron_and_original(tp2, tiny_hf, kind: 
     torch.testing.assert_close(tp2["ranks"][1][str(root / f"{kind}_tp2")], megatron)  # both TP ranks agree
     saved = checkpoint_tensor_meta(root / f"{kind}_tp2" / "iter_0000004")
     assert saved["embedding.word_embeddings.weight"].global_shape == (256, 64)  # TP=2 padding, not TP=1's 128
-    converted = hf_logits(out)
+    converted = hf_logits(out, IDS)
     assert (converted - megatron).abs().max().item() < 1e-4
-    assert (converted - hf_logits(tiny_hf[kind])).abs().max().item() < 1e-4
+    assert (converted - hf_logits(tiny_hf[kind], IDS)).abs().max().item() < 1e-4
     a = read_hf_state_dict(tiny_hf[kind])
     for path in (out, root / f"{kind}_pp_hf"):  # TP=2 and then PP=2 resharding are lossless
         b = read_hf_state_dict(path)

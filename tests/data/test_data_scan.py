@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,8 @@ from megatron_camopd.data.prompts import PromptSource, PromptStream
 from megatron_camopd.data.scan import scan_data, scan_stream
 from megatron_camopd.data.tokenizer import Tokenizer
 from megatron_camopd.errors import DataError
+from tests.helpers import TINY_SPEC, run_cli
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_SPEC = REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml"
 ROUTED = frozenset({"general", "domain"})
 
 
@@ -127,12 +125,7 @@ def _train(root: Path, ckpt: Path, *extra: str) -> subprocess.CompletedProcess:
         "logging.diagnostics=false",
         *extra,
     ]
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_camopd.cli", "train", str(TINY_SPEC), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli("train", str(TINY_SPEC), *args, timeout=300)
 
 
 def _with_bad_rows(root: Path, out: Path) -> Path:

@@ -7,31 +7,18 @@ the comparison table), not the story: quick sizes are far too small for the accu
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.multiproc
+from tests.helpers import REPO, repo_env, run_cli
 
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.multiproc
 
 
 def _camopd(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "megatron_camopd.cli", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_cli(*args, timeout=timeout, env=repo_env(), cwd=REPO, check_rc=0)
 
 
 @pytest.fixture(scope="module")

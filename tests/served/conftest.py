@@ -5,9 +5,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,21 +13,14 @@ import pytest
 
 import yaml
 from megatron_camopd.serve.server import LocalReplica, start_local_replicas
+from tests.helpers import TINY_SPEC, cli_argv, repo_env, run_cli
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_SPEC = REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml"
 STEPS, PROMPTS = 3, 4
 
 
 def sub_env() -> dict[str, str]:
     """Environment of the subprocesses: this checkout importable, one torch thread each (2 shared cores)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
-def camopd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "megatron_camopd.cli", *args]
+    return repo_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def write_spec(tiny: Path, ckpt_dir: Path, teachers: dict[str, dict], out: Path, **train: object) -> Path:
@@ -49,7 +40,7 @@ def write_spec(tiny: Path, ckpt_dir: Path, teachers: dict[str, dict], out: Path,
 
 
 def start_train(spec: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(camopd("train", str(spec)), env=sub_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cli_argv("train", str(spec)), env=sub_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout_s: float = 400.0) -> int:
@@ -77,15 +68,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def teacher_ckpt(tiny: Path) -> Path:
     """The general teacher as a camopd checkpoint root (hf/ + iter_0000000/), made by `camopd convert --from-hf`."""
     dst = tiny / "teacher_general_ckpt"
-    res = subprocess.run(
-        camopd("convert", "--from-hf", str(tiny / "teacher_general"), str(dst)),
-        env=sub_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    run_cli("convert", "--from-hf", str(tiny / "teacher_general"), str(dst), timeout=300, env=sub_env(), check_rc=0)
     return dst
 
 

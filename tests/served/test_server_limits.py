@@ -7,10 +7,8 @@ machine) and a `camopd serve --backend megatron` subprocess (megatron-core scori
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -19,42 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from megatron_camopd.serve.hf_scorer import load_scorer
 from megatron_camopd.serve.server import ServerThread, start_local_replicas
+from tests.helpers import ONE_LAYER_CONFIG, cli_argv, repo_env, tiny_hf_model
 
-REPO = Path(__file__).resolve().parents[2]
 VOCAB, POSITIONS = 64, 256
 
 
 def env() -> dict[str, str]:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [e.get("PYTHONPATH")])])
-    return e
+    return repo_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen3 (64 tokens, 256 positions) as a HF dir, without a tokenizer (ids only)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        intermediate_size=64,
-        max_position_embeddings=POSITIONS,
-        tie_word_embeddings=False,
-        eos_token_id=2,
-    )
     path = tmp_path_factory.mktemp("limits_qwen3")
-    Qwen3ForCausalLM(cfg).save_pretrained(path)
-    return path
+    return tiny_hf_model(
+        path, vocab_size=VOCAB, seed=0, max_position_embeddings=POSITIONS, eos_token_id=2, **ONE_LAYER_CONFIG
+    )
 
 
 @pytest.fixture(scope="module")
@@ -319,17 +300,7 @@ def test_bad_host_or_port_exits_2_with_a_message_before_loading(hf_dir):
         }
         procs = {
             args: subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "megatron_camopd.cli",
-                    "serve",
-                    "--checkpoint",
-                    str(hf_dir),
-                    "--backend",
-                    "hf",
-                    *args,
-                ],
+                cli_argv("serve", "--checkpoint", str(hf_dir), "--backend", "hf", *args),
                 env=env(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +19,12 @@ import pytest
 
 import yaml
 from megatron_camopd.metrics import read_metrics
+from tests.helpers import REPO, repo_env, run_cli
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
 
 pytestmark = pytest.mark.slurm
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 
 
@@ -76,16 +75,7 @@ def write_spec(tiny_root: Path, run_dir: Path) -> Path:
 
 
 def camopd(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_camopd.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_cli(*args, timeout=timeout, env=repo_env(), cwd=REPO)
 
 
 def submit_hetjob(spec: Path) -> str:

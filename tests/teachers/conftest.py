@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedTokenizerFast
 
 from megatron_camopd.serve.hf_scorer import HFScorer, load_scorer
+from tests.helpers import ONE_LAYER_CONFIG, tiny_hf_model
 
 VOCAB = 64
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
@@ -33,19 +34,7 @@ def make_tokenizer(chars: str) -> PreTrainedTokenizerFast:
 
 
 def make_checkpoint(path: Path, chars: str = CHARS, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    tiny_hf_model(path, vocab_size=VOCAB, seed=seed, **ONE_LAYER_CONFIG)
     make_tokenizer(chars).save_pretrained(path)
     return path
 

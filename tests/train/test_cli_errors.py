@@ -5,16 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from tests.helpers import run_cli
+
 from ._workers import TINY_SPEC, tiny_overrides
 
 
-def _train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_camopd.cli", "train", str(TINY_SPEC), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _train(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run_cli("train", str(TINY_SPEC), *args, timeout=300, env=env)
 
 
 def test_fp8_without_gpu_is_a_clear_error(tiny_root, tmp_path):
@@ -48,21 +45,7 @@ def test_code_verifier_without_a_sandbox_is_refused_before_any_model_loads(tiny_
     os.symlink(sys.executable, bin_dir / "python")
     env = {**os.environ, "PATH": str(bin_dir)}
     assert shutil.which("bwrap", path=env["PATH"]) is None
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_camopd.cli",
-            "train",
-            str(TINY_SPEC),
-            *tiny_overrides(tiny_root, tmp_path / "c"),
-            "data.streams.1.verifier=code",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    res = _train(*tiny_overrides(tiny_root, tmp_path / "c"), "data.streams.1.verifier=code", env=env)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "bubblewrap" in res.stderr and "Traceback" not in res.stderr
     assert "teacher general ready" not in res.stderr and not (tmp_path / "c").exists()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -15,6 +14,7 @@ from megatron_camopd.backend.checkpoint import latest_checkpoint
 from megatron_camopd.errors import SpecError
 from megatron_camopd.metrics import read_metrics
 from megatron_camopd.resume import check_checkpoint_dir, check_spec_changes, judge, spec_diff
+from tests.helpers import run_cli
 
 from ._workers import TINY_SPEC, tiny_overrides
 
@@ -22,12 +22,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_camopd.cli", "train", str(TINY_SPEC), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return run_cli("train", str(TINY_SPEC), *args, timeout=240)
 
 
 @pytest.fixture(scope="module")

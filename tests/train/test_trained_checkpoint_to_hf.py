@@ -3,13 +3,11 @@ AutoModelForCausalLM/AutoTokenizer, generates, and gives the Megatron model's lo
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from megatron_camopd.backend.spawn import run_on_ranks
+from tests.helpers import run_cli
 
 from ._workers import megatron_logits, run_train, tiny_overrides
 
@@ -19,12 +17,7 @@ def test_trained_checkpoint_converts_and_matches_logits(tiny_root, tmp_path):
     ckpt = tmp_path / "ckpt"
     run_on_ranks(run_train, 2, tiny_overrides(tiny_root, ckpt, "train.steps=1", "parallel.tp=2"))
     hf = tmp_path / "hf"
-    res = subprocess.run(
-        [sys.executable, "-m", "megatron_camopd.cli", "convert", "--to-hf", str(ckpt), str(hf)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_cli("convert", "--to-hf", str(ckpt), str(hf), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
