@@ -1,4 +1,4 @@
-"""Suite-wide set-up: the code verifier's sandbox (bubblewrap) must exist before its tests run.
+"""Suite-wide set-up: deterministic property tests, and the code verifier's sandbox (bubblewrap) before its tests.
 
 On a fresh Debian/Ubuntu machine run as root (CI), the package is installed once, as the Slurm tests install
 theirs (`tools/slurm_cluster.py install`); elsewhere the sandbox tests fail with the install hint of
@@ -10,6 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+
+from hypothesis import settings
+
+# property tests draw the same examples on every run and machine: a CI failure is reproducible, never a dice roll
+settings.register_profile("camopd", derandomize=True)
+settings.load_profile("camopd")
 
 
 def pytest_sessionstart(session) -> None:
