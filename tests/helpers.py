@@ -16,19 +16,22 @@ from typing import Any
 
 import torch
 
+from megatron_camopd.demo.tiny import TINY_QWEN3
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPEC = REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml"
 
-# The tiny causal LM most tests use: 64 wide, 2 layers, GQA 4/2, head_dim 16 (Qwen3's default head_dim is 128).
-TINY_CONFIG: dict[str, Any] = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
+# The tiny causal LM most tests use: the shape of the demo's tiny Qwen3 (64 wide, 2 layers, GQA 4/2, head_dim 16;
+# Qwen3's default head_dim is 128) at 256 positions.
+_SHAPE = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
 )
+TINY_CONFIG: dict[str, Any] = {**{k: TINY_QWEN3[k] for k in _SHAPE}, "max_position_embeddings": 256}
 # The one-layer variant of the teacher and server tests: 32 wide, GQA 2/1, untied.
 ONE_LAYER_CONFIG: dict[str, Any] = dict(
     hidden_size=32,

@@ -22,10 +22,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench_overlap import train_rows  # the sibling script's runner (tools/ is sys.path[0] when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -60,17 +61,7 @@ def _spec(root: Path, urls: list[str], k: int, ckpt: Path, args: argparse.Namesp
 
 
 def _train(spec: Path, ckpt: Path, log: Path, threads: int) -> list[dict]:
-    with log.open("w") as f:
-        rc = subprocess.run(
-            [sys.executable, "-m", "megatron_camopd.cli", "train", str(spec)],
-            env=_env(threads),
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            check=False,
-        ).returncode
-    if rc != 0:
-        raise SystemExit(f"training failed (exit {rc}); see {log}:\n{log.read_text()[-3000:]}")
-    return [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return train_rows(spec, ckpt, log, _env(threads))
 
 
 def _step_times(rows: list[dict], warmup: int) -> list[float]:

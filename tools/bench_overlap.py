@@ -49,11 +49,12 @@ def _spec(root: Path, teachers: dict, ckpt: Path, args: argparse.Namespace, out:
     return out
 
 
-def _train(spec: Path, ckpt: Path, log: Path) -> list[dict]:
+def train_rows(spec: Path, ckpt: Path, log: Path, env: dict[str, str]) -> list[dict]:
+    """`camopd train SPEC` in a subprocess (output to `log`); the run's metrics rows (tools/bench_async.py too)."""
     with log.open("w") as f:
         rc = subprocess.run(
             [sys.executable, "-m", "megatron_camopd.cli", "train", str(spec)],
-            env=_env(),
+            env=env,
             stdout=f,
             stderr=subprocess.STDOUT,
             check=False,
@@ -92,8 +93,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     names = ("general", "domain")
     inproc = {n: {"hf_path": str(root / f"teacher_{n}")} for n in names}
-    rows_in = _train(
-        _spec(root, inproc, work / "inproc", args, work / "inproc.yaml"), work / "inproc", work / "inproc.log"
+    rows_in = train_rows(
+        _spec(root, inproc, work / "inproc", args, work / "inproc.yaml"), work / "inproc", work / "inproc.log", _env()
     )
     replicas = {}
     try:
@@ -101,8 +102,8 @@ def main() -> None:
             (work / f"serve_{n}").mkdir(exist_ok=True)
             replicas[n] = start_local_replicas(root / f"teacher_{n}", work / f"serve_{n}", args.replicas, env=_env())
         served = {n: {"urls": [r.url for r in replicas[n]]} for n in names}
-        rows_http = _train(
-            _spec(root, served, work / "http", args, work / "http.yaml"), work / "http", work / "http.log"
+        rows_http = train_rows(
+            _spec(root, served, work / "http", args, work / "http.yaml"), work / "http", work / "http.log", _env()
         )
     finally:
         for reps in replicas.values():
