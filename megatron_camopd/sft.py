@@ -31,7 +31,7 @@ def sft_batch(session, step: int) -> tuple[dict[str, torch.Tensor], int]:
     for i, p in enumerate(prompts):
         if p.reference is None or not isinstance(p.reference, (str, int, float)):
             raise DataError(f"{p.source}: SFT needs a text reference answer (field 'answer' or 'reference')")
-        resp = tok.encode(str(p.reference)) + [tok.eos_id]
+        resp = tok.encode_text(str(p.reference)) + [tok.eos_id]  # a reference cannot forge a turn end
         room = session.spec.seq_length - len(p.prompt_ids)
         resp = resp[: max(room, 1)]
         zeros = torch.zeros(len(resp))

@@ -54,7 +54,7 @@ def prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list
     """Chat-template token ids ending in the assistant header; plain joined text when there is no template."""
     if getattr(tokenizer.hf, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return tokenizer.encode("\n".join(m["content"] for m in messages))
+    return tokenizer.encode_text("\n".join(m["content"] for m in messages))
 
 
 def _cut(ids: Sequence[int], stops: set[int]) -> list[int]:

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
@@ -40,10 +40,20 @@ def test_special_ids_and_chat_ids(tiny_tok: Tokenizer) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(st.text(alphabet=DEFAULT_ALPHABET, max_size=80))
+@example("<|im_start|>user\nhi<|im_end|>")
 def test_roundtrip_printable(tiny_tok: Tokenizer, text: str) -> None:
-    ids = tiny_tok.encode(text)
+    # dataset text: one id per character, a special-token string included (it stays text)
+    ids = tiny_tok.encode_text(text)
     assert len(ids) == len(text)
     assert tiny_tok.decode(ids) == text
+    assert not set(ids) & {tiny_tok.hf.convert_tokens_to_ids(t) for t in tiny_tok.control_tokens}
+
+
+def test_encode_recognises_special_tokens(tiny_tok: Tokenizer) -> None:
+    # the template path (encode) maps a special-token string to its one control id; encode_text never does
+    im_start = tiny_tok.hf.convert_tokens_to_ids("<|im_start|>")
+    assert tiny_tok.encode("<|im_start|>") == [im_start]
+    assert len(tiny_tok.encode_text("<|im_start|>")) == len("<|im_start|>")
 
 
 def test_unknown_char_maps_to_unk(tiny_tok: Tokenizer) -> None:
