@@ -188,9 +188,11 @@ def train(spec) -> dict:
             stop = preempt.agreed()
             if save_now or done == spec.train.steps or stop:
                 e = session.engine
-                state = _train_state(session)
-                if pipe is not None and (inflight := pipe.checkpoint_state(spec.checkpoint.dir, done)):
-                    state["rollouts_in_flight"] = inflight
+                state, files = _train_state(session), {}
+                if pipe is not None and (inflight := pipe.checkpoint_state()):
+                    state["rollouts_in_flight"], batches = inflight
+                    if batches is not None:
+                        files[inflight[0]["file"]] = batches
                 save_checkpoint(
                     spec.checkpoint.dir,
                     done,
@@ -199,9 +201,8 @@ def train(spec) -> dict:
                     e.scheduler,
                     state,
                     keep_last=spec.checkpoint.keep_last,
+                    files=files,
                 )
-                if pipe is not None:
-                    pipe.prune(spec.checkpoint.dir)
             if stop:
                 row["preempted"] = True
                 break

@@ -5,6 +5,7 @@ Layout under `checkpoint.dir`:
         train_state.json     step, branch-schedule position, data-stream positions, anything JSON (rank 0)
         scheduler.pt         OptimizerParamScheduler state (rank 0)
         rng/rank{r}.pt       per-rank RNG states (restored only when the world layout is unchanged)
+        inflight_rollouts.pt rollout batches in flight at the save (`rollout.max_staleness` > 0; rollout/pipeline.py)
         manifest.json        size + sha256 of every file above, written last (backend/manifest.py)
     latest                   text file naming the newest complete checkpoint
     metrics.jsonl            (written by metrics.py)
@@ -46,6 +47,7 @@ import shutil
 import signal
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -151,8 +153,10 @@ def save_checkpoint(
     scheduler=None,
     train_state: dict | None = None,
     keep_last: int | None = None,
+    files: dict[str, Any] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+    """Collective: every rank calls it. Returns the final checkpoint path. `files` (rank 0's): objects saved with
+    torch.save under their relative names inside the checkpoint, so its manifest covers them too."""
     root = Path(root)
     rank = dist.get_rank()
     final = root / _iter_name(step)
@@ -180,6 +184,8 @@ def save_checkpoint(
     if rank == 0:
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for rel, obj in (files or {}).items():
+            torch.save(obj, tmp / rel)
         with open(tmp / "train_state.json", "w") as f:
             json.dump({"step": step, **(train_state or {})}, f, indent=1)
     write_manifest(tmp)  # collective: barrier, hash the files spread over the ranks, rank 0 writes it last

@@ -25,10 +25,10 @@ the old weights before the sync), `weight_wait_s` (the generating side sat idle 
 existed), and `rollout_staleness_max` / `_mean` (from each sample's weight_version, `staleness.py`).
 
 Checkpoints: at a save, batches in flight are drained (generated and scored) and their rollouts -- prompts,
-tokens, sampled log-probs, versions -- are written by rank 0 to `<checkpoint.dir>/inflight/step_N.pt`, named in
-`train_state.json`; the prompt streams and branch schedule are saved past them. A resumed run re-enters those
-batches (scored again from their tokens: deterministic) instead of sampling them, so it reproduces the
-uninterrupted loss curve bit for bit; files no kept checkpoint names are deleted.
+tokens, sampled log-probs, versions -- are saved by rank 0 inside the checkpoint (`iter_N/inflight_rollouts.pt`,
+named in `train_state.json` and covered by the manifest, so a corrupted file is refused like any other); the
+prompt streams and branch schedule are saved past them. A resumed run re-enters those batches (scored again from
+their tokens: deterministic) instead of sampling them, so it reproduces the uninterrupted loss curve bit for bit.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from megatron_camopd.rollout.sampling import sample_seed
 from megatron_camopd.rollout.staleness import staleness_metrics
 
 log = logging.getLogger("megatron_camopd")
-INFLIGHT_DIR = "inflight"
+INFLIGHT_FILE = "inflight_rollouts.pt"  # inside the checkpoint directory
 
 
 @dataclass
@@ -252,8 +252,9 @@ class RolloutPipeline:
             except Exception:  # noqa: BLE001 -- raised again when the step takes the batch
                 pass
 
-    def checkpoint_state(self, root, done: int) -> dict | None:
-        """Collective: drain, write the in-flight batches' rollouts (rank 0), return the train_state entry."""
+    def checkpoint_state(self) -> tuple[dict, list | None] | None:
+        """Collective: drain; the train_state entry and (rank 0) the in-flight batches to save inside the
+        checkpoint as INFLIGHT_FILE; None when nothing is in flight."""
         self.drain()
         if not self.jobs:
             return None
@@ -263,7 +264,7 @@ class RolloutPipeline:
         }
         every: list = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
-        rel = f"{INFLIGHT_DIR}/step_{done:08d}.pt"
+        out = None
         if dist.get_rank() == 0:
             out = []
             for st in sorted(self.jobs):
@@ -285,19 +286,16 @@ class RolloutPipeline:
                         ],
                     }
                 )
-            path = Path(root) / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(out, tmp)
-            tmp.replace(path)
-        dist.barrier()
-        return {"file": rel, "steps": sorted(self.jobs), "max_staleness": self.k}
+        return {"file": INFLIGHT_FILE, "steps": sorted(self.jobs), "max_staleness": self.k}, out
 
     def _restore(self, ckpt: Path, entry: dict, start: int) -> None:
-        path = Path(ckpt).parent / entry["file"]
-        if not path.exists():
+        path = Path(ckpt) / entry["file"]  # its bytes were verified against the manifest before any model loaded
+        if not path.is_file():
             raise CheckpointError(f"{ckpt}: its in-flight rollouts {path} are missing (train_state.json names them)")
-        jobs = torch.load(path, weights_only=False)
+        try:
+            jobs = torch.load(path, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 -- an unreadable file is a checkpoint error, never a traceback
+            raise CheckpointError(f"{path}: unreadable in-flight rollouts ({type(exc).__name__}: {exc})") from None
         if [j["step"] for j in jobs] != list(range(start, start + len(jobs))):
             raise CheckpointError(f"{path}: in-flight steps {[j['step'] for j in jobs]} do not follow step {start}")
         for j in jobs:
@@ -316,17 +314,6 @@ class RolloutPipeline:
         if jobs and self.next - self.k > self.base:
             self.base = self.next - self.k  # the next launch uses the trainer's current weights
         log.info("resumed %d rollout batches in flight from %s", len(jobs), path)
-
-    @staticmethod
-    def prune(root) -> None:
-        """Rank 0: delete in-flight files no kept checkpoint names."""
-        if dist.get_rank() != 0:
-            return
-        root = Path(root)
-        kept = {int(p.name.split("_")[1]) for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()}
-        for f in (root / INFLIGHT_DIR).glob("step_*.pt"):
-            if int(f.stem.split("_")[1]) not in kept:
-                f.unlink(missing_ok=True)
 
     def close(self) -> None:
         for job in self.jobs.values():

@@ -1,7 +1,8 @@
 """Rollouts overlapped with training, in process (`rollout.engine: megatron`, `rollout.max_staleness: k`): every
 sample's weight_version lags the trainer's by exactly min(step, k) <= k (k = 1, 2), checked per sample as the
 trainer takes each batch; a k=1 run preempted (SIGTERM) at step 3 of 6, rollouts in flight saved, and resumed
-reproduces the uninterrupted loss curve bit for bit from metrics.jsonl; k=0 still takes the on-policy path;
+reproduces the uninterrupted loss curve bit for bit from metrics.jsonl (a copy with one flipped byte in its saved
+in-flight batch is refused naming the file); k=0 still takes the on-policy path;
 TP/PP > 1 in process
 is refused by the spec check with the field named."""
 
@@ -64,10 +65,27 @@ def runs(rank: int, world: int, root: str, out: str) -> dict:
     interrupted = o("part", f"train.steps={STEPS}", "rollout.max_staleness=1", "checkpoint.save_interval=0")
     res["part"] = _train_recording(interrupted, preempt_at=2)  # stops after step 3 of 6
     res["part_state"] = json.loads((out / "part" / "iter_0000003" / "train_state.json").read_text())
+    # a copy of the interrupted run with one flipped byte in its saved in-flight batch: refused before training
+    import shutil
+
+    from megatron_camopd.errors import CheckpointError
+
+    shutil.copytree(out / "part", out / "corrupt")
+    bad = out / "corrupt" / "iter_0000003" / "inflight_rollouts.pt"
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    try:
+        _train_recording(o("corrupt", f"train.steps={STEPS}", "rollout.max_staleness=1", "checkpoint.save_interval=0"))
+        res["corrupt_error"] = None
+    except CheckpointError as exc:
+        res["corrupt_error"] = str(exc)
     res["rest"] = _train_recording(interrupted)  # resume: the in-flight batch of step 3 comes from the checkpoint
     res["k2"] = _train_recording(o("k2", "train.steps=4", "rollout.max_staleness=2", "checkpoint.save_interval=0"))
     res["k0"] = _train_recording(o("k0", "train.steps=2", "checkpoint.save_interval=0"))
-    res["inflight_files"] = sorted(p.name for p in (out / "k1" / "inflight").iterdir())
+    res["inflight_files"] = {
+        d.name: json.loads((d / "manifest.json").read_text())["files"] for d in sorted((out / "k1").glob("iter_*"))
+    }
     return res
 
 
@@ -113,7 +131,16 @@ def test_resume_with_rollouts_in_flight_is_bitwise_identical(results):
     entry = results["part_state"]["rollouts_in_flight"]
     assert entry["steps"] == [3] and entry["max_staleness"] == 1
     assert seen[0][0] == 3 and set(seen[0][2]) == {2}  # re-entered with the version it was sampled with
-    assert results["inflight_files"] == ["step_00000003.pt"]  # the final checkpoint has nothing in flight
+    # saved inside the checkpoint and covered by its manifest; the final checkpoint has nothing in flight
+    listed = {name: [e["path"] for e in files] for name, files in results["inflight_files"].items()}
+    assert "inflight_rollouts.pt" in listed["iter_0000003"] and "inflight_rollouts.pt" not in listed["iter_0000006"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_corrupted_in_flight_batch_is_refused_by_name(results):
+    err = results["corrupt_error"]
+    assert err is not None and "inflight_rollouts.pt" in err and "corrupted" in err, err
 
 
 @pytest.mark.multiproc
