@@ -9,9 +9,11 @@ differs from the student's is refused here, before any training.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ from megatron_camopd.data.sandbox import ensure_available
 from megatron_camopd.data.scan import routed_domains, scan_data
 from megatron_camopd.data.tokenizer import Tokenizer
 from megatron_camopd.errors import SpecError, TeacherError
+from megatron_camopd.rollout.collect import Collector, http_teachers, sampling_params, teacher_top_k
 from megatron_camopd.rollout.sampler import InProcessModel, Sampler, build_sampler, needs_entropy
 from megatron_camopd.teachers.base import Teacher
 from megatron_camopd.teachers.inprocess import MegatronTeacher
@@ -115,6 +118,46 @@ class Session:
     @property
     def is_logger(self) -> bool:
         return dist.get_rank() == 0
+
+    @cached_property
+    def collector(self) -> Collector:
+        """The pieces step collection takes (rollout/collect.py), built once."""
+        spec = self.spec
+        return Collector(
+            rollout=spec.rollout,
+            routing=dict(spec.routing),
+            seed=spec.train.seed,
+            http=http_teachers(spec.teachers),
+            top_k=teacher_top_k(spec.method, self.method.student_top1_k),
+            student_top1_k=self.method.student_top1_k,
+            params=sampling_params(spec.rollout, self.tokenizer),
+            tokenizer=self.tokenizer,
+            sampler=self.sampler,
+            streams=self.streams,
+            schedule=self.schedule,
+            teachers=self.teachers,
+            reference=self.reference,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            is_mp_leader=self.is_mp_leader,
+        )
+
+    def snapshot_sampler(self) -> tuple[list, Sampler]:
+        """A second student instance (TP = PP = 1) and an in-process sampler over it, for rollouts generated on
+        another thread while the student trains (rollout/pipeline.py); the trainer's RNG states are untouched."""
+        from megatron.core import tensor_parallel
+
+        from megatron_camopd.backend.engine import unwrap
+
+        spec = self.spec
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        states = tracker.get_states()
+        with torch.random.fork_rng(devices=[]):
+            chunks, _ = build_chunks(self.arch, 1, 1, None, spec.model.dtype, None, **model_fields(spec.parallel))
+        tracker.set_states(states)
+        model = student_model(self.engine, self.arch, self.tokenizer, spec.seq_length)
+        model = dataclasses.replace(model, chunks=[unwrap(c) for c in chunks])
+        return chunks, build_sampler(self.sampler.engine, model, kv_cache_gb=spec.rollout.kv_cache_gb)
 
     def close(self) -> None:
         if self.sampler is not None:

@@ -38,34 +38,39 @@ def step_row(step: int, branch: str, samples, sig, signals, out: dict, t_rollout
     return row
 
 
-def _per_sample_batches(session, step: StepBatch, full, rows, loss_spec):
+def _per_sample_batches(step: StepBatch, full, rows, loss_spec, pad_id: int, micro_batch_size: int):
     """One batch per candidate sample, each counted (a sample dropped by selection keeps its full-batch gradient)."""
     out = []
     for i in rows:
-        b = step.megatron(
-            session.tokenizer.pad_id,
-            session.spec.train.micro_batch_size,
-            topk=loss_spec.loss == "topk",
-            rows=[i],
-            signals=full,
-        )
+        b = step.megatron(pad_id, micro_batch_size, topk=loss_spec.loss == "topk", rows=[i], signals=full)
         b["sample_weight"][0] = 1.0
         out.append(b)
     return out
 
 
-def diagnostics_row(session, step: StepBatch, loss_spec, branch: str, cache: dict[str, StepBatch]) -> dict:
-    """Cross-branch gradient dot/cosine and within-branch coherence/GCG at the current parameters."""
-    engine = session.engine
+def diagnostics_row(
+    engine,
+    method,
+    step: StepBatch,
+    loss_spec,
+    branch: str,
+    cache: dict[str, StepBatch],
+    *,
+    pad_id: int,
+    micro_batch_size: int,
+    max_samples: int | None,
+) -> dict:
+    """Cross-branch gradient dot/cosine and within-branch coherence/GCG at the current parameters, from at most
+    `max_samples` (`logging.diagnostics_samples`; None: all) per-sample gradients per rank."""
     row: dict = {}
     sig, signals, rows = step.sig, step.signals, step.rows
     assert sig is not None and signals is not None, "diagnostics need an on-policy step"
     valid = [i for i in rows if torch.isfinite(sig.teacher_lp[i]).all()]
-    valid = valid[: session.spec.logging.diagnostics_samples]  # None: all
+    valid = valid[:max_samples]  # None: all
     keep = [bool(signals.sample_weight[i] > 0) for i in valid]
     # the full candidate batch: the same method without selection (dropped samples keep their advantages)
-    full = session.method.without_selection().prepare(sig)
-    per = _per_sample_batches(session, step, full, valid, loss_spec)
+    full = method.without_selection().prepare(sig)
+    per = _per_sample_batches(step, full, valid, loss_spec, pad_id, micro_batch_size)
     row.update({f"diag_{k}": v for k, v in gd.coherence_stats(engine, per, keep, loss_spec).items()})
     # cross-branch: the two halves of a mixed batch, or the active batch vs the other branch's latest batch
     other = "domain" if branch == "general" else "general"
@@ -77,9 +82,7 @@ def diagnostics_row(session, step: StepBatch, loss_spec, branch: str, cache: dic
         return row
     grads = {}
     for b, (part_step, r) in parts.items():  # every DP rank takes part, even with no rows of a branch
-        part = part_step.megatron(
-            session.tokenizer.pad_id, session.spec.train.micro_batch_size, topk=loss_spec.loss == "topk", rows=r
-        )
+        part = part_step.megatron(pad_id, micro_batch_size, topk=loss_spec.loss == "topk", rows=r)
         grads[b] = gd.branch_grad(engine, part, loss_spec, over_dp=True)
     if grads["general"][1] and grads["domain"][1]:
         row["diag_grad_dot"], row["diag_grad_cos"] = gd.dot_cosine(engine, grads["general"][0], grads["domain"][0])

@@ -119,7 +119,7 @@ def run_step(
     t0 = time.time()
     if pipe is None:
         branch = session.schedule.next()
-        samples = collect_step(session, step, branch)
+        samples = collect_step(session.collector, step, branch)
         overlap = {"weight_wait_s": 0.0, **staleness_metrics(samples, step)}
     else:
         branch, samples, overlap = pipe.batch(step)
@@ -133,7 +133,19 @@ def run_step(
     row = {}
     if spec.logging.diagnostics:
         if step % spec.logging.diagnostics_interval == 0:
-            row.update(diagnostics_row(session, step_batch, loss_spec, branch, cache))
+            row.update(
+                diagnostics_row(
+                    engine,
+                    session.method,
+                    step_batch,
+                    loss_spec,
+                    branch,
+                    cache,
+                    pad_id=session.tokenizer.pad_id,
+                    micro_batch_size=spec.train.micro_batch_size,
+                    max_samples=spec.logging.diagnostics_samples,
+                )
+            )
         cache[branch] = step_batch  # the other branch's latest batch, for the next cross-branch diagnostics
     t1 = time.time()
     if float(signals.sample_weight.sum()) > 0:
@@ -175,7 +187,14 @@ def train(spec) -> dict:
         cache: dict = {}
         row: dict = {"step": start}
         if spec.rollout.max_staleness > 0 and session.method.on_policy:
-            pipe = RolloutPipeline(session, start, session.resumed)
+            pipe = RolloutPipeline(
+                session.collector,
+                session.engine,
+                steps=spec.train.steps,
+                start=start,
+                resumed=session.resumed,
+                snapshot=session.snapshot_sampler,
+            )
         for step in range(start, spec.train.steps):
             row = (
                 run_step(session, step, loss_spec, cache, pipe)

@@ -46,7 +46,7 @@ def main() -> None:
     base = _tiny_overrides() if args.spec.endswith("camopd_tiny_cpu.yaml") else []
     spec = load_spec(args.spec, [*base, f"checkpoint.dir={tmp}", "logging.progress=off", *args.overrides])
     session = open_session(spec)
-    samples = collect_step(session, 0, session.schedule.peek())
+    samples = collect_step(session.collector, 0, session.schedule.peek())
     rows = list(range(len(samples)))
     width = max(len(s.rollout.ids) for s in samples)
     mbs, pad = spec.train.micro_batch_size, session.tokenizer.pad_id

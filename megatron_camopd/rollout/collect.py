@@ -28,15 +28,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_camopd.config.sections import StreamConfig
-from megatron_camopd.data.prompts import Prompt
+from megatron_camopd.algo.camopd import BranchSchedule
+from megatron_camopd.config.sections import RolloutConfig, StreamConfig
+from megatron_camopd.data.prompts import Prompt, PromptStream
+from megatron_camopd.data.tokenizer import Tokenizer
 from megatron_camopd.data.verifiers import VERIFIER_NAMES, get_verifier
 from megatron_camopd.errors import CamopdError, DataError, TeacherError
 from megatron_camopd.rollout.assemble import dp_rows
 from megatron_camopd.rollout.dp_exchange import exchange_samples
+from megatron_camopd.rollout.sampler import Sampler
 from megatron_camopd.rollout.sampling import Rollout, SamplingParams, sample_seed
 from megatron_camopd.rollout.staleness import STALE_KEY, fail_if_stale, lag_of, stale_reason
-from megatron_camopd.teachers.base import TeacherScores
+from megatron_camopd.teachers.base import Teacher, TeacherScores
 
 NOT_SCORED = "not_scored"  # Sample.meta key: why a sample was not sent to its teacher
 
@@ -64,14 +67,38 @@ class Sample:
         return self.rollout
 
 
-def route(spec, prompt: Prompt) -> str:
+@dataclass
+class Collector:
+    """What collecting a step needs from the run, and nothing more: the spec's rollout section, routing, seed and
+    the derived settings, plus the live pieces (streams, schedule, sampler, teachers). Built once per run by
+    `Session.collector()`; everything below takes it instead of the session."""
+
+    rollout: RolloutConfig
+    routing: dict[str, str]  # domain -> teacher name
+    seed: int  # train.seed: per-sample rollout seeds
+    http: frozenset[str]  # teachers scored over HTTP
+    top_k: int | None  # teacher top-k per token (teacher_top_k)
+    student_top1_k: int | None  # the method's top-1 check width: the DP exchange keeps what it needs
+    params: SamplingParams
+    tokenizer: Tokenizer
+    sampler: Sampler
+    streams: dict[str, list[tuple[StreamConfig, PromptStream]]]
+    schedule: BranchSchedule
+    teachers: dict[str, Teacher | None]  # an HTTP teacher is None off the model-parallel leader
+    reference: Teacher | None
+    dp_rank: int
+    dp_size: int
+    is_mp_leader: bool
+
+
+def route(routing: dict[str, str], prompt: Prompt) -> str:
     """The teacher a prompt's domain is routed to (a row may carry its own domain label)."""
     try:
-        return spec.routing[prompt.domain]
+        return routing[prompt.domain]
     except KeyError:
         raise DataError(
             f"{prompt.source}: domain {prompt.domain!r} is not routed to a teacher "
-            f"(routing has: {', '.join(sorted(spec.routing))})"
+            f"(routing has: {', '.join(sorted(routing))})"
         ) from None
 
 
@@ -90,7 +117,7 @@ def _unscorable(s: Sample, step: int, bound) -> bool:
     """Whether sample `s` gets no teacher scores: its rollout failed on every rollout server, or (served
     rollouts, `on_stale: drop`) it lags the trainer's step by more than max_staleness. Either way it stays in the
     batch with its reason as `error` (dropped from the loss, counted). Records the lag of versioned rollouts.
-    `bound` holds max_staleness and on_stale (`spec.rollout`)."""
+    `bound` holds max_staleness and on_stale (the spec's rollout section)."""
     r = s.generated
     if r.meta.get("error"):
         s.error, s.meta[NOT_SCORED] = f"rollout failed: {r.meta['error']}", "rollout"
@@ -114,21 +141,21 @@ def largest_remainder(n: int, weights: list[float]) -> list[int]:
     return out
 
 
-def draw_prompts(session, branch: str) -> list[tuple[Prompt, str, StreamConfig]]:
+def draw_prompts(c: Collector, branch: str) -> list[tuple[Prompt, str, StreamConfig]]:
     """(prompt, branch, stream config) for one step; `branch` is general | domain | mixed | all."""
-    n = session.spec.rollout.prompts_per_step
-    if branch == "mixed" and "general" in session.streams:
-        wants = dict(zip(("general", "domain"), session.schedule.split(n)))
+    n = c.rollout.prompts_per_step
+    if branch == "mixed" and "general" in c.streams:
+        wants = dict(zip(("general", "domain"), c.schedule.split(n)))
     elif branch == "mixed":
         wants = {"all": n}
     else:
         wants = {branch: n}
     out: list[tuple[Prompt, str, StreamConfig]] = []
     for b, count in wants.items():
-        streams = session.streams.get(b, [])
+        streams = c.streams.get(b, [])
         if count and not streams:
             raise CamopdError(f"no data stream for branch {b!r}")
-        for (cfg, stream), k in zip(streams, largest_remainder(count, [c.weight for c, _ in streams])):
+        for (cfg, stream), k in zip(streams, largest_remainder(count, [sc.weight for sc, _ in streams])):
             out.extend((p, b, cfg) for p in stream.next_batch(k))
     return out
 
@@ -149,9 +176,9 @@ class _Loop:
         self.thread.join(timeout=5)
 
 
-def sampling_params(spec, tokenizer) -> SamplingParams:
+def sampling_params(rollout: RolloutConfig, tokenizer) -> SamplingParams:
     """The spec's rollout sampling (the tokenizer's end-of-turn tokens always stop a response)."""
-    r = spec.rollout
+    r = rollout
     return SamplingParams(
         temperature=r.temperature,
         top_p=r.top_p,
@@ -161,23 +188,22 @@ def sampling_params(spec, tokenizer) -> SamplingParams:
     )
 
 
-def teacher_top_k(session) -> int | None:
-    """How many of each teacher's top log-probs a rollout token needs: the top-k loss's, and the width the
-    method checks the student's top-1 against (SelecTKD)."""
-    m = session.spec.method
-    k = m.topk if m.loss == "topk" else 0
-    return max(k, session.method.student_top1_k or 0) or None
+def teacher_top_k(method_cfg, student_top1_k: int | None) -> int | None:
+    """How many of each teacher's top log-probs a rollout token needs: the top-k loss's (`method.topk` with
+    `method.loss: topk`), and the width the method checks the student's top-1 against (SelecTKD)."""
+    k = method_cfg.topk if method_cfg.loss == "topk" else 0
+    return max(k, student_top1_k or 0) or None
 
 
-def _score_in_process(session, samples: list[Sample], top_k) -> None:
+def _score_in_process(c: Collector, samples: list[Sample]) -> None:
     by_teacher: dict[str, list[Sample]] = {}
     for s in samples:
         by_teacher.setdefault(s.teacher, []).append(s)
     for name in sorted(by_teacher):
         group = by_teacher[name]
-        res = session.teachers[name].score_batch(
-            [s.generated.ids for s in group], [len(s.prompt.prompt_ids) for s in group], top_k
-        )
+        teacher = c.teachers[name]
+        assert teacher is not None, f"in-process teacher {name} exists on every rank"
+        res = teacher.score_batch([s.generated.ids for s in group], [len(s.prompt.prompt_ids) for s in group], c.top_k)
         for s, r in zip(group, res):
             s.scores = r
 
@@ -193,18 +219,18 @@ def _share_over_model_parallel(samples: list[Sample]) -> None:
         s.scores, s.error = scores, err
 
 
-def plan_batch(session, branch: str) -> list[Sample]:
+def plan_batch(c: Collector, branch: str) -> list[Sample]:
     """The step batch before rollout: prompts drawn (in step order) for `branch`, routed, n samples each."""
-    spec = session.spec
-    drawn = draw_prompts(session, branch)
-    n = spec.rollout.n_samples
+    drawn = draw_prompts(c, branch)
+    n = c.rollout.n_samples
+    assert n is not None, "the spec resolves rollout.n_samples from the method's default"
     return [
         Sample(
             index=g * n + j,
             group=g,
             branch=b,
             prompt=p,
-            teacher=route(spec, p),
+            teacher=route(c.routing, p),
             verifier=(cfg.verifier if cfg.verifier != "none" else None),
         )
         for g, (p, b, cfg) in enumerate(drawn)
@@ -212,33 +238,34 @@ def plan_batch(session, branch: str) -> list[Sample]:
     ]
 
 
-def local_slice(session, samples: list[Sample]) -> list[Sample]:
+def local_slice(c: Collector, samples: list[Sample]) -> list[Sample]:
     """This DP rank's contiguous slice of the step batch."""
-    return [samples[i] for i in dp_rows(len(samples), session.dp_rank, session.dp_size)]
+    return [samples[i] for i in dp_rows(len(samples), c.dp_rank, c.dp_size)]
 
 
-def http_teachers(spec) -> set[str]:
-    return {k for k, cfg in spec.teachers.items() if cfg.kind != "megatron"}
+def http_teachers(teachers: dict) -> frozenset[str]:
+    """The teachers (`teachers.<name>`) scored over HTTP: every kind but in-process `megatron`."""
+    return frozenset(k for k, cfg in teachers.items() if cfg.kind != "megatron")
 
 
 class HttpScoring:
     """Per-sample HTTP teacher scoring fired from `on_finish` as each rollout of `local` finishes (on the
     model-parallel leader); `collect()` waits for the answers (a failure is recorded per sample, counted)."""
 
-    def __init__(self, session, step: int, local: list[Sample], http: set[str]) -> None:
-        self.session, self.step, self.local, self.http = session, step, local, http
-        self.top_k = teacher_top_k(session)
+    def __init__(self, c: Collector, step: int, local: list[Sample]) -> None:
+        self.c, self.step, self.local = c, step, local
         self.futures: dict[int, concurrent.futures.Future] = {}
-        self.loop = _Loop() if http and session.is_mp_leader else None
+        self.loop = _Loop() if c.http and c.is_mp_leader else None
 
     def on_finish(self, i: int, rollout: Rollout) -> None:
         s = self.local[i]
         s.rollout = rollout
-        if _unscorable(s, self.step, self.session.spec.rollout):
+        if _unscorable(s, self.step, self.c.rollout):
             return
-        if self.loop is not None and s.teacher in self.http:
-            teacher = self.session.teachers[s.teacher]
-            self.futures[i] = self.loop.submit(teacher.score(rollout.ids, len(s.prompt.prompt_ids), self.top_k))
+        if self.loop is not None and s.teacher in self.c.http:
+            teacher = self.c.teachers[s.teacher]
+            assert teacher is not None, "the model-parallel leader holds its HTTP teachers"
+            self.futures[i] = self.loop.submit(teacher.score(rollout.ids, len(s.prompt.prompt_ids), self.c.top_k))
 
     def collect(self) -> None:
         if self.loop is None:
@@ -254,52 +281,42 @@ class HttpScoring:
             self.loop = None
 
 
-def score_local(session, local: list[Sample], http: set[str]) -> None:
+def score_local(c: Collector, local: list[Sample]) -> None:
     """After rollout: HTTP scores to the other model-parallel ranks, in-process teachers, the reference model,
     the verifiers (collective over the model-parallel group when it is larger than one rank)."""
-    if http:
-        _share_over_model_parallel([s for s in local if s.teacher in http])
-    _score_in_process(
-        session, [s for s in local if s.teacher not in http and NOT_SCORED not in s.meta], teacher_top_k(session)
-    )
-    if session.reference is not None:
-        refs = session.reference.score_batch(
-            [s.generated.ids for s in local], [len(s.prompt.prompt_ids) for s in local]
-        )
+    if c.http:
+        _share_over_model_parallel([s for s in local if s.teacher in c.http])
+    _score_in_process(c, [s for s in local if s.teacher not in c.http and NOT_SCORED not in s.meta])
+    if c.reference is not None:
+        refs = c.reference.score_batch([s.generated.ids for s in local], [len(s.prompt.prompt_ids) for s in local])
         for s, rs in zip(local, refs):
             s.ref_lp = rs.logprobs
-    tok = session.tokenizer
     for s in local:
         if s.verifier:
-            text = tok.decode(s.generated.response_ids, skip_special_tokens=True)
+            text = c.tokenizer.decode(s.generated.response_ids, skip_special_tokens=True)
             s.reward = float(get_verifier(VERIFIER_NAMES[s.verifier])(text, s.prompt.reference))
 
 
-def gather_batch(session, step: int, local: list[Sample], http: set[str]) -> list[Sample]:
+def gather_batch(c: Collector, step: int, local: list[Sample]) -> list[Sample]:
     """The full step batch on every rank (DP exchange), checked for stale rollouts and dead teachers."""
-    spec = session.spec
-    if session.dp_size > 1:  # other ranks' samples arrive without top-k tensors (rollout/dp_exchange.py)
-        local = exchange_samples(
-            local, session.dp_rank, session.dp_size, ps.get_data_parallel_group(), session.method.student_top1_k
-        )
-    if spec.rollout.on_stale == "error":
-        fail_if_stale(local, step, spec.rollout.max_staleness)
-    fail_if_teacher_down(local, http)
+    if c.dp_size > 1:  # other ranks' samples arrive without top-k tensors (rollout/dp_exchange.py)
+        local = exchange_samples(local, c.dp_rank, c.dp_size, ps.get_data_parallel_group(), c.student_top1_k)
+    if c.rollout.on_stale == "error":
+        fail_if_stale(local, step, c.rollout.max_staleness)
+    fail_if_teacher_down(local, set(c.http))
     return sorted(local, key=lambda s: s.index)
 
 
-def collect_step(session, step: int, branch: str) -> list[Sample]:
+def collect_step(c: Collector, step: int, branch: str) -> list[Sample]:
     """Roll out and score this step's batch; returns the full batch (all DP slices) on every rank."""
-    spec = session.spec
-    local = local_slice(session, plan_batch(session, branch))
-    http = http_teachers(spec)
-    scoring = HttpScoring(session, step, local, http)
-    session.sampler.generate(
+    local = local_slice(c, plan_batch(c, branch))
+    scoring = HttpScoring(c, step, local)
+    c.sampler.generate(
         [s.prompt.prompt_ids for s in local],
-        sampling_params(spec, session.tokenizer),
-        [sample_seed(spec.train.seed, step, s.index) for s in local],
+        c.params,
+        [sample_seed(c.seed, step, s.index) for s in local],
         on_finish=scoring.on_finish,
     )
     scoring.collect()
-    score_local(session, local, http)
-    return gather_batch(session, step, local, http)
+    score_local(c, local)
+    return gather_batch(c, step, local)

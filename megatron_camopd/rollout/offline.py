@@ -49,7 +49,7 @@ def balance_plan(counts: list[int], uniopd) -> tuple[str, OfflineBalance]:
 def pass_counts(session, prompts, verifier: str, n: int, batch: int = 256) -> list[int]:
     """Pass counts of `n` student samples per prompt (seeded like training rollouts; step index -1)."""
     spec, tok = session.spec, session.tokenizer
-    params = sampling_params(spec, tok)
+    params = sampling_params(spec.rollout, tok)
     check = get_verifier(VERIFIER_NAMES[verifier])
     items = [(i, j) for i in range(len(prompts)) for j in range(n)]
     counts = [0] * len(prompts)

@@ -37,9 +37,11 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -47,16 +49,16 @@ from megatron.core import parallel_state as ps
 
 from megatron_camopd.errors import CheckpointError
 from megatron_camopd.rollout.collect import (
+    Collector,
     HttpScoring,
     Sample,
     _unscorable,
     gather_batch,
-    http_teachers,
     local_slice,
     plan_batch,
-    sampling_params,
     score_local,
 )
+from megatron_camopd.rollout.sampler import Sampler
 from megatron_camopd.rollout.sampling import sample_seed
 from megatron_camopd.rollout.staleness import staleness_metrics
 
@@ -89,49 +91,47 @@ def _thread_init() -> None:
 
 
 class RolloutPipeline:
-    """The k-step-off rollout pipeline of one training run (see the module docstring)."""
+    """The k-step-off rollout pipeline of one training run (see the module docstring). `c`: what collection
+    needs (rollout/collect.py); `engine`: the training engine (its parameters and optimizer step count);
+    `snapshot`: for in-process engines, builds the second student instance and its sampler."""
 
-    def __init__(self, session, start: int, resumed: tuple[Path, dict] | None = None) -> None:
-        spec = session.spec
-        self.session, self.k, self.steps = session, spec.rollout.max_staleness, spec.train.steps
-        self.http = http_teachers(spec)
-        self.params = sampling_params(spec, session.tokenizer)
-        self.served = session.sampler.engine == "sglang"
+    def __init__(
+        self,
+        c: Collector,
+        engine,
+        *,
+        steps: int,
+        start: int,
+        resumed: tuple[Path, dict] | None = None,
+        snapshot: Callable[[], tuple[list, Sampler]] | None = None,
+    ) -> None:
+        self.c, self.engine, self.k, self.steps = c, engine, c.rollout.max_staleness, steps
+        self.served = c.sampler.engine == "sglang"
+        self._server: Any = cast(Any, c.sampler)  # with `sglang`, a SglangSampler: detached generation, sharing, sync
         self.mp_size = dist.get_world_size(ps.get_model_parallel_group())
         self.jobs: dict[int, Job] = {}
         self.base = self.next = start
         self._prev_gen_end: float | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="camopd-rollouts", initializer=_thread_init)
         if self.served:
-            session.sampler.ensure_synced()
+            self._server.ensure_synced()
         else:
-            self._snapshot_model()
+            if snapshot is None:
+                raise ValueError("an in-process rollout pipeline needs a snapshot model")
+            self._snapshot_model(snapshot)
         entry = resumed[1].get("rollouts_in_flight") if resumed else None
         if entry and resumed is not None:
             self._restore(resumed[0], entry, start)
 
     # ------------------------------------------------------------------ in-process engines
-    def _snapshot_model(self) -> None:
+    def _snapshot_model(self, snapshot: Callable[[], tuple[list, Sampler]]) -> None:
         """A second student instance the generating thread samples with (the trainer's RNG left untouched)."""
-        from megatron.core import tensor_parallel
-
-        from megatron_camopd.backend.engine import build_chunks, unwrap
-        from megatron_camopd.backend.settings import model_fields
-        from megatron_camopd.rollout.sampler import build_sampler
-
-        spec, s = self.session.spec, self.session
-        tracker = tensor_parallel.get_cuda_rng_tracker()
-        states = tracker.get_states()
-        with torch.random.fork_rng(devices=[]):
-            chunks, _ = build_chunks(s.arch, 1, 1, None, spec.model.dtype, None, **model_fields(spec.parallel))
-        tracker.set_states(states)
-        self._live = [p for c in s.engine.models() for p in c.parameters()]
+        chunks, self._gen = snapshot()
+        self._live = [p for c in self.engine.models() for p in c.parameters()]
         self._snap = [p for c in chunks for p in c.parameters()]
-        names = [n for c in s.engine.models() for n, _ in c.named_parameters()]
+        names = [n for c in self.engine.models() for n, _ in c.named_parameters()]
         if names != [n for c in chunks for n, _ in c.named_parameters()]:
             raise RuntimeError("snapshot model's parameters differ from the student's")
-        model = dataclasses.replace(s.sampler.model, chunks=[unwrap(c) for c in chunks])
-        self._gen = build_sampler(s.sampler.engine, model, kv_cache_gb=spec.rollout.kv_cache_gb)
 
     def _copy_weights(self) -> list[torch.Tensor]:
         with torch.no_grad():
@@ -143,20 +143,20 @@ class RolloutPipeline:
 
     def launch(self, upto: int) -> None:
         """Main thread: launch the batches of steps up to `upto` (prompts drawn now, in step order)."""
-        current = int(self.session.engine.scheduler.num_steps)
+        current = int(self.engine.scheduler.num_steps)
         while self.next <= min(upto, self.steps - 1):
             s = self.next
             version = self.version_of(s)
             if version != current:  # cannot happen by construction; a loud stop beats a silent off-by-one
                 raise RuntimeError(f"rollout pipeline: step {s} wants weights {version}, trainer holds {current}")
-            branch = self.session.schedule.next()
-            samples = plan_batch(self.session, branch)
+            branch = self.c.schedule.next()
+            samples = plan_batch(self.c, branch)
             job = Job(
                 step=s,
                 branch=branch,
                 version=version,
                 samples=samples,
-                local=local_slice(self.session, samples),
+                local=local_slice(self.c, samples),
                 launched_at=time.time(),
                 weights=None if self.served else self._copy_weights(),
             )
@@ -169,20 +169,20 @@ class RolloutPipeline:
 
     def _work(self, job: Job) -> None:
         """Generating thread: sample (or re-enter) the job's slice and score what needs no collective."""
-        spec, s = self.session.spec, self.session
+        c = self.c
         if self._prev_gen_end is not None:
             job.weight_wait_s = max(0.0, job.launched_at - self._prev_gen_end)
-        scoring = HttpScoring(s, job.step, job.local, self.http)
+        scoring = HttpScoring(c, job.step, job.local)
         try:
             if job.restored:
                 for i, smp in enumerate(job.local):
                     scoring.on_finish(i, smp.generated)
                 job.rollouts = [smp.generated for smp in job.local]
             else:
-                seeds = [sample_seed(spec.train.seed, job.step, smp.index) for smp in job.local]
+                seeds = [sample_seed(c.seed, job.step, smp.index) for smp in job.local]
                 prompts = [smp.prompt.prompt_ids for smp in job.local]
                 if self.served:
-                    job.rollouts = s.sampler.generate_detached(prompts, self.params, seeds, on_finish=scoring.on_finish)
+                    job.rollouts = self._server.generate_detached(prompts, c.params, seeds, on_finish=scoring.on_finish)
                 else:
                     assert job.weights is not None, "an in-process job carries its weight snapshot"
                     with torch.no_grad():
@@ -194,13 +194,13 @@ class RolloutPipeline:
                         rollout.meta["weight_version"] = str(job.version)
                         scoring.on_finish(i, rollout)
 
-                    job.rollouts = self._gen.generate(prompts, self.params, seeds, on_finish=stamped)
+                    job.rollouts = self._gen.generate(prompts, c.params, seeds, on_finish=stamped)
         finally:
             self._prev_gen_end = time.time()
             job.gen_done.set()
             scoring.collect()
         if self.mp_size == 1:
-            score_local(s, job.local, self.http)
+            score_local(c, job.local)
 
     # ------------------------------------------------------------------ the trainer's side
     def batch(self, step: int) -> tuple[str, list[Sample], dict[str, float]]:
@@ -217,17 +217,16 @@ class RolloutPipeline:
                 raise
             error = f"{type(exc).__name__}: {exc}"
         wait = time.time() - t0
-        s = self.session
         if self.mp_size > 1:  # served only (the spec check): the leader's rollouts reach the whole group
-            rollouts = s.sampler.share(job.rollouts, error)
+            rollouts = self._server.share(job.rollouts, error)
             for smp, r in zip(job.local, rollouts):
                 if smp.rollout is None:
                     smp.rollout = r
-                    _unscorable(smp, step, s.spec.rollout)
-            score_local(s, job.local, self.http)
+                    _unscorable(smp, step, self.c.rollout)
+            score_local(self.c, job.local)
         if self.served:
-            s.sampler.fill_entropy([smp.rollout for smp in job.local])
-        samples = gather_batch(s, step, job.local, self.http)
+            self._server.fill_entropy([smp.rollout for smp in job.local])
+        samples = gather_batch(self.c, step, job.local)
         metrics = {"rollout_wait_s": wait, "weight_wait_s": job.weight_wait_s, **staleness_metrics(samples, step)}
         return job.branch, samples, metrics
 
@@ -304,7 +303,7 @@ class RolloutPipeline:
                 branch=j["branch"],
                 version=j["version"],
                 samples=j["samples"],
-                local=local_slice(self.session, j["samples"]),
+                local=local_slice(self.c, j["samples"]),
                 restored=True,
                 launched_at=time.time(),
             )

@@ -69,7 +69,7 @@ def _streams(spec: Any) -> Any:
 def _sampling(spec: Any) -> Any:
     from megatron_camopd.rollout.collect import sampling_params
 
-    return sampling_params(spec, SimpleNamespace(stop_ids=[7]))
+    return sampling_params(spec.rollout, SimpleNamespace(stop_ids=[7]))
 
 
 def _http(spec: Any) -> Any:

@@ -39,7 +39,7 @@ def _train_recording(overrides: list[str], preempt_at: int | None = None) -> tup
 
     def batch(self, step):
         branch, samples, metrics = real(self, step)
-        trainer = int(self.session.engine.scheduler.num_steps)
+        trainer = int(self.engine.scheduler.num_steps)
         seen.append((step, trainer, [int(s.rollout.meta["weight_version"]) for s in samples]))
         if step == preempt_at:
             os.kill(os.getpid(), signal.SIGTERM)

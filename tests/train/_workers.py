@@ -54,7 +54,7 @@ def loss_vs_formula(rank: int, world: int, overrides: list[str], mbs_list: list[
 
     spec = load_spec(TINY_SPEC, overrides)
     session = open_session(spec)
-    samples = collect_step(session, 0, session.schedule.next())
+    samples = collect_step(session.collector, 0, session.schedule.next())
     sig = signal_batch(samples, {})
     signals = session.method.prepare(sig)
     rows = list(range(len(samples)))
