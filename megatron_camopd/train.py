@@ -169,7 +169,7 @@ def train(spec) -> dict:
     pipe = None
     try:
         if session.method.balances_streams():
-            balance_streams(session)
+            balance_streams(session.collector, spec.method.uniopd, spec.data, spec.checkpoint.dir)
         start = _resume(session, plan)
         if session.is_logger and start == 0:
             write_model_meta(spec.checkpoint.dir, session.student_source.hf_config(), session.tokenizer.path)

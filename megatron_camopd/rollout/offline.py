@@ -19,9 +19,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_camopd.algo.uniopd import OfflineBalance, offline_difficulty_balance
+from megatron_camopd.config.sections import DataConfig, UniOPDConfig
 from megatron_camopd.data.prompts import PromptSource, PromptStream
 from megatron_camopd.data.verifiers import VERIFIER_NAMES, get_verifier
-from megatron_camopd.rollout.collect import sampling_params
+from megatron_camopd.rollout.collect import Collector
 from megatron_camopd.rollout.sampling import sample_seed
 
 log = logging.getLogger("megatron_camopd")
@@ -46,38 +47,37 @@ def balance_plan(counts: list[int], uniopd) -> tuple[str, OfflineBalance]:
     )
 
 
-def pass_counts(session, prompts, verifier: str, n: int, batch: int = 256) -> list[int]:
+def pass_counts(c: Collector, prompts, verifier: str, n: int, batch: int = 256) -> list[int]:
     """Pass counts of `n` student samples per prompt (seeded like training rollouts; step index -1)."""
-    spec, tok = session.spec, session.tokenizer
-    params = sampling_params(spec.rollout, tok)
+    tok = c.tokenizer
     check = get_verifier(VERIFIER_NAMES[verifier])
     items = [(i, j) for i in range(len(prompts)) for j in range(n)]
     counts = [0] * len(prompts)
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        outs = session.sampler.generate(
+        outs = c.sampler.generate(
             [prompts[i].prompt_ids for i, _ in chunk],
-            params,
-            [sample_seed(spec.train.seed, -1, i * n + j) for i, j in chunk],
+            c.params,
+            [sample_seed(c.seed, -1, i * n + j) for i, j in chunk],
         )
         for (i, _), out in zip(chunk, outs):
             counts[i] += int(check(tok.decode(out.response_ids, skip_special_tokens=True), prompts[i].reference))
     return counts
 
 
-def balance_streams(session) -> None:
-    """Replace each verifiable stream by its difficulty-balanced version (collective over all ranks)."""
-    spec = session.spec
-    u = spec.method.uniopd
-    out_dir = Path(spec.checkpoint.dir) / "offline_balance"
-    for streams in session.streams.values():
+def balance_streams(c: Collector, uniopd: UniOPDConfig, data: DataConfig, checkpoint_dir: str | Path) -> None:
+    """Replace each verifiable stream of `c.streams` by its difficulty-balanced version under `method.uniopd`
+    (streams re-read with the `data` section's prompt settings; files under `checkpoint.dir`); collective."""
+    u = uniopd
+    out_dir = Path(checkpoint_dir) / "offline_balance"
+    for streams in c.streams.values():
         for k, (cfg, stream) in enumerate(streams):
             if cfg.verifier == "none":
                 continue
             path, hist_path = out_dir / f"{cfg.name}.jsonl", out_dir / f"{cfg.name}.hist.json"
             if not hist_path.exists():
                 prompts = stream.prompts
-                counts = pass_counts(session, prompts, cfg.verifier, u.offline_n)
+                counts = pass_counts(c, prompts, cfg.verifier, u.offline_n)
                 shape, res = balance_plan(counts, u)
                 if dist.get_rank() == 0:
                     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,11 +109,11 @@ def balance_streams(session) -> None:
                 log.info("offline balance %s: %s -> %s (%s)", cfg.name, res.hist_before, res.hist_after, shape)
             balanced = PromptStream(
                 [PromptSource(str(path), format="messages", domain=cfg.domain)],
-                session.tokenizer,
-                max_prompt_len=spec.data.max_prompt_tokens,
-                overlong=spec.data.overlong,
+                c.tokenizer,
+                max_prompt_len=data.max_prompt_tokens,
+                overlong=data.overlong,
                 seed=stream.seed,
-                shuffle=spec.data.shuffle,
+                shuffle=data.shuffle,
                 name=cfg.name,
             )
             streams[k] = (cfg, balanced)
