@@ -71,7 +71,7 @@ class Sample:
 class Collector:
     """What collecting a step needs from the run, and nothing more: the spec's rollout section, routing, seed and
     the derived settings, plus the live pieces (streams, schedule, sampler, teachers). Built once per run by
-    `Session.collector()`; everything below takes it instead of the session."""
+    `Session.collector`; everything below takes it instead of the session."""
 
     rollout: RolloutConfig
     routing: dict[str, str]  # domain -> teacher name
