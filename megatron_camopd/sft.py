@@ -11,33 +11,32 @@ import torch
 
 from megatron_camopd.errors import DataError
 from megatron_camopd.rollout.assemble import StepBatch
-from megatron_camopd.rollout.collect import Sample, largest_remainder
+from megatron_camopd.rollout.collect import Collector, Sample, largest_remainder
 from megatron_camopd.rollout.sampling import Rollout
 
 
-def _draw(session, n: int):
-    streams = [x for group in session.streams.values() for x in group]
+def _draw(c: Collector, n: int):
+    streams = [x for group in c.streams.values() for x in group]
     out = []
-    for (_, stream), k in zip(streams, largest_remainder(n, [c.weight for c, _ in streams])):
+    for (_, stream), k in zip(streams, largest_remainder(n, [cfg.weight for cfg, _ in streams])):
         out.extend(stream.next_batch(k))
     return out
 
 
-def sft_batch(session, step: int) -> tuple[dict[str, torch.Tensor], int]:
-    """This DP rank's SFT micro-batch tensors for `step` and the number of loss tokens in the whole batch."""
-    tok = session.tokenizer
-    prompts = _draw(session, session.spec.rollout.prompts_per_step)
+def sft_batch(c: Collector, step: int, seq_length: int, micro_batch_size: int) -> tuple[dict[str, torch.Tensor], int]:
+    """This DP rank's SFT micro-batch tensors for `step` (`rollout.prompts_per_step` rows, each cut to
+    `seq_length` tokens) and the number of loss tokens in the whole batch."""
+    tok = c.tokenizer
+    prompts = _draw(c, c.rollout.prompts_per_step)
     samples = []
     for i, p in enumerate(prompts):
         if p.reference is None or not isinstance(p.reference, (str, int, float)):
             raise DataError(f"{p.source}: SFT needs a text reference answer (field 'answer' or 'reference')")
         resp = tok.encode_text(str(p.reference)) + [tok.eos_id]  # a reference cannot forge a turn end
-        room = session.spec.seq_length - len(p.prompt_ids)
+        room = seq_length - len(p.prompt_ids)
         resp = resp[: max(room, 1)]
         zeros = torch.zeros(len(resp))
         r = Rollout(p.prompt_ids, resp, zeros, zeros, zeros.long(), "stop")
         samples.append(Sample(index=i, group=i, branch="all", prompt=p, teacher="", verifier=None, rollout=r))
-    batch = StepBatch.of(samples, None, None, session.dp_rank, session.dp_size).megatron(
-        tok.pad_id, session.spec.train.micro_batch_size
-    )
+    batch = StepBatch.of(samples, None, None, c.dp_rank, c.dp_size).megatron(tok.pad_id, micro_batch_size)
     return batch, sum(len(s.rollout.response_ids) for s in samples if s.rollout is not None)

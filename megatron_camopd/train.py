@@ -238,7 +238,8 @@ def sft_step(session: Session, step: int, loss_spec: LossSpec) -> dict:
     from megatron_camopd.sft import sft_batch
 
     t0 = time.time()
-    batch, n_tokens = sft_batch(session, step)
+    spec = session.spec
+    batch, n_tokens = sft_batch(session.collector, step, spec.seq_length, spec.train.micro_batch_size)
     out = session.engine.train_step(batch, loss_spec)
     dt = time.time() - t0
     return {"step": step + 1, "branch": "sft", **out, "tokens_per_s": n_tokens / max(dt, 1e-9)}

@@ -97,8 +97,9 @@ def sft_batch_check(rank: int, world: int, overrides: list[str]) -> list[tuple[l
     from megatron_camopd.session import open_session
     from megatron_camopd.sft import sft_batch
 
-    session = open_session(load_spec(TINY_SPEC, overrides))
-    batch, _ = sft_batch(session, 0)
+    spec = load_spec(TINY_SPEC, overrides)
+    session = open_session(spec)
+    batch, _ = sft_batch(session.collector, 0, spec.seq_length, spec.train.micro_batch_size)
     out = []
     for r in range(2):
         m = batch["loss_mask"][r] > 0
