@@ -33,6 +33,7 @@ their tokens: deterministic) instead of sampling them, so it reproduces the unin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -46,6 +47,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 
 from megatron_camopd.errors import CheckpointError
 from megatron_camopd.rollout.collect import (
@@ -82,12 +84,58 @@ class Job:
     future: Future | None = None
 
 
+_ROLLOUT_THREAD = threading.local()
+
+
 def _thread_init() -> None:
     from megatron_camopd.backend.cpu_runtime import activate_cpu_runtime
 
     if torch.cuda.is_available():
         torch.cuda.set_device(torch.cuda.current_device())
     activate_cpu_runtime()  # torch function modes are per thread
+    _ROLLOUT_THREAD.active = True
+
+
+class _ThreadRoutedRngTracker:
+    """megatron-core's layers look up one process-wide CUDA RNG tracker, whose `fork()` swaps the generator's
+    state and checks, on exit, a `_current_state_name` it keeps in itself: a forward on the generating thread
+    (snapshot model, in-process teachers) interleaved with the trainer's raced it ("current state name
+    default-rng is not the same as ..."). Installed while a pipeline runs, this routes the generating thread to
+    an inference tracker (megatron-core's own for inference: `fork()` does nothing; nothing there draws from the
+    generator: no dropout at inference, sampling uses per-sample generators) and every other thread to the
+    training tracker, unchanged."""
+
+    def __init__(self, training) -> None:
+        self._training = training
+        self._inference = _InferenceRngTracker()
+
+    def __getattr__(self, name: str):
+        tracker = self._inference if getattr(_ROLLOUT_THREAD, "active", False) else self._training
+        return getattr(tracker, name)
+
+
+class _InferenceRngTracker(tensor_parallel.random.CudaRNGStatesTracker):
+    """As megatron-core's `InferenceCudaRNGStatesTracker`: adds, sets and forks nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(is_inference_rng_tracker=True)
+
+    def add(self, name, seed) -> None:
+        pass
+
+    def set_states(self, states) -> None:
+        pass
+
+    def fork(self, name: str = "model-parallel-rng"):
+        return contextlib.nullcontext()
+
+
+def _route_rng_tracker():
+    """Install the thread-routed tracker; returns the one it replaced (restored by `close`)."""
+    mrandom = tensor_parallel.random
+    training = mrandom.get_cuda_rng_tracker()
+    mrandom._CUDA_RNG_STATE_TRACKER = _ThreadRoutedRngTracker(training)
+    return training
 
 
 class RolloutPipeline:
@@ -113,6 +161,7 @@ class RolloutPipeline:
         self.base = self.next = start
         self._prev_gen_end: float | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="camopd-rollouts", initializer=_thread_init)
+        self._rng_tracker = _route_rng_tracker()
         if self.served:
             self._server.ensure_synced()
         else:
@@ -315,7 +364,10 @@ class RolloutPipeline:
         log.info("resumed %d rollout batches in flight from %s", len(jobs), path)
 
     def close(self) -> None:
+        mrandom = tensor_parallel.random
         for job in self.jobs.values():
             if job.future is not None:
                 job.future.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(mrandom._CUDA_RNG_STATE_TRACKER, _ThreadRoutedRngTracker):
+            mrandom._CUDA_RNG_STATE_TRACKER = self._rng_tracker

@@ -78,3 +78,55 @@ def layout_worker(rank: int, world: int, hf_dir: Path, tp: int, pp: int) -> list
 
     init_distributed(tp=tp, pp=pp, seed=0)
     return generate_all(in_process_model(hf_dir, tp, pp), "megatron")
+
+
+def rng_fork_interleaving(rank: int, world: int) -> dict:
+    """The interleaving that broke megatron-core's process-wide RNG tracker when the rollout thread and the trainer
+    both ran a forward: rollout thread enters fork(), trainer enters fork(), rollout thread leaves, trainer leaves.
+    Run once on a plain tracker and once with the pipeline's thread-routed one installed."""
+    import threading
+
+    from megatron.core import tensor_parallel
+
+    from megatron_camopd.backend.cpu_runtime import init_distributed
+    from megatron_camopd.rollout import pipeline
+
+    init_distributed(1, 1)
+    mrandom = tensor_parallel.random
+
+    def interleave() -> str | None:
+        tracker = mrandom.get_cuda_rng_tracker
+        inside, leave = threading.Event(), threading.Event()
+
+        def rollout_thread() -> None:
+            pipeline._ROLLOUT_THREAD.active = routed
+            with tracker().fork():
+                inside.set()
+                leave.wait(10)
+
+        t = threading.Thread(target=rollout_thread)
+        t.start()
+        inside.wait(10)
+        try:
+            with tracker().fork():
+                leave.set()
+                t.join(10)
+        except Exception as exc:  # noqa: BLE001 -- the failure under test
+            return str(exc)
+        finally:
+            leave.set()
+            t.join(10)
+        return None
+
+    routed = False
+    plain = interleave()
+    plain_name = mrandom.get_cuda_rng_tracker()._current_state_name
+    mrandom.get_cuda_rng_tracker()._current_state_name = "default-rng"
+    routed = True
+    saved = pipeline._route_rng_tracker()
+    try:
+        with_routing = interleave()
+        name = mrandom.get_cuda_rng_tracker()._current_state_name
+    finally:
+        mrandom._CUDA_RNG_STATE_TRACKER = saved
+    return {"plain": plain, "plain_name": plain_name, "routed": with_routing, "routed_name": name}

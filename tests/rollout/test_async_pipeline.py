@@ -161,3 +161,12 @@ def test_in_process_overlap_refuses_model_parallel():
     with pytest.raises(SpecError, match=r"rollout\.max_staleness"):
         load_spec(TINY_SPEC, [*base, "rollout.max_staleness=-1"])
     assert load_spec(TINY_SPEC, [*base, "parallel.tp=2"]).rollout.max_staleness == 0
+
+
+@pytest.mark.multiproc
+def test_rollout_thread_forward_does_not_race_the_trainers_rng_tracker():
+    from tests.rollout._workers import rng_fork_interleaving
+
+    out = run_on_ranks(rng_fork_interleaving, 1)[0]
+    assert out["plain"] is not None and "current state name" in out["plain"], out  # the hazard, shown
+    assert out["routed"] is None and out["routed_name"] == "default-rng", out  # the pipeline's tracker

@@ -60,13 +60,15 @@ class SlurmCluster:
         out = self.run("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State", check=False).stdout
         return [line.split()[0] for line in out.splitlines() if line.strip()]  # "CANCELLED by 0" -> CANCELLED
 
-    def wait(self, job_id: str, timeout: float = 60) -> str:
-        """Wait until ``sacct`` reports a terminal state for every component; return it ("A,B" if they differ)."""
+    def wait(self, job_id: str, timeout: float = 60, components: int = 1) -> str:
+        """Wait until ``sacct`` reports a terminal state for every component (at least `components` of them: the
+        accounting of a heterogeneous job may list it whole before its components); return it ("A,B" if they
+        differ)."""
         deadline = time.monotonic() + timeout
         states: list[str] = []
         while time.monotonic() < deadline:
             states = self.sacct_states(job_id)
-            if states and all(state in TERMINAL_STATES for state in states):
+            if len(states) >= components and all(state in TERMINAL_STATES for state in states):
                 return ",".join(sorted(set(states)))
             time.sleep(0.5)
         log = self.run("scontrol", "show", "job", job_id, check=False)

@@ -117,7 +117,7 @@ def test_hetjob_components_meet_through_discovery_file(slurm_cluster: SlurmClust
     """,
     )
     job_id = slurm_cluster.sbatch(str(script))
-    assert slurm_cluster.wait(job_id) == "COMPLETED", (tmp_path / "het.out").read_text()
+    assert slurm_cluster.wait(job_id, components=2) == "COMPLETED", (tmp_path / "het.out").read_text()
     host, port = discovery.read_text().rsplit(":", 1)
     assert host == socket.gethostname() and int(port) > 0
     served_by, group, client_node = result.read_text().split()
