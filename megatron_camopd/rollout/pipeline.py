@@ -162,15 +162,19 @@ class RolloutPipeline:
         self._prev_gen_end: float | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="camopd-rollouts", initializer=_thread_init)
         self._rng_tracker = _route_rng_tracker()
-        if self.served:
-            self._server.ensure_synced()
-        else:
-            if snapshot is None:
-                raise ValueError("an in-process rollout pipeline needs a snapshot model")
-            self._snapshot_model(snapshot)
-        entry = resumed[1].get("rollouts_in_flight") if resumed else None
-        if entry and resumed is not None:
-            self._restore(resumed[0], entry, start)
+        try:
+            if self.served:
+                self._server.ensure_synced()
+            else:
+                if snapshot is None:
+                    raise ValueError("an in-process rollout pipeline needs a snapshot model")
+                self._snapshot_model(snapshot)
+            entry = resumed[1].get("rollouts_in_flight") if resumed else None
+            if entry and resumed is not None:
+                self._restore(resumed[0], entry, start)
+        except BaseException:
+            self.close()  # the caller never gets the pipeline to close: release the thread and the tracker here
+            raise
 
     # ------------------------------------------------------------------ in-process engines
     def _snapshot_model(self, snapshot: Callable[[], tuple[list, Sampler]]) -> None:
