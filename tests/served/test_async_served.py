@@ -61,7 +61,7 @@ def _wait_for_rows(ckpt_dir, proc, n: int, timeout_s: float = 300.0) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_served_preemption_with_a_batch_in_flight_resumes_bit_for_bit(tiny, student_replicas, tmp_path):
+def test_served_preemption_with_a_batch_in_flight_resumes_on_the_saved_batch(tiny, student_replicas, tmp_path):
     """k = 1 over the two student servers: SIGTERM while step 2 trains (step 3's batch is being sampled by the
     servers with version-1 weights); the trainer drains it into the checkpoint and exits 75; the resumed run
     trains step 3 on that saved batch (not a fresh one sampled with version-2 weights) and its curve equals the
