@@ -209,9 +209,10 @@ def train(spec) -> dict:
                 e = session.engine
                 state, files = _train_state(session), {}
                 if pipe is not None and (inflight := pipe.checkpoint_state()):
-                    state["rollouts_in_flight"], batches = inflight
-                    if batches is not None:
-                        files[inflight[0]["file"]] = batches
+                    entry, batches = inflight
+                    state["rollouts_in_flight"] = entry
+                    if batches is not None:  # rank 0 saves them inside the checkpoint
+                        files[entry["file"]] = batches
                 save_checkpoint(
                     spec.checkpoint.dir,
                     done,

@@ -102,7 +102,7 @@ def route(routing: dict[str, str], prompt: Prompt) -> str:
         ) from None
 
 
-def fail_if_teacher_down(samples: list[Sample], http: set[str]) -> None:
+def fail_if_teacher_down(samples: list[Sample], http: frozenset[str]) -> None:
     """A served teacher that failed EVERY sample of a step is down: stop with its error instead of training on
     nothing forever (single failures are dropped and counted). Checked on the gathered batch, so all ranks agree."""
     for name in sorted(http):
@@ -303,7 +303,7 @@ def gather_batch(c: Collector, step: int, local: list[Sample]) -> list[Sample]:
         local = exchange_samples(local, c.dp_rank, c.dp_size, ps.get_data_parallel_group(), c.student_top1_k)
     if c.rollout.on_stale == "error":
         fail_if_stale(local, step, c.rollout.max_staleness)
-    fail_if_teacher_down(local, set(c.http))
+    fail_if_teacher_down(local, c.http)
     return sorted(local, key=lambda s: s.index)
 
 

@@ -155,7 +155,7 @@ class RolloutPipeline:
     ) -> None:
         self.c, self.engine, self.k, self.steps = c, engine, c.rollout.max_staleness, steps
         self.served = c.sampler.engine == "sglang"
-        self._server: Any = cast(Any, c.sampler)  # with `sglang`, a SglangSampler: detached generation, sharing, sync
+        self._server = cast(Any, c.sampler)  # with `sglang`, a SglangSampler: detached generation, sharing, sync
         self.mp_size = dist.get_world_size(ps.get_model_parallel_group())
         self.jobs: dict[int, Job] = {}
         self.base = self.next = start
