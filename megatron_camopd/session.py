@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -235,7 +236,7 @@ def _frozen_teacher(
 
 def _http_teacher(name: str, cfg, spec: ExperimentSpec, tokenizer: Tokenizer, vocab_size: int):
     from megatron_camopd.teachers.http import HttpTeacher
-    from megatron_camopd.teachers.tokcheck import TokenizerInfo, check_tokenizer, default_probe_ids
+    from megatron_camopd.teachers.tokcheck import TokenizerInfo, check_context, check_tokenizer, default_probe_ids
 
     teacher = HttpTeacher(
         name,
@@ -251,6 +252,7 @@ def _http_teacher(name: str, cfg, spec: ExperimentSpec, tokenizer: Tokenizer, vo
     hf_tok = tokenizer.hf
     info = TokenizerInfo.from_hf(hf_tok, tokenizer.path, model_vocab_size=vocab_size)  # config's, not len(tok)
     check_tokenizer(teacher, info, default_probe_ids(hf_tok))
+    check_context(teacher, spec.seq_length, f"teachers.{name}.serve.context_length")
     return teacher
 
 
@@ -259,8 +261,9 @@ def student_tokenizer(spec: ExperimentSpec, tok_dir: Path) -> Tokenizer:
     return Tokenizer.from_dir(tok_dir, spec.model.chat_template_kwargs)
 
 
-def open_session(spec: ExperimentSpec) -> Session:
-    """Initialise distributed state and build everything the run needs (collective over all ranks)."""
+def open_session(spec: ExperimentSpec, stop_requested: Callable[[], bool] | None = None) -> Session:
+    """Initialise distributed state and build everything the run needs (collective over all ranks).
+    `stop_requested`: the trainer's preemption flag, which a served engine's weight sync honours mid-sync."""
     scan_data(spec)  # every data file, row by row: bad data stops here with file:line, before any model loads
     if any(stream.verifier == "code" for stream in spec.data.streams):
         ensure_available()  # model-written code never runs unconfined: refuse here, before any model loads
@@ -312,6 +315,7 @@ def open_session(spec: ExperimentSpec) -> Session:
         need_entropy=needs_entropy(method),
         model_dir=student.config_dir,
         tokenizer_dir=tok_dir,
+        stop_requested=stop_requested,
     )
     return Session(
         spec=spec,

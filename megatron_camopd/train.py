@@ -59,6 +59,10 @@ class Preemption:
         log.warning("received signal %d: checkpointing after this step", signum)
         self.flag = True
 
+    def requested(self) -> bool:
+        """This rank saw the signal (no collective: for waits that must end early, e.g. a weight sync)."""
+        return self.flag
+
     def agreed(self) -> bool:
         t = torch.tensor([1.0 if self.flag else 0.0], device=comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -164,8 +168,8 @@ def run_step(
 def train(spec) -> dict:
     """Run (or resume) training for `spec`; returns the last metrics row."""
     plan = plan_resume(spec)  # checkpoint.dir, the checkpoint's manifest and spec changes: before any model loads
-    session = open_session(spec)
     preempt = Preemption()
+    session = open_session(spec, stop_requested=preempt.requested)
     pipe = None
     try:
         if session.method.balances_streams():

@@ -317,24 +317,38 @@ class RolloutServersConfig(Section):
 
     urls: list[str] | None = None  # running servers; else the launcher starts them and writes discovery_file
     discovery_file: str | None = path_field()  # `host:port` lines written by the launcher
-    nodes: int = 1  # launcher: nodes of rollout servers (one server per node)
+    nodes: int = 1  # launcher: nodes of rollout servers
     gpus_per_node: int = 8
     tp: int = 1  # SGLang --tp-size of each server
-    dp: int = 8  # SGLang --dp-size of each server (tp * dp GPUs per node)
+    dp: int = 1  # SGLang --dp-size of each server (distributed sync needs 1: run several servers per node instead)
+    # launcher: SGLang servers per node, each on its own tp * dp GPUs (--base-gpu-id) and port (port + i), each
+    # joining the weights-update group with its own ranks (as slime/miles run engines); None: gpus_per_node // (tp*dp)
+    servers_per_node: int | None = None
     mem_fraction_static: float = 0.8
-    context_length: int | None = None  # None: the model's sequence length (data.max_prompt_tokens + max_new)
+    # SGLang --context-length; None: the sequence length + 7 (SGLang 0.5.23 takes inputs of context - 7 tokens)
+    context_length: int | None = None
     port: int = 30100
+    # launcher: --enable-deterministic-inference, without which SGLang ignores sampling_seed (served rollouts then
+    # do not reproduce across runs or a resume); SGLang offers it with GPU attention backends only, not on a CPU
+    deterministic_inference: bool = True
     extra_args: list[str] = field(default_factory=list)  # more `python -m sglang.launch_server` arguments
     env: dict[str, str] = field(default_factory=lambda: {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"})
     resources: SlurmResources = field(default_factory=SlurmResources)  # launcher: Slurm resources of the servers
     weight_sync: Literal["distributed", "disk"] = "distributed"
     sync_dir: str | None = path_field()  # disk sync: where HF weights are written; None: <checkpoint.dir>/weights
     bucket_mb: int = 1024  # distributed sync: parameters per broadcast bucket
+    # one weight-sync attempt, every wait included (store, group, broadcasts, answers); a preemption signal ends it
+    sync_timeout_s: float = 600.0
     timeout_s: float = 3600.0  # one /generate request (a 32k-token response takes a while)
     max_in_flight: int = 256
     retries: int = 3
     discovery_timeout_s: float = 3600.0
     dead_deadline_s: float = 300.0
+
+    @property
+    def per_node(self) -> int:
+        """Servers the launcher starts on each node."""
+        return self.servers_per_node or max(1, self.gpus_per_node // (self.tp * self.dp))
 
     def validate(self) -> None:
         check(self.urls is None or self.discovery_file is None, "urls", "give urls or discovery_file, not both")
@@ -351,7 +365,9 @@ class RolloutServersConfig(Section):
             "tp",
             "dp",
             "context_length",
+            "servers_per_node",
             "bucket_mb",
+            "sync_timeout_s",
             "timeout_s",
             "max_in_flight",
             "discovery_timeout_s",
@@ -361,6 +377,12 @@ class RolloutServersConfig(Section):
             self.tp * self.dp <= self.gpus_per_node,
             "dp",
             f"tp * dp = {self.tp * self.dp} GPUs per server, but gpus_per_node is {self.gpus_per_node}",
+        )
+        check(
+            self.per_node * self.tp * self.dp <= self.gpus_per_node,
+            "servers_per_node",
+            f"{self.per_node} servers x tp * dp = {self.tp * self.dp} GPUs is more than gpus_per_node "
+            f"({self.gpus_per_node})",
         )
         non_negative(self, "retries")
         in_range(self, "mem_fraction_static", 0.0, 1.0, low_open=True, high_open=True)
@@ -376,7 +398,7 @@ class RolloutConfig(Section):
     sglang: RolloutServersConfig = field(default_factory=RolloutServersConfig)
     prompts_per_step: int = 512
     n_samples: int | None = None  # responses per prompt; None: 16 for uniopd (its group size n), else 1
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy (every engine picks the argmax; log-probs stay at temperature 1)
     top_p: float = 1.0
     top_k: int = -1  # -1: off
     max_new_tokens: int = 32768
@@ -387,7 +409,8 @@ class RolloutConfig(Section):
     on_stale: Literal["error", "drop"] = "error"  # beyond max_staleness: stop, or drop the sample and count it
 
     def validate(self) -> None:
-        positive(self, "prompts_per_step", "n_samples", "temperature", "max_new_tokens", "kv_cache_gb")
+        positive(self, "prompts_per_step", "n_samples", "max_new_tokens", "kv_cache_gb")
+        non_negative(self, "temperature")
         non_negative(self, "max_staleness")
         in_range(self, "top_p", 0.0, 1.0, low_open=True, high_open=False)
         check(self.top_k == -1 or self.top_k >= 1, "top_k", f"must be -1 (off) or >= 1, got {self.top_k!r}")

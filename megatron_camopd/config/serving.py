@@ -17,6 +17,22 @@ from megatron_camopd.config.fields import Section, check, in_range, path_field, 
 
 MEM_RE = re.compile(r"^\d+[KMGT]?$")
 
+SGLANG_VERSION = "0.5.23"  # the SGLang release this protocol is read from and tested against (pyproject, launchers)
+# SGLang 0.5.23 refuses an input of `len >= context_length` (tokenizer manager) and, in the scheduler, one of
+# `len >= max_req_input_len = min(context_length - 1, kv_pool - 1) - 5`: with a large enough KV pool an input may
+# hold at most context_length - 7 tokens (measured on the real server: context 512 takes 505, refuses 506).
+SGLANG_INPUT_RESERVE = 7
+
+
+def max_input_tokens(context_length: int) -> int:
+    """The longest input (prompt, or a sequence to score) a server of `context_length` accepts."""
+    return context_length - SGLANG_INPUT_RESERVE
+
+
+def context_for_inputs(n_tokens: int) -> int:
+    """The smallest `--context-length` whose server accepts inputs of `n_tokens` (a teacher scoring full rollouts)."""
+    return n_tokens + SGLANG_INPUT_RESERVE
+
 
 @dataclass
 class SlurmResources(Section):
@@ -57,10 +73,12 @@ class TeacherServeConfig(Section):
     tp: int = 1  # SGLang --tp-size of each server
     dp: int = 8  # SGLang --dp-size of each server (tp * dp GPUs per node)
     mem_fraction_static: float = 0.8  # SGLang --mem-fraction-static (weights + KV pool)
-    context_length: int | None = None  # SGLang --context-length; None: the spec's sequence length
-    # SGLang computes input log-probs in chunks of this many tokens (SGLANG_ENABLE_LOGITS_PROCESSER_CHUNK):
-    # a 36k-token prefill of a 152k vocabulary would otherwise materialise ~22 GB of fp32 logits; null: SGLang's
-    # own default (off in 0.5.x)
+    # SGLang --context-length; None: the sequence length + 7 (SGLang 0.5.23 takes inputs of context - 7 tokens,
+    # and a teacher scores whole samples)
+    context_length: int | None = None
+    # SGLang 0.5.23 computes input log-probs in chunks of this many tokens (SGLANG_ENABLE_LOGPROB_CHUNK=1,
+    # SGLANG_LOGPROB_CHUNK_SIZE): a 36k-token prefill of a 152k vocabulary would otherwise materialise ~22 GB of
+    # fp32 logits; null: SGLang's own default (on, 2048 tokens, in 0.5.23)
     logits_chunk_size: int | None = 2048
     port: int | None = None  # None: 30000 + the teacher's position in `teachers`
     extra_args: list[str] = field(default_factory=list)  # more `python -m sglang.launch_server` arguments

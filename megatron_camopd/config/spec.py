@@ -32,6 +32,7 @@ from megatron_camopd.config.sections import (
     ScheduleConfig,
     TeacherConfig,
 )
+from megatron_camopd.config.serving import SGLANG_INPUT_RESERVE, SGLANG_VERSION, context_for_inputs
 
 TEACHER_PORT_BASE = 30000  # served teachers without serve.port listen on 30000, 30001, ... in spec order
 
@@ -208,20 +209,26 @@ class ExperimentSpec(Section):
                 continue
             where = f"teachers.{name}.serve"
             ctx = teacher.serve.context_length
+            need = context_for_inputs(self.seq_length)
             check(
-                ctx is None or ctx >= self.seq_length,
+                ctx is None or ctx >= need,
                 f"{where}.context_length",
-                f"must hold a prompt plus a rollout ({self.seq_length} tokens), got {ctx}",
+                f"must be >= {need}: the teacher scores a prompt plus a rollout ({self.seq_length} tokens) and "
+                f"SGLang {SGLANG_VERSION} takes inputs of at most context_length - {SGLANG_INPUT_RESERVE} tokens; "
+                f"got {ctx}",
             )
             port = self.teacher_port(name)
             check(port not in ports, f"{where}.port", f"port {port} is already used by {ports.get(port)}")
             ports[port] = where
         servers = self.rollout.sglang
         if self.rollout.engine == "sglang" and servers.urls is None:
+            need = max(self.seq_length, context_for_inputs(self.data.max_prompt_tokens))
             check(
-                servers.context_length is None or servers.context_length >= self.seq_length,
+                servers.context_length is None or servers.context_length >= need,
                 "rollout.sglang.context_length",
-                f"must hold a prompt plus a rollout ({self.seq_length} tokens), got {servers.context_length}",
+                f"must be >= {need}: it holds a prompt plus a rollout ({self.seq_length} tokens), and SGLang "
+                f"{SGLANG_VERSION} takes prompts of at most context_length - {SGLANG_INPUT_RESERVE} tokens; "
+                f"got {servers.context_length}",
             )
             check(
                 servers.port not in ports,
@@ -232,8 +239,8 @@ class ExperimentSpec(Section):
                 servers.weight_sync != "distributed" or servers.dp == 1,
                 "rollout.sglang.dp",
                 f"weight_sync: distributed needs servers with dp = 1 (SGLang joins the weights-update group as "
-                f"rank_offset + tp_rank), got dp = {servers.dp}: set rollout.sglang.dp=1 (and tp) or "
-                "rollout.sglang.weight_sync=disk",
+                f"rank_offset + tp_rank), got dp = {servers.dp}: set rollout.sglang.dp=1 (several servers per "
+                "node: rollout.sglang.servers_per_node) or rollout.sglang.weight_sync=disk",
             )
 
     @property

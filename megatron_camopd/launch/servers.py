@@ -32,6 +32,22 @@ from megatron_camopd.config.spec import ExperimentSpec
 # placeholders in a server's argv / the trainer's overrides, filled on the node (bash: "$1".., python: str.replace)
 PYTHON, MODEL, PORT, READY, ADDR = "@PYTHON@", "@MODEL@", "@PORT@", "@READY@", "@ADDR@"
 SGLANG_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# SGLang 0.5.23 on a CPU (no GPU kernels): its CPU engine, torch attention and sampling, a small KV pool (the CPU
+# has no memory fraction to speak of), no warm-up request. `--mem-fraction-static` of the spec still applies.
+SGLANG_CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}
+SGLANG_CPU_ARGS = (
+    "--device",
+    "cpu",
+    "--attention-backend",
+    "torch_native",
+    "--sampling-backend",
+    "pytorch",
+    "--skip-server-warmup",
+    "--max-total-tokens",
+    "8192",
+    "--max-running-requests",
+    "8",
+)
 CPU_SERVER = {"teacher": "serve-teacher", "rollout": "serve"}  # `camopd` sub-commands of the CPU backends
 CONVERTED_MARKER = ".camopd_converted.json"
 

@@ -82,11 +82,13 @@ def build_sampler(
     need_entropy: bool = False,
     model_dir=None,
     tokenizer_dir=None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> Sampler:
     """The sampler for `engine` (`rollout.engine`). `servers` (rollout.sglang), `trainer` (the training Engine,
     whose weights are synced to the servers), `need_entropy` (the servers return none: computed in process when
     the method needs it), `model_dir` / `tokenizer_dir` (config.json and tokenizer files written next to the
-    weights of a disk sync) are for `sglang` only."""
+    weights of a disk sync) and `stop_requested` (the trainer's preemption flag, honoured within a weight sync)
+    are for `sglang` only."""
     if engine == "megatron":
         from megatron_camopd.rollout.kv_engine import MegatronSampler
 
@@ -106,5 +108,6 @@ def build_sampler(
             need_entropy=need_entropy,
             model_dir=model_dir,
             tokenizer_dir=tokenizer_dir,
+            stop_requested=stop_requested,
         )
     raise ValueError(f"rollout.engine: {engine!r} is not one of {', '.join(ENGINES)}")

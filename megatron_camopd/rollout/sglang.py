@@ -26,11 +26,9 @@ sync; with distributed sync at the next sync).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
-import time
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +38,10 @@ from megatron.core import parallel_state as ps
 
 from megatron_camopd.errors import RolloutError
 from megatron_camopd.replicas import ReplicaPool
-from megatron_camopd.rollout import weight_sync as ws
 from megatron_camopd.rollout.sampler import InProcessModel, OnFinish
 from megatron_camopd.rollout.sampling import Rollout, SamplingParams
-from megatron_camopd.rollout.sglang_protocol import generate_request, parse_generation
+from megatron_camopd.rollout.sglang_protocol import generate_request, max_input_tokens, parse_generation, server_limits
+from megatron_camopd.rollout.sglang_sync import ServerWeightSync
 
 log = logging.getLogger("megatron_camopd")
 _POLL_S = 0.5  # finished rollouts are shared with the other model-parallel ranks at least this often
@@ -62,10 +60,10 @@ class SglangSampler:
         need_entropy: bool = False,
         model_dir: str | Path | None = None,
         tokenizer_dir: str | Path | None = None,
+        stop_requested: Callable[[], bool] | None = None,
     ) -> None:
         self.cfg, self.model, self.trainer = servers, model, trainer
         self.need_entropy = need_entropy
-        self.model_dir, self.tokenizer_dir = model_dir, tokenizer_dir
         if servers.urls is None and servers.discovery_file is None:
             raise RolloutError("rollout.sglang: engine sglang needs urls or discovery_file (the launcher writes it)")
         if trainer is not None and servers.weight_sync == "disk" and servers.sync_dir is None:
@@ -77,14 +75,11 @@ class SglangSampler:
         self.dp_rank = ps.get_data_parallel_rank()
         self.pp_rank, self.pp_size = pp_rank, ps.get_pipeline_model_parallel_world_size()
         self.is_leader = tp_rank == 0 and pp_rank == 0
-        self.is_sender = self.dp_rank == 0 and tp_rank == 0  # this PP stage's weight sender
-        self.version: int | None = None  # the trainer's weight version the servers hold
-        self.sender: ws.DistributedSender | None = None
-        self._generation = 0  # weights-update group rebuilds
-        self._run_id = uuid.uuid4().hex[:8]
-        self._server_info: dict[str, dict] = {}
+        is_sender = self.dp_rank == 0 and tp_rank == 0  # this PP stage's weight sender
         self.pool: ReplicaPool | None = None
-        if self.is_leader or self.is_sender:
+        self.sync: ServerWeightSync | None = None
+        self._limits: dict[str, tuple[int | None, int | None]] = {}  # per server: (context, longest input)
+        if self.is_leader or is_sender:
             self.pool = ReplicaPool(
                 "rollout servers",
                 servers.urls,
@@ -99,6 +94,16 @@ class SglangSampler:
                 revive_check=self._revive_check if trainer is not None else None,
             )
             self._pool.wait_ready(servers.discovery_timeout_s)
+        if trainer is not None:
+            self.sync = ServerWeightSync(
+                servers,
+                self.pool,
+                trainer,
+                is_sender=is_sender,
+                model_dir=model_dir,
+                tokenizer_dir=tokenizer_dir,
+                stop_requested=stop_requested,
+            )
 
     # ------------------------------------------------------------------ generation
 
@@ -163,11 +168,32 @@ class SglangSampler:
                 r.entropy = None
 
     # ------------------------------------------------------------------ generation details
+    async def _revive_check(self, url: str) -> bool:
+        return await self.sync.revive_check(url) if self.sync is not None else True
+
+    def _context_of(self, url: str) -> None:
+        """Record a server's limits (`/server_info`: SGLang 0.5.23's `/model_info` has none), once per URL."""
+        if url not in self._limits:
+            info = (
+                self.sync.server_info(url)
+                if self.sync is not None
+                else self._pool.call(self._pool.get_json(url, "/server_info"))
+            )
+            self._limits[url] = server_limits(info if isinstance(info, dict) else {})
+
     def _max_new(self, prompt_len: int, params: SamplingParams) -> int:
-        """SGLang refuses prompt + max_new_tokens >= its context length; the trainer's context is a hard bound."""
+        """New tokens every server accepts for a prompt: SGLang 0.5.23 refuses prompt + max_new_tokens > its
+        context length and a prompt past its `max_req_input_len` (`sglang_protocol.server_limits`); the trainer's
+        context is a hard bound too. 0: the prompt alone fills the context."""
         n = min(params.max_new_tokens, self.model.max_context - prompt_len)
-        ctx = self.cfg.context_length
-        return min(n, ctx - 1 - prompt_len) if ctx else n
+        ctxs = [c for c, _ in self._limits.values() if c is not None]
+        inputs = [m for _, m in self._limits.values() if m is not None]
+        if self.cfg.context_length:
+            ctxs.append(self.cfg.context_length)
+            inputs.append(max_input_tokens(self.cfg.context_length))
+        if inputs and prompt_len > min(inputs):
+            return 0
+        return min(n, min(ctxs) - prompt_len) if ctxs else n
 
     async def _one(self, i: int, prompt: list[int], params: SamplingParams, seed: int, max_new: int) -> Rollout:
         stops = set(params.stop_token_ids) | ({self.model.eos_id} if self.model.eos_id is not None else set())
@@ -199,6 +225,8 @@ class SglangSampler:
 
     def _serve(self, prompts, params, seeds, done: queue.SimpleQueue) -> None:
         """Leader: start every sample; each finished (or failed) rollout lands in `done`."""
+        for url in self._pool.live_urls():  # a server the discovery file added since: its limits first
+            self._context_of(url)
         for i, (p, s) in enumerate(zip(prompts, seeds)):
             max_new = self._max_new(len(p), params)
             if max_new <= 0:  # the prompt fills the context (as the in-process engines answer it)
@@ -264,231 +292,25 @@ class SglangSampler:
             p = len(r.prompt_ids)
             r.entropy = ent["entropy"][j, p - 1 : p - 1 + len(r.response_ids)].clone()
 
-    # ------------------------------------------------------------------ weight sync
-    async def _revive_check(self, url: str) -> bool:
-        """A server back from the dead serves again only with the current weights."""
-        if self.version is None:
-            return True
-        info = await self._pool.get_json(url, "/get_weight_version")
-        if isinstance(info, dict) and str(info.get("weight_version")) == str(self.version):
-            return True
-        final = ws.version_dir(self.cfg.sync_dir, self.version) if self.cfg.weight_sync == "disk" else None
-        if final is None or not final.is_dir():
-            log.warning(
-                "rollout server %s is back with weight_version %s (trainer: %s): out of the rotation until "
-                "the next weight sync",
-                url,
-                info,
-                self.version,
-            )
-            return False
-        ans = await self._pool.request(
-            self._pool.replicas[url],
-            "/update_weights_from_disk",
-            {"model_path": str(final), "weight_version": str(self.version), "flush_cache": True},
-        )
-        return isinstance(ans, dict) and bool(ans.get("success"))
-
-    def _members(self) -> tuple[list[str], dict[str, int]]:
-        """Rank 0: the servers answering /health (waiting up to dead_deadline_s for one), and their workers."""
-        pool = self._pool
-
-        async def probe() -> list[str]:
-            urls = pool.urls
-            oks = await asyncio.gather(*(pool.health_ok(u) for u in urls))
-            return [u for u, ok in zip(urls, oks) if ok]
-
-        deadline = time.monotonic() + self.cfg.dead_deadline_s
-        while not (members := pool.call(probe())):
-            if time.monotonic() > deadline:
-                raise RolloutError(
-                    f"rollout servers: none of {pool.urls} answered /health for "
-                    f"{self.cfg.dead_deadline_s:.0f}s (rollout.sglang.dead_deadline_s); weights not synced"
-                )
-            time.sleep(0.5)
-        workers = {}
-        for u in members:
-            if u not in self._server_info:
-                info = pool.call(pool.get_json(u, "/get_server_info"))
-                self._server_info[u] = info if isinstance(info, dict) else {}
-            info = self._server_info[u]
-            if (
-                self.cfg.weight_sync == "distributed"
-                and max(int(info.get("dp_size") or 1), int(info.get("pp_size") or 1)) > 1
-            ):
-                raise RolloutError(
-                    f"rollout.sglang.weight_sync: distributed sync needs servers with dp_size = pp_size"
-                    f" = 1 (SGLang joins the update group as rank_offset + tp_rank); {u} has dp_size "
-                    f"{info.get('dp_size')}, pp_size {info.get('pp_size')}: use weight_sync: disk"
-                )
-            workers[u] = int(info.get("tp_size") or 1)
-        return members, workers
-
-    def _broadcast_world(self, obj: Any) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _control(self, members: list[str], path: str) -> None:
-        """Rank 0: one control request to every member (pause, flush, continue)."""
-        pool = self._pool
-        futures = [pool.submit(pool.request(pool.replicas[u], path, None)) for u in members]
-        for u, f in zip(members, futures):
-            try:
-                f.result()
-            except Exception as exc:  # noqa: BLE001 -- a missed flush is not fatal (updates flush too); pause is
-                if path == "/pause_generation":
-                    raise RolloutError(f"rollout server {u}: {path} failed: {exc}") from exc
-                log.warning("rollout server %s: %s failed: %s", u, path, exc)
-
-    def _plan(self) -> tuple:
-        """Rank 0: (members, workers, error, fatal) of this sync attempt; the servers are paused on success."""
-        try:
-            members, workers = self._members()
-        except RolloutError as exc:
-            return None, None, str(exc), True
-        try:
-            self._control(members, "/pause_generation")
-            self._control(members, "/flush_cache")
-        except RolloutError as exc:
-            return None, None, str(exc), False
-        return members, workers, None, False
+    # ------------------------------------------------------------------ weight sync (rollout/sglang_sync.py)
+    @property
+    def version(self) -> int | None:
+        """The trainer's weight version the servers hold (None before the first sync)."""
+        return self.sync.version if self.sync is not None else None
 
     def update_weights(self, step: int) -> dict[str, float]:
-        if self.trainer is None:
+        if self.sync is None:
             return {}
-        t0, last = time.time(), ""
-        for tries in (1, 2):
-            members, workers, error, fatal = self._broadcast_world(self._plan() if dist.get_rank() == 0 else None)
-            if fatal:
-                raise RolloutError(error)
-            if error is None:
-                nbytes, err = self._sync_stages(members, workers, step)
-                flags = torch.tensor([0.0 if err else 1.0, float(nbytes)], dtype=torch.float64, device=_dev())
-                dist.all_reduce(flags[:1], op=dist.ReduceOp.MIN)
-                dist.all_reduce(flags[1:], op=dist.ReduceOp.SUM)
-                errors: list = [None] * dist.get_world_size()
-                dist.all_gather_object(errors, err)
-                if flags[0] > 0:
-                    return self._synced(members, step, time.time() - t0, flags[1].item(), tries)
-                error = next(e for e in errors if e)
-            last = error
-            log.warning("weight sync of step %d failed (try %d): %s", step, tries, error)
-            self._reset_groups()
-        raise RolloutError(f"rollout servers: weight sync of step {step} failed twice; last error: {last}")
-
-    def _synced(self, members: list[str], step: int, dt: float, nbytes: float, tries: int) -> dict[str, float]:
-        if dist.get_rank() == 0:
-            self._control(members, "/continue_generation")
-            for u in members:  # they hold the current weights: back in the rotation
-                self._pool.replicas[u].alive = True
-        self.version = step
-        log.info(
-            "weights of step %d synced to %d rollout servers in %.2fs (%s, %.1f MB)",
-            step,
-            len(members),
-            dt,
-            self.cfg.weight_sync,
-            nbytes / 2**20,
-        )
-        return {
-            "weight_sync_s": dt,
-            "weight_sync_bytes": nbytes,
-            "weight_sync_servers": len(members),
-            "weight_sync_tries": tries,
-        }
-
-    def _reset_groups(self) -> None:
-        if self.sender is not None:
-            self.sender.close(self.pool)
-            self.sender = None
-
-    def _sync_stages(self, members: list[str], workers: dict[str, int], step: int) -> tuple[int, str | None]:
-        """This rank's part of one sync: (bytes it sent or wrote, its error or None). The PP stages go one after
-        the other (a server takes one update at a time: concurrent stages could deadlock across servers). Errors
-        are returned, never raised before the collectives end, so no rank is left waiting."""
-        disk = self.cfg.weight_sync == "disk"
-        tmp = Path(self.cfg.sync_dir) / f".tmp_step_{step:08d}" if disk and self.cfg.sync_dir else None
-        if tmp is not None and dist.get_rank() == 0:
-            tmp.mkdir(parents=True, exist_ok=True)
-        nbytes, err = 0, None
-        for stage in range(self.pp_size):
-            dist.barrier()
-            if stage == self.pp_rank and self.dp_rank == 0:
-                nbytes, err = self._sync_stage(members, workers, step, tmp)
-        dist.barrier()
-        if tmp is not None and dist.get_rank() == 0 and err is None:
-            err = self._publish(tmp, members, step)
-        return nbytes, err
-
-    def _sync_stage(
-        self, members: list[str], workers: dict[str, int], step: int, tmp: Path | None
-    ) -> tuple[int, str | None]:
-        """DP=0 ranks of this stage walk its parameters (TP collectives); the stage's sender sends or writes."""
-        cfg, err, nbytes, sender = self.cfg, None, 0, self.is_sender
-        if sender and tmp is None:
-            try:
-                if self.sender is None or self.sender.members != members:
-                    self._reset_groups()
-                    self._generation += 1
-                    backend = "nccl" if torch.cuda.is_available() else "gloo"
-                    name = f"camopd-{self._run_id}-pp{self.pp_rank}-{self._generation}"  # unique on the servers
-                    self.sender = ws.DistributedSender(name, backend, min(cfg.timeout_s, 600.0))
-                    self.sender.connect(self.pool, members, workers)
-            except Exception as exc:  # noqa: BLE001 -- reported through the agreement in update_weights
-                err = f"{type(exc).__name__}: {exc}"
-        t = self.trainer
-        groups = ws.stage_hf_groups(t.models(), t.arch, ps.get_tensor_model_parallel_group(), self.pp_rank == 0)
-        if tmp is not None:
-            stage = {n: x for g in groups for n, x in g}
-            if sender:
-                try:
-                    nbytes += ws.write_stage_shard(tmp, self.pp_rank, self.pp_size, stage)
-                except Exception as exc:  # noqa: BLE001
-                    err = f"{type(exc).__name__}: {exc}"
-            return nbytes, err
-        for bucket in ws.buckets(groups, cfg.bucket_mb):
-            if sender and err is None:
-                try:
-                    assert self.sender is not None, "a distributed sync has a sender"
-                    nbytes += self.sender.send(self.pool, bucket, step)
-                except Exception as exc:  # noqa: BLE001
-                    err = f"{type(exc).__name__}: {exc}"
-        return nbytes, err
-
-    def _publish(self, tmp: Path, members: list[str], step: int) -> str | None:
-        """Rank 0, disk sync: finish the version dir and have every member load it."""
-        import json
-
-        final = ws.version_dir(self.cfg.sync_dir, step)
-        try:
-            hf_config = json.loads((Path(self.model_dir) / "config.json").read_text()) if self.model_dir else {}
-            dtype = next(self.trainer.models()[0].parameters()).dtype
-            ws.finish_version_dir(
-                tmp, final, self.pp_size, hf_config, str(self.tokenizer_dir) if self.tokenizer_dir else None, dtype
-            )
-            pool = self._pool
-            body = {"model_path": str(final.resolve()), "weight_version": str(step), "flush_cache": True}
-            futures = {
-                u: pool.submit(pool.request(pool.replicas[u], "/update_weights_from_disk", body)) for u in members
-            }
-            ws._check({u: ws._answer(f) for u, f in futures.items()}, "/update_weights_from_disk")
-        except Exception as exc:  # noqa: BLE001
-            return f"{type(exc).__name__}: {exc}"
-        ws.remove_other_versions(self.cfg.sync_dir, keep=final)
-        return None
+        return self.sync.update(step)
 
     def close(self) -> None:
         try:
-            self._reset_groups()
+            if self.sync is not None:
+                self.sync.close()
         finally:
             if self.pool is not None:
                 self.pool.close()
                 self.pool = None
-
-
-def _dev() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _empty(prompt: list[int], reason: str, engine: str, error: str | None = None) -> Rollout:

@@ -1,18 +1,26 @@
 """Trainer side of the weight sync to SGLang rollout servers: this pipeline stage's parameters as HF tensors, in
-buckets, sent over a weights-update process group or written as a HF directory (slime's design).
+buckets, sent over a weights-update process group or written as a HF directory (slime's design), every wait
+bounded by the sync's own deadline.
 
 `stage_hf_groups` gathers each parameter of this rank's chunks over TP (collective over the TP group of the
 DP=0 replica) and maps it to HF names with `backend/hf_mapping.py`; `buckets` cuts the stream into ~`bucket_mb`
 pieces without splitting one Megatron tensor's HF parts (q/k/v, gate/up). The sender of each PP stage is its
 DP=0/TP=0 rank.
 
-`DistributedSender` (weight_sync: distributed): a process group of the sender (rank 0) and every server worker
-(rank_offset = 1 + i * tp_size of server i), built with SGLang's `init_custom_process_group` recipe on a store of
-its own (a fresh port; gloo on CPU, nccl on GPU), so it never touches the training world; per bucket one
-`POST /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache, weight_version}` to every
-server while the sender broadcasts each tensor on the group. `write_stage_shard` / `finish_version_dir`
-(weight_sync: disk): each stage writes its safetensors shard into a temporary version directory, rank 0 adds the
-index and config and renames it into place atomically; the servers then `POST /update_weights_from_disk`.
+`init_custom_process_group` is SGLang 0.5.23's recipe (`srt/utils/common.py`), which both ends of a
+weights-update group must follow: a TCP rendezvous at the trainer's address, the store prefixed with the
+*group name*. `DistributedSender` (weight_sync: distributed) builds one with every server worker (rank_offset =
+1 + the workers of the servers before it, so several servers per node each take their own ranks) on a store of
+its own (a fresh port; gloo on CPU, nccl on GPU), so it never touches the training world; per bucket one `POST
+/update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache, weight_version}` to every server
+while the sender queues one broadcast per tensor (`async_op`) and waits for them together; only the sync's last
+bucket carries `flush_cache` and `weight_version`, so a sync that fails half way never labels half-loaded
+weights with the new version. (The session around the buckets -- pause, begin, end, continue -- is
+`rollout/sglang_sync.py`'s.) `Deadline` bounds every wait of one sync attempt (the store's, the group's, each
+broadcast's, each HTTP answer's) and ends it early when a preemption signal arrives.
+`write_stage_shard` / `finish_version_dir` (weight_sync: disk): each stage writes its safetensors shard into a
+temporary version directory, rank 0 adds the index and config and renames it into place atomically; the servers
+then `POST /update_weights_from_disk`.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ import os
 import shutil
 import socket
 import threading
+import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -94,22 +103,87 @@ def reachable_address(urls: list[str]) -> str:
         return s.getsockname()[0]
 
 
+def init_custom_process_group(
+    backend: str, init_method: str, world_size: int, rank: int, group_name: str, timeout_s: float, store: Any = None
+) -> Any:
+    """A process group outside the default world, built as SGLang 0.5.23 builds its end of a weights-update group
+    (`init_custom_process_group` in `srt/utils/common.py`): rendezvous at `init_method` (tcp://host:port; rank 0
+    hosts the store unless `store` is given), the store prefixed with `group_name`."""
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    timeout = timedelta(seconds=timeout_s)
+    if store is None:
+        store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+        store.set_timeout(timeout)
+    pg, _ = _new_process_group_helper(
+        world_size,
+        rank,
+        [],
+        Backend(backend),
+        PrefixStore(group_name, store),
+        group_name=group_name,  # type: ignore[arg-type]  # a str at runtime; the private helper's stub wants its NewType
+        backend_options=None,
+        timeout=timeout,
+    )
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+class SyncAborted(RolloutError):
+    """A weight sync attempt ran out of its deadline, or stopped early for a preemption signal."""
+
+    def __init__(self, message: str, *, preempted: bool) -> None:
+        super().__init__(message)
+        self.preempted = preempted
+
+
+class Deadline:
+    """The time one sync attempt may take (`rollout.sglang.sync_timeout_s`), and the preemption flag it honours:
+    every wait of the attempt polls it, so a signal is acted on within `poll_s` instead of after a timeout."""
+
+    def __init__(self, seconds: float, stop_requested: Callable[[], bool] | None = None, poll_s: float = 0.05):
+        self.seconds, self.end = seconds, time.monotonic() + seconds
+        self.stop_requested = stop_requested or (lambda: False)
+        self.poll_s = poll_s
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def check(self, what: str) -> None:
+        """SyncAborted when the attempt must stop now (a preemption signal, or its time is up)."""
+        if self.stop_requested():
+            raise SyncAborted(f"weight sync stopped while {what}: preemption signal", preempted=True)
+        if time.monotonic() >= self.end:
+            raise SyncAborted(
+                f"weight sync timed out after {self.seconds:.0f}s (rollout.sglang.sync_timeout_s) while {what}",
+                preempted=False,
+            )
+
+    def until(self, done: Callable[[], bool], what: str) -> None:
+        """Poll `done()` until it holds; SyncAborted on a signal or at the deadline."""
+        while not done():
+            self.check(what)
+            time.sleep(self.poll_s)
+
+    def result(self, fut: Any, what: str) -> Any:
+        """The answer of a pool future (or the exception it raised), waiting at most until the deadline."""
+        self.until(fut.done, what)
+        return _answer(fut)
+
+
 class DistributedSender:
     """One weights-update group between this stage's sender and the servers' workers (see the module docstring)."""
 
-    def __init__(self, name: str, backend: str, timeout_s: float) -> None:
-        self.name, self.backend, self.timeout_s = name, backend, timeout_s
+    def __init__(self, name: str, backend: str) -> None:
+        self.name, self.backend = name, backend
         self.pg: Any = None
         self.members: list[str] = []
 
-    def connect(self, pool: Any, members: list[str], ranks_per_server: dict[str, int]) -> None:
+    def connect(self, pool: Any, members: list[str], ranks_per_server: dict[str, int], deadline: Deadline) -> None:
         """Build the group with the servers `members` (each joins through `/init_weights_update_group`)."""
-        from megatron_camopd.serve.served_model import init_custom_process_group
-
         address = reachable_address(members)
-        store = dist.TCPStore(
-            address, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=self.timeout_s)
-        )
+        timeout_s = max(deadline.left(), 1.0)
+        store = dist.TCPStore(address, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
         offsets, world = {}, 1
         for url in members:
             offsets[url] = world
@@ -127,75 +201,97 @@ class DistributedSender:
                         "group_name": self.name,
                         "backend": self.backend,
                     },
+                    timeout_s=timeout_s,
                 )
             )
             for url in members
         }
-        init = f"tcp://{address}:{store.port}"
         # the rendezvous blocks until every server joined: build it in a thread, so that a server refusing to
-        # join (its answer comes back first) fails the sync now instead of after the group timeout
+        # join (its answer comes back first), a signal or the deadline end the wait now instead of after the
+        # store's timeout (the daemon thread then times out on its own)
         made: dict[str, Any] = {}
 
         def build() -> None:
             try:
                 made["pg"] = init_custom_process_group(
-                    self.backend, init, world, 0, self.name, self.timeout_s, store=store
+                    self.backend, f"tcp://{address}:{store.port}", world, 0, self.name, timeout_s, store=store
                 )
             except Exception as exc:  # noqa: BLE001 -- re-raised below
                 made["error"] = exc
 
         thread = threading.Thread(target=build, daemon=True, name="weights-group")
         thread.start()
-        while thread.is_alive():
+
+        def finished() -> bool:
             refused = {u: a for u, f in futures.items() if f.done() and _failed(a := _answer(f))}
             if refused:
-                _check(refused, "/init_weights_update_group")  # the daemon thread times out on its own
-            thread.join(0.05)
+                _check(refused, "/init_weights_update_group")
+            return not thread.is_alive()
+
+        deadline.until(finished, f"building the weights-update group {self.name} with {len(members)} server(s)")
         if "error" in made:
             raise made["error"]
         self.pg = made["pg"]
-        _check({url: _answer(f) for url, f in futures.items()}, "/init_weights_update_group")
+        _check(
+            {url: deadline.result(f, "joining the weights-update group") for url, f in futures.items()},
+            "/init_weights_update_group",
+        )
         self.members = list(members)
 
-    def send(self, pool: Any, bucket: list[tuple[str, torch.Tensor]], version: int) -> int:
-        """One bucket to every member; returns the bytes broadcast."""
-        body = {
+    def send(
+        self, pool: Any, bucket: list[tuple[str, torch.Tensor]], version: int, last: bool, deadline: Deadline
+    ) -> int:
+        """One bucket to every member (the sync's `last` bucket flushes the cache and sets the version); returns
+        the bytes broadcast."""
+        body: dict[str, Any] = {
             "names": [n for n, _ in bucket],
             "dtypes": [_DTYPE_NAMES[t.dtype] for _, t in bucket],
             "shapes": [list(t.shape) for _, t in bucket],
             "group_name": self.name,
-            "flush_cache": True,
-            "weight_version": str(version),
+            "flush_cache": last,
         }
+        if last:
+            body["weight_version"] = str(version)
         futures = {
-            url: pool.submit(pool.request(pool.replicas[url], "/update_weights_from_distributed", body))
+            url: pool.submit(
+                pool.request(
+                    pool.replicas[url], "/update_weights_from_distributed", body, timeout_s=max(deadline.left(), 1.0)
+                )
+            )
             for url in self.members
         }
-        nbytes = 0
-        try:
-            for _, t in bucket:
-                dist.broadcast(t, group=self.pg, group_src=0)
-                nbytes += t.numel() * t.element_size()
-        finally:
-            answers = {url: _answer(f) for url, f in futures.items()}
+        works = [dist.broadcast(t, group=self.pg, group_src=0, async_op=True) for _, t in bucket]
+        deadline.until(lambda: all(w.is_completed() for w in works), f"broadcasting a bucket of {len(bucket)} tensors")
+        for w in works:
+            w.wait()  # raises the backend's error, if any
+        answers = {
+            url: deadline.result(f, "the servers' answers to /update_weights_from_distributed")
+            for url, f in futures.items()
+        }
         _check(answers, "/update_weights_from_distributed")
-        return nbytes
+        return sum(t.numel() * t.element_size() for _, t in bucket)
 
-    def close(self, pool: Any) -> None:
-        """Destroy the group here and (best effort) on the servers."""
+    def close(self, pool: Any, timeout_s: float = 30.0) -> None:
+        """Destroy the group here and (best effort) on the servers. Destroying our end first also ends a server
+        blocked in a broadcast of an aborted sync (its peer is gone), so its destroy request can be served."""
         if self.pg is None:
             return
+        pg, self.pg = self.pg, None
+        try:
+            dist.destroy_process_group(pg)
+        except Exception:  # noqa: BLE001 -- a group with a dead member may fail to tear down cleanly
+            pass
         futures = [
-            pool.submit(pool.request(pool.replicas[u], "/destroy_weights_update_group", {"group_name": self.name}))
+            pool.submit(
+                pool.request(
+                    pool.replicas[u], "/destroy_weights_update_group", {"group_name": self.name}, timeout_s=timeout_s
+                )
+            )
             for u in self.members
         ]
         for f in futures:
             _answer(f)
-        try:
-            dist.destroy_process_group(self.pg)
-        except Exception:  # noqa: BLE001 -- a group with a dead member may fail to tear down cleanly
-            pass
-        self.pg, self.members = None, []
+        self.members = []
 
 
 def _answer(fut: Any) -> Any:
@@ -209,11 +305,15 @@ def _failed(answer: Any) -> bool:
     return isinstance(answer, Exception) or not (isinstance(answer, dict) and answer.get("success"))
 
 
-def _check(answers: dict[str, Any], endpoint: str) -> None:
+def check_answers(answers: dict[str, Any], endpoint: str) -> None:
+    """RolloutError naming the first server whose answer to `endpoint` is an error or `success: false`."""
     bad = {u: a for u, a in answers.items() if _failed(a)}
     if bad:
         url, a = next(iter(bad.items()))
         raise RolloutError(f"rollout server {url}: {endpoint} failed: {a}")
+
+
+_check = check_answers
 
 
 # ----------------------------------------------------------------------------- disk

@@ -3,8 +3,9 @@
 Covers what `python/sglang/srt/managers/io_struct.py` (`GenerateReqInput`) and `sampling/sampling_params.py`
 accept: `text` or `input_ids` (a single prompt or a batch), `sampling_params` (one object or one per item),
 `return_logprob`, `logprob_start_len` (-1 = only the last prompt token), `top_logprobs_num`,
-`return_text_in_logprobs`, and inert bookkeeping fields (`rid`, `log_metrics`, ...). Limits are SGLang's: a
-prompt must be shorter than the context length and prompt + max_new_tokens must stay below it. A field SGLang
+`return_text_in_logprobs`, and inert bookkeeping fields (`rid`, `log_metrics`, ...). Limits are SGLang 0.5.23's:
+an input must be shorter than the context length, hold at most `max_input_tokens(context)` tokens (its
+scheduler's `max_req_input_len`), and prompt + max_new_tokens may not exceed the context length. A field SGLang
 knows but this server does not implement (multimodal inputs, LoRA, grammars, penalties, streaming, n > 1 ...) is
 refused unless it holds its default; an unknown field is refused. Every refusal is an `ApiError` naming the
 field (the server answers 400 with it). `load_json` decodes a body defensively: strict JSON (no NaN/Infinity),
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_camopd.rollout.sampling import SamplingParams
+from megatron_camopd.rollout.sglang_protocol import max_input_tokens
 
 MAX_ITEMS = 4096  # prompts per request
 MAX_TOTAL_TOKENS = 4_000_000  # prompt tokens per request
@@ -333,8 +335,14 @@ def parse_generate(body: Any, *, vocab: int, context_len: int, tokenizer: Any = 
                 f"input_ids{sfx}" if body.get("input_ids") is not None else f"text{sfx}",
                 _too_long(len(ids), context_len),
             )
+        if len(ids) > max_input_tokens(context_len):
+            raise ApiError(
+                f"input_ids{sfx}" if body.get("input_ids") is not None else f"text{sfx}",
+                f"Input length ({len(ids)} tokens) exceeds the maximum allowed length "
+                f"({max_input_tokens(context_len) + 1} tokens)",
+            )
         mnt = s["params"].max_new_tokens
-        if mnt and len(ids) + mnt >= context_len:
+        if mnt and len(ids) + mnt > context_len:
             raise ApiError(
                 f"sampling_params{sfx}.max_new_tokens",
                 f"requested token count exceeds the model's maximum context length of {context_len} "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import threading
 import time
 from collections import defaultdict, deque
@@ -105,6 +106,11 @@ class ServeState:
     running: asyncio.Event = field(default_factory=asyncio.Event)  # set: batches may start
     abort_epoch: int = 0  # bumped by pause(mode=abort): batches started before it answer abort
     weight_version: str = "default"
+    update_session: bool = False  # between /begin_weight_update and /end_weight_update
+    # SGLang's generating health check waits this long for an answer (SGLANG_HEALTH_CHECK_TIMEOUT, default 20 s)
+    health_check_timeout_s: float = field(
+        default_factory=lambda: float(os.environ.get("SGLANG_HEALTH_CHECK_TIMEOUT", 20))
+    )
 
     @property
     def can_generate(self) -> bool:

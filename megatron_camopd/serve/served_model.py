@@ -5,8 +5,10 @@ Scoring is `MegatronScorer`'s. Sampling is the in-process `megatron` engine (`ro
 KV-cached) on the served chunks, seeded by each request's `sampling_seed` exactly as `sample_seed` streams seed
 the in-process engine, so a served rollout equals the in-process one for the same seed and weights. New weights
 come from disk (`load_from_disk`: a HF dir or a camopd checkpoint, same architecture) or from a trainer over a
-weights-update process group (`init_group` + `receive`: SGLang's `init_custom_process_group` recipe -- a TCP
-rendezvous at the trainer's address, the store prefixed with the init method -- gloo on CPU, nccl on GPU), as HF
+weights-update process group (`init_group` + `receive`: SGLang's `init_custom_process_group` recipe, imported
+from the trainer's side `rollout/weight_sync.py` -- a TCP rendezvous at the trainer's address, the store prefixed
+with the group name -- gloo on CPU, nccl on GPU; a bucket's broadcasts are queued and waited for together, as
+SGLang receives them), as HF
 tensors mapped onto Megatron's layout with `backend.hf_mapping`. `hf_weight(name)` reads one back in HF naming.
 Scoring and sampling may run on several of the server's worker threads at once (each call builds its own
 sampler and KV cache); weight updates run alone (the server's `ModelLock`), so weights never change under a batch.
@@ -17,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from ..data.tokenizer import Tokenizer
 from ..errors import CheckpointError
 from ..rollout.sampler import InProcessModel
 from ..rollout.sampling import Rollout, SamplingParams
+from ..rollout.weight_sync import init_custom_process_group
 from .megatron_scorer import MegatronScorer, _init_single_process, checkpoint_kind
 
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -46,32 +48,6 @@ _TOGETHER = (
     ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def init_custom_process_group(
-    backend: str, init_method: str, world_size: int, rank: int, group_name: str, timeout_s: float, store: Any = None
-) -> Any:
-    """A process group outside the default world (SGLang's `init_custom_process_group`, as slime uses it):
-    rendezvous at `init_method` (tcp://host:port; rank 0 hosts the store unless `store` is given), the store
-    prefixed with `init_method`. Both ends of a weights-update group must build it this way."""
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
-
-    timeout = timedelta(seconds=timeout_s)
-    if store is None:
-        store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
-        store.set_timeout(timeout)
-    pg, _ = _new_process_group_helper(
-        world_size,
-        rank,
-        [],
-        Backend(backend),
-        PrefixStore(init_method, store),
-        group_name=group_name,  # type: ignore[arg-type]  # a str at runtime; the private helper's stub wants its NewType
-        backend_options=None,
-        timeout=timeout,
-    )
-    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
 
 
 class ServedModel(MegatronScorer):
@@ -228,12 +204,14 @@ class ServedModel(MegatronScorer):
         """Receive one bucket (a broadcast from group rank 0 per tensor, in order) and apply it."""
         pg = self.groups[group_name]
         dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        got: dict[str, torch.Tensor] = {}
-        for name, dt, shape in zip(names, dtypes, shapes):
-            t = torch.empty(tuple(shape), dtype=DTYPES[dt], device=dev)
-            dist.broadcast(t, group=pg, group_src=0)
-            got[name] = t.cpu()
-        return self.apply_hf(got)
+        got = {
+            name: torch.empty(tuple(shape), dtype=DTYPES[dt], device=dev)
+            for name, dt, shape in zip(names, dtypes, shapes)
+        }
+        works = [dist.broadcast(t, group=pg, group_src=0, async_op=True) for t in got.values()]
+        for w in works:
+            w.wait()
+        return self.apply_hf({name: t.cpu() for name, t in got.items()})
 
 
 def _layer_part(i: int, group: tuple[str, ...], parts: list[torch.Tensor], arch: ModelArch) -> dict[str, torch.Tensor]:

@@ -5,7 +5,9 @@ GPUs, so requests and responses have SGLang's shapes. `POST /generate` scores (`
 (`serve/generation.py`, batched server-side up to `max_batch` items or `max_wait_ms`, run on `--workers` threads,
 round-robin over requests); weights are updated in place and generation paused/continued through SGLang's
 endpoints (`serve/weights.py`).
-Also `GET /health`, `GET /health_generate`, `GET /get_model_info`. `serve_main` serves a HuggingFace dir or a
+Also `GET /health` and `GET /health_generate` (both wait while the server is paused and answer 503 after
+`SGLANG_HEALTH_CHECK_TIMEOUT` seconds, as SGLang's generating health check does), `GET /ready`, `GET /model_info`
+(and its deprecated alias `/get_model_info`). `serve_main` serves a HuggingFace dir or a
 camopd checkpoint with megatron-core (`served_model.ServedModel`: scoring, sampling, weight updates), or with
 transformers for scoring only (`--backend hf`: `hf_scorer.HFScorer`). It binds 127.0.0.1 unless told otherwise.
 
@@ -66,13 +68,32 @@ async def _generate(request: web.Request) -> web.Response:
     return await generate_handler(request, request.app[STATS_KEY], request.app[BATCHER_KEY])
 
 
+async def _unpaused(state) -> bool:
+    """SGLang's generating health check waits while the server is paused: True once it runs again, False when
+    `health_check_timeout_s` passed first (SGLang then answers 503)."""
+    try:
+        await asyncio.wait_for(state.running.wait(), state.health_check_timeout_s)
+    except TimeoutError:
+        return False
+    return True
+
+
 async def _health(request: web.Request) -> web.Response:
+    if not await _unpaused(request.app[STATE_KEY]):
+        return web.Response(status=503, text="paused: the generating health check got no answer")
     return web.Response(status=200)
+
+
+async def _ready(request: web.Request) -> web.Response:
+    """SGLang's `/ready`: 200 when the server takes new requests, 503 while paused."""
+    return web.Response(status=200 if request.app[STATE_KEY].running.is_set() else 503)
 
 
 async def _health_generate(request: web.Request) -> web.Response:
     """A one-token generation (SGLang's check); a scoring-only server scores two tokens instead."""
     state = request.app[STATE_KEY]
+    if not await _unpaused(state):
+        return web.Response(status=503, text="paused: the generating health check got no answer")
     body = {"input_ids": [0, 0], "sampling_params": {"max_new_tokens": int(state.can_generate), "temperature": 0}}
     try:
         items, _ = parse_generate(body, vocab=state.model.vocab_size(), context_len=state.context_len)
@@ -204,7 +225,9 @@ def make_app(
     app.router.add_put("/generate", _generate)
     app.router.add_get("/health", _health)
     app.router.add_get("/health_generate", _health_generate)
-    app.router.add_get("/get_model_info", _model_info)
+    app.router.add_get("/ready", _ready)
+    app.router.add_get("/model_info", _model_info)
+    app.router.add_get("/get_model_info", _model_info)  # SGLang's deprecated alias
     add_weight_routes(app, BATCHER_KEY)
     return app
 

@@ -1,16 +1,23 @@
-"""The weight-sync and control endpoints of `camopd serve`, with SGLang's request and answer shapes.
+"""The weight-sync and control endpoints of `camopd serve`, with SGLang 0.5.23's request and answer shapes and
+its refusals (`entrypoints/http_server.py`, `managers/io_struct.py`, `scheduler_components/weight_updater.py`).
 
-    POST /pause_generation {mode: abort|retract|in_place}    POST /continue_generation
-    GET|POST /flush_cache                                    GET /get_weight_version, POST /update_weight_version
+    POST /pause_generation {mode: abort|retract|in_place}    POST /continue_generation {torch_empty_cache}
+    GET|POST /flush_cache                                    POST /update_weight_version {new_version}
+    POST /begin_weight_update {selector}                     POST /end_weight_update {}
     POST /update_weights_from_disk {model_path, weight_version, flush_cache, ...}
     POST /init_weights_update_group {master_address, master_port, rank_offset, world_size, group_name, backend}
     POST /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache, weight_version, ...}
     POST /destroy_weights_update_group {group_name}          GET|POST /get_weights_by_name {name, truncate_size}
-    GET /get_server_info
+    GET /server_info (and its deprecated alias /get_server_info)
 
-Updates run in the server's single worker thread (never under a running batch) and set the weight version
-there. A body field this server does not know is refused with 400 naming it; failures answer
-`{"success": false, "message": ...}` with 400, as SGLang does.
+As on SGLang: every POST here needs a JSON body (`{}` at least; none -> 400 "Field required"); distributed
+updates only run inside a weight-update session (begin ... end; a second begin, an end without begin, an update
+outside one -> 400); `GET /get_weight_version` does not exist (the version is in `/model_info`). Updates run in
+the server's single worker thread (never under a running batch) and set the weight version there, only when
+the request names one. A body field that is not in SGLang's request struct is refused with 400 naming it (SGLang
+ignores it: this server is stricter, so a client typo shows here; `tests/served/test_contract.py` checks that
+these field sets are SGLang's own); failures answer `{"success": false, "message": ...}` with 400, as SGLang
+does.
 """
 
 from __future__ import annotations
@@ -23,9 +30,52 @@ from typing import Any
 
 from aiohttp import web
 
+from ..rollout.sglang_protocol import SGLANG_VERSION, max_input_tokens
 from .generation import STATE_KEY, ServeState, WorkBatcher
 
 _PAUSE_MODES = ("abort", "retract", "in_place")
+STANDIN_VERSION = "camopd-serve"
+# The fields of SGLang 0.5.23's request structs (managers/io_struct.py; `rid` and `http_worker_ipc` are on every
+# one), per control endpoint: what this server accepts, and what the contract test compares with SGLang's own.
+_BASE = frozenset({"rid", "http_worker_ipc"})
+CONTROL_FIELDS: dict[str, frozenset[str]] = {
+    "/pause_generation": _BASE | {"mode"},
+    "/continue_generation": _BASE | {"torch_empty_cache"},
+    "/begin_weight_update": _BASE | {"selector"},
+    "/end_weight_update": _BASE,
+    "/update_weight_version": _BASE | {"new_version", "abort_all_requests"},
+    "/update_weights_from_disk": _BASE
+    | {
+        "model_path",
+        "load_format",
+        "abort_all_requests",
+        "weight_version",
+        "is_async",
+        "torch_empty_cache",
+        "keep_pause",
+        "recapture_cuda_graph",
+        "token_step",
+        "flush_cache",
+        "manifest",
+    },
+    "/init_weights_update_group": _BASE
+    | {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"},
+    "/destroy_weights_update_group": _BASE | {"group_name"},
+    "/update_weights_from_distributed": _BASE
+    | {
+        "names",
+        "dtypes",
+        "shapes",
+        "group_name",
+        "flush_cache",
+        "abort_all_requests",
+        "weight_version",
+        "load_format",
+        "selector",
+        "torch_empty_cache",
+    },
+    "/get_weights_by_name": _BASE | {"name", "truncate_size"},
+}
 _DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -35,10 +85,12 @@ class _Bad(Exception):
 
 
 async def _body(
-    request: web.Request, allowed: AbstractSet[str], required: AbstractSet[str] = frozenset()
+    request: web.Request, allowed: AbstractSet[str], required: AbstractSet[str] = frozenset(), need_body: bool = True
 ) -> dict[str, Any]:
     raw = await request.read()
     if not raw.strip():
+        if need_body:  # FastAPI's `Body()`: SGLang answers 400 with a "Field required" validation error
+            raise _Bad("body", "Field required (send a JSON object, {} at least)")
         body: Any = {}
     else:
         try:
@@ -100,7 +152,7 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
         return wrapped
 
     async def pause(request: web.Request, state: ServeState) -> web.Response:
-        body = await _body(request, {"mode"})
+        body = await _body(request, CONTROL_FIELDS["/pause_generation"])
         mode = body.get("mode", "abort")
         if mode not in _PAUSE_MODES:
             raise _Bad("mode", f"must be one of {', '.join(_PAUSE_MODES)}, got {mode!r:.40}")
@@ -112,18 +164,29 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
         return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
     async def resume(request: web.Request, state: ServeState) -> web.Response:
-        await _body(request, set())
+        await _body(request, CONTROL_FIELDS["/continue_generation"])
         state.running.set()
         return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
     async def flush_cache(request: web.Request, state: ServeState) -> web.Response:
         return web.Response(text="Cache flushed.\n")  # decoding keeps no cache between batches
 
-    async def get_version(request: web.Request, state: ServeState) -> web.Response:
-        return web.json_response({"weight_version": state.weight_version})
+    async def begin(request: web.Request, state: ServeState) -> web.Response:
+        await _body(request, CONTROL_FIELDS["/begin_weight_update"])
+        if state.update_session:
+            return _fail("a weight-update session is already open; call end_weight_update() first")
+        state.update_session = True
+        return _ok("Success")
+
+    async def end(request: web.Request, state: ServeState) -> web.Response:
+        await _body(request, CONTROL_FIELDS["/end_weight_update"])
+        if not state.update_session:
+            return _fail("no weight-update session is open; call begin_weight_update() first")
+        state.update_session = False
+        return _ok("Success")
 
     async def set_version(request: web.Request, state: ServeState) -> web.Response:
-        body = await _body(request, {"new_version", "abort_all_requests"}, {"new_version"})
+        body = await _body(request, CONTROL_FIELDS["/update_weight_version"], {"new_version"})
         state.weight_version = _version({"weight_version": body["new_version"]}) or state.weight_version
         return web.json_response(
             {
@@ -134,23 +197,7 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
         )
 
     async def from_disk(request: web.Request, state: ServeState) -> web.Response:
-        body = await _body(
-            request,
-            {
-                "model_path",
-                "load_format",
-                "abort_all_requests",
-                "weight_version",
-                "is_async",
-                "torch_empty_cache",
-                "keep_pause",
-                "recapture_cuda_graph",
-                "token_step",
-                "flush_cache",
-                "manifest",
-            },
-            {"model_path"},
-        )
+        body = await _body(request, CONTROL_FIELDS["/update_weights_from_disk"], {"model_path"})
         _need_weights(state)
         if body.get("load_format") not in (None, "auto", "safetensors"):
             raise _Bad("load_format", f"only auto/safetensors, got {body['load_format']!r:.40}")
@@ -171,8 +218,11 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
         return _ok(msg + (f" Weight version updated to {version}." if version else ""), num_paused_requests=0)
 
     async def init_group(request: web.Request, state: ServeState) -> web.Response:
-        keys = {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"}
-        body = await _body(request, keys, {"master_address", "master_port", "rank_offset", "world_size"})
+        body = await _body(
+            request,
+            CONTROL_FIELDS["/init_weights_update_group"],
+            {"master_address", "master_port", "rank_offset", "world_size"},
+        )
         _need_weights(state)
         world = _int(body, "world_size", 2, 1 << 16)
         args = dict(
@@ -194,7 +244,7 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
         return _ok(f"joined weights update group {args['group_name']} as rank {args['rank_offset']}")
 
     async def destroy_group(request: web.Request, state: ServeState) -> web.Response:
-        body = await _body(request, {"group_name"})
+        body = await _body(request, CONTROL_FIELDS["/destroy_weights_update_group"])
         _need_weights(state)
         name = str(body.get("group_name", "weight_update_group"))
         try:
@@ -204,22 +254,12 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
         return _ok(f"destroyed weights update group {name}")
 
     async def from_distributed(request: web.Request, state: ServeState) -> web.Response:
-        body = await _body(
-            request,
-            {
-                "names",
-                "dtypes",
-                "shapes",
-                "group_name",
-                "flush_cache",
-                "abort_all_requests",
-                "weight_version",
-                "load_format",
-                "torch_empty_cache",
-            },
-            {"names", "dtypes", "shapes"},
-        )
+        body = await _body(request, CONTROL_FIELDS["/update_weights_from_distributed"], {"names", "dtypes", "shapes"})
         _need_weights(state)
+        if not state.update_session:
+            return _fail(
+                "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
+            )
         names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         group = str(body.get("group_name", "weight_update_group"))
         if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)) or not len(
@@ -261,7 +301,7 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
 
     async def get_weights(request: web.Request, state: ServeState) -> web.Response:
         body = (
-            await _body(request, {"name", "truncate_size"}, {"name"})
+            await _body(request, CONTROL_FIELDS["/get_weights_by_name"], {"name"})
             if request.method == "POST" or request.can_read_body
             else dict(request.query)
         )
@@ -284,11 +324,15 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
         info = state.model.model_info()
         return web.json_response(
             {
+                "version": STANDIN_VERSION,
+                "sglang_contract": SGLANG_VERSION,  # the SGLang release whose protocol this server follows
                 "context_length": state.context_len,
+                "max_req_input_len": max_input_tokens(state.context_len) + 1,  # an input must be shorter
                 "weight_version": state.weight_version,
                 "tp_size": 1,
                 "dp_size": 1,
                 "pp_size": 1,  # one worker joins an update group
+                "enable_deterministic_inference": True,  # sampling_seed is always honoured here
                 "model_path": info.get("model_path"),
                 "tokenizer_path": info.get("tokenizer_path"),
                 "can_generate": state.can_generate,
@@ -301,12 +345,14 @@ def add_weight_routes(app: web.Application, batcher_key: web.AppKey) -> None:
     r.add_post("/continue_generation", handler(resume))
     r.add_route("GET", "/flush_cache", handler(flush_cache))
     r.add_post("/flush_cache", handler(flush_cache))
-    r.add_get("/get_weight_version", handler(get_version))
     r.add_post("/update_weight_version", handler(set_version))
+    r.add_post("/begin_weight_update", handler(begin))
+    r.add_post("/end_weight_update", handler(end))
     r.add_post("/update_weights_from_disk", handler(from_disk))
     r.add_post("/init_weights_update_group", handler(init_group))
     r.add_post("/destroy_weights_update_group", handler(destroy_group))
     r.add_post("/update_weights_from_distributed", handler(from_distributed))
     r.add_get("/get_weights_by_name", handler(get_weights))
     r.add_post("/get_weights_by_name", handler(get_weights))
-    r.add_get("/get_server_info", handler(server_info))
+    r.add_get("/server_info", handler(server_info))
+    r.add_get("/get_server_info", handler(server_info))  # SGLang's deprecated alias

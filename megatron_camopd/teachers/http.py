@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import TeacherError
 from ..replicas import HEALTH_TIMEOUT_S, Replica, ReplicaPool
 from .base import TeacherScores, check_start
-from .protocol import build_request, parse_meta, parse_scores
+from .protocol import build_request, parse_meta, parse_scores, score_request
 
 __all__ = ["HttpTeacher", "Replica"]
 
@@ -84,11 +84,12 @@ class HttpTeacher:
 
     async def _score(self, ids: list[int], start: int, top_k: int | None) -> TeacherScores:
         check_start(ids, start, f"teacher {self.name}")
-        body = build_request(list(ids), top_k)
+        body = score_request(ids, start, top_k)
+        first = body["logprob_start_len"]
         return await self._pool.with_retries(
             body,
             lambda obj, url: parse_scores(
-                obj, ids, start, top_k, f"teacher {self.name} at {url}", self.echo_vocab_size
+                obj, ids, start, top_k, f"teacher {self.name} at {url}", self.echo_vocab_size, first
             ),
         )
 
@@ -175,13 +176,19 @@ class HttpTeacher:
                 t.cancel()
 
     def model_info(self, url: str | None = None) -> dict[str, Any]:
-        """`GET /get_model_info` of `url` (default: a live replica)."""
+        """`GET /model_info` of `url` (default: a live replica)."""
+        return self._info("/model_info", url)
 
+    def server_info(self, url: str | None = None) -> dict[str, Any]:
+        """`GET /server_info` of `url` (default: a live replica): its limits, parallelism and version."""
+        return self._info("/server_info", url)
+
+    def _info(self, path: str, url: str | None) -> dict[str, Any]:
         async def _get() -> dict[str, Any]:
             target = url or (await self._pool.pick()).url
-            info = await self._pool.get_json(target, "/get_model_info")
+            info = await self._pool.get_json(target, path)
             if not isinstance(info, dict):
-                raise TeacherError(f"teacher {self.name} at {target}: /get_model_info answered {str(info)[:100]!r}")
+                raise TeacherError(f"teacher {self.name} at {target}: {path} answered {str(info)[:100]!r}")
             return dict(info)
 
         return self._pool.call(_get())
