@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
+
+import pytest
 
 from hypothesis import settings
 
@@ -27,3 +30,12 @@ def pytest_sessionstart(session) -> None:
         ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "bubblewrap"],
     ):
         subprocess.run(cmd, env=env, check=False, timeout=900, stdout=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def sglang_python() -> Path:
+    """The python of the real SGLang environment (built once per machine by the project's own
+    `megatron_camopd.launch.sglang_env`; ~3 minutes the first time)."""
+    from megatron_camopd.launch.sglang_env import ensure_sglang_env
+
+    return ensure_sglang_env()

@@ -7,8 +7,14 @@ nodes; a trainer (or its watchdog) counts a group's healthy servers the same way
 `camopd launch` (launch/submit.py) calls the same functions, so the file format (teachers/discovery.py) and what
 "healthy" means are written once.
 
+Healthy (ready to serve) is `/health` answering 200: SGLang's generating health check. Alive is weaker, and is what
+the watchdog asks while training: `/health`, or else `/model_info` answering -- a server paused for a weight sync
+fails its generating health check (it waits for the pause and answers 503 after 20 s) but answers `/model_info`;
+a dead server answers neither (SGLang takes its whole process tree down when its scheduler dies).
+
     python -m megatron_camopd.launch.protocol register FILE HOST:PORT
     python -m megatron_camopd.launch.protocol healthy FILE [--timeout S]   # prints the number of healthy servers
+    python -m megatron_camopd.launch.protocol alive FILE [--timeout S]     # ... of live servers (paused included)
     python -m megatron_camopd.launch.protocol health URL [--timeout S]     # exit 0 when URL answers 2xx
     python -m megatron_camopd.launch.protocol lib-path                     # the shared bash functions to `source`
 """
@@ -52,6 +58,15 @@ def healthy_servers(path: str, timeout: float = 30.0) -> list[str]:
     return [url for url in read_discovery_file(path) if http_ok(f"{url}/health", timeout)]
 
 
+def alive_servers(path: str, timeout: float = 30.0) -> list[str]:
+    """The servers listed in `path` that are alive: healthy, or answering `/model_info` (paused for a sync)."""
+    return [
+        url
+        for url in read_discovery_file(path)
+        if http_ok(f"{url}/health", timeout) or http_ok(f"{url}/model_info", timeout)
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megatron_camopd.launch.protocol", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -61,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     count = sub.add_parser("healthy", help="print how many servers of a discovery file are healthy")
     count.add_argument("file")
     count.add_argument("--timeout", type=float, default=30.0)
+    live = sub.add_parser("alive", help="print how many servers of a discovery file are alive (paused ones too)")
+    live.add_argument("file")
+    live.add_argument("--timeout", type=float, default=30.0)
     one = sub.add_parser("health", help="exit 0 when URL answers 2xx")
     one.add_argument("url")
     one.add_argument("--timeout", type=float, default=30.0)
@@ -68,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "register":
         register_address(args.file, args.address)
-    elif args.cmd == "healthy":
+    elif args.cmd in ("healthy", "alive"):
+        counter = healthy_servers if args.cmd == "healthy" else alive_servers
         try:
-            print(len(healthy_servers(args.file, args.timeout)))
+            print(len(counter(args.file, args.timeout)))
         except TeacherError as exc:  # a malformed line: say which, count nothing
             print(f"camopd: {exc}", file=sys.stderr)
             print(0)

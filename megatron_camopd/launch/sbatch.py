@@ -11,8 +11,8 @@ overrides pointing at the servers it waited for. The scripts are rendered from `
 `@{NAME}`, one source of truth shared with the examples in `slurm/`, which `python tools/render_slurm.py` writes
 and CI checks); a rendered script sources the shared bash functions of the installed package's `templates/lib.sh`,
 whose discovery and health steps are launch/protocol.py's (the same code `camopd launch` runs). `--cpu` renders for
-machines without GPUs
-(`camopd serve-teacher`, no `--gpus-per-node`). Timings (pre-timeout lead, health checks) are `launcher` fields.
+machines without GPUs (no `--gpus-per-node`; SGLang with its CPU flags, or `camopd serve` with `--server-backend
+camopd`). Timings (pre-timeout lead, health checks) are `launcher` fields.
 """
 
 from __future__ import annotations
@@ -31,10 +31,13 @@ from megatron_camopd.config.spec import ExperimentSpec
 from megatron_camopd.errors import SpecError
 from megatron_camopd.launch.servers import (
     ADDR,
+    BACKENDS,
+    BASE_GPU,
     MODEL,
     PORT,
     PYTHON,
     READY,
+    SGLANG_PY,
     Component,
     launcher_of,
     server_components,
@@ -104,7 +107,14 @@ def srun_args(res: SlurmResources, group: int | None, container: SlurmResources 
 
 def _bash_word(arg: str) -> str:
     """A server argv element as bash: the placeholders become the function's arguments or $PYTHON."""
-    for mark, var in ((PYTHON, "$PYTHON"), (MODEL, "$1"), (PORT, "$2"), (READY, "$3")):
+    for mark, var in (
+        (PYTHON, "$PYTHON"),
+        (SGLANG_PY, "$SGLANG_PYTHON"),
+        (MODEL, "$1"),
+        (PORT, "$2"),
+        (READY, "$3"),
+        (BASE_GPU, "$4"),
+    ):
         if arg == mark:
             return f'"{var}"'
     return _q(arg)
@@ -123,11 +133,11 @@ def _wrap(words: list[str], indent: str = "    ", width: int = 100) -> str:
 
 
 def server_function(i: int, c: Component) -> str:
-    """`server_<i> MODEL PORT READY`: exec one server of component `c` (its environment, its command)."""
+    """`server_<i> MODEL PORT READY BASE_GPU`: exec one server of component `c` (its environment, its command)."""
     words = ["exec"] + (["env"] + [f"{k}={_q(v)}" for k, v in c.env.items()] if c.env else [])
     words += [_bash_word(a) for a in c.argv]
     return (
-        f"server_{i}() {{  # MODEL PORT READY: one {c.kind} server of {c.name}\n"
+        f"server_{i}() {{  # MODEL PORT READY BASE_GPU: one {c.kind} server of {c.name}\n"
         f"  {_wrap(words)}\n}}\nexport -f server_{i}"
     )
 
@@ -149,7 +159,8 @@ def start_servers_block(servers: list[Component], spec: ExperimentSpec, het: boo
             f"# {what}: {c.nodes} node(s), model {c.model}",
             f"MODEL_{i}=$(prepare_model {_q(c.model)} {_q(c.hf_dir)} {convert}) ||",
             f"  die {_q(f'{what}: cannot prepare {c.model} for serving')}",
-            f'start_servers {i} {_q(c.name)} "$MODEL_{i}" {c.nodes} {c.port} {_q(what)} {run}',
+            f'start_servers {i} {_q(c.name)} "$MODEL_{i}" {c.nodes} {c.port} {_q(what)} {c.per_node} '
+            f"{c.gpus_per_server} {run}",
         ]
     return "\n".join(lines) if lines else "# (no servers: every teacher runs in process)"
 
@@ -182,12 +193,14 @@ def sbatch_values(
     overrides: list[str],
     *,
     cpu: bool,
+    backend: str = "sglang",
     python: str | None = None,
     workdir: str | None = None,
 ) -> dict[str, dict[str, str]]:
-    """Every template value for `spec` (bash-quoted), per script kind: {"hetjob": ..., "teachers": ..., "train":}."""
+    """Every template value for `spec` (bash-quoted), per script kind: {"hetjob": ..., "teachers": ..., "train":}.
+    `backend`: the servers' (`sglang`, with its CPU flags when `cpu`; or `camopd`)."""
     launcher = launcher_of(spec)
-    servers = server_components(spec, cpu=cpu)
+    servers = server_components(spec, cpu=cpu, backend=backend)
     trainer = trainer_component(spec)
     log_dir = os.path.abspath(launcher.log_dir or os.path.join(spec.checkpoint.dir, "logs"))
     env = "\n".join(f"export {k}={_q(v)}" for k, v in launcher.env.items()) or "# (launcher.env: none)"
@@ -199,6 +212,7 @@ def sbatch_values(
         "LOG_DIR": _q(log_dir),
         "WORKDIR": _q(workdir or os.getcwd()),
         "PYTHON": _q(python or launcher.python or sys.executable),
+        "SGLANG_PYTHON": _q(launcher.sglang_python or python or launcher.python or sys.executable),
         "SPEC": _q(os.path.abspath(spec_path)),
         "OVERRIDES": " ".join(_q(o) for o in overrides),
         "NODES": str(launcher.nodes),
@@ -211,10 +225,10 @@ def sbatch_values(
         "WATCH_INTERVAL_S": str(launcher.watch_interval_s),
         "ENV_EXPORTS": env,
         "TRAINER_ENV": trainer_env,
-        "SERVER_BACKEND": "camopd" if cpu else "sglang",
+        "SERVER_BACKEND": backend,
         "SERVERS": " ".join(_q(c.name) for c in servers),
         "SERVER_LABELS": " ".join(_q(_label(c)) for c in servers),
-        "SERVER_NODES": " ".join(str(c.nodes) for c in servers),
+        "SERVER_COUNTS": " ".join(str(c.count) for c in servers),
         "SERVER_FUNCS": "\n".join(server_function(i, c) for i, c in enumerate(servers)) or "# (no servers)",
         "TRAIN_OVERRIDES": train_overrides(servers),
     }
@@ -243,12 +257,13 @@ def sbatch_values(
 
 
 def render_scripts(
-    spec: ExperimentSpec, spec_path: str, overrides: list[str], *, cpu: bool, **kwargs: str
+    spec: ExperimentSpec, spec_path: str, overrides: list[str], *, cpu: bool, backend: str = "sglang", **kwargs: str
 ) -> dict[str, str]:
     """The scripts for the spec's topology: {"hetjob": text} or {"teachers": text, "train": text}."""
-    values = sbatch_values(spec, spec_path, overrides, cpu=cpu, **kwargs)
+    values = sbatch_values(spec, spec_path, overrides, cpu=cpu, backend=backend, **kwargs)
     topology = launcher_of(spec).topology
-    kinds = ["hetjob"] if topology == "hetjob" or not server_components(spec, cpu=cpu) else ["teachers", "train"]
+    servers = server_components(spec, cpu=cpu, backend=backend)
+    kinds = ["hetjob"] if topology == "hetjob" or not servers else ["teachers", "train"]
     return {kind: render_template(kind, values[kind]) for kind in kinds}
 
 
@@ -306,11 +321,21 @@ def sbatch_main(argv: list[str]) -> int:
     ap.add_argument("spec")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides (also passed to `camopd train`)")
     ap.add_argument("-o", "--output", help="write the script here (two scripts: <stem>_teachers/_train)")
-    ap.add_argument("--cpu", action="store_true", help="no GPUs: `camopd serve-teacher` instead of SGLang")
+    ap.add_argument(
+        "--cpu", action="store_true", help="no GPUs: SGLang with its CPU flags (or --server-backend camopd)"
+    )
+    ap.add_argument(
+        "--server-backend",
+        choices=BACKENDS,
+        default="sglang",
+        help="sglang: real SGLang servers (launcher.sglang_python); camopd: `camopd serve` (CPU machines only)",
+    )
     ap.add_argument("--submit", action="store_true", help="submit with sbatch (scripts go to the log dir)")
     args = ap.parse_intermixed_args(argv)
+    if args.server_backend == "camopd" and not args.cpu:
+        raise SpecError("--server-backend camopd: `camopd serve` is the CPU stand-in; add --cpu")
     spec = load_spec(args.spec, args.overrides)
-    scripts = render_scripts(spec, args.spec, list(args.overrides), cpu=args.cpu)
+    scripts = render_scripts(spec, args.spec, list(args.overrides), cpu=args.cpu, backend=args.server_backend)
     launcher = launcher_of(spec)
     log_dir = launcher.log_dir or os.path.join(spec.checkpoint.dir, "logs")
     out = args.output or (os.path.join(log_dir, f"{spec.name}.sbatch") if args.submit else None)

@@ -1,17 +1,24 @@
 """What the launchers start for a spec, as plain data: the servers the trainer waits for, and the trainer.
 
-`server_components(spec, cpu=...)` lists one component per teacher with a `serve` section (its SGLang servers,
-one per node, loading `serve.model`, else the teacher's hf_path/checkpoint) and, when `rollout.engine: sglang`
-names no urls, the student's rollout servers (loading the student's model, flags from `rollout.sglang`). Each
-carries its Slurm request (nodes, GPUs, `resources`), its environment, its command line with placeholders (the
-model directory, port and ready file are only known on the node) and the overrides that point the trainer at its
-discovery file. `camopd sbatch` renders them into the templates, `camopd launch` submits them with submitit and
-`camopd plan` prints them: one source of truth.
+`server_components(spec, cpu=..., backend=...)` lists one component per teacher with a `serve` section (its SGLang
+servers, one per node, loading `serve.model`, else the teacher's hf_path/checkpoint) and, when `rollout.engine:
+sglang` names no urls, the student's rollout servers (loading the student's model, flags from `rollout.sglang`;
+`servers_per_node` of them on each node, server i on GPUs from i * tp * dp (`--base-gpu-id`) and port + i, as
+slime/miles run engines). Each carries its Slurm request (nodes, GPUs, `resources`), its environment, its command
+line with placeholders (the model directory, port and ready file are only known on the node) and the overrides
+that point the trainer at its discovery file. `camopd sbatch` renders them into the templates, `camopd launch`
+submits them with submitit and `camopd plan` prints them: one source of truth.
+
+Backends: `sglang`, the real `python -m sglang.launch_server` (SGLang's own python: `launcher.sglang_python`) with
+the context length a full sample needs (`seq_length + 7`: SGLang 0.5.23 takes inputs of context - 7 tokens), the
+log-prob chunk variables of 0.5.23 and, for rollout servers, `--enable-deterministic-inference` (sampling_seed is
+honoured only with it); on a CPU machine (`cpu`) the same line plus `SGLANG_CPU_ARGS` / `SGLANG_CPU_ENV` (and no
+deterministic inference, which SGLang offers with GPU attention backends only). `camopd`: `camopd serve` (CPU
+only), which also serves camopd checkpoints directly.
 
 SGLang cannot load a camopd checkpoint: `ensure_hf(model, out)` (also `python -m megatron_camopd.launch.servers
 ensure-hf MODEL OUT`) returns `model` when it is an HF directory and otherwise converts the checkpoint to `out`
 once (a temporary directory renamed into place; redone only when the checkpoint's newest iteration changed).
-The CPU backend (`--cpu`, `camopd serve-teacher`) loads checkpoints directly.
 """
 
 from __future__ import annotations
@@ -26,11 +33,22 @@ from pathlib import Path
 from typing import Literal
 
 from megatron_camopd.config.run_sections import LauncherConfig
-from megatron_camopd.config.serving import SlurmResources
+from megatron_camopd.config.serving import SlurmResources, context_for_inputs
 from megatron_camopd.config.spec import ExperimentSpec
 
-# placeholders in a server's argv / the trainer's overrides, filled on the node (bash: "$1".., python: str.replace)
-PYTHON, MODEL, PORT, READY, ADDR = "@PYTHON@", "@MODEL@", "@PORT@", "@READY@", "@ADDR@"
+# placeholders in a server's argv / the trainer's overrides, filled on the node (bash: "$1".., python: str.replace):
+# the camopd python, SGLang's python (its own environment), the model dir, the port, the ready file, the first GPU
+# of the server (several servers per node), the discovery file
+PYTHON, SGLANG_PY, MODEL, PORT, READY, BASE_GPU, ADDR = (
+    "@PYTHON@",
+    "@SGLANG_PYTHON@",
+    "@MODEL@",
+    "@PORT@",
+    "@READY@",
+    "@BASE_GPU@",
+    "@ADDR@",
+)
+BACKENDS = ("sglang", "camopd")  # real SGLang (GPU flags, or its CPU flags with cpu=True) | `camopd serve` (CPU)
 SGLANG_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # SGLang 0.5.23 on a CPU (no GPU kernels): its CPU engine, torch attention and sampling, a small KV pool (the CPU
 # has no memory fraction to speak of), no warm-up request. `--mem-fraction-static` of the spec still applies.
@@ -63,7 +81,9 @@ class Component:
     resources: SlurmResources
     model: str | None = None  # servers: the model as the spec names it (HF dir or camopd checkpoint)
     hf_dir: str | None = None  # servers: where a checkpoint model is converted to HF for SGLang
-    port: int | None = None  # servers: the port of each server (CPU backend: any free port, see READY)
+    port: int | None = None  # servers: the port of a node's first server, port + i of its i-th (camopd: any)
+    per_node: int = 1  # servers on each node
+    gpus_per_server: int = 0  # GPUs of each server (server i of a node starts at GPU i * gpus_per_server)
     argv: tuple[str, ...] = ()  # servers: the command, with the placeholders above
     env: dict[str, str] = field(default_factory=dict)  # servers: their environment
     overrides: tuple[str, ...] = ()  # servers: the trainer's overrides once they are up (ADDR: discovery file)
@@ -77,7 +97,15 @@ class Component:
         gpus = f"{self.nodes} node(s) x {self.gpus_per_node} GPU(s)"
         if not self.is_server:
             return f"trainer: {gpus}"
-        return f"{self.kind} {self.name}: {self.model}, {gpus}, port {self.port}"
+        each = (
+            f", {self.per_node} servers per node (ports {self.port}+)" if self.per_node > 1 else f", port {self.port}"
+        )
+        return f"{self.kind} {self.name}: {self.model}, {gpus}{each}"
+
+    @property
+    def count(self) -> int:
+        """Servers of the group."""
+        return self.nodes * self.per_node
 
 
 def launcher_of(spec: ExperimentSpec) -> LauncherConfig:
@@ -90,9 +118,22 @@ def served_hf_dir(spec: ExperimentSpec, name: str, given: str | None) -> str:
     return given or os.path.join(spec.checkpoint.dir, "served_hf", name)
 
 
-def _sglang_argv(tp: int, dp: int, mem: float, context: int, dtype: str, extra: list[str]) -> tuple[str, ...]:
-    return (
-        PYTHON,
+def _sglang_argv(
+    tp: int,
+    dp: int,
+    mem: float,
+    context: int,
+    dtype: str,
+    extra: list[str],
+    *,
+    cpu: bool,
+    deterministic: bool = False,
+    several: bool = False,
+) -> tuple[str, ...]:
+    """SGLang's command line as a cluster runs it; on a CPU machine plus `SGLANG_CPU_ARGS` (and without
+    --enable-deterministic-inference, which SGLang offers with GPU attention backends only)."""
+    argv = [
+        SGLANG_PY,
         "-m",
         "sglang.launch_server",
         "--model-path",
@@ -111,8 +152,15 @@ def _sglang_argv(tp: int, dp: int, mem: float, context: int, dtype: str, extra: 
         str(context),
         "--dtype",
         SGLANG_DTYPES[dtype],
-        *extra,
-    )
+    ]
+    if cpu:
+        argv += SGLANG_CPU_ARGS
+    else:
+        if several:
+            argv += ["--base-gpu-id", BASE_GPU]
+        if deterministic:
+            argv.append("--enable-deterministic-inference")
+    return (*argv, *extra)
 
 
 def _cpu_argv(kind: str) -> tuple[str, ...]:
@@ -132,31 +180,38 @@ def _cpu_argv(kind: str) -> tuple[str, ...]:
     )
 
 
-def server_components(spec: ExperimentSpec, *, cpu: bool) -> list[Component]:
-    """The server groups the launcher starts before the trainer, in spec order (teachers, then rollout)."""
+def server_components(spec: ExperimentSpec, *, cpu: bool, backend: str = "sglang") -> list[Component]:
+    """The server groups the launcher starts before the trainer, in spec order (teachers, then rollout).
+    `backend`: `sglang` (real SGLang; with `cpu` its CPU flags) or `camopd` (`camopd serve`, CPU machines only)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"server backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    real = backend == "sglang"
+    cpu_env = SGLANG_CPU_ENV if cpu and real else {}
     out: list[Component] = []
     for name, teacher in spec.teachers.items():
         serve = teacher.serve
         if serve is None or not spec.method.method_class().needs_teachers:
             continue
         env = dict(serve.env)
-        if serve.logits_chunk_size is not None:
+        if serve.logits_chunk_size is not None:  # SGLang 0.5.23's names (SGLANG_ENABLE_LOGITS_PROCESSER_* are gone)
             env = {
-                "SGLANG_ENABLE_LOGITS_PROCESSER_CHUNK": "1",
-                "SGLANG_LOGITS_PROCESSER_CHUNK_SIZE": str(serve.logits_chunk_size),
+                "SGLANG_ENABLE_LOGPROB_CHUNK": "1",
+                "SGLANG_LOGPROB_CHUNK_SIZE": str(serve.logits_chunk_size),
                 **env,
             }
+        context = serve.context_length or context_for_inputs(spec.seq_length)
         argv = (
-            _cpu_argv("teacher")
-            if cpu
-            else _sglang_argv(
+            _sglang_argv(
                 serve.tp,
                 serve.dp,
                 serve.mem_fraction_static,
-                serve.context_length or spec.seq_length,
+                context,
                 teacher.dtype or spec.model.dtype,
                 serve.extra_args,
+                cpu=cpu,
             )
+            if real
+            else _cpu_argv("teacher")
         )
         overrides = tuple(f"teachers.{name}.{key}=null" for key in ("hf_path", "checkpoint", "dtype", "serve")) + (
             f"teachers.{name}.discovery_file={ADDR}",
@@ -171,19 +226,29 @@ def server_components(spec: ExperimentSpec, *, cpu: bool) -> list[Component]:
                 model=teacher.served_model,
                 hf_dir=served_hf_dir(spec, name, serve.hf_dir),
                 port=spec.teacher_port(name),
+                gpus_per_server=serve.tp * serve.dp,
                 argv=argv,
-                env=env,
+                env={**cpu_env, **env},
                 overrides=overrides,
             )
         )
     r = spec.rollout.sglang
     if spec.rollout.engine == "sglang" and r.urls is None:
+        context = r.context_length or context_for_inputs(spec.seq_length)
         argv = (
-            _cpu_argv("rollout")
-            if cpu
-            else _sglang_argv(
-                r.tp, r.dp, r.mem_fraction_static, r.context_length or spec.seq_length, spec.model.dtype, r.extra_args
+            _sglang_argv(
+                r.tp,
+                r.dp,
+                r.mem_fraction_static,
+                context,
+                spec.model.dtype,
+                r.extra_args,
+                cpu=cpu,
+                deterministic=r.deterministic_inference,
+                several=r.per_node > 1,
             )
+            if real
+            else _cpu_argv("rollout")
         )
         out.append(
             Component(
@@ -195,8 +260,10 @@ def server_components(spec: ExperimentSpec, *, cpu: bool) -> list[Component]:
                 model=spec.model.hf_path or spec.model.checkpoint,
                 hf_dir=served_hf_dir(spec, "student", None),
                 port=r.port,
+                per_node=r.per_node,
+                gpus_per_server=r.tp * r.dp,
                 argv=argv,
-                env=dict(r.env),
+                env={**cpu_env, **r.env},
                 overrides=(f"rollout.sglang.discovery_file={ADDR}",),
             )
         )
@@ -209,8 +276,16 @@ def trainer_component(spec: ExperimentSpec) -> Component:
 
 
 def fill(args: tuple[str, ...] | list[str], **values: str) -> list[str]:
-    """`args` with the placeholders replaced (keys: python, model, port, ready, addr)."""
-    marks = {"python": PYTHON, "model": MODEL, "port": PORT, "ready": READY, "addr": ADDR}
+    """`args` with the placeholders replaced (keys: python, sglang_python, model, port, ready, base_gpu, addr)."""
+    marks = {
+        "python": PYTHON,
+        "sglang_python": SGLANG_PY,
+        "model": MODEL,
+        "port": PORT,
+        "ready": READY,
+        "base_gpu": BASE_GPU,
+        "addr": ADDR,
+    }
     out = []
     for arg in args:
         for key, value in values.items():

@@ -37,7 +37,15 @@ from megatron_camopd.config.run_sections import LauncherConfig, slurm_seconds
 from megatron_camopd.config.serving import SlurmResources
 from megatron_camopd.errors import TeacherError
 from megatron_camopd.launch.protocol import healthy_servers, http_ok, register_address
-from megatron_camopd.launch.servers import CONVERTED_MARKER, Component, ensure_hf, fill, launcher_of, server_components
+from megatron_camopd.launch.servers import (
+    BACKENDS,
+    CONVERTED_MARKER,
+    Component,
+    ensure_hf,
+    fill,
+    launcher_of,
+    server_components,
+)
 
 EXIT_REQUEUE = 75
 
@@ -75,7 +83,9 @@ def _prepare_model(model: str, hf_dir: str, first_task: bool, timeout_s: float) 
 
 
 class TeacherServer:
-    """A submitit job body: one server of a server group on this node until cancelled; registered once healthy."""
+    """A submitit job body: the servers of a server group on this node (`per_node` of them: server i on port
+    port + i and GPUs from i * gpus_per_server) until cancelled; each registered once healthy; the job fails when
+    any of them exits."""
 
     def __init__(
         self,
@@ -85,38 +95,64 @@ class TeacherServer:
         python: str,
         health_timeout_s: float = 1800,
         health_check_timeout_s: float = 30.0,
+        sglang_python: str | None = None,
     ) -> None:
         self.component, self.addr_file, self.backend, self.python = component, addr_file, backend, python
         self.health_timeout_s, self.health_check_timeout_s = health_timeout_s, health_check_timeout_s
+        self.sglang_python = sglang_python or python
 
     def __call__(self) -> int:
         c = self.component
         host = socket.gethostname()
-        ready = f"{self.addr_file}.{host}.{os.getpid()}.ready"
         model = str(c.model)
         if self.backend == "sglang":
             first = submitit.JobEnvironment().global_rank == 0
             model = _prepare_model(model, str(c.hf_dir), first, self.health_timeout_s)
-        cmd = fill(c.argv, python=self.python, model=model, port=str(c.port), ready=ready)
-        proc = subprocess.Popen(cmd, env={**os.environ, **c.env}, preexec_fn=_die_with_parent)  # noqa: PLW1509
-        deadline = time.monotonic() + self.health_timeout_s
-        port = str(c.port) if self.backend == "sglang" else ""
+        procs, ports, readies = [], [], []
+        for i in range(c.per_node):
+            ready = f"{self.addr_file}.{host}.{os.getpid()}.{i}.ready"
+            port = str(int(c.port or 0) + i) if self.backend == "sglang" else ""
+            cmd = fill(
+                c.argv,
+                python=self.python,
+                sglang_python=self.sglang_python,
+                model=model,
+                port=port or "0",
+                ready=ready,
+                base_gpu=str(i * c.gpus_per_server),
+            )
+            procs.append(subprocess.Popen(cmd, env={**os.environ, **c.env}, preexec_fn=_die_with_parent))  # noqa: PLW1509
+            ports.append(port)
+            readies.append(ready)
         name = f"{c.kind} {c.name}"
-        while not (port and http_ok(f"http://{host}:{port}/health", self.health_check_timeout_s)):
-            if proc.poll() is not None:
-                raise TeacherError(f"{name} on {host} exited (rc={proc.returncode}) before it was healthy")
-            if time.monotonic() > deadline:
-                proc.terminate()
-                raise TeacherError(f"{name} on {host} not healthy after {self.health_timeout_s:.0f}s")
-            if not port and os.path.exists(ready):
-                port = Path(ready).read_text().strip().rpartition(":")[2]
-            time.sleep(0.5)
-        register_address(self.addr_file, f"{host}:{port}")
-        print(f"{name} serves {model} at {host}:{port}", flush=True)
-        rc = proc.wait()
-        if rc != 0:
-            raise TeacherError(f"{name} server on {host} exited with rc={rc}")
-        return rc
+        deadline = time.monotonic() + self.health_timeout_s
+        pending = set(range(c.per_node))
+        try:
+            while pending:
+                for i in sorted(pending):
+                    if procs[i].poll() is not None:
+                        raise TeacherError(
+                            f"{name} server {i} on {host} exited (rc={procs[i].returncode}) before it was healthy"
+                        )
+                    if not ports[i] and os.path.exists(readies[i]):
+                        ports[i] = Path(readies[i]).read_text().strip().rpartition(":")[2]
+                    if ports[i] and http_ok(f"http://{host}:{ports[i]}/health", self.health_check_timeout_s):
+                        register_address(self.addr_file, f"{host}:{ports[i]}")
+                        print(f"{name} serves {model} at {host}:{ports[i]}", flush=True)
+                        pending.discard(i)
+                if time.monotonic() > deadline:
+                    raise TeacherError(
+                        f"{name} on {host}: {len(pending)} server(s) not healthy after {self.health_timeout_s:.0f}s"
+                    )
+                time.sleep(0.5)
+            while all(p.poll() is None for p in procs):
+                time.sleep(1.0)
+            failed = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None]
+            raise TeacherError(f"{name} server(s) on {host} exited: {failed}")
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
 
 
 def _master_addr(hostname: str) -> str:
@@ -291,17 +327,25 @@ def launch_main(argv: list[str]) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides (also passed to `camopd train`)")
     ap.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm")
     ap.add_argument("--cpu", action="store_true", help="no GPUs (implied by local/debug without CUDA)")
+    ap.add_argument(
+        "--server-backend",
+        choices=BACKENDS,
+        default="sglang",
+        help="sglang: real SGLang servers (launcher.sglang_python; its CPU flags with --cpu); camopd: `camopd serve`",
+    )
     ap.add_argument("--folder", help="submitit logs (default: <log dir>/submitit)")
     args = ap.parse_intermixed_args(argv)
     spec = load_spec(args.spec, args.overrides)
     launcher = launcher_of(spec)
     cpu = args.cpu or (args.cluster != "slurm" and not _has_cuda())
+    if args.server_backend == "camopd" and not cpu:
+        raise TeacherError("--server-backend camopd: `camopd serve` is the CPU stand-in; add --cpu")
     log_dir = Path(launcher.log_dir or os.path.join(spec.checkpoint.dir, "logs")).resolve()
     folder = Path(args.folder or log_dir / "submitit").resolve()
     discovery = log_dir / "discovery" / f"launch-{uuid.uuid4().hex[:8]}"
     discovery.mkdir(parents=True, exist_ok=True)
     python = launcher.python or sys.executable
-    servers = server_components(spec, cpu=cpu)
+    servers = server_components(spec, cpu=cpu, backend=args.server_backend)
     server_cluster = "local" if args.cluster == "debug" else args.cluster
     addr_files = {c.name: str(discovery / f"{c.name}.addr") for c in servers}
     jobs: list[Any] = []
@@ -313,17 +357,18 @@ def launch_main(argv: list[str]) -> int:
             body = TeacherServer(
                 c,
                 addr_files[c.name],
-                "camopd" if cpu else "sglang",
+                args.server_backend,
                 python,
                 launcher.health_timeout_s,
                 launcher.health_check_timeout_s,
+                sglang_python=launcher.sglang_python,
             )
             jobs.append(ex.submit(body))
             print(f"{c.kind} {c.name}: job {jobs[-1].job_id}", flush=True)
         wait_for_teachers(
             addr_files,
             jobs,
-            {c.name: c.nodes for c in servers},
+            {c.name: c.count for c in servers},
             launcher.health_timeout_s,
             launcher.health_check_timeout_s,
         )

@@ -217,7 +217,7 @@ class DistributedSender:
                     self.backend, f"tcp://{address}:{store.port}", world, 0, self.name, timeout_s, store=store
                 )
             except Exception as exc:  # noqa: BLE001 -- re-raised below
-                made["error"] = exc
+                made["error"] = exc.with_traceback(None)  # its frames would keep the store (and its port) alive
 
         thread = threading.Thread(target=build, daemon=True, name="weights-group")
         thread.start()
@@ -228,7 +228,14 @@ class DistributedSender:
                 _check(refused, "/init_weights_update_group")
             return not thread.is_alive()
 
-        deadline.until(finished, f"building the weights-update group {self.name} with {len(members)} server(s)")
+        try:
+            deadline.until(finished, f"building the weights-update group {self.name} with {len(members)} server(s)")
+        except BaseException:
+            # the traceback keeps this frame: drop the store here (and the build's error, whose traceback holds it
+            # too), so it goes -- and the servers' rendezvous fails -- as soon as the build thread's wait ends
+            made.clear()
+            del store, thread
+            raise
         if "error" in made:
             raise made["error"]
         self.pg = made["pg"]

@@ -107,6 +107,7 @@ class ServeState:
     abort_epoch: int = 0  # bumped by pause(mode=abort): batches started before it answer abort
     weight_version: str = "default"
     update_session: bool = False  # between /begin_weight_update and /end_weight_update
+    healthy: bool = True  # False after a health check that got no answer (SGLang's ServerStatus.UnHealthy)
     # SGLang's generating health check waits this long for an answer (SGLANG_HEALTH_CHECK_TIMEOUT, default 20 s)
     health_check_timeout_s: float = field(
         default_factory=lambda: float(os.environ.get("SGLANG_HEALTH_CHECK_TIMEOUT", 20))

@@ -70,11 +70,14 @@ async def _generate(request: web.Request) -> web.Response:
 
 async def _unpaused(state) -> bool:
     """SGLang's generating health check waits while the server is paused: True once it runs again, False when
-    `health_check_timeout_s` passed first (SGLang then answers 503)."""
+    `health_check_timeout_s` passed first (SGLang then answers 503 and marks itself unhealthy: `/ready` is 503
+    until a health check succeeds)."""
     try:
         await asyncio.wait_for(state.running.wait(), state.health_check_timeout_s)
     except TimeoutError:
+        state.healthy = False
         return False
+    state.healthy = True
     return True
 
 
@@ -85,8 +88,9 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _ready(request: web.Request) -> web.Response:
-    """SGLang's `/ready`: 200 when the server takes new requests, 503 while paused."""
-    return web.Response(status=200 if request.app[STATE_KEY].running.is_set() else 503)
+    """SGLang's `/ready`: 200 when the server takes new requests, 503 while paused or after a failed health check."""
+    state = request.app[STATE_KEY]
+    return web.Response(status=200 if state.running.is_set() and state.healthy else 503)
 
 
 async def _health_generate(request: web.Request) -> web.Response:

@@ -186,7 +186,7 @@ def _gen(**over) -> dict:
         (
             "/update_weights_from_distributed",
             {"names": ["x"], "dtypes": ["float32"], "shapes": [[2]], "group_name": "no-such-group"},
-            "group_name",
+            "begin_weight_update",  # outside a weight-update session (SGLang 0.5.23 checks that first)
         ),
         ("/init_weights_update_group", {"master_address": "127.0.0.1"}, "master_port"),
         ("/update_weights_from_disk", {"model_path": "/nonexistent/dir"}, "model_path"),

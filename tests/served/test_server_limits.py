@@ -119,7 +119,9 @@ def test_huge_prompt_is_refused_at_once_naming_the_limit(server):
     assert "input_ids" in message(out) and f"({POSITIONS} tokens)" in message(out)
     status, out, _ = post(server.url, score_body([1] * POSITIONS))  # one position too many
     assert status == 400 and str(POSITIONS) in message(out)
-    assert post(server.url, score_body([1] * (POSITIONS - 1)))[0] == 200  # the longest legal prompt
+    status, out, _ = post(server.url, score_body([1] * (POSITIONS - 6)))  # past SGLang's max_req_input_len
+    assert status == 400 and f"({POSITIONS - 6} tokens)" in message(out), out
+    assert post(server.url, score_body([1] * (POSITIONS - 7)))[0] == 200  # the longest legal input
 
 
 def test_body_over_the_byte_cap_is_413(server):
@@ -224,11 +226,11 @@ def _race(url: str, long_body: dict, short_body: dict, delay: float) -> tuple[tu
 
 @pytest.mark.timeout(120)
 def test_one_long_prompt_holds_one_worker_not_the_others(scorer):
-    """2 workers: a 250-token prompt takes ~3 s (12 ms a token); a short request sent meanwhile is answered
+    """2 workers: a 249-token prompt takes ~3 s (12 ms a token); a short request sent meanwhile is answered
     at once. (One worker, as before, answered it only after the long one.)"""
     with ServerThread(SlowScorer(scorer, 0.012), workers=2, max_wait_ms=1) as srv:
         (ls, lout, lsec), (ss, sout, ssec) = _race(
-            srv.url, score_body(list(range(3, 63)) * 4 + [1] * 10), score_body([5, 6, 7]), delay=0.4
+            srv.url, score_body(list(range(3, 63)) * 4 + [1] * 9), score_body([5, 6, 7]), delay=0.4
         )
         assert ls == 200 and ss == 200, (lout, sout)
         assert lsec > 2.5 and ssec < lsec / 3, (lsec, ssec)

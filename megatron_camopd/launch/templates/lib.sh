@@ -14,6 +14,11 @@ healthy_count() {  # FILE -> the number of servers listed in FILE whose /health 
   "$PYTHON" -m megatron_camopd.launch.protocol healthy "$1" --timeout "$HEALTH_CHECK_TIMEOUT_S"
 }
 
+alive_count() {  # FILE -> the servers listed in FILE that are alive: /health answers, or (a server paused for a
+  # weight sync, whose generating health check waits) /model_info does
+  "$PYTHON" -m megatron_camopd.launch.protocol alive "$1" --timeout "$HEALTH_CHECK_TIMEOUT_S"
+}
+
 node_addr() {  # Slurm node name -> the address its daemons use (NodeAddr; the node name on most clusters)
   local addr
   addr=$(scontrol show node "$1" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
@@ -40,45 +45,63 @@ prepare_model() {  # MODEL OUT SRUN_ARGS...: print the HF dir a server loads; a 
   srun "$@" --nodes=1 --ntasks=1 "$PYTHON" -m megatron_camopd.launch.servers ensure-hf "$model" "$out" | tail -n1
 }
 
-serve_one() {  # NAME MODEL ADDR_FILE PORT FUNC: one server on this node (FUNC MODEL PORT READY execs it);
-  # its host:port is registered in ADDR_FILE once /health answers
-  local name=$1 model=$2 addr_file=$3 port=$4 func=$5 host server ready deadline rc
+serve_one() {  # NAME MODEL ADDR_FILE PORT FUNC PER_NODE GPUS_PER_SERVER: PER_NODE servers on this node (server i:
+  # `FUNC MODEL PORT+i READY_i BASE_GPU_i` execs it, BASE_GPU_i = i * GPUS_PER_SERVER); each host:port is registered
+  # in ADDR_FILE once its /health answers; the task ends when any of them exits (the others are stopped)
+  local name=$1 model=$2 addr_file=$3 port0=$4 func=$5 per_node=${6:-1} gpus=${7:-0} host i rc deadline
+  local -a pids=() ports=() readies=() registered=()
   host=$(hostname)
-  ready="$addr_file.$host.$$.ready"
-  if [[ $SERVER_BACKEND != sglang ]]; then port=""; fi  # CPU servers take a free port and write it to $ready
-  "$func" "$model" "${port:-0}" "$ready" &
-  server=$!
-  trap 'kill -TERM "$server" 2>/dev/null; wait "$server"; exit 0' TERM INT
+  for ((i = 0; i < per_node; i++)); do
+    readies[i]="$addr_file.$host.$$.$i.ready"
+    if [[ $SERVER_BACKEND == sglang ]]; then ports[i]=$((port0 + i)); else ports[i]=""; fi  # camopd: any free port
+    "$func" "$model" "${ports[i]:-0}" "${readies[i]}" "$((i * gpus))" &
+    pids[i]=$!
+    registered[i]=0
+  done
+  trap 'for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done; wait; exit 0' TERM INT
   deadline=$((SECONDS + HEALTH_TIMEOUT_S))
   while :; do
-    if ! kill -0 "$server" 2>/dev/null; then
-      rc=0; wait "$server" || rc=$?
-      die "$name server on $host exited (rc=$rc) before it was healthy"
-    fi
-    if [[ -z $port && -s $ready ]]; then port=$(cut -d: -f2 <"$ready" | tr -d '[:space:]'); fi
-    if [[ -n $port ]] && http_ok "http://$host:$port/health"; then break; fi
+    local pending=0
+    for ((i = 0; i < per_node; i++)); do
+      ((registered[i])) && continue
+      if ! kill -0 "${pids[i]}" 2>/dev/null; then
+        rc=0; wait "${pids[i]}" || rc=$?
+        for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+        die "$name server $i on $host exited (rc=$rc) before it was healthy"
+      fi
+      if [[ -z ${ports[i]} && -s ${readies[i]} ]]; then ports[i]=$(cut -d: -f2 <"${readies[i]}" | tr -d '[:space:]'); fi
+      if [[ -n ${ports[i]} ]] && http_ok "http://$host:${ports[i]}/health"; then
+        rm -f "${readies[i]}"
+        register_address "$addr_file" "$host:${ports[i]}"
+        log "$name serves $model at $host:${ports[i]}"
+        registered[i]=1
+      else
+        pending=$((pending + 1))
+      fi
+    done
+    ((pending == 0)) && break
     if ((SECONDS >= deadline)); then
-      kill -TERM "$server" 2>/dev/null || true
-      die "$name server on $host not healthy after ${HEALTH_TIMEOUT_S}s"
+      for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+      die "$name servers on $host not healthy after ${HEALTH_TIMEOUT_S}s"
     fi
     sleep 1
   done
-  rm -f "$ready"
-  register_address "$addr_file" "$host:$port"
-  log "$name serves $model at $host:$port"
-  rc=0; wait "$server" || rc=$?
-  log "$name server on $host stopped (rc=$rc)"
+  rc=0; wait -n "${pids[@]}" || rc=$?
+  log "a $name server on $host stopped (rc=$rc): stopping the others on this node"
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait
   return "$rc"
 }
 
 SERVER_PIDS=()
 declare -A WATCH_NAMES=()  # pid -> what it is (server srun steps, the health watchdog)
 
-start_servers() {  # INDEX NAME MODEL NODES PORT WHAT SRUN_ARGS...: NODES servers of NAME in the background
-  local i=$1 name=$2 model=$3 nodes=$4 port=$5 what=$6
-  shift 6
+start_servers() {  # INDEX NAME MODEL NODES PORT WHAT PER_NODE GPUS_PER_SERVER SRUN_ARGS...: the servers of NAME,
+  # PER_NODE on each of NODES nodes, in the background (one srun task per node)
+  local i=$1 name=$2 model=$3 nodes=$4 port=$5 what=$6 per_node=$7 gpus=$8
+  shift 8
   srun "$@" --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 bash -c 'serve_one "$@"' _ \
-    "$name" "$model" "$DISCOVERY_DIR/$name.addr" "$port" "server_$i" &
+    "$name" "$model" "$DISCOVERY_DIR/$name.addr" "$port" "server_$i" "$per_node" "$gpus" &
   SERVER_PIDS+=($!)
   WATCH_NAMES[$!]=$what
 }
@@ -89,10 +112,10 @@ wait_for_servers() {  # DIR ALIVE_CHECK: every server group lists its healthy re
     name=${SERVERS[$i]}
     while :; do
       n=$(healthy_count "$dir/$name.addr")
-      ((n >= SERVER_NODES[i])) && break
+      ((n >= SERVER_COUNTS[i])) && break
       $alive_check || die "servers stopped before ${SERVER_LABELS[$i]} was healthy (see the log above)"
       ((SECONDS < deadline)) ||
-        die "${SERVER_LABELS[$i]}: $n/${SERVER_NODES[$i]} healthy servers after ${HEALTH_TIMEOUT_S}s"
+        die "${SERVER_LABELS[$i]}: $n/${SERVER_COUNTS[$i]} healthy servers after ${HEALTH_TIMEOUT_S}s"
       sleep 1
     done
     log "${SERVER_LABELS[$i]} ready: $(tr '\n' ' ' <"$dir/$name.addr")"
@@ -142,16 +165,16 @@ stop_pid() {  # PID GRACE_S: SIGTERM, then SIGKILL after GRACE_S
   wait "$pid" 2>/dev/null || true
 }
 
-watch_servers() {  # DIR: exits once a server group has had no healthy server for TEACHER_DEAD_S (a watchdog job)
+watch_servers() {  # DIR: exits once a server group has had no live server for TEACHER_DEAD_S (a watchdog job)
   local dir=$1 name since
   declare -A down=()
   while sleep "$WATCH_INTERVAL_S"; do
     for name in "${SERVERS[@]}"; do
-      if (($(healthy_count "$dir/$name.addr") > 0)); then unset "down[$name]"; continue; fi
+      if (($(alive_count "$dir/$name.addr") > 0)); then unset "down[$name]"; continue; fi
       since=${down[$name]:-$SECONDS}
       down[$name]=$since
       if ((SECONDS - since >= TEACHER_DEAD_S)); then
-        log "ERROR: $name: no healthy server in $dir/$name.addr for ${TEACHER_DEAD_S}s"
+        log "ERROR: $name: no live server in $dir/$name.addr for ${TEACHER_DEAD_S}s"
         return 1
       fi
     done
