@@ -37,10 +37,12 @@ from megatron_camopd.config import load_spec
 from megatron_camopd.errors import CamopdError, SpecError
 from megatron_camopd.launch.memory import estimate
 from megatron_camopd.launch.servers import (
+    BASE_GPU,
     MODEL,
     PORT,
     PYTHON,
     READY,
+    SGLANG_PY,
     fill,
     launcher_of,
     server_components,
@@ -194,7 +196,15 @@ def slurm_plan(spec: Any, spec_path: str, overrides: list[str]) -> list[dict[str
     out = []
     servers = server_components(spec, cpu=False)
     for c in servers:
-        cmd = fill(c.argv, python="python", model=str(c.model), port=str(c.port), ready="READY")
+        cmd = fill(
+            c.argv,
+            python="python",
+            sglang_python=launcher.sglang_python or "python",
+            model=str(c.model),
+            port=str(c.port),
+            ready="READY",
+            base_gpu="0",
+        )
         out.append(
             {
                 "kind": c.kind,
@@ -204,6 +214,7 @@ def slurm_plan(spec: Any, spec_path: str, overrides: list[str]) -> list[dict[str
                 "resources": dataclasses.asdict(c.resources),
                 "model": c.model,
                 "port": c.port,
+                "servers_per_node": c.per_node,
                 "env": c.env,
                 "command": " ".join(cmd),
             }
@@ -232,7 +243,7 @@ def slurm_plan(spec: Any, spec_path: str, overrides: list[str]) -> list[dict[str
             "command": " ".join(cmd),
         }
     )
-    assert not any(mark in str(out) for mark in (MODEL, PORT, PYTHON, READY))
+    assert not any(mark in str(out) for mark in (MODEL, PORT, PYTHON, SGLANG_PY, READY, BASE_GPU))
     return out
 
 

@@ -65,7 +65,7 @@ def test_non_finite_numbers_are_refused(write_spec, override: str, field: str) -
         (
             ["teachers.general.serve.context_length=4096"],
             "teachers.general.serve.context_length",
-            "must hold a prompt plus a rollout",
+            "the teacher scores a prompt plus a rollout",
         ),
         (["teachers.medical.serve.port=30000"], "teachers.medical.serve.port", "already used"),
         (["launcher.time=00:20:00"], "launcher.signal_lead_s", "shorter than the job's time limit"),
@@ -79,7 +79,16 @@ def test_non_finite_numbers_are_refused(write_spec, override: str, field: str) -
         (["teachers.general.serve=null", "teachers.general.dtype=fp16"], "teachers.general.dtype", "in-process"),
         (["launcher.health_check_timeout_s=400"], "launcher.health_check_timeout_s", "shorter than teacher_dead_s"),
         (["rollout.engine=sglang", "rollout.sglang.port=30001"], "rollout.sglang.port", "already used"),
-        (["rollout.engine=sglang"], "rollout.sglang.dp", "weight_sync: distributed needs servers with dp = 1"),
+        (
+            ["rollout.engine=sglang", "rollout.sglang.dp=8"],
+            "rollout.sglang.dp",
+            "weight_sync: distributed needs servers with dp = 1",
+        ),
+        (
+            ["rollout.engine=sglang", "rollout.sglang.context_length=36863"],
+            "rollout.sglang.context_length",
+            "must be >= 36864: it holds a prompt plus a rollout",
+        ),
         (
             ["parallel.sequence_parallel=true", "parallel.tp=1", "parallel.pp=1"],
             "parallel.sequence_parallel",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -76,10 +77,54 @@ def test_hetjob_gpu_script(tmp_path: Path) -> None:
 
 def test_cpu_script_has_no_gpus_and_serves_with_camopd(tmp_path: Path) -> None:
     spec = load_spec(TINY, LAUNCHER)
-    text = render_scripts(spec, str(TINY), LAUNCHER, cpu=True)["hetjob"]
+    text = render_scripts(spec, str(TINY), LAUNCHER, cpu=True, backend="camopd")["hetjob"]
     bash_syntax_ok(text, tmp_path)
     assert "--gpus-per-node" not in text.replace('"--gpus-per-node"', "")
     assert "SERVER_BACKEND=camopd" in text and "serve-teacher --checkpoint" in text
+
+
+def test_cpu_script_serves_real_sglang_with_its_cpu_flags(tmp_path: Path) -> None:
+    """The CPU render of the SGLang backend: the cluster's SGLang command line from SGLang's own python, plus the
+    CPU flags and SGLANG_USE_CPU_ENGINE; no GPUs, no --enable-deterministic-inference (not offered on a CPU)."""
+    over = [*LAUNCHER, "launcher.sglang_python=/envs/sglang/bin/python", "rollout.engine=sglang"]
+    spec = load_spec(TINY, over)
+    text = render_scripts(spec, str(TINY), over, cpu=True)["hetjob"]
+    bash_syntax_ok(text, tmp_path)
+    assert "SERVER_BACKEND=sglang" in text and "SGLANG_PYTHON=/envs/sglang/bin/python" in text
+    assert '"$SGLANG_PYTHON" -m sglang.launch_server' in text
+    assert "--device cpu" in text and "--attention-backend torch_native" in text and "SGLANG_USE_CPU_ENGINE=1" in text
+    assert "--gpus-per-node" not in text.replace('"--gpus-per-node"', "")
+    assert "--enable-deterministic-inference" not in text and "--base-gpu-id" not in text
+
+
+def test_rollout_servers_several_per_node_with_their_own_gpus_ports_and_seeds(tmp_path: Path) -> None:
+    """`rollout.sglang.servers_per_node`: each node's task starts that many servers, server i on GPUs from
+    i * tp * dp (--base-gpu-id "$4") and port + i; the group waits for nodes x servers_per_node healthy servers;
+    rollout servers get --enable-deterministic-inference (sampling_seed is honoured only with it) unless turned
+    off; a teacher's context is the sequence length + 7 (SGLang 0.5.23's input bound) and its log-prob chunk
+    variables are 0.5.23's."""
+    over = [
+        *LAUNCHER,
+        "rollout.engine=sglang",
+        "rollout.sglang.nodes=2",
+        "rollout.sglang.gpus_per_node=8",
+        "rollout.sglang.tp=2",
+        "rollout.sglang.servers_per_node=4",
+    ]
+    spec = load_spec(TINY, over)
+    (rollout,) = [c for c in server_components(spec, cpu=False) if c.kind == "rollout"]
+    assert (rollout.per_node, rollout.gpus_per_server, rollout.count) == (4, 2, 8)
+    text = render_scripts(spec, str(TINY), over, cpu=False)["hetjob"]
+    bash_syntax_ok(text, tmp_path)
+    assert '--base-gpu-id "$4"' in text and "--enable-deterministic-inference" in text
+    assert f"--context-length {spec.seq_length + 7}" in text
+    assert "SGLANG_ENABLE_LOGPROB_CHUNK=1" in text and "SGLANG_LOGPROB_CHUNK_SIZE=" in text
+    assert "LOGITS_PROCESSER" not in text
+    (start,) = [line for line in text.splitlines() if line.startswith("start_servers 2 ")]
+    assert shlex.split(start)[7:9] == ["4", "2"]  # per node, GPUs per server
+    assert "SERVER_COUNTS=(1 1 8)" in text
+    off = load_spec(TINY, [*over, "rollout.sglang.deterministic_inference=false"])
+    assert "--enable-deterministic-inference" not in render_scripts(off, str(TINY), over, cpu=False)["hetjob"]
 
 
 def test_dependency_topology_renders_two_scripts(tmp_path: Path) -> None:
@@ -103,7 +148,8 @@ def test_no_served_teachers_gives_a_plain_job(tmp_path: Path) -> None:
 
 def test_cli_writes_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run.sbatch"
-    assert sbatch_main([str(TINY), *LAUNCHER, "launcher.topology=dependency", "-o", str(out), "--cpu"]) == 0
+    argv = [str(TINY), *LAUNCHER, "launcher.topology=dependency", "-o", str(out), "--cpu", "--server-backend", "camopd"]
+    assert sbatch_main(argv) == 0
     assert (tmp_path / "run_teachers.sbatch").is_file() and (tmp_path / "run_train.sbatch").is_file()
     assert sbatch_main([str(TINY), *LAUNCHER]) == 0
     assert capsys.readouterr().out.count("#!/bin/bash") == 1

@@ -1,6 +1,9 @@
 """Fixtures for the served tests: a tiny setup, its general teacher converted to a camopd checkpoint, two
 `camopd serve` replicas of that checkpoint and two of the student (subprocesses on port 0, found through
---ready-file), and helpers to run `camopd train` as a subprocess on a spec written to tmp."""
+--ready-file), two real SGLang 0.5.23 servers of the student (`sglang_students`, from the environment the
+project builds), and helpers to run `camopd train` as a subprocess on a spec written to tmp (`greedy=True`:
+temperature 0, so real SGLang, which honours no sampling seed on a CPU, samples the tokens the in-process engine
+does)."""
 
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ def sub_env() -> dict[str, str]:
     return repo_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def write_spec(tiny: Path, ckpt_dir: Path, teachers: dict[str, dict], out: Path, **train: object) -> Path:
+def write_spec(
+    tiny: Path, ckpt_dir: Path, teachers: dict[str, dict], out: Path, *, greedy: bool = False, **train: object
+) -> Path:
     """The tiny example spec with absolute paths, the given teachers, a short run and `checkpoint.dir`."""
     spec = yaml.safe_load(TINY_SPEC.read_text())
     spec["model"]["hf_path"] = str(tiny / "student")
@@ -31,7 +36,7 @@ def write_spec(tiny: Path, ckpt_dir: Path, teachers: dict[str, dict], out: Path,
     for stream in spec["data"]["streams"]:
         stream["path"] = str(tiny / "data" / f"{stream['name']}.jsonl")
     spec["schedule"] = {"mode": "alternate", "n_g": 1}  # G, D, G: both teachers are used
-    spec["rollout"].update(prompts_per_step=PROMPTS, max_new_tokens=8)
+    spec["rollout"].update(prompts_per_step=PROMPTS, max_new_tokens=8, **({"temperature": 0.0} if greedy else {}))
     spec["train"].update({"steps": STEPS, "micro_batch_size": 2, **train})
     spec["checkpoint"] = {"dir": str(ckpt_dir), "save_interval": 0, "resume": "never"}
     spec["logging"] = {"log_interval": 1, "progress": "off", "diagnostics": False}
@@ -91,6 +96,19 @@ def student_replicas(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         for r in reps:
             r.stop()
+
+
+@pytest.fixture(scope="session")
+def sglang_students(tiny: Path, sglang_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """Two real SGLang servers of the tiny student (their URLs); every user syncs its trainer's weights first."""
+    from tests.sglang_servers import start_sglang_servers
+
+    servers = start_sglang_servers(sglang_python, [tiny / "student"] * 2, tmp_path_factory.mktemp("sglang_students"))
+    try:
+        yield [s.url for s in servers]
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def served_rollouts(spec_path: Path, urls: list[str], **sglang: object) -> Path:

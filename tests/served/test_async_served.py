@@ -1,8 +1,10 @@
-"""Served rollouts overlapped with training: `camopd train` with `rollout.engine: sglang` over two `camopd serve`
-student replicas (their own processes, real HTTP, weights synced over gloo) and `rollout.max_staleness: 1` samples
-every batch with the weights one version old (from the servers' own weight_version, every sample), logs the wait
-and staleness metrics, and gives the same loss curve as the in-process engine's overlapped run (a second model
-instance on a thread). A run preempted with a batch in flight at the servers resumes on that saved batch."""
+"""Served rollouts overlapped with training, against real SGLang 0.5.23: `camopd train` with `rollout.engine:
+sglang` over two real SGLang servers of the student (weights synced over gloo) and `rollout.max_staleness: 1`
+samples every batch with the weights one version old (from the servers' own weight_version, every sample), logs
+the wait and staleness metrics, and gives the same loss curve as the in-process engine's overlapped run (a second
+model instance on a thread). A run preempted with a batch in flight at the servers resumes on that saved batch.
+Rollouts are greedy: SGLang honours `sampling_seed` only with deterministic inference, which it offers with GPU
+attention backends only, so on this CPU a greedy run is what two engines (or two served runs) can agree on."""
 
 from __future__ import annotations
 
@@ -25,14 +27,16 @@ def _overlapped(spec_path):
 
 
 @pytest.mark.timeout(600)
-def test_served_one_step_off_matches_in_process_one_step_off(tiny, student_replicas, tmp_path):
-    urls = [r.url for r in student_replicas]
+def test_served_one_step_off_matches_in_process_one_step_off(tiny, sglang_students, tmp_path):
+    urls = sglang_students
     teachers = in_process_teachers(tiny)
     ref_dir, served_dir = tmp_path / "inproc", tmp_path / "served"
     ref = start_train(
-        _overlapped(write_spec(tiny, ref_dir, teachers, tmp_path / "inproc.yaml")), tmp_path / "inproc.log"
+        _overlapped(write_spec(tiny, ref_dir, teachers, tmp_path / "inproc.yaml", greedy=True)), tmp_path / "inproc.log"
     )
-    spec = _overlapped(served_rollouts(write_spec(tiny, served_dir, teachers, tmp_path / "served.yaml"), urls))
+    spec = _overlapped(
+        served_rollouts(write_spec(tiny, served_dir, teachers, tmp_path / "served.yaml", greedy=True), urls)
+    )
     served_log = tmp_path / "served.log"
     assert finish(start_train(spec, served_log), served_log) == 0, served_log.read_text()[-4000:]
     assert finish(ref, tmp_path / "inproc.log") == 0, (tmp_path / "inproc.log").read_text()[-4000:]
@@ -48,6 +52,8 @@ def test_served_one_step_off_matches_in_process_one_step_off(tiny, student_repli
         assert math.isfinite(r["loss"]) and r["branch"] == want["branch"]
         assert abs(r["loss"] - want["loss"]) < 1e-4, ([x["loss"] for x in rows], [x["loss"] for x in ref_rows])
     assert rows[1]["train_rollout_lp_absdiff"] > 1e-6  # sampled with other weights than it trains
+    # the server's log-probs (SGLANG_RETURN_ORIGINAL_LOGPROB: temperature 1) are the in-process engine's
+    assert abs(rows[1]["train_rollout_lp_absdiff"] - ref_rows[1]["train_rollout_lp_absdiff"]) < 1e-4
 
 
 def _wait_for_rows(ckpt_dir, proc, n: int, timeout_s: float = 300.0) -> None:
@@ -61,19 +67,19 @@ def _wait_for_rows(ckpt_dir, proc, n: int, timeout_s: float = 300.0) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_served_preemption_with_a_batch_in_flight_resumes_on_the_saved_batch(tiny, student_replicas, tmp_path):
-    """k = 1 over the two student servers: SIGTERM while step 2 trains (step 3's batch is being sampled by the
+def test_served_preemption_with_a_batch_in_flight_resumes_on_the_saved_batch(tiny, sglang_students, tmp_path):
+    """k = 1 over the two real student servers: SIGTERM while step 2 trains (step 3's batch is being sampled by the
     servers with version-1 weights); the trainer drains it into the checkpoint and exits 75; the resumed run
     trains step 3 on that saved batch (not a fresh one sampled with version-2 weights) and its curve equals the
     uninterrupted run's to the servers' float rounding."""
     import json
     import signal
 
-    urls = [r.url for r in student_replicas]
+    urls = sglang_students
     teachers = in_process_teachers(tiny)
 
     def spec(name: str):
-        path = write_spec(tiny, tmp_path / name, teachers, tmp_path / f"{name}.yaml")
+        path = write_spec(tiny, tmp_path / name, teachers, tmp_path / f"{name}.yaml", greedy=True)
         path = _overlapped(served_rollouts(path, urls))
         import yaml
 

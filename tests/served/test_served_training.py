@@ -1,15 +1,13 @@
-"""Served teachers end to end: `camopd serve-teacher` replicas of a camopd checkpoint score exactly like the model
-in process, a tiny training run through the HTTP client loses no sample when a replica dies mid-run and
-reproduces the in-process loss curve, a teacher with another tokenizer is refused at start, and a teacher that
-answers NaN gets its samples dropped and counted."""
+"""Served teachers end to end on the stand-in: `camopd serve-teacher` replicas of a camopd checkpoint (what SGLang
+cannot serve) score exactly like the model in process, a teacher with another tokenizer is refused at start, and
+a teacher that answers NaN gets its samples dropped and counted. (Training through real SGLang teachers that
+lose a replica mid-run: `test_real_sglang.py`.)"""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from megatron_camopd.serve.server import ServerThread
 from megatron_camopd.teachers.base import TeacherScores
 from megatron_camopd.teachers.http import HttpTeacher
 
-from .conftest import PROMPTS, STEPS, finish, metrics, start_train, write_spec
+from .conftest import PROMPTS, finish, metrics, start_train, write_spec
 
 pytestmark = pytest.mark.multiproc
 
@@ -56,54 +54,6 @@ def test_checkpoint_kind(tiny, teacher_ckpt, tmp_path):
     assert checkpoint_kind(teacher_ckpt / "iter_0000000") == "megatron"
     with pytest.raises(CheckpointError, match="neither a HuggingFace checkpoint"):
         checkpoint_kind(tmp_path)
-
-
-def _kill_after_first_row(ckpt_dir: Path, replica, done: threading.Event, seen: dict) -> threading.Thread:
-    def watch() -> None:
-        while not done.is_set():
-            rows = metrics(ckpt_dir)
-            if rows:
-                seen["rows_at_kill"] = len(rows)
-                replica.stop()
-                return
-            time.sleep(0.1)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
-def test_http_training_survives_replica_loss_and_matches_inprocess(tiny, replicas, tmp_path):
-    """Both teachers served by both replicas vs the same model in process: same loss curve (fp32, 1e-4); one
-    replica is terminated after the first step, and every step still scores every sample."""
-    urls = [r.url for r in replicas]
-    http_dir, ref_dir = tmp_path / "http", tmp_path / "ref"
-    http_spec = write_spec(tiny, http_dir, {n: {"urls": urls} for n in ("general", "domain")}, tmp_path / "http.yaml")
-    ref_teachers = {n: {"hf_path": str(tiny / "teacher_general")} for n in ("general", "domain")}
-    ref_spec = write_spec(tiny, ref_dir, ref_teachers, tmp_path / "ref.yaml")
-    http = start_train(http_spec, tmp_path / "http.log")
-    ref = start_train(ref_spec, tmp_path / "ref.log")
-    done, seen = threading.Event(), {}
-    watcher = _kill_after_first_row(http_dir, replicas[0], done, seen)
-    try:
-        rc_http = finish(http, tmp_path / "http.log")
-        rc_ref = finish(ref, tmp_path / "ref.log")
-    finally:
-        done.set()
-        watcher.join(timeout=10)
-    assert rc_http == 0, (tmp_path / "http.log").read_text()[-4000:]
-    assert rc_ref == 0, (tmp_path / "ref.log").read_text()[-4000:]
-    assert seen.get("rows_at_kill", STEPS) < STEPS, "the replica was not killed mid-run"
-    assert replicas[0].proc.poll() is not None and replicas[1].proc.poll() is None
-    rows, ref_rows = metrics(http_dir), metrics(ref_dir)
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert {r["branch"] for r in rows} == {"general", "domain"}
-    for r in rows:
-        assert r["teacher_failed"] == 0 and r["n_samples"] == PROMPTS and r["n_nan_dropped"] == 0, r
-    for a, b in zip(rows, ref_rows, strict=True):
-        assert a["branch"] == b["branch"]
-        assert abs(a["loss"] - b["loss"]) < 1e-4, (_curve(rows), _curve(ref_rows))
-        assert abs(a["mean_gap"] - b["mean_gap"]) < 1e-4, (a["mean_gap"], b["mean_gap"])
 
 
 def _other_tokenizer(src: Path, dst: Path) -> Path:

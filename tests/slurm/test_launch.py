@@ -1,5 +1,6 @@
 """The launchers against a real Slurm: the hetjob sbatch script and `camopd launch --cluster slurm` train the tiny
-spec with an HTTP teacher (`camopd serve-teacher`) on one virtual node and the trainer on the other; a pre-timeout
+spec with an HTTP teacher (a real SGLang 0.5.23 server, started by the launcher from `launcher.sglang_python`) on
+one virtual node and the trainer on the other; a pre-timeout
 USR1 makes the job checkpoint, requeue and finish with the same losses as an uninterrupted run; a teacher that
 dies mid-run fails the job with a clear message instead of hanging.
 """
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from megatron_camopd.metrics import read_metrics
 from tests.helpers import REPO, repo_env, run_cli
+from tests.sglang_servers import KERNEL_STANDIN, free_port
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -37,9 +39,10 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def write_spec(tiny_root: Path, run_dir: Path) -> Path:
-    """The tiny spec with ONE teacher (served over HTTP by the launcher: `serve`), short timeouts and a checkpoint
-    per step. The two loopback nodes run two jobs at once, so no component asks for whole nodes."""
+def write_spec(tiny_root: Path, run_dir: Path, sglang_python: Path) -> Path:
+    """The tiny spec with ONE teacher (served over HTTP by the launcher: `serve`, on real SGLang with the test-only
+    CPU kernels on its path), short timeouts and a checkpoint per step. The two loopback nodes run two jobs at once,
+    so no component asks for whole nodes."""
     spec = yaml.safe_load((REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml").read_text())
     spec["model"]["hf_path"] = str(tiny_root / "student")
     shared = {"exclusive": False}  # CPUs per task: what Slurm allocated (group_cpus)
@@ -49,7 +52,15 @@ def write_spec(tiny_root: Path, run_dir: Path) -> Path:
             "timeout_s": 20.0,
             "retries": 1,
             "discovery_timeout_s": 60.0,
-            "serve": {"nodes": 1, "gpus_per_node": 1, "tp": 1, "dp": 1, "resources": shared},
+            "serve": {
+                "nodes": 1,
+                "gpus_per_node": 1,
+                "tp": 1,
+                "dp": 1,
+                "resources": shared,
+                "port": free_port(),  # SGLang listens on the spec's port; the two jobs share the loopback host
+                "env": {"PYTHONPATH": str(KERNEL_STANDIN)},
+            },
         }
     }
     spec["routing"] = {"general": "general", "domain": "general"}
@@ -67,6 +78,7 @@ def write_spec(tiny_root: Path, run_dir: Path) -> Path:
         "health_timeout_s": 300,
         "shutdown_timeout_s": 60,
         "resources": shared,
+        "sglang_python": str(sglang_python),
     }
     path = run_dir / "spec.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,13 +113,13 @@ def losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def hetjobs(
-    slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path_factory: pytest.TempPathFactory
+    slurm_cluster: SlurmCluster, tiny_root: Path, sglang_python: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, tuple[str, Path]]:
     """The uninterrupted and the to-be-preempted runs, submitted together (they share the two nodes)."""
     runs = {}
     for kind in ("reference", "preempted"):
         run_dir = tmp_path_factory.mktemp(kind)
-        runs[kind] = (submit_hetjob(write_spec(tiny_root, run_dir)), run_dir)
+        runs[kind] = (submit_hetjob(write_spec(tiny_root, run_dir, sglang_python)), run_dir)
     return runs
 
 
@@ -156,9 +168,9 @@ def server_pid(address: str) -> int:
 
 
 def test_dead_teacher_fails_the_job_with_a_clear_message(
-    slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path: Path
+    slurm_cluster: SlurmCluster, tiny_root: Path, sglang_python: Path, tmp_path: Path
 ) -> None:
-    job = submit_hetjob(write_spec(tiny_root, tmp_path))
+    job = submit_hetjob(write_spec(tiny_root, tmp_path, sglang_python))
     addr = lambda: list((tmp_path / "logs" / "discovery").glob("*/general.addr"))
     wait_until("the trainer's start", lambda: "trainer: 1 node(s)" in job_log(tmp_path), 200, lambda: job_log(tmp_path))
     started = time.monotonic()
@@ -171,9 +183,9 @@ def test_dead_teacher_fails_the_job_with_a_clear_message(
 
 
 def test_submitit_launch_trains_and_cancels_the_teacher(
-    slurm_cluster: SlurmCluster, tiny_root: Path, tmp_path: Path
+    slurm_cluster: SlurmCluster, tiny_root: Path, sglang_python: Path, tmp_path: Path
 ) -> None:
-    spec = write_spec(tiny_root, tmp_path)
+    spec = write_spec(tiny_root, tmp_path, sglang_python)
     proc = camopd("launch", str(spec), "--cluster", "slurm", "--cpu", timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(losses(tmp_path)) == STEPS
