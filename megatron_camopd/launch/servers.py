@@ -65,6 +65,7 @@ SGLANG_CPU_ARGS = (
     "8192",
     "--max-running-requests",
     "8",
+    "--sleep-on-idle",  # an idle scheduler otherwise busy-polls a core (measured: ~65% of one per server)
 )
 CPU_SERVER = {"teacher": "serve-teacher", "rollout": "serve"}  # `camopd` sub-commands of the CPU backends
 CONVERTED_MARKER = ".camopd_converted.json"

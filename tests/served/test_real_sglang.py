@@ -86,7 +86,7 @@ def test_http_teachers_on_sglang_survive_a_replica_loss_and_match_in_process(tin
 
 @pytest.mark.timeout(1200)
 def test_rollout_server_killed_mid_run_is_survived_and_revived(tiny, sglang_python, tmp_path):
-    steps = 10
+    steps = 36  # ~1.8 s a step: the restarted server (~30 s to start here) comes back with steps to spare
     servers = start_sglang_servers(sglang_python, [tiny / "student"] * 2, tmp_path)
     restarted = {}
     try:
@@ -108,6 +108,8 @@ def test_rollout_server_killed_mid_run_is_survived_and_revived(tiny, sglang_pyth
         def kill_and_restart() -> None:
             victim.kill()
             restarted["server"] = launch_sglang(sglang_python, tiny / "student", tmp_path / "restarted.log", port=port)
+            wait_ready([restarted["server"]])
+            restarted["rows_when_back"] = len(metrics(run_dir))
 
         run = start_train(spec, tmp_path / "run.log")
         done = threading.Event()
@@ -121,6 +123,8 @@ def test_rollout_server_killed_mid_run_is_survived_and_revived(tiny, sglang_pyth
         assert "server" in restarted, "the server was not killed mid-run"
         back = restarted["server"]
         wait_ready([back])
+        # the premise: the restarted server was up while steps were left to sync it (else nothing below can show)
+        assert restarted.get("rows_when_back", steps) < steps - 1, restarted
         rows = metrics(run_dir)
         for r in rows:
             assert r.get("rollout_failed", 0) == 0 and r["n_samples"] == PROMPTS, r
@@ -130,7 +134,7 @@ def test_rollout_server_killed_mid_run_is_survived_and_revived(tiny, sglang_pyth
         assert log.count('"POST /generate HTTP/1.1" 200') > 0, "the revived server never served a sample"
         assert max(r["weight_sync_servers"] for r in rows[2:]) == 2, "the revived server never rejoined a sync"
     finally:
-        for s in servers + list(restarted.values()):
+        for s in servers + ([restarted["server"]] if "server" in restarted else []):
             s.stop()
 
 

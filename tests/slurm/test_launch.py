@@ -8,6 +8,7 @@ dies mid-run fails the job with a clear message instead of hanging.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -39,10 +40,13 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def write_spec(tiny_root: Path, run_dir: Path, sglang_python: Path) -> Path:
+def write_spec(tiny_root: Path, run_dir: Path, sglang_python: Path, served_rollouts: bool = False) -> Path:
     """The tiny spec with ONE teacher (served over HTTP by the launcher: `serve`, on real SGLang with the test-only
-    CPU kernels on its path), short timeouts and a checkpoint per step. The two loopback nodes run two jobs at once,
-    so no component asks for whole nodes."""
+    CPU kernels on its path), greedy rollouts (on CPU SGLang cannot honour sampling seeds), short timeouts and a
+    checkpoint per step; `served_rollouts`: the student's rollouts on a real SGLang server too, which the trainer
+    updates over a gloo weights-update group after every step, the servers as a job of their own (`dependency`
+    topology: one het component per server group) that the trainer job finds through discovery. The two loopback
+    nodes run several jobs at once, so no component asks for whole nodes."""
     spec = yaml.safe_load((REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml").read_text())
     spec["model"]["hf_path"] = str(tiny_root / "student")
     shared = {"exclusive": False}  # CPUs per task: what Slurm allocated (group_cpus)
@@ -66,7 +70,7 @@ def write_spec(tiny_root: Path, run_dir: Path, sglang_python: Path) -> Path:
     spec["routing"] = {"general": "general", "domain": "general"}
     for stream in spec["data"]["streams"]:
         stream["path"] = str(tiny_root / "data" / Path(stream["path"]).name)
-    spec["rollout"].update(prompts_per_step=4, max_new_tokens=16)
+    spec["rollout"].update(prompts_per_step=4, max_new_tokens=16, temperature=0.0)
     spec["train"]["steps"] = STEPS
     spec["checkpoint"].update(dir=str(run_dir / "ckpt"), save_interval=1)
     spec["logging"].update(diagnostics=False)
@@ -80,6 +84,19 @@ def write_spec(tiny_root: Path, run_dir: Path, sglang_python: Path) -> Path:
         "resources": shared,
         "sglang_python": str(sglang_python),
     }
+    if served_rollouts:
+        spec["launcher"]["topology"] = "dependency"
+        spec["rollout"]["engine"] = "sglang"
+        spec["rollout"]["sglang"] = {
+            "nodes": 1,
+            "gpus_per_node": 1,
+            "resources": shared,
+            "port": free_port(),
+            "env": {"PYTHONPATH": str(KERNEL_STANDIN), "SGLANG_RETURN_ORIGINAL_LOGPROB": "1"},
+            "weight_sync": "distributed",
+            "sync_timeout_s": 120.0,
+            "discovery_timeout_s": 60.0,
+        }
     path = run_dir / "spec.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -94,6 +111,14 @@ def submit_hetjob(spec: Path) -> str:
     proc = camopd("sbatch", str(spec), "--cpu", "--submit")
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split("submitted hetjob job ")[1].split()[0]
+
+
+def submit_dependency(spec: Path) -> tuple[str, str]:
+    """(server job, trainer job) of a `dependency`-topology spec."""
+    proc = camopd("sbatch", str(spec), "--cpu", "--submit")
+    assert proc.returncode == 0, proc.stderr
+    jobs = dict(re.findall(r"submitted (\w+) job (\d+)", proc.stdout))
+    return jobs["teachers"], jobs["train"]
 
 
 def job_log(run_dir: Path) -> str:
@@ -115,12 +140,16 @@ def losses(run_dir: Path) -> list[float]:
 def hetjobs(
     slurm_cluster: SlurmCluster, tiny_root: Path, sglang_python: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, tuple[str, Path]]:
-    """The uninterrupted and the to-be-preempted runs, submitted together (they share the two nodes)."""
-    runs = {}
-    for kind in ("reference", "preempted"):
-        run_dir = tmp_path_factory.mktemp(kind)
-        runs[kind] = (submit_hetjob(write_spec(tiny_root, run_dir, sglang_python)), run_dir)
-    return runs
+    """Submitted together (they share the two nodes): the uninterrupted hetjob (teacher on SGLang, rollouts in
+    process) and the to-be-preempted dependency-topology run (teacher and rollouts on SGLang sibling components);
+    greedy, so both roll out the same tokens."""
+    ref_dir, run_dir = tmp_path_factory.mktemp("reference"), tmp_path_factory.mktemp("preempted")
+    servers, train = submit_dependency(write_spec(tiny_root, run_dir, sglang_python, served_rollouts=True))
+    return {
+        "reference": (submit_hetjob(write_spec(tiny_root, ref_dir, sglang_python)), ref_dir),
+        "preempted": (train, run_dir),
+        "servers": (servers, run_dir),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +159,11 @@ def reference_run(slurm_cluster: SlurmCluster, hetjobs: dict[str, tuple[str, Pat
     return run_dir
 
 
-def test_preempted_hetjob_requeues_and_matches_the_uninterrupted_run(
+def test_preempted_trainer_on_sglang_sibling_jobs_requeues_and_matches_the_uninterrupted_run(
     slurm_cluster: SlurmCluster, hetjobs: dict[str, tuple[str, Path]], request: pytest.FixtureRequest
 ) -> None:
     job, run_dir = hetjobs["preempted"]
+    servers_job = hetjobs["servers"][0]
     metrics = run_dir / "ckpt" / "metrics.jsonl"
     wait_until(
         "the first step", lambda: metrics.exists() and metrics.read_text().strip(), 400, lambda: job_log(run_dir)
@@ -146,9 +176,17 @@ def test_preempted_hetjob_requeues_and_matches_the_uninterrupted_run(
     assert "step 1/" not in resumed and f"step {STEPS}/{STEPS}" in resumed, log  # resumed from the checkpoint
     runs = slurm_cluster.run("sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "State").stdout.split()
     assert "REQUEUED" in runs and runs[-1] == "COMPLETED"
-    assert [r["step"] for r in read_metrics(metrics)] == list(range(1, STEPS + 1))
+    rows = read_metrics(metrics)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    # every step's rollouts came from the SGLang server, synced with the trainer's weights over gloo; a sync the
+    # preemption signal cut short is reported as such (the resumed job syncs before its first rollout)
+    assert all(r.get("rollout_failed", 0) == 0 for r in rows), rows
+    assert all(r.get("weight_sync_servers") == 1 or r.get("weight_sync_preempted") == 1 for r in rows), rows
+    assert sum(r.get("weight_sync_preempted", 0) for r in rows) <= 1, rows
+    assert "rollout servers ready: " in log and "teacher general ready: " in log, log
+    assert slurm_cluster.wait(servers_job, timeout=60) == "CANCELLED"  # the trainer ends its server job
     reference = request.getfixturevalue("reference_run")
-    # the served teacher batches concurrent requests, so scores (and losses) vary ~1e-7 even between fresh runs
+    # served log-probs depend on how the server batched the requests, so losses vary ~1e-7 even between fresh runs
     assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-4, abs=1e-6)
 
 
