@@ -98,8 +98,7 @@ def sglang_estimate(spec: Any, arch: ModelArch, n_samples: int, gpu_memory_gb: f
     prompt, new = spec.data.max_prompt_tokens, spec.rollout.max_new_tokens
     weights = stage_params(arch, 1, 1, 0) * wb  # the whole model (embedding and output layer included)
     k_model = kv_bytes_per_token(arch, arch.num_layers, 1, wb)
-    # rollout.sglang.servers_per_node comes with the real-SGLang launcher; one server per node before it
-    engines = s.nodes * getattr(s, "servers_per_node", 1) * s.dp
+    engines = s.nodes * s.per_node * s.dp
     kv_tokens = max(s.mem_fraction_static * gpu_memory_gb * GB * s.tp - weights, 0.0) / k_model
     batch = max(1, min(math.ceil(n_samples / engines), int(kv_tokens // (prompt + new))))
     mean_ctx = prompt + new / 2
