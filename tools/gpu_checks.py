@@ -16,7 +16,8 @@ log-probs within `--lp-tol` of each other.
 `--max-lp-absdiff` on every step (steps after the first sample with weights a training step changed: the FP8
 weight copies and the RoPE table a rollout built must serve the next training step), with `--staleness K` the
 one-step-off pipeline's `rollout_staleness_max` = min(step - 1, K), and with `--resumed-at S` that the run
-resumed at step S (rows of steps <= S written by the first run, the rest by the resumed one).
+resumed at step S (its log, `CKPT_DIR/resumed.log`, says so), with `--checkpoint-step S` that the newest
+checkpoint verifies against its manifest and holds step S.
 """
 
 from __future__ import annotations
@@ -97,6 +98,16 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         log = (Path(args.ckpt) / "resumed.log").read_text() if (Path(args.ckpt) / "resumed.log").exists() else ""
         if f"at step {args.resumed_at}" not in log:
             problems.append(f"no 'resumed ... at step {args.resumed_at}' in {args.ckpt}/resumed.log")
+    if args.checkpoint_step is not None:
+        from megatron_camopd.backend.checkpoint import latest_checkpoint, verify_checkpoint
+        from megatron_camopd.backend.cpu_runtime import init_distributed
+
+        init_distributed(1, 1, seed=0)
+        latest = latest_checkpoint(args.ckpt)
+        if latest is None or json.loads((verify_checkpoint(latest) / "train_state.json").read_text())["step"] != (
+            args.checkpoint_step
+        ):
+            problems.append(f"the newest checkpoint {latest} does not verify as step {args.checkpoint_step}")
     print(
         json.dumps({"steps": len(rows), "loss": [round(r["loss"], 5) for r in rows], "lp_absdiff_max": max(diffs)})
         + ("" if not problems else " PROBLEMS: " + "; ".join(problems))
@@ -125,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--max-lp-absdiff", type=float, default=None)
     m.add_argument("--staleness", type=int, default=None)
     m.add_argument("--resumed-at", type=int, default=None)
+    m.add_argument("--checkpoint-step", type=int, default=None, help="the newest checkpoint verifies, at this step")
     args = ap.parse_args(argv)
     return {"tiny": cmd_tiny, "sampled-rollout": cmd_sampled_rollout, "metrics": cmd_metrics}[args.cmd](args)
 
