@@ -38,13 +38,16 @@ def step_row(step: int, branch: str, samples, sig, signals, out: dict, t_rollout
     return row
 
 
-def _per_sample_batches(step: StepBatch, full, rows, loss_spec, pad_id: int, micro_batch_size: int):
-    """One batch per candidate sample, each counted (a sample dropped by selection keeps its full-batch gradient)."""
+def _per_sample_batches(step: StepBatch, full, rows, loss_spec, pad_id: int, micro_batch_size: int, n: int):
+    """One batch per candidate sample, each counted (a sample dropped by selection keeps its full-batch gradient),
+    then zero-weight filler batches up to `n` (every DP rank runs `n` passes: see backend/diagnostics.py)."""
+    topk = loss_spec.loss == "topk"
     out = []
     for i in rows:
-        b = step.megatron(pad_id, micro_batch_size, topk=loss_spec.loss == "topk", rows=[i], signals=full)
+        b = step.megatron(pad_id, micro_batch_size, topk=topk, rows=[i], signals=full)
         b["sample_weight"][0] = 1.0
         out.append(b)
+    out += [step.megatron(pad_id, micro_batch_size, topk=topk, rows=[], signals=full) for _ in range(n - len(rows))]
     return out
 
 
@@ -67,10 +70,11 @@ def diagnostics_row(
     assert sig is not None and signals is not None, "diagnostics need an on-policy step"
     valid = [i for i in rows if torch.isfinite(sig.teacher_lp[i]).all()]
     valid = valid[:max_samples]  # None: all
-    keep = [bool(signals.sample_weight[i] > 0) for i in valid]
+    n_passes = gd.dp_max(len(valid))  # the ranks' counts differ (uneven slices, unscored samples)
+    keep = [bool(signals.sample_weight[i] > 0) for i in valid] + [False] * (n_passes - len(valid))
     # the full candidate batch: the same method without selection (dropped samples keep their advantages)
     full = method.without_selection().prepare(sig)
-    per = _per_sample_batches(step, full, valid, loss_spec, pad_id, micro_batch_size)
+    per = _per_sample_batches(step, full, valid, loss_spec, pad_id, micro_batch_size, n_passes)
     row.update({f"diag_{k}": v for k, v in gd.coherence_stats(engine, per, keep, loss_spec).items()})
     # cross-branch: the two halves of a mixed batch, or the active batch vs the other branch's latest batch
     other = "domain" if branch == "general" else "general"
@@ -81,8 +85,11 @@ def diagnostics_row(
     else:
         return row
     grads = {}
-    for b, (part_step, r) in parts.items():  # every DP rank takes part, even with no rows of a branch
-        part = part_step.megatron(pad_id, micro_batch_size, topk=loss_spec.loss == "topk", rows=r)
+    for b, (part_step, r) in parts.items():  # every DP rank takes part, even with no rows of a branch,
+        # with as many micro-batches as the rank with the most rows of it
+        part = part_step.megatron(
+            pad_id, micro_batch_size, topk=loss_spec.loss == "topk", rows=r, min_rows=gd.dp_max(len(r))
+        )
         grads[b] = gd.branch_grad(engine, part, loss_spec, over_dp=True)
     if grads["general"][1] and grads["domain"][1]:
         row["diag_grad_dot"], row["diag_grad_cos"] = gd.dot_cosine(engine, grads["general"][0], grads["domain"][0])

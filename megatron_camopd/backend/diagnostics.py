@@ -6,9 +6,11 @@
 - within-branch coherence `Coh(A) = ||sum_i g_i|| / sum_i ||g_i||` over per-sample gradients, for the full
   candidate batch and the selected subset, and `GCG = (Coh(sel) - Coh(full)) / Coh(full) * 100`.
 
-Each per-sample gradient is one extra forward/backward (opt-in: `logging.diagnostics`). Per-sample gradients stay
-local to their DP rank; branch gradients are summed over DP; flat dot products and norms are summed over the
-model-parallel group counting tensor-parallel-duplicated parameters once.
+Each per-sample gradient is one extra forward/backward (opt-in: `logging.diagnostics`). Every DP rank runs the
+same number of passes (`dp_max`: the callers pad with zero-weight batches), since FP8's delayed scaling
+all-reduces amaxes over TP x DP at each forward. Per-sample gradients stay local to their DP rank; branch
+gradients are summed over DP; flat dot products and norms are summed over the model-parallel group counting
+tensor-parallel-duplicated parameters once.
 
 Memory bound (N = this rank's counted gradient entries, i.e. its parameters less TP duplicates): beyond the
 model's own fp32 DDP grad buffers, diagnostics hold at most 2 fp32 vectors of N entries (coherence: the full and
@@ -109,6 +111,14 @@ def _mp_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().double().to(comm_device())
     dist.all_reduce(x, group=ps.get_model_parallel_group())
     return x
+
+
+def dp_max(n: int) -> int:
+    """The largest `n` over the data-parallel group (collective): how many passes every DP rank runs, so that
+    no rank leaves the others waiting in a per-forward collective (FP8 amax reduction over TP x DP)."""
+    t = torch.tensor([float(n)], dtype=torch.double, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    return int(t.item())
 
 
 def branch_grad(

@@ -332,7 +332,7 @@ def build_gpt_model(
     spec = with_kv_attention(spec, local=not use_te)  # KV-cached decoding without per-step cache copies
     if not use_te and config.sequence_parallel:
         spec = _local_sequence_parallel_block(spec, config, vp_stage)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size),
@@ -347,6 +347,18 @@ def build_gpt_model(
         rope_scaling_factor=arch.llama3_rope_factor or 8.0,
         vp_stage=vp_stage,
     )
+    _norms_in_params_dtype(model, config.params_dtype)
+    return model
+
+
+def _norms_in_params_dtype(model: Any, dtype: torch.dtype) -> None:
+    """The local spec's torch norms are built in fp32 whatever `params_dtype` (TransformerEngine's follow it);
+    megatron-core's training casts them with its `Float16Module`, which this project does not use. Left in fp32,
+    a bf16 model's norm weights land in the fp16 optimizer's fp32 group, whose `sharded_state_dict` maps only its
+    fp16 groups: saving a checkpoint failed ("Param id ... does not match any model sharded param")."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.RMSNorm | torch.nn.LayerNorm):
+            module.to(dtype)
 
 
 def build_model_chunks(

@@ -188,6 +188,14 @@ class ExperimentSpec(Section):
                 f"trainer's), got tp={mp[0]}, pp={mp[1]}, vpp={mp[2]}: use rollout.engine: sglang, or "
                 f"rollout.max_staleness: 0",
             )
+            check(
+                not self.parallel.fp8.enabled,
+                "rollout.max_staleness",
+                f"overlapping in-process rollouts (rollout.engine: {r.engine}) with training cannot run under "
+                "parallel.fp8: TransformerEngine's FP8 scaling state is process-wide, shared by the snapshot model "
+                "the rollout thread samples with and the trainer, which update it at once; use rollout.engine: "
+                "sglang, or rollout.max_staleness: 0",
+            )
         if r.engine == "sglang":
             check(
                 r.sglang.urls is not None or r.sglang.discovery_file is not None or self.launcher is not None,

@@ -17,6 +17,11 @@ Terms, in GB (1e9 bytes) on the most loaded pipeline stage of one rank:
   layout (their own architecture when given, else the student's).
 - `rollout_kv_cache`: `rollout.kv_cache_gb` for the megatron engine (rollouts run between training passes, so the
   peak takes the larger of it and the activations), 0 for SGLang (other nodes) and the reference engine.
+- `rollout_snapshot`, `rollout_weight_clones`: overlapped in-process rollouts (`rollout.max_staleness` k > 0 with
+  the megatron or reference engine; TP = PP = 1): the second student instance the rollout thread samples with
+  (its weights, in `model.dtype`) and one copy of the parameters per batch in flight (k of them, each held until
+  the thread loads it; rollout/pipeline.py). Those rollouts run while training runs, so their KV cache then adds
+  to the activations instead of sharing their peak. 0 otherwise.
 - `overhead`: CUDA context, NCCL buffers and allocator fragmentation (a fixed 3 GB).
 
 It is an estimate (Qwen3-8B TP2/PP2 with a 36,864-token micro-batch needs ~120 GB of activations on
@@ -93,7 +98,9 @@ def estimate(spec: Any, arch: ModelArch, teacher_archs: list[ModelArch] | None =
         method = spec.method.method_class()
         frozen = [c for c in spec.teachers.values() if c.kind == "megatron"] if method.needs_teachers else []
         teacher_archs = [arch] * (len(frozen) + int(method.needs_reference))
-    kv = spec.rollout.kv_cache_gb * GB if spec.rollout.engine == "megatron" else 0.0
+    r = spec.rollout
+    kv = r.kv_cache_gb * GB if r.engine == "megatron" else 0.0
+    overlapped = r.max_staleness > 0 and r.engine != "sglang"  # in process, on a thread beside the trainer
     best: dict[str, Any] | None = None
     for stage in sorted({0, pp - 1}):
         params = stage_params(arch, tp, pp, stage)
@@ -106,9 +113,12 @@ def estimate(spec: Any, arch: ModelArch, teacher_archs: list[ModelArch] | None =
             "activations": acts,
             "inprocess_teachers": sum(stage_params(a, tp, pp, stage) for a in teacher_archs) * weight_bytes,
             "rollout_kv_cache": kv,
+            "rollout_snapshot": params * weight_bytes if overlapped else 0.0,
+            "rollout_weight_clones": r.max_staleness * params * weight_bytes if overlapped else 0.0,
             "overhead": OVERHEAD_GB * GB,
         }
-        total = sum(terms.values()) - min(acts, kv)  # rollouts and training passes do not overlap
+        # rollouts and training passes take turns, unless they overlap in process
+        total = sum(terms.values()) - (0.0 if overlapped else min(acts, kv))
         if best is None or total > best["total"]:
             best = {
                 "terms": terms,
@@ -122,5 +132,9 @@ def estimate(spec: Any, arch: ModelArch, teacher_archs: list[ModelArch] | None =
     terms = {k: round(v / GB, 2) for k, v in best["terms"].items()}
     out["terms"] = terms
     out["largest"] = max(terms, key=lambda k: terms[k])
-    out["peak_note"] = "total = the terms' sum less the smaller of activations and rollout_kv_cache (not at once)"
+    out["peak_note"] = (
+        "total = the terms' sum (rollouts overlap training in process)"
+        if overlapped
+        else "total = the terms' sum less the smaller of activations and rollout_kv_cache (not at once)"
+    )
     return out

@@ -3,9 +3,10 @@
 Prints the student's megatron-core TransformerConfig as a CUDA + TransformerEngine run builds it (megatron-core's
 field names: `sequence_parallel`, `recompute_granularity`, `recompute_method`, `recompute_modules`, `fp8`,
 `fp8_recipe`, ...; `backend/settings.py`, the same functions the trainer calls), the DDP / optimizer / LR-schedule
-settings, the parallel layout, a per-GPU memory estimate (`launch/memory.py`) and the Slurm components the
-launchers would start (`launch/servers.py`). JSON keys: `transformer_config`, `ddp_config`, `optimizer_config`,
-`scheduler`, `parallel`, `memory_gb_per_gpu`, `slurm`, `arch`.
+settings, the parallel layout, a per-GPU memory estimate (`launch/memory.py`), an estimated rollout time per step
+for the in-process engine and for SGLang servers (`launch/rollout_time.py`, its formula in the docstring) and the
+Slurm components the launchers would start (`launch/servers.py`). JSON keys: `transformer_config`, `ddp_config`,
+`optimizer_config`, `scheduler`, `parallel`, `memory_gb_per_gpu`, `rollout_time_s`, `slurm`, `arch`.
 
 The architecture comes from the student's config.json (`model.hf_path`, or a checkpoint's saved config). On a
 login node where the model is not readable, `--arch` names a published architecture (`qwen3-4b`, `qwen3-8b`, ...);
@@ -36,6 +37,7 @@ from megatron_camopd.backend.settings import (
 from megatron_camopd.config import load_spec
 from megatron_camopd.errors import CamopdError, SpecError
 from megatron_camopd.launch.memory import estimate
+from megatron_camopd.launch.rollout_time import estimate_rollout_time
 from megatron_camopd.launch.servers import (
     BASE_GPU,
     MODEL,
@@ -273,6 +275,7 @@ def build_plan(spec: Any, spec_path: str, overrides: list[str], preset: str | No
         "optimizer_config": optimizer_config_fields(spec),
         "scheduler": scheduler_fields(spec),
         "memory_gb_per_gpu": memory,
+        "rollout_time_s": estimate_rollout_time(spec, arch, world // (p.tp * p.pp), launcher.gpu_memory_gb),
         "slurm": {
             "topology": launcher.topology,
             "time": launcher.time,
@@ -316,6 +319,7 @@ def render_text(plan: dict[str, Any]) -> str:
         + f"; total {mem['total']:g} of {mem['gpu_memory_gb']:g} (activations without recompute "
         f"{mem['activations_no_recompute']:g}, with full recompute {mem['activations_recompute_full']:g})"
     )
+    lines.append(_rollout_line(plan["rollout_time_s"], plan["memory_gb_per_gpu"]["gpu_memory_gb"]))
     lines.append(f"slurm ({plan['slurm']['topology']}, time {plan['slurm']['time']}):")
     for c in plan["slurm"]["components"]:
         res = c["resources"]
@@ -326,6 +330,21 @@ def render_text(plan: dict[str, Any]) -> str:
         )
         lines.append(f"    {c['command']}")
     return "\n".join(lines) + "\n"
+
+
+def _rollout_line(est: dict[str, Any], gpu_memory_gb: float) -> str:
+    m, s = est["megatron"], est["sglang"]
+    kv = (
+        f"KV {m['kv_gb_min_group']:g} GB for its smallest group"
+        + ("" if m["kv_budget_holds_a_group"] else ", over rollout.kv_cache_gb: refused at start")
+    )
+    return (
+        f"rollout time per step (estimate, upper bound: {est['samples_per_step']} samples x {est['max_new_tokens']} "
+        f"new tokens; engine in force: {est['engine']}): megatron in process ({m['layout']}) ~{m['seconds']:g} s "
+        f"= {m['groups_per_rank']} sequential group(s) of {m['rows_per_group']} rows per rank, {kv}; sglang "
+        f"({s['engines']} engine(s), {s['gpus']} GPUs of {gpu_memory_gb:g} GB, {s['sequences_per_engine']} sequences "
+        f"each) ~{s['seconds']:g} s"
+    )
 
 
 def plan_main(argv: list[str] | None = None) -> int:

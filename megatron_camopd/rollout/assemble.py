@@ -80,15 +80,17 @@ def train_batch(
     multiple: int,
     width: int | None = None,
     sft: bool = False,
+    min_rows: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """Megatron micro-batch tensors for `rows` of the step batch, padded with zero-weight rows to `multiple`.
+    """Megatron micro-batch tensors for `rows` of the step batch, padded with zero-weight rows to at least
+    `min_rows` rows and to a multiple of `multiple`.
 
     `width` is the tensors' width (at least the longest row); `seq_len` [n_rows] holds each row's real length, so
     every micro-batch runs at its own longest row's width, padded as the model's layout needs.
     """
     seqs = [samples[i].rollout.ids for i in rows]
     width = width or max(len(s) for s in seqs)
-    n_rows = -(-max(len(rows), 1) // multiple) * multiple
+    n_rows = -(-max(len(rows), min_rows, 1) // multiple) * multiple
     tokens = torch.full((n_rows, width), pad_id, dtype=torch.long)
     labels = torch.full((n_rows, width), pad_id, dtype=torch.long)
     f32 = torch.float32
@@ -139,24 +141,31 @@ def add_topk(batch: dict[str, torch.Tensor], samples, rows: list[int], sig: Sign
 
 
 def dp_rows(n: int, dp_rank: int, dp_size: int) -> list[int]:
-    """This DP rank's contiguous rows of an `n`-sample step batch (every rank trains on its own slice only)."""
+    """This DP rank's contiguous rows of an `n`-sample step batch (every rank trains on its own slice only).
+    When `dp_size` does not divide `n` the first `n % dp_size` ranks get one row more: the Megatron tensors of
+    every slice are padded to the largest slice (`StepBatch.megatron`), so every rank runs the same passes."""
     return np.array_split(np.arange(n), dp_size)[dp_rank].tolist()
 
 
 @dataclass
 class StepBatch:
-    """One step's samples with the method's signals and this DP rank's rows; `megatron()` packs any rows of it."""
+    """One step's samples with the method's signals and this DP rank's rows; `megatron()` packs any rows of it.
+
+    Every DP rank's own slice is packed to `rank_rows` rows (the largest slice; zero-weight filler rows on the
+    others), so each rank runs the same number of micro-batches: FP8's delayed scaling all-reduces amaxes over
+    TP x DP at every forward, and a rank with one micro-batch fewer would leave the others waiting (NCCL hang)."""
 
     samples: list
     sig: SignalBatch | None  # the method's input (None for SFT)
     signals: TrainSignals | None  # the method's output (None for SFT)
     rows: list[int]  # this DP rank's rows
+    rank_rows: int = 1  # rows of the largest DP slice: ceil(len(samples) / dp_size)
 
     @classmethod
     def of(
         cls, samples: list, sig: SignalBatch | None, signals: TrainSignals | None, dp_rank: int, dp_size: int
     ) -> StepBatch:
-        return cls(samples, sig, signals, dp_rows(len(samples), dp_rank, dp_size))
+        return cls(samples, sig, signals, dp_rows(len(samples), dp_rank, dp_size), -(-len(samples) // dp_size))
 
     @property
     def width(self) -> int:
@@ -171,12 +180,18 @@ class StepBatch:
         topk: bool = False,
         rows: list[int] | None = None,
         signals: TrainSignals | None = None,
+        min_rows: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Megatron tensors of `rows` (default: this rank's), with the teacher top-k when the loss needs it;
-        `signals` overrides the step's (the diagnostics' unselected batch)."""
+        """Megatron tensors of `rows` (default: this rank's, padded to `rank_rows`), with the teacher top-k when
+        the loss needs it; `signals` overrides the step's (the diagnostics' unselected batch); `min_rows`: pad
+        to at least that many rows (default: `rank_rows` for this rank's own rows, else none)."""
+        if min_rows is None:
+            min_rows = self.rank_rows if rows is None else 1
         rows = self.rows if rows is None else rows
         signals = self.signals if signals is None else signals
-        batch = train_batch(self.samples, signals, rows, pad_id, multiple, self.width, sft=signals is None)
+        batch = train_batch(
+            self.samples, signals, rows, pad_id, multiple, self.width, sft=signals is None, min_rows=min_rows
+        )
         if topk:
             assert self.sig is not None
             add_topk(batch, self.samples, rows, self.sig)

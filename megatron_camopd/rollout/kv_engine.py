@@ -16,12 +16,27 @@ stage. Interleaved (virtual) pipelining is not supported by megatron-core's infe
 
 Finished rows stop costing compute: their cache rows are dropped (the cache is compacted) as soon as they
 finish. With FP8 every forward's rows are padded to a multiple of 16 (filler rows, never read). KV memory is bounded
-by `kv_cache_gb` per rank: a group holds at most
-    rows <= kv_cache_gb * 2**30 / (kv_bytes_per_token * (longest prompt + max_new_tokens))
-with kv_bytes_per_token = 2 (K and V) * layers on this rank * (kv heads / tp) * head_dim * bytes per element.
+by `kv_cache_gb` per rank, counting the FP8 filler rows: a group of `rows` allocates
+    ceil(rows / m) * m * min(longest prompt + max_new_tokens, max_context) * kv_bytes_per_token <= kv_cache_gb * 2**30
+(m = 16 under FP8, else 1), with kv_bytes_per_token = 2 (K and V) * layers on this rank * (kv heads / tp) *
+head_dim * bytes per element. A budget that cannot hold one padded row of max_context tokens is refused when the
+engine is built (`camopd plan` shows the KV term before that).
 
 Sampling is the shared seeded inverse-CDF of `rollout/sampling.py`: for the same seeds this engine samples the
 tokens the `reference` engine samples, up to float rounding (greedy decoding: identical tokens).
+
+State shared with training (the GPU path, megatron-core 0.16-0.19 and TransformerEngine 2.x):
+- decoding runs under `torch.no_grad()`, never `torch.inference_mode()`: what the libraries build lazily on a
+  rollout's first forward is kept and reused by training -- megatron-core's RoPE table (`RotaryEmbedding.forward`
+  is an `lru_cache`; its `inv_freq` moves to the GPU there), TE's FP8 scale/amax state -- and an inference
+  tensor there breaks the next training step ("Inference tensors cannot be saved for backward": full recompute
+  and TE's fused RoPE save the table; TE updates its FP8 state in place). `no_grad` also keeps TE from
+  all-reducing amaxes at each decode forward (it reduces only when grad is enabled), so DP ranks may decode
+  different numbers of steps.
+- FP8 weights: TE recasts a layer's FP8 copy of its weight only on a forward with `is_first_microbatch` set, which
+  megatron-core's training schedule sets on its first micro-batch; `generate` sets it on every such module before
+  its first forward (`refresh_weight_caches`), so a rollout after an optimizer step samples with the new weights,
+  not with the previous step's FP8 copies.
 """
 
 from __future__ import annotations
@@ -57,21 +72,48 @@ def kv_bytes_per_token(models: list) -> int:
     return 2 * layers * groups * cfg.kv_channels * cfg.params_dtype.itemsize
 
 
-def plan_groups(prompt_lens: list[int], max_new: int, bytes_per_token: int, budget_bytes: float) -> list[list[int]]:
+def refresh_weight_caches(models: list) -> int:
+    """Make the next forward of every TE module that caches a cast copy of its weight (FP8) recast it, as
+    megatron-core's schedule does for a step's first micro-batch (`MegatronModule.set_is_first_microbatch`, which
+    does it only under FP8; TE ignores the flag without FP8). Returns how many modules were reset."""
+    n = 0
+    for model in models:
+        for module in model.modules():
+            if hasattr(module, "is_first_microbatch"):
+                module.is_first_microbatch = True
+                n += 1
+    return n
+
+
+def plan_groups(
+    prompt_lens: list[int],
+    max_new: int,
+    bytes_per_token: int,
+    budget_bytes: float,
+    row_multiple: int = 1,
+    max_context: int | None = None,
+) -> list[list[int]]:
     """Decode groups (lists of prompt indices, each sorted by prompt length).
 
     Sorted by length (stable); a group is closed when one more row would exceed the KV budget, or would make the
-    group's forced prompt tail (longest - shortest prompt) longer than max(64, max_new // 4) steps.
+    group's forced prompt tail (longest - shortest prompt) longer than max(64, max_new // 4) steps. The budget
+    counts the cache the group really allocates: its rows padded to `row_multiple` (FP8's filler rows hold cache
+    too) times min(longest prompt + max_new, max_context) tokens. A single row that alone exceeds the budget
+    still forms a group (`MegatronSampler` refuses a budget that cannot hold one padded row of max_context).
     """
     order = sorted(range(len(prompt_lens)), key=lambda i: prompt_lens[i])
     spread = max(64, max_new // 4)
+
+    def cache_bytes(rows: int, longest: int) -> int:
+        tokens = longest + max_new if max_context is None else min(max_context, longest + max_new)
+        return -(-rows // row_multiple) * row_multiple * tokens * bytes_per_token
+
     groups: list[list[int]] = []
     cur: list[int] = []
     for i in order:
         if cur:
-            rows, longest = len(cur) + 1, prompt_lens[i]
-            too_big = rows * (longest + max_new) * bytes_per_token > budget_bytes
-            if too_big or longest - prompt_lens[cur[0]] > spread:
+            too_big = cache_bytes(len(cur) + 1, prompt_lens[i]) > budget_bytes
+            if too_big or prompt_lens[i] - prompt_lens[cur[0]] > spread:
                 groups.append(cur)
                 cur = []
         cur.append(i)
@@ -104,6 +146,14 @@ class MegatronSampler:
         # rows per forward are padded to a multiple of this: TransformerEngine's FP8 GEMMs need the token
         # dimension (rows x tokens) divisible by 8, 16 for every recipe (TransformerEngine's FP8 GEMM alignment)
         self.row_multiple = 16 if getattr(self.models[0].config, "fp8", None) else 1
+        need = kv_bytes_per_token(self.models) * self.row_multiple * model.max_context
+        if need > self.kv_budget:
+            padded = f" padded to {self.row_multiple} rows (FP8)" if self.row_multiple > 1 else ""
+            raise SpecError(
+                f"rollout.kv_cache_gb: {kv_cache_gb:g} GiB cannot hold one decode group: a row of {model.max_context} "
+                f"tokens{padded} needs {need / 2**30:.2f} GiB of KV cache on this rank; raise rollout.kv_cache_gb "
+                "(and check `camopd plan`) or use rollout.engine: sglang"
+            )
 
     def update_weights(self, step: int) -> dict[str, float]:
         return {}  # decodes with the trainer's own chunks
@@ -131,10 +181,11 @@ class MegatronSampler:
         return out[:, -1, : self.model.vocab_size].float()
 
     def _share(self, stats: torch.Tensor | None, n: int) -> torch.Tensor:
-        """[n, 4] float64 (token, logprob, entropy, top1) from the last stage to every stage of the pipeline."""
+        """[n, 4] float64 (token, logprob, entropy, top1) from the last stage to every stage of the pipeline, on
+        the CPU (one device-to-host copy per decode step)."""
         if self.pp_size == 1:
             assert stats is not None, "a single stage computes the stats itself"
-            return stats
+            return stats.cpu()
         g = self.model.groups.pp
         if self.last:
             assert stats is not None, "the last stage computes the stats"
@@ -169,15 +220,23 @@ class MegatronSampler:
         if not live:
             return all_finished(results)
         max_new = min(params.max_new_tokens, m.max_context - min(len(prompts[i]) for i in live))
-        groups = plan_groups([len(prompts[i]) for i in live], max_new, kv_bytes_per_token(self.models), self.kv_budget)
+        groups = plan_groups(
+            [len(prompts[i]) for i in live],
+            max_new,
+            kv_bytes_per_token(self.models),
+            self.kv_budget,
+            self.row_multiple,
+            m.max_context,
+        )
         model = self.models[0]
         sp = bool(model.config.sequence_parallel)
         for c in self.models:
             c.eval()
         if sp:  # megatron-core's inference runs without sequence parallelism (as its text generation does)
             set_model_to_sequence_parallel(model, False)
+        refresh_weight_caches(self.models)  # FP8: recast the weights the optimizer changed (module docstring)
         try:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: see the module docstring
                 for group in groups:
                     rows = [live[j] for j in group]
                     self._decode_group(rows, prompts, params, [seeds[i] for i in rows], max_new, done)
@@ -198,7 +257,8 @@ class MegatronSampler:
         # cache row r decodes group member slot[r]; None marks a filler row (FP8 width padding), never read
         slot: list[int | None] = list(range(n)) + [None] * (-n % mult)
         ctx = StaticInferenceContext(len(slot), min(m.max_context, max(lens) + max_new))
-        uniforms = sample_uniforms(seeds, max_new)
+        # drawn on the CPU (rollout/sampling.py), kept where the last stage's logits are
+        uniforms = sample_uniforms(seeds, max_new).to(comm_device()) if self.last else None
         stops = set(params.stop_token_ids) | ({m.eos_id} if m.eos_id is not None else set())
         out: list[dict[str, list]] = [{k: [] for k in _STATS} for _ in rows]
         prefill = torch.tensor([prompts[rows[g if g is not None else n - 1]][:p0] for g in slot], dtype=torch.long)
@@ -211,9 +271,9 @@ class MegatronSampler:
                 gen = [r for r, _ in past]
                 stats = None
                 if gen and self.last:
-                    assert logits is not None, "the last stage has the logits"
+                    assert logits is not None and uniforms is not None, "the last stage has the logits"
                     u = uniforms[[g for _, g in past], [s - lens[g] for _, g in past]]
-                    st = token_stats(logits[torch.tensor(gen)], u, params)
+                    st = token_stats(logits[torch.tensor(gen, device=logits.device)], u, params)
                     stats = torch.stack([st[k].double() for k in _STATS], dim=1)
                 if gen:
                     stats = self._share(stats, len(gen))

@@ -87,13 +87,21 @@ class Job:
 _ROLLOUT_THREAD = threading.local()
 
 
-def _thread_init() -> None:
+def _thread_init(device: int | None) -> None:
+    """Set up the generating thread: CUDA's current device is per thread (a new thread starts on device 0, so
+    every rank's rollouts would land on cuda:0), so it takes the device of the thread that created the pipeline."""
     from megatron_camopd.backend.cpu_runtime import activate_cpu_runtime
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(torch.cuda.current_device())
+    if device is not None:
+        torch.cuda.set_device(device)
     activate_cpu_runtime()  # torch function modes are per thread
     _ROLLOUT_THREAD.active = True
+
+
+def rollout_executor() -> ThreadPoolExecutor:
+    """The pipeline's one generating thread, on the calling thread's CUDA device (none on CPU)."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    return ThreadPoolExecutor(1, thread_name_prefix="camopd-rollouts", initializer=_thread_init, initargs=(device,))
 
 
 class _ThreadRoutedRngTracker:
@@ -160,7 +168,7 @@ class RolloutPipeline:
         self.jobs: dict[int, Job] = {}
         self.base = self.next = start
         self._prev_gen_end: float | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="camopd-rollouts", initializer=_thread_init)
+        self._pool = rollout_executor()
         self._rng_tracker = _route_rng_tracker()
         try:
             if self.served:

@@ -63,9 +63,13 @@ def sample_uniforms(seeds: list[int], n: int) -> torch.Tensor:
 
 
 def choose_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Inverse-CDF sampling from [b, V] fp32 logits with temperature/top-k/top-p, given uniforms u [b]."""
+    """Inverse-CDF sampling from [b, V] fp32 logits with temperature/top-k/top-p, given uniforms u [b].
+
+    The uniforms are drawn on the CPU (per-sample generators, identical on every machine); they are moved to the
+    logits' device here, so CUDA logits sample as CPU logits do."""
     if params.greedy or params.temperature == 0.0:
         return logits.argmax(dim=-1)
+    u = u.to(logits.device)
     scaled = logits / params.temperature
     sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
     if params.top_k and params.top_k > 0:

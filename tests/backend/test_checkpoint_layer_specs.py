@@ -83,3 +83,43 @@ def test_other_missing_tensors_still_fail(megatron_world, tiny_hf_dirs, tmp_path
     path = save_checkpoint(tmp_path / "c", 1, _model(hf))
     with pytest.raises(CheckpointError, match="new_weight"):
         load_checkpoint(path, _model(hf, extra_param=True))
+
+
+def test_bf16_model_with_the_plain_optimizer_saves_and_loads(megatron_world, tiny_hf_dirs, tmp_path) -> None:
+    """A bf16 student on the local spec with the (non-distributed) fp16 optimizer: its norm weights are bf16 like
+    every other parameter (torch builds them in fp32; left so, they fell in the optimizer's fp32 group, whose
+    sharded state dict megatron-core does not map, and the save failed), and the optimizer state round-trips."""
+    from megatron_camopd.backend.engine import Engine, OptimSettings
+    from megatron_camopd.backend.hf_mapping import load_hf_weights
+    from megatron_camopd.backend.loss import LossSpec
+    from megatron_camopd.backend.model import ModelArch
+
+    hf = tiny_hf_dirs["qwen3"]
+    arch = ModelArch.from_hf_dir(hf)
+
+    def engine() -> Engine:
+        return Engine(
+            arch,
+            dtype="bf16",
+            optim=OptimSettings(lr=1e-3, total_steps=2),
+            init_fn=lambda chunks: load_hf_weights(chunks, hf, arch, 0, 1, 0, 1),
+        )
+
+    e = engine()
+    assert {p.dtype for p in e.chunks[0].parameters()} == {torch.bfloat16}
+    n, width = 2, 16
+    tokens = torch.randint(0, arch.vocab_size, (n, width), generator=torch.Generator().manual_seed(0))
+    batch = {
+        "tokens": tokens,
+        "labels": torch.roll(tokens, -1, 1),
+        "loss_mask": torch.ones(n, width),
+        "sample_weight": torch.ones(n),
+        "seq_len": torch.full((n,), width),
+    }
+    e.train_step(batch, LossSpec(loss="sft"))
+    path = save_checkpoint(tmp_path / "bf16", 1, e.models(), e.optimizer, e.scheduler)
+    back = engine()
+    load_checkpoint(path, back.models(), back.optimizer, back.scheduler)
+    assert all(torch.equal(a, b) for a, b in zip(_params(e.models()).values(), _params(back.models()).values()))
+    # the same next step from the loaded optimizer state (Adam moments and the fp32 main weights)
+    assert back.train_step(batch, LossSpec(loss="sft"))["loss"] == e.train_step(batch, LossSpec(loss="sft"))["loss"]

@@ -121,8 +121,9 @@ def test_build_tiny_model_forward_backward(megatron_world, tiny_hf_dirs) -> None
     names = set(model.state_dict())
     assert "decoder.layers.1.self_attention.q_layernorm.weight" in names
     assert "output_layer.weight" not in names  # tied embeddings: no separate output layer at PP=1
-    ids = torch.randint(0, arch.vocab_size, (2, 9))
-    out = model(ids, torch.arange(9).expand(2, -1), attention_mask=None)
+    device = model.embedding.word_embeddings.weight.device  # the model's device: CUDA on a GPU machine
+    ids = torch.randint(0, arch.vocab_size, (2, 9), device=device)
+    out = model(ids, torch.arange(9, device=device).expand(2, -1), attention_mask=None)
     assert out.shape == (2, 9, arch.padded_vocab_size(1)) and out.dtype == torch.float32
     out.sum().backward()
     assert model.embedding.word_embeddings.weight.grad is not None

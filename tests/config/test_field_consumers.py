@@ -269,8 +269,8 @@ CONSUMERS: dict[str, dict[str, Any]] = {
     "schedule.mode": probe("schedule", "mixed", extra=("schedule.mix_ratio=[1, 1]",)),
     "schedule.n_g": probe("schedule", 2),
     "schedule.mix_ratio": probe("schedule", "[3, 1]", extra=("schedule.mode=mixed", "schedule.mix_ratio=[1, 1]")),
-    "rollout.engine": probe("plan", "sglang", extra=("rollout.sglang.weight_sync=disk",)),
-    "rollout.kv_cache_gb": probe("plan", 8),
+    "rollout.engine": probe("plan", "megatron"),  # the flagship rolls out on SGLang servers
+    "rollout.kv_cache_gb": probe("plan", 8, extra=("rollout.engine=megatron",)),
     "rollout.sglang.urls": loop(SAMPLER),
     "rollout.sglang.sync_timeout_s": loop("megatron_camopd.rollout.sglang_sync:ServerWeightSync"),
     "rollout.sglang.discovery_file": loop(SAMPLER),
@@ -333,7 +333,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
         }.items()
     },
     "parallel.vpp": probe("plan", 2, extra=SGLANG_ROLLOUT),
-    "parallel.dp": probe("plan", 2, extra=("launcher=null",)),  # with a launcher: checked against its world size
+    "parallel.dp": probe("plan", 2, extra=("launcher=null", "rollout.engine=megatron")),  # with a launcher: checked against its world size
     "parallel.recompute_modules": probe("plan", "[mlp, core_attn]", extra=("parallel.recompute=selective",)),
     **{
         f"parallel.fp8.{k}": probe("plan", v)
@@ -359,7 +359,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
         f"logging.wandb.{k}": loop("megatron_camopd.metrics:MetricsWriter")
         for k in ("enabled", "project", "entity", "mode", "run_name")
     },
-    "launcher": probe("launch", "null"),
+    "launcher": probe("launch", "null", extra=("rollout.engine=megatron",)),  # SGLang rollouts need a launcher
     **{
         f"launcher.{k}": probe("launch", v)
         for k, v in {

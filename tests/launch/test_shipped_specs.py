@@ -32,7 +32,9 @@ def test_cluster_spec_renders_servers_trainer_and_resources(path: Path, tmp_path
     script.write_text(text)
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     requests = component_requests(text)
-    assert len(requests) == len(http) + 1  # one het component per served teacher, then the trainer
+    # one het component per served teacher, then the student's SGLang rollout servers, then the trainer
+    assert spec.rollout.engine == "sglang" and spec.rollout.sglang.urls is None
+    assert len(requests) == len(http) + 2
     for line in requests:
         assert re.search(r"--gpus-per-node=\d+", line) and re.search(r"--cpus-per-task=\d+", line), line
         assert "--exclusive" in line and "--mem=" in line, line
@@ -65,7 +67,14 @@ def test_cluster_spec_renders_servers_trainer_and_resources(path: Path, tmp_path
     assert text.index("start_servers 0 ") < wait < train
     assert "export NCCL_IB_TIMEOUT=" in text[wait:train] and "export CUDA_DEVICE_MAX_CONNECTIONS=1" in text
     assert f"--signal=B:USR1@{spec.launcher.signal_lead_s}" in text and "--shutdown-timeout=" not in text
-    assert f"--het-group={len(http)} --cpus-per-task={spec.launcher.resources.cpus_per_task}" in text[train:]
+    rollout = spec.rollout.sglang
+    assert requests[-2].startswith(f"#SBATCH --nodes={rollout.nodes} "), requests[-2]
+    start = re.search(
+        rf"^start_servers {len(http)} rollout \"\$MODEL_{len(http)}\" {rollout.nodes} {rollout.port} ", text, re.M
+    )
+    assert start and text.index(start.group(0)) < wait, "the rollout servers start before the trainer waits"
+    assert "rollout.sglang.discovery_file=$DISCOVERY_DIR/rollout.addr" in text
+    assert f"--het-group={len(http) + 1} --cpus-per-task={spec.launcher.resources.cpus_per_task}" in text[train:]
 
 
 def test_checkpoint_teacher_is_converted_once_for_sglang(tmp_path: Path) -> None:

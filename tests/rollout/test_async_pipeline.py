@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_camopd.backend.spawn import run_on_ranks
 from megatron_camopd.config import load_spec
@@ -160,6 +161,9 @@ def test_in_process_overlap_refuses_model_parallel():
             load_spec(TINY_SPEC, [*base, "rollout.max_staleness=1", *extra])
     with pytest.raises(SpecError, match=r"rollout\.max_staleness"):
         load_spec(TINY_SPEC, [*base, "rollout.max_staleness=-1"])
+    with pytest.raises(SpecError, match=r"rollout\.max_staleness.*FP8 scaling state is process-wide"):
+        load_spec(TINY_SPEC, [*base, "rollout.max_staleness=1", "parallel.fp8.enabled=true"])
+    assert load_spec(TINY_SPEC, [*base, "rollout.max_staleness=1"]).rollout.max_staleness == 1
     assert load_spec(TINY_SPEC, [*base, "parallel.tp=2"]).rollout.max_staleness == 0
 
 
@@ -170,3 +174,22 @@ def test_rollout_thread_forward_does_not_race_the_trainers_rng_tracker():
     out = run_on_ranks(rng_fork_interleaving, 1)[0]
     assert out["plain"] is not None and "current state name" in out["plain"], out  # the hazard, shown
     assert out["routed"] is None and out["routed_name"] == "default-rng", out  # the pipeline's tracker
+
+
+def test_rollout_thread_runs_on_its_creators_cuda_device(monkeypatch):
+    """CUDA's current device is per thread and a new thread starts on device 0, so `set_device(current_device())`
+    inside the generating thread put every rank's rollouts on cuda:0. Modelled with per-thread current devices:
+    the pipeline's thread takes the device of the thread that built it (here rank 3's)."""
+    import threading
+
+    from megatron_camopd.rollout import pipeline
+
+    current = {threading.get_ident(): 3}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current.get(threading.get_ident(), 0))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.__setitem__(threading.get_ident(), int(d)))
+    pool = pipeline.rollout_executor()
+    try:
+        assert pool.submit(torch.cuda.current_device).result(timeout=60) == 3
+    finally:
+        pool.shutdown(wait=True)

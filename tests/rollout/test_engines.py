@@ -77,6 +77,36 @@ def test_plan_groups_budget_and_prompt_spread():
     assert plan_groups([5, 5, 5, 5], 10, 1, 2 * 15) == [[0, 1], [2, 3]]  # 2 rows x 15 tokens fit
     assert plan_groups([8, 300, 10], 16, 1, 1e9) == [[0, 2], [1]]  # a 292-token tail > max(64, 16 // 4)
     assert plan_groups([8], 10, 10**9, 1.0) == [[0]]  # a row that alone exceeds the budget still runs
+    assert plan_groups([5, 5], 10, 1, 1e9, max_context=12) == [[0, 1]]
+
+
+def test_kv_budget_holds_after_fp8_row_padding():
+    """FP8 pads every forward to 16 rows and the filler rows hold cache too: 20 rows of 15 tokens fit a 300-token
+    budget unpadded (one group), but padded they are 32 rows; the groups are 16 + 4 rows (each padded to 16)."""
+    budget, tokens = 20 * 15, 15
+    assert plan_groups([5] * 20, 10, 1, budget) == [list(range(20))]
+    groups = plan_groups([5] * 20, 10, 1, budget, row_multiple=16)
+    assert groups == [list(range(16)), list(range(16, 20))]
+    assert all(-(-len(g) // 16) * 16 * tokens <= budget for g in groups)
+
+
+def test_a_budget_without_room_for_one_padded_row_is_refused(model):
+    """Checked when the engine is built, naming the field: one row of the full context, padded to 16 rows under
+    FP8 (the flagship at TP2/PP2: 16 x 36,864 tokens x 36 KiB = 20.3 GiB, over its 16 GiB)."""
+    from megatron_camopd.errors import SpecError
+
+    row = kv_bytes_per_token(model.chunks) * model.max_context
+    assert MegatronSampler(model, kv_cache_gb=row / 2**30).row_multiple == 1
+    with pytest.raises(SpecError, match="rollout.kv_cache_gb"):
+        MegatronSampler(model, kv_cache_gb=0.5 * row / 2**30)
+    config = model.chunks[0].config
+    config.fp8 = "hybrid"  # only the row multiple reads it here (no forward runs)
+    try:
+        with pytest.raises(SpecError, match=r"rollout.kv_cache_gb: .* padded to 16 rows \(FP8\)"):
+            MegatronSampler(model, kv_cache_gb=8 * row / 2**30)
+        assert MegatronSampler(model, kv_cache_gb=16 * row / 2**30).row_multiple == 16
+    finally:
+        config.fp8 = None
 
 
 def test_greedy_megatron_equals_transformers(hf_dir, model):

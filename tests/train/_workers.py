@@ -130,3 +130,39 @@ def megatron_logits(rank: int, world: int, ckpt: str, ids: list[int]):
     t = torch.tensor([ids])
     with torch.no_grad():
         return chunks[0](t, torch.arange(len(ids)).unsqueeze(0), None)[..., : arch.vocab_size].float()
+
+
+def count_passes(rank: int, world: int, overrides: list[str]) -> dict:
+    """Train the tiny spec counting this rank's grad-enabled student forwards and the backwards through them,
+    separately for the training passes and the gradient diagnostics (the passes FP8's amax all-reduce joins)."""
+    import torch
+
+    import megatron_camopd.train as train_mod
+    from megatron_camopd.backend import forward
+
+    counts = {"train": [0, 0], "diag": [0, 0]}
+    phase = ["train"]
+    plain_forward, plain_diag = forward._model_forward, train_mod.diagnostics_row
+
+    def counted_forward(model, tokens):
+        out = plain_forward(model, tokens)
+        if torch.is_grad_enabled():
+            c = counts[phase[0]]
+            c[0] += 1
+            if out.requires_grad:
+                out.register_hook(lambda g, c=c: c.__setitem__(1, c[1] + 1))
+        return out
+
+    def counted_diag(*args, **kwargs):
+        phase[0] = "diag"
+        try:
+            return plain_diag(*args, **kwargs)
+        finally:
+            phase[0] = "train"
+
+    forward._model_forward, train_mod.diagnostics_row = counted_forward, counted_diag
+    try:
+        rows = run_train(rank, world, overrides)
+    finally:
+        forward._model_forward, train_mod.diagnostics_row = plain_forward, plain_diag
+    return {"counts": counts, "rows": rows}

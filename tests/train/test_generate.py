@@ -33,3 +33,17 @@ def test_sample_seeds_are_stable_and_distinct():
     assert sample_seed(0, 3, 7) == sample_seed(0, 3, 7)
     seeds = {sample_seed(0, s, i) for s in range(5) for i in range(50)}
     assert len(seeds) == 250
+
+
+def test_cpu_uniforms_sample_logits_on_another_device():
+    """The uniforms come from per-sample CPU generators; logits on a GPU (here the meta device, which refuses CPU
+    operands as CUDA does) are sampled without a device mismatch, for every filter path."""
+    from megatron_camopd.rollout.sampling import token_stats
+
+    logits = torch.randn(3, 50, device="meta")
+    u = torch.rand(3, dtype=torch.float64)
+    for params in (SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9, top_k=5)):
+        stats = token_stats(logits, u, params)
+        assert {k: (v.device.type, tuple(v.shape)) for k, v in stats.items()} == dict.fromkeys(
+            ("token", "logprob", "entropy", "top1"), ("meta", (3,))
+        )

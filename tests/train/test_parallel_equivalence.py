@@ -74,3 +74,34 @@ def test_dp2_one_step_off_matches_dp1(tiny_root, tmp_path):
         assert a["branch"] == b["branch"] and a["selected_fraction"] == b["selected_fraction"]
         assert abs(a["loss"] - b["loss"]) < 1e-4, (_losses(one), _losses(two))
     assert any(r["train_rollout_lp_absdiff"] > 0 for r in two[1:])  # trained on rollouts of older weights
+
+
+@pytest.mark.multiproc
+def test_uneven_dp_slices_run_the_same_passes_on_every_rank(tiny_root, tmp_path):
+    """5 samples over DP = 2 (slices of 3 and 2 rows) in mixed steps (each rank's rows split differently between
+    the branches) with the diagnostics on: every rank runs the same number of forward and backward passes, in
+    training and in the diagnostics, as FP8's delayed scaling needs (it all-reduces amaxes over TP x DP at every
+    forward, so a rank with a pass fewer would hang the others under NCCL)."""
+    from ._workers import count_passes
+
+    extra = (
+        "train.steps=2",
+        "schedule.mode=mixed",
+        "schedule.mix_ratio=[3,2]",
+        "rollout.prompts_per_step=5",
+        "logging.diagnostics=true",
+        "logging.diagnostics_interval=1",
+        "train.micro_batch_size=1",
+    )
+    out = run_on_ranks(count_passes, 2, tiny_overrides(tiny_root, tmp_path / "uneven", *extra))
+    a, b = out[0]["counts"], out[1]["counts"]
+    assert a == b, (a, b)
+    # training: 3 micro-batches a step (the largest slice) on both ranks, each with its backward
+    assert a["train"] == [2 * 3, 2 * 3], a
+    assert a["diag"][0] == a["diag"][1] >= 2 * 3, a  # per-sample passes and the branch gradients
+    rows = out[0]["rows"]
+    assert len(rows) == 2 and all(math.isfinite(r["diag_coherence_full"]) for r in rows)
+    # the filler rows change nothing: DP = 2 trains DP = 1's losses
+    one = run_on_ranks(run_train, 1, tiny_overrides(tiny_root, tmp_path / "uneven1", *extra))[0]
+    for r1, r2 in zip(one, rows, strict=True):
+        assert abs(r1["loss"] - r2["loss"]) < 1e-4 and abs(r1["diag_coherence_full"] - r2["diag_coherence_full"]) < 1e-4
