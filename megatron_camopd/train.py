@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_camopd.algo.diagnostics import diagnostics_due
 from megatron_camopd.backend.checkpoint import load_checkpoint, save_checkpoint, write_model_meta
 from megatron_camopd.backend.forward import comm_device
 from megatron_camopd.backend.loss import LossSpec
@@ -41,7 +42,7 @@ from megatron_camopd.rollout.offline import balance_streams
 from megatron_camopd.rollout.pipeline import RolloutPipeline
 from megatron_camopd.rollout.staleness import staleness_metrics
 from megatron_camopd.session import Session, open_session
-from megatron_camopd.steplog import diagnostics_row, step_row
+from megatron_camopd.steplog import conflict_token_ids, diagnostics_row, step_row
 
 log = logging.getLogger("megatron_camopd")
 EXIT_REQUEUE = 75
@@ -135,8 +136,12 @@ def run_step(
     step_batch = StepBatch.of(samples, sig, signals, session.dp_rank, session.dp_size)
     batch = step_batch.megatron(session.tokenizer.pad_id, spec.train.micro_batch_size, topk=loss_spec.loss == "topk")
     row = {}
-    if spec.logging.diagnostics:
-        if step % spec.logging.diagnostics_interval == 0:
+    lg = spec.logging
+    if lg.diagnostics:
+        sched = session.schedule
+        if diagnostics_due(
+            step, sched.at, sched.period, lg.diagnostics_interval, lg.diagnostics_interval_domain, lg.diagnostics_start
+        ):
             row.update(
                 diagnostics_row(
                     engine,
@@ -147,7 +152,11 @@ def run_step(
                     cache,
                     pad_id=session.tokenizer.pad_id,
                     micro_batch_size=spec.train.micro_batch_size,
-                    max_samples=spec.logging.diagnostics_samples,
+                    max_samples=lg.diagnostics_samples,
+                    null_draws=lg.diagnostics_null_draws,
+                    sketch_dim=lg.diagnostics_sketch_dim,
+                    conflict_ids=conflict_token_ids(session.tokenizer, lg.diagnostics_conflict_tokens),
+                    seed=spec.train.seed * 1_000_003 + step,
                 )
             )
         cache[branch] = step_batch  # the other branch's latest batch, for the next cross-branch diagnostics
