@@ -116,6 +116,20 @@ def _resume(session: Session, plan: ResumePlan) -> int:
     return int(state["step"])
 
 
+def diagnosed(spec, schedule, step: int) -> bool:
+    """Whether step `step` (0-based) runs the gradient diagnostics: `logging.diagnostics_interval` (and
+    `diagnostics_interval_domain` for domain steps) counted per branch of `schedule` from `diagnostics_start`."""
+    lg = spec.logging
+    return diagnostics_due(
+        step,
+        schedule.at,
+        schedule.period,
+        lg.diagnostics_interval,
+        lg.diagnostics_interval_domain,
+        lg.diagnostics_start,
+    )
+
+
 def run_step(
     session: Session, step: int, loss_spec: LossSpec, cache: dict, pipe: RolloutPipeline | None = None
 ) -> dict:
@@ -138,10 +152,7 @@ def run_step(
     row = {}
     lg = spec.logging
     if lg.diagnostics:
-        sched = session.schedule
-        if diagnostics_due(
-            step, sched.at, sched.period, lg.diagnostics_interval, lg.diagnostics_interval_domain, lg.diagnostics_start
-        ):
+        if diagnosed(spec, session.schedule, step):
             row.update(
                 diagnostics_row(
                     engine,
