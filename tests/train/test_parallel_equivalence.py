@@ -49,11 +49,14 @@ def test_gradient_diagnostics_do_not_depend_on_dp(tiny_root, tmp_path):
         "schedule.mix_ratio=[1,1]",
         "logging.diagnostics=true",
         "logging.diagnostics_interval=1",
+        "logging.diagnostics_start=0",
         "train.micro_batch_size=2",
     )
     one = run_on_ranks(run_train, 1, tiny_overrides(tiny_root, tmp_path / "d1", *extra))[0][0]
     two = run_on_ranks(run_train, 2, tiny_overrides(tiny_root, tmp_path / "d2", *extra))[0][0]
-    for key in ("diag_grad_dot", "diag_grad_cos", "diag_coherence_full", "diag_coherence_selected"):
+    keys = ["diag_grad_dot", "diag_grad_cos", "diag_norm_ratio", "diag_counteracted"]
+    keys += [f"diag_{k}/{b}" for k in ("coherence_full", "gap_coherence_selected") for b in ("general", "domain")]
+    for key in keys:
         assert math.isfinite(one[key]), key
         assert abs(one[key] - two[key]) <= 1e-4 * max(1.0, abs(one[key])), (key, one[key], two[key])
 
