@@ -264,11 +264,13 @@ class CaMOPD(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._calls = int(state.get("calls", 0))
 
-    def _random_keep(self, k: int, n: int) -> Tensor:
-        """k of n positions at random (a fresh generator per batch: seed and the batch counter)."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._calls)
+    def _random_keep(self, k: int, valid: Tensor, n: int, branch: str) -> Tensor:
+        """k of the `valid` positions (finite gap scores) of n, at random: a fresh generator per batch and branch
+        (seed, the batch counter, the branch), so a run is reproducible and resumes on the same draws."""
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self._calls) * 2 + BRANCHES.index(branch))
         keep = torch.zeros(n, dtype=torch.bool)
-        keep[torch.randperm(n, generator=gen)[:k]] = True
+        valid = valid.cpu()
+        keep[valid[torch.randperm(valid.numel(), generator=gen)[:k]]] = True
         return keep
 
     def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -290,7 +292,7 @@ class CaMOPD(Method):
                 res = mass_target_select(gap_scores(p.delta[idx], p.m[idx], b), rho)
                 sel = res.keep
                 if self.selection_order == "random":  # as many samples as the gap prefix, drawn at random
-                    sel = self._random_keep(int(sel.sum()), idx.numel()).to(sel.device)
+                    sel = self._random_keep(int(sel.sum()), res.order, idx.numel(), b).to(sel.device)
                 p.metrics[f"all_zero/{b}"] = float(res.all_zero)
             else:
                 sel = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
