@@ -24,7 +24,7 @@ from pathlib import Path
 
 from megatron_camopd.demo.phases import EvalCache, checkpoints, phase_seconds, run_phase, say
 from megatron_camopd.demo.setting import METHODS, method_overrides, stable_hash
-from megatron_camopd.demo.stats import instruments
+from megatron_camopd.demo.stats import instruments, series
 
 MIN_DENOMINATOR = 0.01
 
@@ -107,7 +107,8 @@ def run_comparison(
                     "accuracy": acc,
                     "per_task": {d: r.get("per_task", {}) for d, r in final.items()},
                     "normalised": normalised(acc, student, teacher),
-                    "instruments": instruments(read_metrics(run_dir / "metrics.jsonl")),
+                    "instruments": instruments(rows := read_metrics(run_dir / "metrics.jsonl")),
+                    "series": series(rows),
                     "seconds": phase_seconds(out, name),
                     "curve": [(step, {d: float(r["accuracy"]) for d, r in ev.items()}) for step, ev in curve],
                 }
@@ -173,12 +174,17 @@ def compare_main(argv: list[str]) -> int:
         src = dict(source, checkpoint=checkpoint) if checkpoint is not None else source
         return cache.get(f"{key}:{how}", lambda: evaluate_model(sets, max_new, **src))
 
-    def acc(r: dict) -> dict[str, float]:
+    tasks: dict[str, dict] = {}  # baseline -> domain -> task -> accuracy
+
+    def acc(r: dict, name: str | None = None) -> dict[str, float]:
+        if name is not None:
+            tasks[name] = {d: r[d].get("per_task", {}) for d in domains}
         return {d: float(r[d]["accuracy"]) for d in domains}
 
     m = base.model
     student = acc(
-        evaluate(f"student:{stable_hash([m.hf_path, m.checkpoint])}", hf_path=m.hf_path, checkpoint=m.checkpoint)
+        evaluate(f"student:{stable_hash([m.hf_path, m.checkpoint])}", hf_path=m.hf_path, checkpoint=m.checkpoint),
+        "initial student",
     )
     teacher: dict[str, float] = {}
     baselines = {"initial student": student}
@@ -192,12 +198,13 @@ def compare_main(argv: list[str]) -> int:
         r = acc(
             evaluate(
                 f"teacher:{name}:{stable_hash([t.hf_path, t.checkpoint])}", hf_path=t.hf_path, checkpoint=t.checkpoint
-            )
+            ),
+            f"teacher {name}",
         )
         teacher[d] = r[d]
         baselines[f"teacher {name}"] = r
     results = run_comparison(spec_path, out, args.methods, args.seeds, evaluate, student, teacher, steps=args.steps)
-    md = write_comparison(out, spec_path, domains, baselines, results, threads=args.threads)
+    md = write_comparison(out, spec_path, domains, baselines, results, threads=args.threads, baseline_tasks=tasks)
     print(md)
     say(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}")
     return 0

@@ -106,7 +106,7 @@ def plot_signals(rows_by_method: dict[str, list[dict]], path: Path) -> Path:
     panels = [
         ("mean_gap/{b}", "mean token gap log pT - log ps (nats/token)", True),
         ("selected_fraction/{b}", "selected fraction |S_b| / |B_b|", True),
-        ("diag_gcg", "gradient coherence gain GCG (%)", False),
+        ("diag_gap_gcg_excess/{b}", "GCG of the gap selection - its size-matched null (%)", True),
         ("diag_grad_cos", "cross-branch gradient cosine cos(g_g, g_d)", False),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
