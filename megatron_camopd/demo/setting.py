@@ -159,7 +159,11 @@ class DemoSetting:
         if name not in SETTINGS:
             raise SpecError(f"--setting {name!r}: expected one of {', '.join(SETTINGS)}")
         base = cls.quick(seed) if quick else cls(seed=seed)
-        return dataclasses.replace(base, **SETTINGS[name])
+        changes = SETTINGS[name]
+        if quick:  # the sizes quick() shrinks stay shrunk
+            default = cls(seed=seed)
+            changes = {k: v for k, v in changes.items() if getattr(base, k) == getattr(default, k)}
+        return dataclasses.replace(base, **changes)
 
     def conflict_tokens(self) -> list[str]:
         """Tokens whose presence in a general rollout (absence from a domain rollout) marks a sample that carries
