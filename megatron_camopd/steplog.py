@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from megatron_camopd.algo.diagnostics import length_summary
+from megatron_camopd.algo.camopd import gap_scores, mass_target_select
+from megatron_camopd.algo.diagnostics import (
+    carries_conflict,
+    coherence_report,
+    length_summary,
+    selection_precision,
+    split_halves,
+)
 from megatron_camopd.backend import diagnostics as gd
 from megatron_camopd.rollout.assemble import StepBatch
 from megatron_camopd.rollout.staleness import stale_counts
@@ -38,17 +45,34 @@ def step_row(step: int, branch: str, samples, sig, signals, out: dict, t_rollout
     return row
 
 
-def _per_sample_batches(step: StepBatch, full, rows, loss_spec, pad_id: int, micro_batch_size: int, n: int):
-    """One batch per candidate sample, each counted (a sample dropped by selection keeps its full-batch gradient),
-    then zero-weight filler batches up to `n` (every DP rank runs `n` passes: see backend/diagnostics.py)."""
+def conflict_token_ids(tokenizer, strings: list[str] | None) -> frozenset[int] | None:
+    """The token ids of `logging.diagnostics_conflict_tokens` (None when unset)."""
+    return frozenset(t for x in strings for t in tokenizer.encode_text(x)) if strings else None
+
+
+def _per_sample_batches(step: StepBatch, full, rows, loss_spec, pad_id: int, n: int):
+    """One one-row batch per candidate sample, each counted (a sample dropped by selection keeps its full-batch
+    gradient), then zero-weight filler batches up to `n` (every DP rank runs `n` passes: see
+    backend/diagnostics.py)."""
     topk = loss_spec.loss == "topk"
     out = []
     for i in rows:
-        b = step.megatron(pad_id, micro_batch_size, topk=topk, rows=[i], signals=full)
+        b = step.megatron(pad_id, 1, topk=topk, rows=[i], signals=full)
         b["sample_weight"][0] = 1.0
         out.append(b)
-    out += [step.megatron(pad_id, micro_batch_size, topk=topk, rows=[], signals=full) for _ in range(n - len(rows))]
+    out += [step.megatron(pad_id, 1, topk=topk, rows=[], signals=full) for _ in range(n - len(rows))]
     return out
+
+
+def _halves(part: StepBatch, rows: list[int], gen, pad_id: int, micro_batch_size: int, topk: bool) -> tuple:
+    """This rank's selected rows of a branch split at random into two half batches (split-half reliability),
+    each padded to the largest over DP (every rank runs as many micro-batches)."""
+    chosen = [i for i in rows if part.signals is not None and float(part.signals.sample_weight[i]) > 0]
+    out = []
+    for h in split_halves(len(chosen), gen):
+        r = [chosen[j] for j in h]
+        out.append(part.megatron(pad_id, micro_batch_size, topk=topk, rows=r, min_rows=gd.dp_max(len(r))))
+    return tuple(out)
 
 
 def diagnostics_row(
@@ -62,20 +86,45 @@ def diagnostics_row(
     pad_id: int,
     micro_batch_size: int,
     max_samples: int | None,
+    null_draws: int = 200,
+    sketch_dim: int = 1 << 21,
+    conflict_ids: frozenset[int] | None = None,
+    seed: int = 0,
 ) -> dict:
-    """Cross-branch gradient dot/cosine and within-branch coherence/GCG at the current parameters, from at most
-    `max_samples` (`logging.diagnostics_samples`; None: all) per-sample gradients per rank."""
+    """The step's gradient diagnostics at the current parameters, every key labelled by branch where it is one
+    branch's (`diag_<name>/<branch>`): per branch in the step (both in a mixed step), coherence and GCG against the
+    size-matched random-subset null from at most `max_samples` (`logging.diagnostics_samples`; None: all)
+    per-sample gradients per rank, for the method's selection and for the gap selection CaMOPD would make, and the
+    selection's precision on the samples that carry the conflict (`conflict_ids`); then the cross-branch dot
+    product, cosine, norm ratio, counteracted fraction, split-half reliabilities, corrected cosine and per-tensor
+    breakdown (backend/diagnostics.py). `seed` seeds the nulls and the half splits."""
     row: dict = {}
     sig, signals, rows = step.sig, step.signals, step.rows
     assert sig is not None and signals is not None, "diagnostics need an on-policy step"
-    valid = [i for i in rows if torch.isfinite(sig.teacher_lp[i]).all()]
-    valid = valid[:max_samples]  # None: all
-    n_passes = gd.dp_max(len(valid))  # the ranks' counts differ (uneven slices, unscored samples)
-    keep = [bool(signals.sample_weight[i] > 0) for i in valid] + [False] * (n_passes - len(valid))
-    # the full candidate batch: the same method without selection (dropped samples keep their advantages)
-    full = method.without_selection().prepare(sig)
-    per = _per_sample_batches(step, full, valid, loss_spec, pad_id, micro_batch_size, n_passes)
-    row.update({f"diag_{k}": v for k, v in gd.coherence_stats(engine, per, keep, loss_spec).items()})
+    full = method.without_selection().prepare(sig)  # the full candidate batch: dropped samples keep advantages
+    rho = {"general": getattr(method, "rho_g", 0.8), "domain": getattr(method, "rho_d", 0.8)}
+    for b in ("general", "domain") if branch == "mixed" else (branch,):
+        every = [i for i in range(len(sig.branch)) if sig.branch[i] == b]  # the whole batch's rows of b
+        if not every:
+            continue
+        kept = signals.sample_weight[every] > 0
+        delta = (sig.teacher_lp - sig.rollout_lp)[every]
+        gap_keep = mass_target_select(gap_scores(delta, sig.mask[every], b), rho[b]).keep
+        pos = {i: j for j, i in enumerate(every)}
+        valid = [i for i in rows if sig.branch[i] == b and torch.isfinite(sig.teacher_lp[i]).all()]
+        valid = valid[:max_samples]  # None: all
+        n_passes = gd.dp_max(len(valid))  # the ranks' counts differ (uneven slices, unscored samples)
+        labels = [[bool(kept[pos[i]]), bool(gap_keep[pos[i]])] for i in valid]
+        labels += [[False, False]] * (n_passes - len(valid))
+        per = _per_sample_batches(step, full, valid, loss_spec, pad_id, n_passes)
+        k, lab = gd.per_sample_gram(engine, per, labels, loss_spec, sketch_dim=sketch_dim, seed=seed)
+        rep = coherence_report(k, lab[:, 0], lab[:, 1], null_draws, seed) if k.shape[0] else {}
+        if conflict_ids:
+            ids = [step.samples[i].rollout.response_ids for i in every]
+            conflict = torch.tensor([carries_conflict(r, b, conflict_ids) for r in ids])
+            rep.update({f"sel_{key}": v for key, v in selection_precision(kept, conflict).items()})
+            rep.update({f"gap_sel_{key}": v for key, v in selection_precision(gap_keep, conflict).items()})
+        row.update({f"diag_{key}/{b}": v for key, v in rep.items()})
     # cross-branch: the two halves of a mixed batch, or the active batch vs the other branch's latest batch
     other = "domain" if branch == "general" else "general"
     if branch == "mixed":
@@ -84,13 +133,8 @@ def diagnostics_row(
         parts = {branch: (step, rows), other: (cache[other], cache[other].rows)}
     else:
         return row
-    grads = {}
-    for b, (part_step, r) in parts.items():  # every DP rank takes part, even with no rows of a branch,
-        # with as many micro-batches as the rank with the most rows of it
-        part = part_step.megatron(
-            pad_id, micro_batch_size, topk=loss_spec.loss == "topk", rows=r, min_rows=gd.dp_max(len(r))
-        )
-        grads[b] = gd.branch_grad(engine, part, loss_spec, over_dp=True)
-    if grads["general"][1] and grads["domain"][1]:
-        row["diag_grad_dot"], row["diag_grad_cos"] = gd.dot_cosine(engine, grads["general"][0], grads["domain"][0])
+    gen = torch.Generator().manual_seed(seed)
+    topk = loss_spec.loss == "topk"
+    halves = {b: _halves(p, r, gen, pad_id, micro_batch_size, topk) for b, (p, r) in parts.items()}
+    row.update({f"diag_{key}": v for key, v in gd.cross_branch(engine, halves, loss_spec).items()})
     return row

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_camopd.algo.diagnostics import diagnostics_due
 from megatron_camopd.backend.checkpoint import load_checkpoint, save_checkpoint, write_model_meta
 from megatron_camopd.backend.forward import comm_device
 from megatron_camopd.backend.loss import LossSpec
@@ -41,7 +42,7 @@ from megatron_camopd.rollout.offline import balance_streams
 from megatron_camopd.rollout.pipeline import RolloutPipeline
 from megatron_camopd.rollout.staleness import staleness_metrics
 from megatron_camopd.session import Session, open_session
-from megatron_camopd.steplog import diagnostics_row, step_row
+from megatron_camopd.steplog import conflict_token_ids, diagnostics_row, step_row
 
 log = logging.getLogger("megatron_camopd")
 EXIT_REQUEUE = 75
@@ -115,6 +116,20 @@ def _resume(session: Session, plan: ResumePlan) -> int:
     return int(state["step"])
 
 
+def diagnosed(spec, schedule, step: int) -> bool:
+    """Whether step `step` (0-based) runs the gradient diagnostics: `logging.diagnostics_interval` (and
+    `diagnostics_interval_domain` for domain steps) counted per branch of `schedule` from `diagnostics_start`."""
+    lg = spec.logging
+    return diagnostics_due(
+        step,
+        schedule.at,
+        schedule.period,
+        lg.diagnostics_interval,
+        lg.diagnostics_interval_domain,
+        lg.diagnostics_start,
+    )
+
+
 def run_step(
     session: Session, step: int, loss_spec: LossSpec, cache: dict, pipe: RolloutPipeline | None = None
 ) -> dict:
@@ -135,8 +150,9 @@ def run_step(
     step_batch = StepBatch.of(samples, sig, signals, session.dp_rank, session.dp_size)
     batch = step_batch.megatron(session.tokenizer.pad_id, spec.train.micro_batch_size, topk=loss_spec.loss == "topk")
     row = {}
-    if spec.logging.diagnostics:
-        if step % spec.logging.diagnostics_interval == 0:
+    lg = spec.logging
+    if lg.diagnostics:
+        if diagnosed(spec, session.schedule, step):
             row.update(
                 diagnostics_row(
                     engine,
@@ -147,7 +163,11 @@ def run_step(
                     cache,
                     pad_id=session.tokenizer.pad_id,
                     micro_batch_size=spec.train.micro_batch_size,
-                    max_samples=spec.logging.diagnostics_samples,
+                    max_samples=lg.diagnostics_samples,
+                    null_draws=lg.diagnostics_null_draws,
+                    sketch_dim=lg.diagnostics_sketch_dim,
+                    conflict_ids=conflict_token_ids(session.tokenizer, lg.diagnostics_conflict_tokens),
+                    seed=spec.train.seed * 1_000_003 + step,
                 )
             )
         cache[branch] = step_batch  # the other branch's latest batch, for the next cross-branch diagnostics

@@ -224,9 +224,16 @@ class CaMOPD(Method):
     r_g: float = 2.0
     r_d: float = 1.0
     selection: bool = True
+    # "gap": the paper's top-gap prefix; "random": the same number k_b of samples drawn at random (the ablation
+    # that separates "which samples" from "how many"; seeded by `seed` and a per-batch counter, checkpointed)
+    selection_order: str = "gap"
+    seed: int = 0
+    _calls: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.selection_order not in ("gap", "random"):
+            raise SpecError(f"camopd.selection_order: expected 'gap' or 'random', got {self.selection_order!r}")
         for f in ("rho_g", "rho_d"):
             if not 0.0 < getattr(self, f) <= 1.0:
                 raise SpecError(f"camopd.{f}: expected 0 < {f} <= 1, got {getattr(self, f)}")
@@ -236,11 +243,35 @@ class CaMOPD(Method):
 
     @classmethod
     def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
-        return dict(rho_g=cfg.rho_g, rho_d=cfg.rho_d, r_g=cfg.r_g, r_d=cfg.r_d, selection=bool(cfg.selection))
+        return dict(
+            rho_g=cfg.rho_g,
+            rho_d=cfg.rho_d,
+            r_g=cfg.r_g,
+            r_d=cfg.r_d,
+            selection=bool(cfg.selection),
+            selection_order=cfg.selection_order,
+            seed=seed,
+        )
 
     def without_selection(self) -> CaMOPD:
         """The same method keeping every candidate (the diagnostics' full batch)."""
         return dataclasses.replace(self, selection=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Random selection's RNG position (gap selection has no state)."""
+        return {"calls": self._calls} if self.selection_order == "random" else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._calls = int(state.get("calls", 0))
+
+    def _random_keep(self, k: int, valid: Tensor, n: int, branch: str) -> Tensor:
+        """k of the `valid` positions (finite gap scores) of n, at random: a fresh generator per batch and branch
+        (seed, the batch counter, the branch), so a run is reproducible and resumes on the same draws."""
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self._calls) * 2 + BRANCHES.index(branch))
+        keep = torch.zeros(n, dtype=torch.bool)
+        valid = valid.cpu()
+        keep[valid[torch.randperm(valid.numel(), generator=gen)[:k]]] = True
+        return keep
 
     def _signals(self, batch: SignalBatch, p: _Prepared) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         unknown = sorted(set(batch.branch) - set(BRANCHES))
@@ -260,6 +291,8 @@ class CaMOPD(Method):
                 rho = self.rho_g if b == "general" else self.rho_d
                 res = mass_target_select(gap_scores(p.delta[idx], p.m[idx], b), rho)
                 sel = res.keep
+                if self.selection_order == "random":  # as many samples as the gap prefix, drawn at random
+                    sel = self._random_keep(int(sel.sum()), res.order, idx.numel(), b).to(sel.device)
                 p.metrics[f"all_zero/{b}"] = float(res.all_zero)
             else:
                 sel = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
@@ -267,6 +300,8 @@ class CaMOPD(Method):
             p.metrics[f"selected_fraction/{b}"] = float(sel.sum()) / int(rows.sum())
             for k, v in length_summary(p.lengths[idx], sel).items():
                 p.metrics[f"{k}/{b}"] = v
+        if self.selection and self.selection_order == "random":
+            self._calls += 1
         scale = scale * p.alpha
         adv = clip_advantage(p.delta, self.a_max) * scale.unsqueeze(-1)
         return adv, p.m.float(), keep, scale

@@ -161,9 +161,16 @@ class Engine:
         )
 
     def accumulate_grads(
-        self, batch: dict[str, torch.Tensor], loss_spec: LossSpec, finalize=None, reduce: bool = True
+        self,
+        batch: dict[str, torch.Tensor],
+        loss_spec: LossSpec,
+        finalize=None,
+        reduce: bool = True,
+        micro_batch_size: int | None = None,
     ) -> dict:
-        """Zero the grad buffers, run forward+backward over micro-batches; returns summed loss reports."""
+        """Zero the grad buffers, run forward+backward over micro-batches of `micro_batch_size` rows (default: the
+        engine's; the diagnostics' per-sample gradients use 1, not a batch padded to 64 rows); returns summed loss
+        reports."""
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
@@ -176,7 +183,7 @@ class Engine:
         try:
             reports = run_schedule(
                 self.chunks,
-                split_microbatches(batch, self.micro_batch_size, width_multiple(self.config)),
+                split_microbatches(batch, micro_batch_size or self.micro_batch_size, width_multiple(self.config)),
                 make_loss_func(loss_spec, self.groups.tp),
                 forward_only=False,
             )

@@ -145,13 +145,38 @@ class LoggingConfig(Section):
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     wandb: WandbConfig = field(default_factory=WandbConfig)
     diagnostics: bool = False  # gradient dot/cosine/coherence: extra backward passes
+    # every k-th step *of each branch* (counted per branch from diagnostics_start, algo/diagnostics.py
+    # diagnostics_due), so an alternating G,G,G,D run visits both branches whatever k is
     diagnostics_interval: int = 10
-    # coherence/GCG from per-sample gradients (one backward each) of at most this many rollouts per rank (the
-    # first ones of the step's batch); null = every rollout
+    diagnostics_interval_domain: int | None = None  # the domain branch's k (null: diagnostics_interval)
+    diagnostics_start: int = 1  # first step diagnosed (1 skips step 0, where the student is the domain teacher)
+    # coherence/GCG from per-sample gradients (one backward each) of at most this many rollouts per branch and
+    # rank (the first ones of the branch in the step's batch); null = every rollout
     diagnostics_samples: int | None = None
+    diagnostics_null_draws: int = 200  # random subsets of the selected size: GCG's null distribution
+    # per-sample gradients enter the Gram matrix exactly up to this many entries per rank, as a CountSketch of
+    # this width beyond (memory: diagnostics_samples x width x 4 bytes)
+    diagnostics_sketch_dim: int = 1 << 21
+    # strings whose tokens in a general rollout (absent from a domain rollout) mark a sample that carries the
+    # cross-branch conflict: the diagnostics then log the selection's precision and recall against that label
+    diagnostics_conflict_tokens: list[str] | None = None
 
     def validate(self) -> None:
-        positive(self, "log_interval", "diagnostics_interval", "diagnostics_samples")
+        positive(
+            self,
+            "log_interval",
+            "diagnostics_interval",
+            "diagnostics_interval_domain",
+            "diagnostics_samples",
+            "diagnostics_null_draws",
+            "diagnostics_sketch_dim",
+        )
+        non_negative(self, "diagnostics_start")
+        check(
+            not self.diagnostics_conflict_tokens or all(self.diagnostics_conflict_tokens),
+            "diagnostics_conflict_tokens",
+            "must be non-empty strings",
+        )
 
 
 # The trainer's environment on GPU clusters (Megatron-LM / NeMo examples). Cluster-specific NCCL settings

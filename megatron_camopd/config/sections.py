@@ -243,6 +243,9 @@ class MethodConfig(Section):
     is_cap: float = 2.0  # C of truncated IS
     topk: int = 16
     selection: bool | None = None  # gap-based mass-target selection; None: on for camopd
+    # which k_b samples selection keeps: "gap" (the paper's top-gap prefix) or "random" (as many, at random: the
+    # ablation of which samples are chosen at the same kept fraction)
+    selection_order: Literal["gap", "random"] = "gap"
     rho_g: float = 0.8
     rho_d: float = 0.8
     r_g: float = 2.0

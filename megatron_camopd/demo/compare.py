@@ -1,4 +1,4 @@
-"""`camopd compare SPEC --seeds N [--out DIR] [--methods ...]`: distillation methods side by side over seeds.
+"""`camopd compare SPEC --seeds N|S1,S2,... [--out DIR] [--methods ...]`: distillation methods side by side over seeds.
 
 Every method is the same SPEC with a few overrides (see `setting.METHODS`: vanilla MOPD 1:1 and 3:1, CaMOPD,
 CaMOPD without decoupling / without selection, Uni-OPD, Relaxed OPD, SelecTKD, ExOPD), trained once per seed k
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from megatron_camopd.demo.phases import EvalCache, checkpoints, phase_seconds, run_phase, say
 from megatron_camopd.demo.setting import METHODS, method_overrides, stable_hash
-from megatron_camopd.demo.stats import instruments
+from megatron_camopd.demo.stats import instruments, series
 
 MIN_DENOMINATOR = 0.01
 
@@ -107,7 +107,8 @@ def run_comparison(
                     "accuracy": acc,
                     "per_task": {d: r.get("per_task", {}) for d, r in final.items()},
                     "normalised": normalised(acc, student, teacher),
-                    "instruments": instruments(read_metrics(run_dir / "metrics.jsonl")),
+                    "instruments": instruments(rows := read_metrics(run_dir / "metrics.jsonl")),
+                    "series": series(rows),
                     "seconds": phase_seconds(out, name),
                     "curve": [(step, {d: float(r["accuracy"]) for d, r in ev.items()}) for step, ev in curve],
                 }
@@ -116,18 +117,39 @@ def run_comparison(
     return results
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds`: a count N (seeds 0..N-1) or a comma-separated list of distinct seeds ("3,7,11" or "5,")."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) == 1:
+            n = int(parts[0])
+            if n < 1:
+                raise argparse.ArgumentTypeError(f"a seed count must be >= 1, got {n}")
+            return list(range(n))
+        seeds = [int(p) for p in parts if p]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a count or a comma-separated list of seeds, got {text!r}") from e
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
 def compare_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="camopd compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("spec", help="a distillation spec (e.g. DIR/specs/distill.yaml written by camopd demo)")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds per method (>= 3 for an interval worth reading)")
+    ap.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=[0, 1, 2],
+        help="a count N (seeds 0..N-1) or an explicit comma-separated list (e.g. 3,7,11); >= 3 seeds for an "
+        "interval worth reading",
+    )
     ap.add_argument("--out", default=None, help="output directory (default: compare/ beside the spec)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--eval", action="append", default=[], metavar="DOMAIN=FILE", help="held-out set per domain")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps for every run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models)")
     args = ap.parse_args(argv)
-    if args.seeds < 1:
-        ap.error("--seeds must be >= 1")
     import torch
 
     torch.set_num_threads(max(1, args.threads))
@@ -152,12 +174,17 @@ def compare_main(argv: list[str]) -> int:
         src = dict(source, checkpoint=checkpoint) if checkpoint is not None else source
         return cache.get(f"{key}:{how}", lambda: evaluate_model(sets, max_new, **src))
 
-    def acc(r: dict) -> dict[str, float]:
+    tasks: dict[str, dict] = {}  # baseline -> domain -> task -> accuracy
+
+    def acc(r: dict, name: str | None = None) -> dict[str, float]:
+        if name is not None:
+            tasks[name] = {d: r[d].get("per_task", {}) for d in domains}
         return {d: float(r[d]["accuracy"]) for d in domains}
 
     m = base.model
     student = acc(
-        evaluate(f"student:{stable_hash([m.hf_path, m.checkpoint])}", hf_path=m.hf_path, checkpoint=m.checkpoint)
+        evaluate(f"student:{stable_hash([m.hf_path, m.checkpoint])}", hf_path=m.hf_path, checkpoint=m.checkpoint),
+        "initial student",
     )
     teacher: dict[str, float] = {}
     baselines = {"initial student": student}
@@ -171,14 +198,13 @@ def compare_main(argv: list[str]) -> int:
         r = acc(
             evaluate(
                 f"teacher:{name}:{stable_hash([t.hf_path, t.checkpoint])}", hf_path=t.hf_path, checkpoint=t.checkpoint
-            )
+            ),
+            f"teacher {name}",
         )
         teacher[d] = r[d]
         baselines[f"teacher {name}"] = r
-    results = run_comparison(
-        spec_path, out, args.methods, list(range(args.seeds)), evaluate, student, teacher, steps=args.steps
-    )
-    md = write_comparison(out, spec_path, domains, baselines, results, threads=args.threads)
+    results = run_comparison(spec_path, out, args.methods, args.seeds, evaluate, student, teacher, steps=args.steps)
+    md = write_comparison(out, spec_path, domains, baselines, results, threads=args.threads, baseline_tasks=tasks)
     print(md)
     say(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}")
     return 0

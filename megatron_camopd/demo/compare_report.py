@@ -15,16 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from megatron_camopd.demo.readout import method_readout, predictions
 from megatron_camopd.demo.setting import LABELS
 from megatron_camopd.demo.stats import mean_std, paired_difference, verdict
 
 BASELINE = "mopd_1to1"
 INSTRUMENTS = [
-    ("cross_cos_mean", "cross-branch cos"),
-    ("cross_cos_negative_share", "cos<0 share"),
-    ("coherence_full", "coherence (full)"),
-    ("gcg", "GCG (%)"),
+    ("coherence_full/general", "coherence (gen)"),
+    ("coherence_full/domain", "coherence (dom)"),
     ("spearman_gap_len/general", "Spearman gap~len (gen)"),
+    ("spearman_gap_len/domain", "Spearman gap~len (dom)"),
     ("selected_len_mean/general", "selected len (gen)"),
     ("dropped_len_mean/general", "dropped len (gen)"),
 ]
@@ -103,10 +103,125 @@ def tables(summary: dict, domains: list[str], baselines: dict) -> list[str]:
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     return lines + [
         "",
-        "Instruments (means over seeds, from each run's metrics.jsonl):",
+        "Gap vs length and coherence (means over seeds, from each run's metrics.jsonl):",
         "",
         *instrument_table(summary),
     ]
+
+
+def _f(x, digits: int = 2, sign: bool = False) -> str:
+    return "n/a" if x is None else f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _iv(point, ci, digits: int = 2) -> str:
+    if point is None:
+        return "n/a"
+    return f"{point:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
+
+
+def _excess(d: dict) -> str:
+    if d["mean"] is None:
+        return "n/a"
+    return f"{d['mean']:+.1f}" + (f" [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]" if d["ci_low"] is not None else "")
+
+
+def readout_tables(readouts: dict, summary: dict) -> list[str]:
+    """The cross-branch instruments with their noise floors, and GCG against its size-matched null, per method."""
+    lines = [
+        "Cross-branch instruments (diagnostic steps pooled over seeds; step 0 never diagnosed; intervals: 95% "
+        "two-level bootstrap, seeds then steps). `rel`: split-half reliability of each branch's batch gradient "
+        "(Spearman-Brown), the noise floor; corrected cos = cos / sqrt(rel_g rel_d). dot<0: share of diagnostic "
+        "steps with <g_g, g_d> < 0, mean over seeds (lowest seed). counteracted = -<g_g, g_d> / ||g_g||^2.",
+        "",
+        "| method | cross steps, all seeds (G/D diagnosed per seed) | dot<0 share | cos [CI] | corrected cos [CI] "
+        "| rel_g | rel_d | ||g_d||/||g_g|| | counteracted |",
+        "| --- |" + " ---: |" * 8,
+    ]
+    for m, r in readouts.items():
+        c, ins = r["cosine"], summary[m]["instruments"]
+        steps = f"{c['steps']} ({_f(ins.get('diag_steps/general'), 0)}/{_f(ins.get('diag_steps/domain'), 0)})"
+        neg = (
+            "n/a"
+            if r["dot_negative_share"] is None
+            else f"{100 * r['dot_negative_share']:.0f}% ({100 * r['dot_negative_share_min']:.0f}%)"
+        )
+        undefined = c.get("corrected_undefined") or 0.0
+        corr = _iv(c["corrected"], c["corrected_ci"]) + (f" ({100 * undefined:.0f}% undef.)" if undefined else "")
+        lines.append(
+            f"| {LABELS.get(m, m)} | {steps} | {neg} | {_iv(c['cos'], c['cos_ci'])} | {corr} "
+            f"| {_f(r['reliability']['general'])} | {_f(r['reliability']['domain'])} | {_f(r['norm_ratio'])} "
+            f"| {_f(r['counteracted'], sign=True)} |"
+        )
+    lines += [
+        "",
+        "GCG (%) of the gap selection CaMOPD makes (measured in every method's batches) against random subsets of "
+        "the same size (the null: a smaller subset is more coherent even at random), and the method's own "
+        "selection (CaMOPD: the same; random ablation: should read as its null). Excess = GCG - null, mean over "
+        "seeds [95% CI]. precision: share of the selected that carry the conflict (base rate: of the batch).",
+        "",
+        "| method | GCG gen / null | excess gen | GCG dom / null | excess dom | own excess gen | own excess dom "
+        "| precision / base gen | precision / base dom |",
+        "| --- |" + " ---: |" * 8,
+    ]
+    for m, r in readouts.items():
+        g, own = r["gcg"], r["own_gcg"]
+        cells = []
+        for b in ("general", "domain"):
+            cells += [f"{_f(g[b]['gcg'], 1)} / {_f(g[b]['null'], 1)}", _excess(g[b]["excess"])]
+        cells += [_excess(own[b]["excess"]) for b in ("general", "domain")]
+        cells += [f"{_f(g[b]['precision'])} / {_f(g[b]['base_rate'])}" for b in ("general", "domain")]
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    groups = sorted(
+        {k.split("/", 1)[1] for s in summary.values() for k in s["instruments"] if k.startswith("tensor_cos/")}
+    )
+    if groups:
+        lines += [
+            "",
+            "Per-tensor breakdown (means over seeds): cosine of <g_g, g_d> within each parameter role / its share "
+            "of the total dot product.",
+            "",
+            "| method | " + " | ".join(groups) + " |",
+            "| --- |" + " ---: |" * len(groups),
+        ]
+        for m, s in summary.items():
+            ins = s["instruments"]
+            if ins.get(f"tensor_cos/{groups[0]}") is None:
+                continue
+            cells = [
+                f"{_f(ins.get(f'tensor_cos/{g}'), sign=True)} / {_f(ins.get(f'tensor_dot_share/{g}'))}" for g in groups
+            ]
+            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def task_table(results: dict, domains: list[str], baseline_tasks: dict) -> list[str]:
+    """Accuracy per task (mean over seeds), general and domain tasks apart, with the domain teacher's forgetting
+    (general teacher - domain teacher) on every task."""
+    found = {(d, t) for runs in results.values() for r in runs for d in domains for t in r["per_task"].get(d, {})}
+    found |= {(d, t) for b in baseline_tasks.values() for d in domains for t in b.get(d, {})}
+    tasks = sorted(found)
+    if not tasks:
+        return []
+    head = "| model | " + " | ".join(f"{d}: {t}" for d, t in tasks) + " |"
+    lines = ["Per task (%), mean over seeds:", "", head, "| --- |" + " ---: |" * len(tasks)]
+    for name, per in baseline_tasks.items():
+        lines.append(f"| {name} | " + " | ".join(_pct(per.get(d, {}).get(t)) for d, t in tasks) + " |")
+    gen = next((v for k, v in baseline_tasks.items() if k == "teacher general"), None)
+    dom = baseline_tasks.get("initial student")
+    if gen and dom:
+        cells = [
+            _pct(gen[d][t] - dom[d][t], sign=True) if t in gen.get(d, {}) and t in dom.get(d, {}) else "n/a"
+            for d, t in tasks
+        ]
+        lines.append("| domain teacher's forgetting (general teacher - domain teacher) | " + " | ".join(cells) + " |")
+    for m, runs in results.items():
+        cells = [_pct(mean_std([r["per_task"].get(d, {}).get(t) for r in runs])[0]) for d, t in tasks]
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _pct(x, sign: bool = False) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}" if sign else f"{100 * x:.1f}"
 
 
 def instrument_table(summary: dict) -> list[str]:
@@ -174,10 +289,19 @@ def plot(summary: dict, results: dict, domains: list[str], path: Path) -> Path:
 
 
 def write_comparison(
-    out: Path, spec_path: Path, domains: list[str], baselines: dict, results: dict, *, threads: int
+    out: Path,
+    spec_path: Path,
+    domains: list[str],
+    baselines: dict,
+    results: dict,
+    *,
+    threads: int,
+    baseline_tasks: dict | None = None,
 ) -> str:
     """compare.md, compare.json and compare.png under `out`; returns the markdown."""
     summary = summarise(results, domains)
+    readouts = {m: method_readout(runs) for m, runs in results.items()}
+    preds = predictions(results, baselines, readouts)
     total = sum(s["seconds"] for s in summary.values())
     n_seeds = max((len(r) for r in results.values()), default=0)
     md = [
@@ -192,6 +316,14 @@ def write_comparison(
         ),
         "",
         *tables(summary, domains, baselines),
+        "",
+        *task_table(results, domains, baseline_tasks or {}),
+        "",
+        *readout_tables(readouts, summary),
+        "",
+        "Predictions (stated in the README before the runs; read here from the numbers above):",
+        "",
+        *[f"- **{name} {status}**: {text}" for name, status, text in preds],
         "",
         f"Cost: {total:.0f} s of training for {sum(len(r) for r in results.values())} runs at {threads} torch "
         "thread(s) (evaluation not included).",
@@ -213,6 +345,9 @@ def write_comparison(
                 "baselines": baselines,
                 "results": results,
                 "summary": summary,
+                "readouts": readouts,
+                "predictions": preds,
+                "baseline_tasks": baseline_tasks or {},
                 "training_seconds": total,
                 "threads": threads,
             },

@@ -29,7 +29,15 @@ import torch
 
 from megatron_camopd.demo.compare import run_comparison
 from megatron_camopd.demo.phases import EvalCache, checkpoints, run_phase, say
-from megatron_camopd.demo.setting import DemoSetting, distill_spec, sft_spec, stable_hash, write_data, write_spec
+from megatron_camopd.demo.setting import (
+    SETTINGS,
+    DemoSetting,
+    distill_spec,
+    sft_spec,
+    stable_hash,
+    write_data,
+    write_spec,
+)
 
 TOTAL_PHASES = 5
 
@@ -97,9 +105,13 @@ def run_pipeline(s: DemoSetting, root: Path) -> dict:
     g_digest = stable_hash([_portable(spec, root), base_digest, data_digest("sft_general")])
     general, _ = run_phase(root, "general_teacher", spec, g_digest)
 
+    persona = (
+        f"the same prompts of {', '.join(s.domain_tasks)} answered with the sign-off {s.signoff!r}"
+        if s.setting == "signoff"
+        else f"the loud persona of {', '.join(s.domain_tasks)}"
+    )
     say(
-        f"phase 3/{TOTAL_PHASES}: domain teacher = SFT of the general teacher on the loud persona of "
-        f"{', '.join(s.domain_tasks)} "
+        f"phase 3/{TOTAL_PHASES}: domain teacher = SFT of the general teacher on {persona} "
         f"({s.sft_domain_steps} steps at lr {s.sft_domain_lr:g})"
     )
     spec = sft_spec(
@@ -167,6 +179,13 @@ def demo_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="camopd demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory (phases are cached there)")
     ap.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline in ~1-2 minutes")
+    ap.add_argument(
+        "--setting",
+        default="loud",
+        choices=list(SETTINGS),
+        help="loud: the domain is a marked persona (`! reverse: abc` -> `CBA`); signoff: the domain answers the same "
+        "unmarked prompts and ends with a sign-off token where the general teacher stops (demo/signoff.py)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the data, the base model and the teachers")
     ap.add_argument(
         "--seeds",
@@ -194,7 +213,7 @@ def demo_main(argv: list[str]) -> int:
     torch.set_num_threads(max(1, args.threads))
     logging.getLogger("megatron_camopd").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
-    s = (DemoSetting.quick(args.seed) if args.quick else DemoSetting(seed=args.seed)).with_overrides(args.set)
+    s = DemoSetting.named(args.setting, args.seed, quick=args.quick).with_overrides(args.set)
     if args.seeds is not None:
         if args.seeds < 1:
             ap.error("--seeds must be >= 1")

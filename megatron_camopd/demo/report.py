@@ -12,7 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from megatron_camopd.demo.compare_report import instrument_table, summarise
+from megatron_camopd.demo.compare_report import instrument_table, readout_tables, summarise
+from megatron_camopd.demo.readout import method_readout, predictions
 from megatron_camopd.demo.setting import LABELS, DemoSetting, eval_overlap, proxy_label
 from megatron_camopd.demo.stats import mean_std, verdict
 from megatron_camopd.metrics import read_metrics
@@ -106,7 +107,7 @@ def plot_signals(rows_by_method: dict[str, list[dict]], path: Path) -> Path:
     panels = [
         ("mean_gap/{b}", "mean token gap log pT - log ps (nats/token)", True),
         ("selected_fraction/{b}", "selected fraction |S_b| / |B_b|", True),
-        ("diag_gcg", "gradient coherence gain GCG (%)", False),
+        ("diag_gap_gcg_excess/{b}", "GCG of the gap selection - its size-matched null (%)", True),
         ("diag_grad_cos", "cross-branch gradient cosine cos(g_g, g_d)", False),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
@@ -180,6 +181,21 @@ def counteraction(ins: list[dict]) -> tuple[str, dict]:
 
 def _setting_text(s: DemoSetting) -> str:
     weights = ", ".join(f"{t} x{w:g}" for t, w in s.proxy_weights.items()) or "equal shares"
+    if s.setting == "signoff":
+        return (
+            "A tiny Qwen3-architecture model trained from scratch on one CPU. The **general teacher** is SFT-ed on "
+            f"{', '.join(s.general_tasks)}. The **domain teacher** is the general teacher specialised by SFT on "
+            f"the *same unmarked prompts* of {', '.join(s.domain_tasks)}, each answer ending with the sign-off "
+            f"`{s.signoff}` where the general teacher ends the turn ({s.sft_domain_steps} steps, lr "
+            f"{s.sft_domain_lr:g}, {100 * s.domain_replay:.0f}% replay of "
+            f"{', '.join(s.domain_replay_tasks) or 'no task'}). The student starts from the domain teacher and is "
+            "distilled on-policy: general teacher on *proxy* general prompts "
+            f"({'; '.join(f'{t}: {proxy_label(s, t)}' for t in s.general_tasks)}; shares: {weights}), domain "
+            "teacher on domain prompts. The conflict is built in (demo/signoff.py): at the same position of "
+            "prompts the student cannot tell apart, the general teacher wants end-of-turn and the domain teacher "
+            "the sign-off, with no marker to route around it; the general-only run (1:0) shows how much recovery "
+            "alone costs the domain."
+        )
     return (
         "A tiny Qwen3-architecture model trained from scratch on one CPU. The **general teacher** is SFT-ed on "
         f"{', '.join(s.general_tasks)}. The **domain teacher** is the general teacher specialised by SFT on the "
@@ -234,22 +250,28 @@ def report_markdown(
                 f"prompt set: {seen} (small task spaces such as 1-digit arithmetic repeat)."
             ),
         ]
-    lines += ["", "### General accuracy per task (%, methods: mean over seeds)", ""]
-    tasks = sorted({t for r in models.values() for t in r["general"]["per_task"]})
-    lines += [
-        "| model | " + " | ".join(f"{t} ({proxy_label(s, t)})" for t in tasks) + " |",
-        "| --- |" + " ---: |" * len(tasks),
-    ]
-    for n, r in models.items():
-        lines.append(
-            f"| {n.replace('_', ' ')} | " + " | ".join(_pct(r["general"]["per_task"].get(t)) for t in tasks) + " |"
-        )
-    for m, rs in runs.items():
-        lines.append(
-            f"| {LABELS.get(m, m)} | "
-            + " | ".join(_pct(mean_std([r["per_task"]["general"].get(t) for r in rs])[0]) for t in tasks)
-            + " |"
-        )
+    for b in ("general", "domain"):
+        lines += ["", f"### {b.capitalize()} accuracy per task (%, methods: mean over seeds)", ""]
+        tasks = sorted({t for r in models.values() for t in r[b]["per_task"]})
+        label = (lambda t: f"{t} ({proxy_label(s, t)})") if b == "general" else str
+        lines += ["| model | " + " | ".join(label(t) for t in tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+        for n, r in models.items():
+            lines.append(
+                f"| {n.replace('_', ' ')} | " + " | ".join(_pct(r[b]["per_task"].get(t)) for t in tasks) + " |"
+            )
+        gen, dom = models.get("general_teacher"), models.get("domain_teacher")
+        if gen and dom:
+            cells = [_pct(gen[b]["per_task"].get(t, 0.0) - dom[b]["per_task"].get(t, 0.0)) for t in tasks]
+            lines.append("| domain teacher's forgetting (general - domain teacher) | " + " | ".join(cells) + " |")
+        for m, rs in runs.items():
+            lines.append(
+                f"| {LABELS.get(m, m)} | "
+                + " | ".join(_pct(mean_std([r["per_task"][b].get(t) for r in rs])[0]) for t in tasks)
+                + " |"
+            )
+    readouts = {m: method_readout(rs) for m, rs in runs.items()}
+    start = {b: summary[b]["domain_teacher"] for b in ("general", "domain")}
+    preds = predictions(runs, {"initial student": start}, readouts)
     lines += ["", "## Answers", ""]
     lost = summary["general"]["general_teacher"] - summary["general"]["domain_teacher"]
     lines.append(f"- Specialisation cost the domain teacher {_pct(lost)} points of general accuracy.")
@@ -276,15 +298,16 @@ def report_markdown(
         )
     if "camopd" in runs:
         ins = [r["instruments"] for r in runs["camopd"]]
-        gcg = [i.get("gcg") for i in ins]
+        per_branch = "; ".join(
+            f"{b}: "
+            + ", ".join(f"{_fmt(i.get(f'gap_gcg/{b}'), 1)} vs {_fmt(i.get(f'gap_gcg_null/{b}'), 1)}" for i in ins)
+            for b in ("general", "domain")
+        )
         sel = [i.get("selected_fraction/general") for i in ins]
         lines.append(
-            "- **Weak-signal flattening**: CaMOPD's gradient coherence gain of the selected subset over "
-            "the full batch (GCG, %), mean per seed: "
-            + ", ".join(_fmt(x, 1) for x in gcg)
-            + "; general selected fraction: "
-            + ", ".join(_fmt(x, 2) for x in sel)
-            + "."
+            "- **Weak-signal flattening**: CaMOPD's gradient coherence gain of the selected subset over the full "
+            f"batch (GCG, %) against random subsets of the same size (the null), per seed: {per_branch}; general "
+            "selected fraction: " + ", ".join(_fmt(x, 2) for x in sel) + "."
         )
     n_gen = models["general_teacher"]["general"].get("n") or 0
     if n_gen:
@@ -298,6 +321,12 @@ def report_markdown(
         "## All instruments",
         "",
         *instrument_table(stats),
+        "",
+        *readout_tables(readouts, stats),
+        "",
+        "Predictions (README):",
+        "",
+        *[f"- **{name} {status}**: {text}" for name, status, text in preds],
         "",
         "## Training curves",
         "",

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import random
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,28 @@ from megatron_camopd.data.synthetic import (
     task_of,
     write_jsonl,
 )
+from megatron_camopd.demo.signoff import SIGNOFF, make_signoff_examples
+
+# The settings of `camopd demo --setting NAME`: DemoSetting fields that differ from the defaults (= "loud").
+# "signoff": demo/signoff.py. Its domain is reverse/sort/copy answered with the sign-off; the proxy is every
+# general task at equal shares (letter prompts are three quarters of it and all carry the conflict)
+SETTINGS: dict[str, dict[str, Any]] = {
+    "loud": {},
+    "signoff": {
+        "setting": "signoff",
+        "domain_tasks": {"reverse": [3, 5], "sort": [3, 5], "copy": [3, 6]},
+        "proxy_weights": {"arithmetic": 1.0, "reverse": 1.0, "sort": 1.0, "copy": 1.0},
+        "domain_replay": 0.1,
+        "domain_replay_tasks": ["arithmetic"],
+        "demo_methods": ["opd_general", "mopd_1to1", "camopd"],
+        # recovery is fast here (1:0 has 88% general at step 32 of 160): 96 steps, ~100 s a run at 1 thread;
+        # diagnostics at 16 mixed steps, or 12 general + 12 domain steps of G,G,G,D
+        "distill_steps": 96,
+        "eval_every": 24,
+        "diagnostics_interval": 6,
+        "diagnostics_interval_domain": 2,
+    },
+}
 
 
 @dataclass
@@ -44,6 +67,10 @@ class DemoSetting:
     """Every knob of the demo (hashed to decide which cached phases are still valid)."""
 
     seed: int = 0
+    # which setting (SETTINGS): "loud" (the domain is a marked persona of some general tasks) or "signoff" (the
+    # domain answers the same unmarked prompts and ends with a sign-off token where the general teacher stops)
+    setting: str = "loud"
+    signoff: str = SIGNOFF  # the "signoff" setting's domain sign-off (one token)
     # model (tiny Qwen3 from scratch)
     hidden: int = 256  # 128: the domain drifts more during distillation (87.5 -> 77.5 in 96 steps)
     layers: int = 2
@@ -96,8 +123,13 @@ class DemoSetting:
     rollout_temperature: float = 1.0  # 0.7: no measurable change
     eval_every: int = 32
     max_new_tokens: int = 10
-    diagnostics_interval: int = 20
-    diagnostics_samples: int = 16  # per-sample gradients for coherence/GCG (one backward each: the costly part)
+    # diagnostics every k-th step of each branch (counted per branch, so an alternating run visits both) from
+    # step `diagnostics_start` (1: not step 0, where the student equals the domain teacher and the domain gradient
+    # is float noise)
+    diagnostics_interval: int = 8  # 160 steps: 20 mixed points, 15 general + 13 domain ones in G,G,G,D
+    diagnostics_interval_domain: int | None = 3  # None: the same as diagnostics_interval
+    diagnostics_start: int = 1
+    diagnostics_samples: int = 16  # per-sample gradients per branch for coherence/GCG (one backward each)
     demo_methods: list[str] = field(default_factory=lambda: ["camopd", "mopd_1to1"])
     distill_seeds: int = 2  # seeds per method (train.seed = data.seed = seed + k); the teachers are shared
     quick_mode: bool = False
@@ -114,6 +146,29 @@ class DemoSetting:
                 )
         if self.distill_seeds < 1:
             raise SpecError(f"demo setting distill_seeds: must be >= 1, got {self.distill_seeds}")
+        if self.setting not in SETTINGS:
+            raise SpecError(f"demo setting: unknown setting {self.setting!r} (known: {', '.join(SETTINGS)})")
+        if self.setting == "signoff" and len(self.signoff) != 1:
+            raise SpecError(f"demo setting signoff: must be one character (one token), got {self.signoff!r}")
+
+    @classmethod
+    def named(cls, name: str, seed: int = 0, quick: bool = False) -> DemoSetting:
+        """The setting `name` (SETTINGS), full size or (`quick`) shrunk for CI."""
+        from megatron_camopd.errors import SpecError
+
+        if name not in SETTINGS:
+            raise SpecError(f"--setting {name!r}: expected one of {', '.join(SETTINGS)}")
+        base = cls.quick(seed) if quick else cls(seed=seed)
+        changes = SETTINGS[name]
+        if quick:  # the sizes quick() shrinks stay shrunk
+            default = cls(seed=seed)
+            changes = {k: v for k, v in changes.items() if getattr(base, k) == getattr(default, k)}
+        return dataclasses.replace(base, **changes)
+
+    def conflict_tokens(self) -> list[str]:
+        """Tokens whose presence in a general rollout (absence from a domain rollout) marks a sample that carries
+        the cross-branch conflict: the sign-off, or capital letters (shouting) in the loud setting."""
+        return [self.signoff] if self.setting == "signoff" else list(string.ascii_uppercase)
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoSetting:
@@ -166,6 +221,8 @@ class DemoSetting:
 # Method variants of the comparison: name -> spec overrides (dotted key -> value). MOPD/CaMOPD keep the spec's
 # loss form (pg or topk); the other methods are defined on the sampled-token policy gradient, so they force pg.
 METHODS: dict[str, dict[str, Any]] = {
+    # the precondition: recovery alone (general prompts only, 1:0); the domain's drop under it is the conflict
+    "opd_general": {"method.name": "mopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 0]},
     "mopd_1to1": {"method.name": "mopd", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
     "mopd_3to1": {"method.name": "mopd", "schedule.mode": "mixed", "schedule.mix_ratio": [3, 1]},
     "camopd": {"method.name": "camopd", "schedule.mode": "alternate", "method.selection": True},
@@ -176,6 +233,13 @@ METHODS: dict[str, dict[str, Any]] = {
         "method.selection": True,
     },
     "camopd_no_select": {"method.name": "camopd", "schedule.mode": "alternate", "method.selection": False},
+    # selection's ablation: as many samples per branch as the gap prefix would keep, drawn at random
+    "camopd_random": {
+        "method.name": "camopd",
+        "schedule.mode": "alternate",
+        "method.selection": True,
+        "method.selection_order": "random",
+    },
     "uniopd": {
         "method.name": "uniopd",
         "method.loss": "pg",
@@ -198,11 +262,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "exopd": {"method.name": "exopd", "method.loss": "pg", "schedule.mode": "mixed", "schedule.mix_ratio": [1, 1]},
 }
 LABELS = {
+    "opd_general": "general-only OPD (1:0)",
     "mopd_1to1": "MOPD (1:1)",
     "mopd_3to1": "MOPD (3:1)",
     "camopd": "CaMOPD",
     "camopd_no_decouple": "CaMOPD w/o decoupling",
     "camopd_no_select": "CaMOPD w/o selection",
+    "camopd_random": "CaMOPD, random subset",
     "uniopd": "Uni-OPD",
     "relaxed_opd": "Relaxed OPD",
     "selectkd": "SelecTKD",
@@ -278,6 +344,13 @@ def write_data(s: DemoSetting, data_dir: Path) -> dict[str, Path]:
     proxy = {t: s.proxy_lengths.get(t, general[t]) for t in s.proxy_tasks}
 
     def loud(n: int, seed: int) -> list[dict]:
+        """The domain's examples: the loud persona, or (signoff) the same prompts answered with the sign-off."""
+        if s.setting == "signoff":
+            return [
+                ex
+                for t, rng in s.domain_tasks.items()
+                for ex in make_signoff_examples(t, n, seed, _span(rng), s.signoff)
+            ]
         return [
             ex
             for t, rng in s.domain_tasks.items()
@@ -387,7 +460,10 @@ def distill_spec(
     spec["logging"].update(
         diagnostics=True,
         diagnostics_interval=s.diagnostics_interval,
+        diagnostics_interval_domain=s.diagnostics_interval_domain,
+        diagnostics_start=s.diagnostics_start,
         diagnostics_samples=s.diagnostics_samples,
+        diagnostics_conflict_tokens=s.conflict_tokens(),
         log_interval=1,
     )
     spec.update(

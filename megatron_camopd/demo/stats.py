@@ -83,25 +83,86 @@ def verdict(diff: dict, what: str = "CaMOPD - MOPD") -> str:
     return f"{what} = {span}: the interval contains 0 (no demonstrated difference)"
 
 
+BRANCH_KEYS = (
+    "coherence_full",
+    "gcg",
+    "gcg_null",
+    "gcg_excess",
+    "gap_gcg",
+    "gap_gcg_null",
+    "gap_gcg_excess",
+    "sel_precision",
+    "sel_base_rate",
+    "gap_sel_precision",
+    "gap_sel_base_rate",
+    "gap_sel_lift",
+)
+
+
+def _col(rows: list[dict], key: str) -> list[float]:
+    return finite([r.get(key) for r in rows])
+
+
+def _share_negative(vals: list[float]) -> float | None:
+    return sum(v < 0 for v in vals) / len(vals) if vals else None
+
+
 def instruments(rows: list[dict]) -> dict[str, float | None]:
-    """The referee's instruments over one run's metrics rows: coherence of full candidate batches, cross-branch
-    gradient cosine (mean, share of negative diagnostics steps), GCG, gap-vs-length Spearman per branch, and the
-    lengths of selected vs dropped samples."""
+    """The referee's instruments over one run's metrics rows (diagnostic rows only; step 0 is never one,
+    `logging.diagnostics_start`): the cross-branch dot product and cosine (mean, share of negative steps), the
+    norm ratio ||g_d|| / ||g_g||, the counteracted fraction -<g_g, g_d> / ||g_g||^2, each branch's split-half
+    cosine and the reliability of its full batch (Spearman-Brown of the mean split-half cosine), the
+    attenuation-corrected cosine of the run (mean cosine / sqrt(rel_g rel_d)), the per-tensor cosines and dot
+    shares, and per branch (`/general`, `/domain`: a mixed step reports both) the coherence, GCG of the method's
+    own selection and of the gap selection against their size-matched random-subset nulls, the selection's
+    precision on the samples that carry the conflict, plus the gap-vs-length and selected-length readouts."""
+    from megatron_camopd.algo.diagnostics import corrected_cosine, spearman_brown
 
-    def col(key: str) -> list[float]:
-        return finite([r.get(key) for r in rows])
-
-    cos = col("diag_grad_cos")
+    cross = [r for r in rows if r.get("diag_grad_dot") is not None]
+    cos, dot = _col(cross, "diag_grad_cos"), _col(cross, "diag_grad_dot")
     out: dict[str, float | None] = {
-        "coherence_full": mean_std(col("diag_coherence_full"))[0],
-        "gcg": mean_std(col("diag_gcg"))[0],
         "cross_cos_mean": mean_std(cos)[0],
-        "cross_cos_negative_share": (sum(c < 0 for c in cos) / len(cos)) if cos else None,
+        "cross_cos_negative_share": _share_negative(cos),
         "cross_cos_n": len(cos),
+        "cross_dot_mean": mean_std(dot)[0],
+        "cross_dot_negative_share": _share_negative(dot),
+        "norm_ratio": mean_std(_col(cross, "diag_norm_ratio"))[0],
+        "counteracted": mean_std(_col(cross, "diag_counteracted"))[0],
     }
     for b in ("general", "domain"):
-        out[f"selected_len_mean/{b}"] = mean_std(col(f"selected_len_mean/{b}"))[0]
-        out[f"dropped_len_mean/{b}"] = mean_std(col(f"dropped_len_mean/{b}"))[0]
-        out[f"spearman_gap_len/{b}"] = mean_std(col(f"spearman_gap_len/{b}"))[0]
-        out[f"selected_fraction/{b}"] = mean_std(col(f"selected_fraction/{b}"))[0]
+        r = mean_std(_col(cross, f"diag_split_cos/{b}"))[0]
+        out[f"split_cos/{b}"] = r
+        out[f"reliability/{b}"] = spearman_brown(r) if r is not None else None
+        for k in BRANCH_KEYS:
+            out[f"{k}/{b}"] = mean_std(_col(rows, f"diag_{k}/{b}"))[0]
+        out[f"diag_steps/{b}"] = len(_col(rows, f"diag_coherence_full/{b}"))
+        out[f"selected_len_mean/{b}"] = mean_std(_col(rows, f"selected_len_mean/{b}"))[0]
+        out[f"dropped_len_mean/{b}"] = mean_std(_col(rows, f"dropped_len_mean/{b}"))[0]
+        out[f"spearman_gap_len/{b}"] = mean_std(_col(rows, f"spearman_gap_len/{b}"))[0]
+        out[f"selected_fraction/{b}"] = mean_std(_col(rows, f"selected_fraction/{b}"))[0]
+    rel_g, rel_d = out["reliability/general"], out["reliability/domain"]
+    corr = (
+        corrected_cosine(out["cross_cos_mean"], rel_g, rel_d)
+        if None not in (out["cross_cos_mean"], rel_g, rel_d)
+        else math.nan
+    )
+    out["cross_cos_corrected"] = corr if math.isfinite(corr) else None
+    groups = sorted({k.split("/")[1] for r in cross for k in r if k.startswith("diag_cross/")})
+    for g in groups:
+        out[f"tensor_cos/{g}"] = mean_std(_col(cross, f"diag_cross/{g}/cos"))[0]
+        out[f"tensor_dot_share/{g}"] = mean_std(_col(cross, f"diag_cross/{g}/dot_share"))[0]
+    return out
+
+
+def series(rows: list[dict]) -> dict[str, list[float]]:
+    """The per-step cross-branch readings of one run, aligned (steps where every one of them is finite): the
+    cosine, the dot product and each branch's split-half cosine -- what the method-level bootstrap resamples."""
+    keys = {"cos": "diag_grad_cos", "dot": "diag_grad_dot"}
+    keys.update({f"split/{b}": f"diag_split_cos/{b}" for b in ("general", "domain")})
+    out: dict[str, list[float]] = {k: [] for k in keys}
+    for r in rows:
+        vals = [r.get(v) for v in keys.values()]
+        if all(v is not None and math.isfinite(float(v)) for v in vals):
+            for k, v in zip(keys, vals):
+                out[k].append(float(v))
     return out

@@ -239,3 +239,44 @@ def test_padding_values_never_change_signals(name, seed):
     assert torch.equal(out[0].token_weight, out[1].token_weight)
     assert torch.equal(out[0].sample_weight, out[1].sample_weight)
     assert out[0].metrics.keys() == out[1].metrics.keys()
+
+
+def _gap_batch(n: int = 40, seed: int = 0, nan_rows: tuple[int, ...] = ()):
+    g = torch.Generator().manual_seed(seed)
+    delta = torch.randn(n, 5, generator=g) * torch.linspace(0.1, 3.0, n).unsqueeze(1)  # unequal gaps
+    for i in nan_rows:
+        delta[i, 0] = NAN
+    return batch_from_delta(delta, branch=["general"] * (n // 2) + ["domain"] * (n - n // 2))
+
+
+def test_camopd_random_selection_keeps_as_many_as_the_gap_prefix_elsewhere():
+    gap = build_method("camopd").prepare(_gap_batch())
+    rnd_method = build_method("camopd", selection_order="random", seed=3)
+    rnd = rnd_method.prepare(_gap_batch())
+    for b, rows in (("general", slice(0, 20)), ("domain", slice(20, 40))):
+        assert int((rnd.sample_weight[rows] > 0).sum()) == int((gap.sample_weight[rows] > 0).sum()), b
+        assert rnd.metrics[f"selected_fraction/{b}"] == gap.metrics[f"selected_fraction/{b}"]
+    assert not torch.equal(rnd.sample_weight > 0, gap.sample_weight > 0)  # same count, other samples
+    # the kept samples carry the branch scale, the dropped ones nothing
+    assert set(rnd.seq_scale[:20][rnd.sample_weight[:20] > 0].tolist()) == {2.0}
+    # reproducible from (seed, batch counter); the counter is state a checkpoint restores
+    again = build_method("camopd", selection_order="random", seed=3).prepare(_gap_batch())
+    assert torch.equal(again.sample_weight, rnd.sample_weight)
+    second = rnd_method.prepare(_gap_batch())
+    assert rnd_method.state_dict() == {"calls": 2} and not torch.equal(second.sample_weight, rnd.sample_weight)
+    resumed = build_method("camopd", selection_order="random", seed=3)
+    resumed.load_state_dict({"calls": 1})
+    assert torch.equal(resumed.prepare(_gap_batch()).sample_weight, second.sample_weight)
+    assert build_method("camopd").state_dict() == {}
+
+
+def test_camopd_random_selection_never_draws_a_dropped_nan_sample():
+    nan_rows = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+    for seed in range(20):
+        s = build_method("camopd", selection_order="random", seed=seed).prepare(_gap_batch(nan_rows=nan_rows))
+        assert not (s.sample_weight[list(nan_rows)] > 0).any(), seed
+
+
+def test_camopd_selection_order_is_validated():
+    with pytest.raises(SpecError, match="selection_order"):
+        build_method("camopd", selection_order="length")

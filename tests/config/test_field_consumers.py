@@ -60,6 +60,15 @@ def _schedule(spec: Any) -> Any:
     return vars(s), s.split(spec.rollout.prompts_per_step)
 
 
+def _diagnostics(spec: Any) -> Any:
+    """The steps the training loop diagnoses (an alternating schedule, so the domain's own interval shows)."""
+    from megatron_camopd.session import branch_schedule
+    from megatron_camopd.train import diagnosed
+
+    sched = branch_schedule(spec)
+    return [t for t in range(64) if diagnosed(spec, sched, t)]
+
+
 def _streams(spec: Any) -> Any:
     from megatron_camopd.session import stream_arguments
 
@@ -100,6 +109,7 @@ PROBES: dict[str, Callable[[Any], Any]] = {
     "launch": _launch,
     "method": _method,
     "schedule": _schedule,
+    "diagnostics": _diagnostics,
     "streams": _streams,
     "sampling": _sampling,
     "http": _http,
@@ -234,6 +244,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
             "r_d": None,
         }.items()
     },
+    "method.selection_order": probe("method", "random"),
     "method.name": probe("method", "mopd", extra=("schedule.mode=mixed", "schedule.mix_ratio=[1, 1]")),
     "method.topk": loop("megatron_camopd.rollout.collect:teacher_top_k"),
     **{
@@ -350,11 +361,16 @@ CONSUMERS: dict[str, dict[str, Any]] = {
     "checkpoint.save_interval": loop("megatron_camopd.train:train"),
     "checkpoint.keep_last": loop("megatron_camopd.train:train"),
     "checkpoint.resume": loop("megatron_camopd.resume:choose_checkpoint"),
+    **{f"logging.{k}": loop("megatron_camopd.train:train") for k in ("log_interval", "progress", "diagnostics")},
     **{
-        f"logging.{k}": loop("megatron_camopd.train:train")
-        for k in ("log_interval", "progress", "diagnostics", "diagnostics_interval")
+        f"logging.{k}": probe("diagnostics", v, extra=("schedule.mode=alternate",))
+        for k, v in {"diagnostics_interval": 3, "diagnostics_interval_domain": 2, "diagnostics_start": 0}.items()
     },
-    "logging.diagnostics_samples": loop("megatron_camopd.steplog:diagnostics_row"),
+    **{
+        f"logging.{k}": loop("megatron_camopd.steplog:diagnostics_row")
+        for k in ("diagnostics_samples", "diagnostics_null_draws", "diagnostics_sketch_dim")
+    },
+    "logging.diagnostics_conflict_tokens": loop("megatron_camopd.steplog:conflict_token_ids"),
     **{
         f"logging.wandb.{k}": loop("megatron_camopd.metrics:MetricsWriter")
         for k in ("enabled", "project", "entity", "mode", "run_name")

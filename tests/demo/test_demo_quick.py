@@ -113,5 +113,23 @@ def test_compare_table(demo_dir, tmp_path):
     assert s["paired"]["general"]["mean"] == pytest.approx(sum(diffs) / 2)
     assert "paired" not in data["summary"]["mopd_1to1"]
     md = (cmp_dir / "compare.md").read_text()
-    assert "| method |" in md and " ± " in md and "Cost:" in md and "Instruments" in md
+    assert "| method |" in md and " ± " in md and "Cost:" in md and "Cross-branch instruments" in md
+    assert "corrected cos [CI]" in md and "GCG gen / null" in md and "Per task (%)" in md
+    assert "- **P2 " in md and "- **P0 not measured**" in md  # no 1:0 run here: the precondition is not measured
+    for runs in data["results"].values():
+        for r in runs:  # every diagnosed step is labelled by branch; step 0 never is one
+            assert "diag_steps/general" in r["instruments"] and set(r["series"]) >= {"cos", "dot"}
     _valid_png(cmp_dir / "compare.png")
+
+
+def test_signoff_setting_runs(tmp_path):
+    out = tmp_path / "signoff"
+    _camopd("demo", "--out", str(out), "--quick", "--setting", "signoff", "--seeds", "1")
+    setting = json.loads((out / "setting.json").read_text())
+    assert setting["setting"] == "signoff" and setting["demo_methods"][0] == "opd_general"
+    evals = json.loads((out / "evals.json").read_text())
+    domain_tasks = {t for k, v in evals.items() if k.startswith("distill_") for t in v["domain"]["per_task"]}
+    assert domain_tasks == {"signoff_reverse", "signoff_sort", "signoff_copy"}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["run"] for r in rows} == {"opd_general", "mopd_1to1", "camopd"}
+    assert all(r["step"] > 1 for r in rows if any(k.startswith("diag_") for k in r))  # step 0 skipped

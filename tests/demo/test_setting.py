@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from megatron_camopd.data.synthetic import read_jsonl
+from megatron_camopd.data.synthetic import read_jsonl, task_of
 from megatron_camopd.demo.setting import (
     DemoSetting,
     eval_overlap,
@@ -121,3 +121,28 @@ def test_loud_persona_shares_the_surface_form_and_proxy_shares_follow_weights(tm
     sft = [r["uid"].split("-")[0] for r in read_jsonl(data["sft_domain"])]
     assert set(sft) == {"loud_reverse", "arithmetic"}  # replay only of the listed general tasks
     assert sft.count("arithmetic") == 25  # 20% of the mixed set: 25 of 125
+
+
+def test_signoff_domain_answers_the_same_unmarked_prompts_with_the_sign_off(tmp_path):
+    s = DemoSetting.named("signoff").with_overrides(["n_train=60", "n_eval=12"])
+    assert s.setting == "signoff" and "sort" in s.domain_tasks  # the task that forgets most has a counterpart
+    assert set(s.domain_tasks) <= set(s.general_tasks) and s.conflict_tokens() == [s.signoff]
+    data = write_data(s, tmp_path)
+    general = {r["messages"][-1]["content"]: r["answer"] for r in read_jsonl(data["eval_general"])}
+    domain = read_jsonl(data["eval_domain"])
+    assert {task_of(r) for r in domain} == {f"signoff_{t}" for t in s.domain_tasks}
+    shared = 0
+    for r in domain:
+        prompt = r["messages"][-1]["content"]
+        assert not prompt.startswith(s.domain_marker)  # no marker to route around the conflict
+        assert r["answer"].endswith(s.signoff) and s.signoff not in r["answer"][:-1]
+        if prompt in general:  # the same prompt: the general teacher's answer, without the sign-off
+            shared += 1
+            assert general[prompt] + s.signoff == r["answer"]
+    assert shared > len(domain) // 2  # the evaluation seeds coincide: most domain prompts are general prompts too
+    assert all(s.signoff not in a for a in general.values())
+    sft = read_jsonl(data["sft_domain"])
+    assert {task_of(r) for r in sft if not r["answer"].endswith(s.signoff)} == set(s.domain_replay_tasks)
+    assert DemoSetting.named("loud") == DemoSetting()  # the old setting stays as it is
+    with pytest.raises(SpecError, match="setting"):
+        DemoSetting.named("whisper")

@@ -34,15 +34,23 @@ def test_verdict_reads_the_interval():
 
 
 def test_instruments_and_counteraction():
+    cross = {"diag_split_cos/general": 0.2, "diag_split_cos/domain": 0.5, "diag_norm_ratio": 2.0}
     rows = [
-        {"diag_grad_cos": -0.2, "diag_gcg": 10.0, "selected_len_mean/general": 4.0},
-        {"diag_grad_cos": -0.1, "diag_gcg": 30.0, "selected_len_mean/general": 6.0},
-        {"diag_grad_cos": 0.05},
+        {**cross, "diag_grad_dot": -1.0, "diag_grad_cos": -0.2, "diag_gcg/general": 10.0, "diag_gcg_null/general": 4.0},
+        {**cross, "diag_grad_dot": -0.5, "diag_grad_cos": -0.1, "diag_gcg/general": 30.0, "diag_gcg_null/general": 6.0},
+        {**cross, "diag_grad_dot": 0.2, "diag_grad_cos": 0.05, "diag_cross/output/cos": -0.4},
+        {"diag_coherence_full/domain": 0.3, "diag_gap_gcg/domain": 12.0, "selected_len_mean/general": 5.0},
         {"loss": 1.0},
     ]
     ins = instruments(rows)
     assert ins["cross_cos_mean"] == pytest.approx(-0.25 / 3) and ins["cross_cos_negative_share"] == pytest.approx(2 / 3)
-    assert ins["gcg"] == pytest.approx(20.0) and ins["selected_len_mean/general"] == pytest.approx(5.0)
+    assert ins["cross_dot_negative_share"] == pytest.approx(2 / 3) and ins["cross_dot_mean"] == pytest.approx(-1.3 / 3)
+    assert ins["gcg/general"] == pytest.approx(20.0) and ins["gcg_null/general"] == pytest.approx(5.0)
+    assert ins["gap_gcg/domain"] == 12.0 and ins["diag_steps/domain"] == 1 and ins["diag_steps/general"] == 0
+    assert ins["norm_ratio"] == 2.0 and ins["tensor_cos/output"] == -0.4
+    rel_g, rel_d = 2 * 0.2 / 1.2, 2 * 0.5 / 1.5  # Spearman-Brown of the mean split-half cosines
+    assert ins["reliability/general"] == pytest.approx(rel_g) and ins["reliability/domain"] == pytest.approx(rel_d)
+    assert ins["cross_cos_corrected"] == pytest.approx((-0.25 / 3) / (rel_g * rel_d) ** 0.5)
     assert counteraction([ins, ins])[0] == "present"
     flipped = dict(ins, cross_cos_negative_share=0.4)
     assert counteraction([ins, flipped])[0] == "not present"

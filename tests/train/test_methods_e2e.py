@@ -67,15 +67,21 @@ def test_all_methods_train(tiny_root, tmp_path):
     hist = json.loads((tmp_path / "uniopd_offline" / "offline_balance" / "general.hist.json").read_text())
     assert hist["prompts_before"] == 6 and sum(hist["hist_before"]) == 6
     assert hist["prompts_after"] == sum(hist["hist_after"]) >= 6
-    mixed = res["camopd_mixed"][0]
+    # step 0 is never diagnosed (diagnostics_start 1: the student still equals the domain teacher)
+    assert not any(k.startswith("diag_") for k in res["camopd_mixed"][0])
+    mixed = res["camopd_mixed"][1]
     assert math.isfinite(mixed["diag_grad_dot"]) and -1.0 <= mixed["diag_grad_cos"] <= 1.0
-    assert mixed["diag_coherence_full"] > 0 and "diag_gcg" in mixed
+    for key in ("norm_ratio", "counteracted", "split_cos/general", "split_cos/domain"):
+        assert f"diag_{key}" in mixed, key
+    for b in ("general", "domain"):  # a mixed step reports each branch's coherence under its own label
+        assert mixed[f"diag_coherence_full/{b}"] > 0 and f"diag_gap_gcg_null/{b}" in mixed, b
     alt = res["camopd_alt_diag"]  # G, D: the second step compares against the cached general batch
     assert alt[0]["branch"] == "general" and alt[1]["branch"] == "domain"
     assert "diag_grad_dot" not in alt[0] and math.isfinite(alt[1]["diag_grad_dot"])
+    assert "diag_coherence_full/domain" in alt[1] and "diag_coherence_full/general" not in alt[1]
     # capped per-sample gradients: the coherence of a single gradient is exactly 1 (the full batch's is below 1)
-    assert res["camopd_diag_one"][0]["diag_coherence_full"] == pytest.approx(1.0, abs=1e-9)
-    assert mixed["diag_coherence_full"] < 0.999
+    assert res["camopd_diag_one"][1]["diag_coherence_full/general"] == pytest.approx(1.0, abs=1e-9)
+    assert mixed["diag_coherence_full/general"] < 0.999
 
 
 RECORDED = Path(__file__).with_name("recorded_curves.json")

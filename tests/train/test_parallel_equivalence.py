@@ -49,11 +49,14 @@ def test_gradient_diagnostics_do_not_depend_on_dp(tiny_root, tmp_path):
         "schedule.mix_ratio=[1,1]",
         "logging.diagnostics=true",
         "logging.diagnostics_interval=1",
+        "logging.diagnostics_start=0",
         "train.micro_batch_size=2",
     )
     one = run_on_ranks(run_train, 1, tiny_overrides(tiny_root, tmp_path / "d1", *extra))[0][0]
     two = run_on_ranks(run_train, 2, tiny_overrides(tiny_root, tmp_path / "d2", *extra))[0][0]
-    for key in ("diag_grad_dot", "diag_grad_cos", "diag_coherence_full", "diag_coherence_selected"):
+    keys = ["diag_grad_dot", "diag_grad_cos", "diag_norm_ratio", "diag_counteracted"]
+    keys += [f"diag_{k}/{b}" for k in ("coherence_full", "gap_coherence_selected") for b in ("general", "domain")]
+    for key in keys:
         assert math.isfinite(one[key]), key
         assert abs(one[key] - two[key]) <= 1e-4 * max(1.0, abs(one[key])), (key, one[key], two[key])
 
@@ -91,6 +94,7 @@ def test_uneven_dp_slices_run_the_same_passes_on_every_rank(tiny_root, tmp_path)
         "rollout.prompts_per_step=5",
         "logging.diagnostics=true",
         "logging.diagnostics_interval=1",
+        "logging.diagnostics_start=0",
         "train.micro_batch_size=1",
     )
     out = run_on_ranks(count_passes, 2, tiny_overrides(tiny_root, tmp_path / "uneven", *extra))
@@ -100,8 +104,10 @@ def test_uneven_dp_slices_run_the_same_passes_on_every_rank(tiny_root, tmp_path)
     assert a["train"] == [2 * 3, 2 * 3], a
     assert a["diag"][0] == a["diag"][1] >= 2 * 3, a  # per-sample passes and the branch gradients
     rows = out[0]["rows"]
-    assert len(rows) == 2 and all(math.isfinite(r["diag_coherence_full"]) for r in rows)
+    keys = ("diag_coherence_full/general", "diag_coherence_full/domain", "diag_grad_cos")
+    assert len(rows) == 2 and all(math.isfinite(r[k]) for r in rows for k in keys), rows
     # the filler rows change nothing: DP = 2 trains DP = 1's losses
     one = run_on_ranks(run_train, 1, tiny_overrides(tiny_root, tmp_path / "uneven1", *extra))[0]
     for r1, r2 in zip(one, rows, strict=True):
-        assert abs(r1["loss"] - r2["loss"]) < 1e-4 and abs(r1["diag_coherence_full"] - r2["diag_coherence_full"]) < 1e-4
+        assert abs(r1["loss"] - r2["loss"]) < 1e-4
+        assert all(abs(r1[k] - r2[k]) < 1e-4 for k in keys[:2]), (r1, r2)
