@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from hypothesis import settings
 
 # property tests draw the same examples on every run and machine: a CI failure is reproducible, never a dice roll

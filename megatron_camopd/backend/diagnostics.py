@@ -223,9 +223,9 @@ def per_sample_gram(
 
     `per_sample_batches` are this rank's one-row batches, as many on every DP rank (a rank with fewer samples
     pads with zero-weight batches, which run and are left out), `labels` one list of booleans per batch (e.g.
-    selected, carries the conflict). Each gradient is written into one fp32 row (exact, or its CountSketch when this rank's
-    gradient has more than `sketch_dim` entries); the rows and labels are gathered over DP (ranks with fewer
-    samples pad, the padding is dropped) and the Gram matrix is summed over the model-parallel group. Samples
+    selected, carries the conflict). Each gradient is written into one fp32 row (exact, or its CountSketch when
+    this rank's gradient has more than `sketch_dim` entries); the rows and labels are gathered over DP (the
+    padding is dropped) and the Gram matrix is summed over the model-parallel group. Samples
     without a counted sequence are left out. Returns K [M, M] and the labels [M, L] (bool) of the M samples."""
     grads = _counted(engine)
     n_local = sum(g.numel() for g in grads)

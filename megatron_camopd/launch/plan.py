@@ -334,9 +334,8 @@ def render_text(plan: dict[str, Any]) -> str:
 
 def _rollout_line(est: dict[str, Any], gpu_memory_gb: float) -> str:
     m, s = est["megatron"], est["sglang"]
-    kv = (
-        f"KV {m['kv_gb_min_group']:g} GB for its smallest group"
-        + ("" if m["kv_budget_holds_a_group"] else ", over rollout.kv_cache_gb: refused at start")
+    kv = f"KV {m['kv_gb_min_group']:g} GB for its smallest group" + (
+        "" if m["kv_budget_holds_a_group"] else ", over rollout.kv_cache_gb: refused at start"
     )
     return (
         f"rollout time per step (estimate, upper bound: {est['samples_per_step']} samples x {est['max_new_tokens']} "

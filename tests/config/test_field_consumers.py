@@ -344,7 +344,8 @@ CONSUMERS: dict[str, dict[str, Any]] = {
         }.items()
     },
     "parallel.vpp": probe("plan", 2, extra=SGLANG_ROLLOUT),
-    "parallel.dp": probe("plan", 2, extra=("launcher=null", "rollout.engine=megatron")),  # with a launcher: checked against its world size
+    # with a launcher, dp is checked against its world size
+    "parallel.dp": probe("plan", 2, extra=("launcher=null", "rollout.engine=megatron")),
     "parallel.recompute_modules": probe("plan", "[mlp, core_attn]", extra=("parallel.recompute=selective",)),
     **{
         f"parallel.fp8.{k}": probe("plan", v)
