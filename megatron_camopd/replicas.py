@@ -144,10 +144,16 @@ class ReplicaPool:
         return {u: Replica(**vars(r)) for u, r in self.replicas.items()}
 
     # ------------------------------------------------------------------ replica selection and health
-    def _next_alive(self, exclude: str | None) -> Replica | None:
+    def _next_alive(self, exclude: str | None, affinity: int | None = None) -> Replica | None:
         alive = [r for r in self.replicas.values() if r.alive]
         if not alive:
             return None
+        if affinity is not None:  # a fixed place on the ring of every known URL, then the next live one
+            ring = sorted(self.replicas)
+            for k in range(len(ring)):
+                r = self.replicas[ring[(affinity + k) % len(ring)]]
+                if r.alive and (r.url != exclude or len(alive) == 1):
+                    return r
         for _ in range(2 * len(self.replicas) + 1):
             if self._cursor >= len(self._order):
                 self._order = list(self.replicas.values())
@@ -159,11 +165,12 @@ class ReplicaPool:
                 return r
         return alive[0]
 
-    async def pick(self, exclude: str | None = None) -> Replica:
-        """A live replica (not `exclude` when another is alive); waits for a revival up to the deadline."""
+    async def pick(self, exclude: str | None = None, affinity: int | None = None) -> Replica:
+        """A live replica (not `exclude` when another is alive); waits for a revival up to the deadline.
+        `affinity`: requests with the same value go to the same replica while it lives (its prefix cache)."""
         loop = asyncio.get_running_loop()
         while True:
-            r = self._next_alive(exclude)
+            r = self._next_alive(exclude, affinity)
             if r is not None:
                 return r
             if self._all_dead_since is None:
@@ -265,17 +272,22 @@ class ReplicaPool:
             raise BadAnswer(f"response is not JSON: {exc}") from exc
 
     async def with_retries(
-        self, body: dict[str, Any], check: Callable[[Any, str], Any], url: str | None = None, path: str = "/generate"
+        self,
+        body: dict[str, Any],
+        check: Callable[[Any, str], Any],
+        url: str | None = None,
+        path: str = "/generate",
+        affinity: int | None = None,
     ) -> Any:
-        """POST `body` to `path` (of `url`, or of the pool with failover) and return `check(response, url)`,
-        retrying on unreachable replicas and on answers `check` refuses (by raising BadAnswer or the pool's
-        error type). A 4xx is not retried: it raises the pool's error naming the replica."""
+        """POST `body` to `path` (of `url`, or of the pool with failover, `affinity` as in `pick`) and return
+        `check(response, url)`, retrying on unreachable replicas and on answers `check` refuses (by raising
+        BadAnswer or the pool's error type). A 4xx is not retried: it raises the pool's error naming the replica."""
         last_err = ""
         last_url: str | None = None
         for attempt in range(self.retries + 1):
             if attempt:
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-            r = self.replicas[url] if url else await self.pick(exclude=last_url)
+            r = self.replicas[url] if url else await self.pick(exclude=last_url, affinity=affinity)
             last_url = r.url
             try:
                 return check(await self.request(r, path, body), r.url)

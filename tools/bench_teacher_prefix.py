@@ -4,11 +4,14 @@
 A teacher scores sample i = prompt + response_i. The HTTP teacher asks for log-probs from the response on
 (`teachers/protocol.py::score_request`: `logprob_start_len = len(prompt) - 1`), so SGLang may serve the prompt
 from its radix cache once another sample of the prompt has been prefilled; asking from position 0
-(`logprob_start_len = 0`) makes SGLang prefill every sample whole. Both request sets are sent the way the teacher
-client sends them (all samples at once, concurrently), alternately (`--repeats` pairs, a fresh random prompt each
-time, so neither finds the other's cache warm and slow drift of a shared machine hits both alike). Printed: the
-median wall time of each, their ratio (from-response / from-0), and the prompt tokens SGLang reports as cached
-(`meta_info.cached_tokens`). The log-probs of the response tokens must agree between the two (checked).
+(`logprob_start_len = 0`) makes SGLang prefill every sample whole. Both request sets are sent all at once
+(concurrently), in turn with a third (`--repeats` rounds, a fresh random prompt each time, so none finds another's
+cache warm, and slow drift of a shared machine hits all alike). The third set is scored by the project's
+teacher client (`teachers/http.py::HttpTeacher`), which also holds the prompt's other samples back until its
+first is answered, so SGLang has the prompt in its radix cache when they arrive (sent all at once, SGLang's
+default `fcfs` scheduler puts them in one prefill batch, where none finds it cached). Printed:
+the median wall time of each, the ratios to from-0, and the prompt tokens SGLang reports as cached
+(`meta_info.cached_tokens`). The log-probs of the response tokens must agree between the ways (checked).
 
 The model defaults to the SmolLM2-135M fixture (`tools/smollm2_fixture.py`, built once into $CAMOPD_CACHE); the
 server is started from the project's SGLang environment (`megatron_camopd.launch.sglang_env`) with the CPU
@@ -58,47 +61,60 @@ def _response_lps(answer: dict, n_response: int) -> list[float]:
     return [float(r[0]) for r in rows[-n_response:]]
 
 
+KINDS = ("from_0", "from_response", "client")
+
+
+def _client_score(url: str, samples: list[list[int]], start: int) -> tuple[float, list[list[float]], int]:
+    """The samples scored by the project's teacher client (one HttpTeacher per request set, as a fresh run)."""
+    from megatron_camopd.teachers.http import HttpTeacher
+
+    with HttpTeacher("bench", [url], timeout_s=1800.0) as teacher:
+        t0 = time.perf_counter()
+        scores = teacher.score_batch(samples, [start] * len(samples))
+        wall = time.perf_counter() - t0
+        return wall, [s.logprobs.tolist() for s in scores], teacher.prefix_cached_tokens
+
+
 def bench(url: str, vocab: int, args: argparse.Namespace) -> dict[str, float]:
+    """Per kind: `from_0` (every sample asked from position 0, all at once: the client before), `from_response`
+    (asked from the response's first position - 1, all at once), `client` (HttpTeacher: from the response on, the
+    prompt's first sample alone, then the rest)."""
     rng = random.Random(args.seed)
-    times: dict[str, list[float]] = {"from_0": [], "from_response": []}
-    cached: dict[str, list[int]] = {"from_0": [], "from_response": []}
+    times: dict[str, list[float]] = {k: [] for k in KINDS}
+    cached: dict[str, list[int]] = {k: [] for k in KINDS}
     max_diff = 0.0
-    for rep in range(args.repeats + 1):  # the first pair warms the server up and is not counted
-        order = ["from_0", "from_response"] if rep % 2 == 0 else ["from_response", "from_0"]
-        prompts = {k: [rng.randrange(10, vocab) for _ in range(args.prompt_tokens)] for k in order}
+    for rep in range(args.repeats + 1):  # the first round warms the server up and is not counted
+        order = list(KINDS[rep % 3 :] + KINDS[: rep % 3])  # each kind first, second and last in turn
         lps: dict[str, list[list[float]]] = {}
         for kind in order:
-            prompt = prompts[kind]
-            samples = [prompt + [rng.randrange(10, vocab) for _ in range(args.response_tokens)]]
-            samples += [
-                prompt + [rng.randrange(10, vocab) for _ in range(args.response_tokens)]
-                for _ in range(args.samples - 1)
-            ]
+            prompt = [rng.randrange(10, vocab) for _ in range(args.prompt_tokens)]  # fresh: no warm cache
+            responses = [[rng.randrange(10, vocab) for _ in range(args.response_tokens)] for _ in range(args.samples)]
+            samples = [prompt + r for r in responses]
             start = len(prompt)
-            if kind == "from_0":
-                bodies = [build_request(ids, None, first=0) for ids in samples]
+            if kind == "client":
+                wall, lps[kind], n_cached = _client_score(url, samples, start)
             else:
-                bodies = [score_request(ids, start, None) for ids in samples]
-            wall, answers = asyncio.run(_score_all(url, bodies))
+                if kind == "from_0":
+                    bodies = [build_request(ids, None, first=0) for ids in samples]
+                else:
+                    bodies = [score_request(ids, start, None) for ids in samples]
+                wall, answers = asyncio.run(_score_all(url, bodies))
+                n_cached = sum(int(a["meta_info"].get("cached_tokens", 0)) for a in answers)
+                lps[kind] = [_response_lps(a, args.response_tokens) for a in answers]
             if rep > 0:
                 times[kind].append(wall)
-                cached[kind].append(sum(int(a["meta_info"].get("cached_tokens", 0)) for a in answers))
-            lps[kind] = [_response_lps(a, args.response_tokens) for a in answers]
-        # the same request set scored both ways once more, to compare the log-probs themselves
-        if rep == 0:
-            prompt = prompts["from_0"]
-            ids = prompt + [rng.randrange(10, vocab) for _ in range(args.response_tokens)]
+                cached[kind].append(n_cached)
+        if rep == 0:  # one sequence scored the three ways: the log-probs must agree
+            ids = [rng.randrange(10, vocab) for _ in range(args.prompt_tokens + args.response_tokens)]
             _, (a0,) = asyncio.run(_score_all(url, [build_request(ids, None, first=0)]))
-            _, (a1,) = asyncio.run(_score_all(url, [score_request(ids, len(prompt), None)]))
+            _, (a1,) = asyncio.run(_score_all(url, [score_request(ids, args.prompt_tokens, None)]))
+            _, (c,), _ = _client_score(url, [ids], args.prompt_tokens)
             r0, r1 = _response_lps(a0, args.response_tokens), _response_lps(a1, args.response_tokens)
-            max_diff = max(abs(x - y) for x, y in zip(r0, r1))
+            max_diff = max(max(abs(x - y), abs(x - z)) for x, y, z in zip(r0, r1, c, strict=True))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "from_0_s": med["from_0"],
-        "from_response_s": med["from_response"],
-        "ratio": med["from_response"] / med["from_0"],
-        "cached_from_0": statistics.median(cached["from_0"]),
-        "cached_from_response": statistics.median(cached["from_response"]),
+        **{f"{k}_s": med[k] for k in KINDS},
+        **{f"cached_{k}": statistics.median(cached[k]) for k in KINDS},
         "lp_max_abs_diff": max_diff,
     }
 
@@ -149,13 +165,16 @@ def main() -> int:
         f"nproc {os.cpu_count()}, model {model}, {args.samples} samples x ({args.prompt_tokens} prompt + "
         f"{args.response_tokens} response tokens), {args.repeats} repeats (medians)"
     )
-    print(f"scored from position 0:        {res['from_0_s']:.3f} s  (cached prompt tokens {res['cached_from_0']:.0f})")
-    print(
-        f"scored from the response on:   {res['from_response_s']:.3f} s  "
-        f"(cached prompt tokens {res['cached_from_response']:.0f})"
-    )
-    print(f"ratio from-response / from-0:  {res['ratio']:.2f}")
-    print(f"response log-probs, max |diff| between the two: {res['lp_max_abs_diff']:.2e}")
+    what = {
+        "from_0": "from position 0, all at once",
+        "from_response": "from the response on, all at once",
+        "client": "the teacher client (HttpTeacher)",
+    }
+    for k in KINDS:
+        print(f"{what[k]:<36} {res[f'{k}_s']:8.3f} s  (prompt tokens served from the cache: {res[f'cached_{k}']:.0f})")
+    print(f"ratio from-response / from-0:        {res['from_response_s'] / res['from_0_s']:.2f}")
+    print(f"ratio client / from-0:               {res['client_s'] / res['from_0_s']:.2f}")
+    print(f"response log-probs, max |diff| between the ways: {res['lp_max_abs_diff']:.2e}")
     return 0
 
 

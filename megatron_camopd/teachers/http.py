@@ -1,6 +1,11 @@
 """`HttpTeacher`: a teacher served over SGLang's `/generate` scoring protocol, by a pool of replicas.
 
-One POST per sample (spreads load across replicas), at most `max_in_flight` at once; the client works from sync
+One POST per sample, at most `max_in_flight` at once. The samples of one prompt share its prefix in the server's
+radix cache: they go to the same replica (affinity by the prompt's tokens; other prompts spread across replicas),
+and while the first of them is in flight the others wait for it, so the server prefills the prompt once and
+serves it from the cache to the rest (SGLang schedules a burst of same-prefix requests into one batch, where none
+finds the prefix cached yet; `prefix_cached_tokens` counts what the servers report as cached; measured by
+`tools/bench_teacher_prefix.py`). The client works from sync
 code (`score_batch`) and from any asyncio loop (`score`, `score_many`). Replica selection, failover, retries with
 backoff, health probes and the all-dead deadline are `replicas.ReplicaPool`'s (shared with the student's rollout
 servers): a malformed or non-finite answer (see `protocol.py`) is retried on another replica, then the sample is
@@ -61,6 +66,8 @@ class HttpTeacher:
         # the served model's vocab_size, set by the tokenizer check (teachers/tokcheck.py): SGLang echoes input
         # ids >= vocab_size - 1 as 0, which the response checks then tolerate (protocol.py)
         self.echo_vocab_size: int | None = None
+        self._prefilling: dict[int, asyncio.Event] = {}  # prompt key -> set when its first sample is answered
+        self.prefix_cached_tokens = 0  # the prompt tokens the servers served from their prefix cache (meta_info)
 
     # ------------------------------------------------------------------ pool views (logs and tests)
     @property
@@ -86,12 +93,27 @@ class HttpTeacher:
         check_start(ids, start, f"teacher {self.name}")
         body = score_request(ids, start, top_k)
         first = body["logprob_start_len"]
-        return await self._pool.with_retries(
-            body,
-            lambda obj, url: parse_scores(
-                obj, ids, start, top_k, f"teacher {self.name} at {url}", self.echo_vocab_size, first
-            ),
-        )
+        key = hash(tuple(ids[:start]))  # the prompt (ints hash alike in every process)
+        ahead = self._prefilling.get(key)
+        own = None
+        if ahead is not None:
+            await ahead.wait()  # the prompt's first sample is being prefilled: find it cached afterwards
+        else:
+            own = self._prefilling[key] = asyncio.Event()
+
+        def check(obj: Any, url: str) -> TeacherScores:
+            out = parse_scores(obj, ids, start, top_k, f"teacher {self.name} at {url}", self.echo_vocab_size, first)
+            cached = obj["meta_info"].get("cached_tokens")
+            if isinstance(cached, int):
+                self.prefix_cached_tokens += cached
+            return out
+
+        try:
+            return await self._pool.with_retries(body, check, affinity=key)
+        finally:
+            if own is not None:
+                own.set()
+                del self._prefilling[key]
 
     # ------------------------------------------------------------------ public API
     async def score(self, ids: list[int], start: int, top_k: int | None = None) -> TeacherScores:

@@ -94,6 +94,27 @@ def test_scores_from_the_response_start_equal_transformers(server: str, tiny: Pa
     assert torch.allclose(full.logprobs[start - 1 :], scores.logprobs, atol=1e-5)
 
 
+def test_a_prompts_samples_are_scored_from_its_cached_prefix(server: str, tiny: Path, request) -> None:
+    """The teacher client sends a prompt's first sample alone, then its other samples to the same server: SGLang
+    serves their prompt from its radix cache (`meta_info.cached_tokens`, up to `logprob_start_len`; the stand-in
+    keeps no cache and reports none), and every score equals transformers'."""
+    from megatron_camopd.teachers.http import HttpTeacher
+
+    prompt = [(7 * i + 3) % 60 + 2 for i in range(40)]  # not asked by any other test: nothing cached yet
+    samples = [prompt + [10 + k, 20 + k, 30 + k] for k in range(4)]
+    with HttpTeacher("t", [server]) as teacher:
+        scores = teacher.score_batch(samples, [len(prompt)] * len(samples))
+        cached = teacher.prefix_cached_tokens
+    for ids, got in zip(samples, scores, strict=True):
+        want = hf_logprobs(tiny / "student", ids)[len(prompt) - 1 :]
+        assert torch.allclose(got.logprobs, want, atol=2e-5), (got.logprobs, want)
+    if request.node.callspec.params["server"] == "sglang":  # each of the 3 others: its whole prompt; the first: what
+        # an earlier test left cached of it (a shared first token, say)
+        assert 3 * (len(prompt) - 1) <= cached < 4 * (len(prompt) - 1), cached
+    else:
+        assert cached == 0
+
+
 def test_greedy_generation_equals_transformers_and_answers_in_sglang_shape(server: str, tiny: Path) -> None:
     from transformers import AutoModelForCausalLM
 

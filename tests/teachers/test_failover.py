@@ -85,3 +85,26 @@ def test_replica_killed_mid_run(replicas, scorer):
     procs[1].send_signal(signal.SIGTERM)
     assert procs[1].wait(timeout=30) == 0
     assert "stopped" in (procs[1].stdout.read() if procs[1].stdout else "")
+
+
+def test_a_prompts_samples_go_to_one_replica_while_it_lives() -> None:
+    """Replica affinity (the prefix cache of a prompt lives on one server): the same key picks the same replica,
+    keys spread over the replicas, a dead replica's keys move to the next live one and the others stay put, and a
+    retry's `exclude` is honoured."""
+    from megatron_camopd.replicas import ReplicaPool
+
+    urls = [f"http://127.0.0.1:{port}" for port in (1, 2, 3)]
+    pool = ReplicaPool("t", urls, health_interval_s=3600)
+    try:
+        keys = [hash(tuple(range(k, k + 40))) for k in range(60)]
+        placed = {k: pool._next_alive(None, k).url for k in keys}
+        assert all(pool._next_alive(None, k).url == placed[k] for k in keys)  # stable
+        assert set(placed.values()) == set(urls)  # spread
+        pool.replicas[urls[1]].alive = False
+        moved = {k: pool._next_alive(None, k).url for k in keys}
+        assert urls[1] not in moved.values()
+        assert all(moved[k] == placed[k] for k in keys if placed[k] != urls[1])
+        k = next(k for k in keys if placed[k] == urls[0])
+        assert pool._next_alive(urls[0], k).url == urls[2]  # the retry goes elsewhere
+    finally:
+        pool.close()
