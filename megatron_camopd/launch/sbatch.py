@@ -26,7 +26,7 @@ from pathlib import Path
 from string import Template
 
 from megatron_camopd.config import load_spec
-from megatron_camopd.config.serving import SlurmResources
+from megatron_camopd.config.serving import SGLANG_VERSION, SlurmResources
 from megatron_camopd.config.spec import ExperimentSpec
 from megatron_camopd.errors import SpecError
 from megatron_camopd.launch.servers import (
@@ -148,7 +148,7 @@ def _label(c: Component) -> str:
 
 def start_servers_block(servers: list[Component], spec: ExperimentSpec, het: bool) -> str:
     """The bash that prepares each server group's model (checkpoint -> HF once, SGLang only) and starts it."""
-    lines = []
+    lines = ["check_sglang_version"] if servers else []
     trainer_res = launcher_of(spec).resources
     for i, c in enumerate(servers):
         group = i if het else None
@@ -226,6 +226,7 @@ def sbatch_values(
         "ENV_EXPORTS": env,
         "TRAINER_ENV": trainer_env,
         "SERVER_BACKEND": backend,
+        "SGLANG_TESTED": SGLANG_VERSION,
         "SERVERS": " ".join(_q(c.name) for c in servers),
         "SERVER_LABELS": " ".join(_q(_label(c)) for c in servers),
         "SERVER_COUNTS": " ".join(str(c.count) for c in servers),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_camopd.config.serving import SGLANG_VERSION
 from megatron_camopd.launch.protocol import LIB_SH, healthy_servers, register_address
 
 
@@ -84,3 +85,25 @@ def test_lib_sh_functions_use_the_protocol(tmp_path: Path, server: str) -> None:
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1", "up"]
+
+
+@pytest.mark.parametrize("which", ["sglang env", "no sglang", "other release"])
+def test_the_server_job_checks_the_sglang_release_before_starting_servers(which: str, sglang_python: Path) -> None:
+    """`check_sglang_version` (the server jobs run it first): the tested release is logged; a Python without SGLang
+    fails the job naming launcher.sglang_python; another release is logged with a warning."""
+    python, tested = {
+        "sglang env": (sglang_python, SGLANG_VERSION),
+        "no sglang": (Path(sys.executable), SGLANG_VERSION),  # the trainer's venv: SGLang lives in its own env
+        "other release": (sglang_python, "0.0.1"),
+    }[which]
+    script = (
+        f'set -euo pipefail; SERVER_BACKEND=sglang; SGLANG_PYTHON="{python}"; SGLANG_TESTED={tested}; '
+        f'source "{LIB_SH}"; check_sglang_version'
+    )
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    if which == "no sglang":
+        assert proc.returncode == 1 and "has no sglang package (set launcher.sglang_python)" in proc.stdout, proc
+    elif which == "sglang env":
+        assert proc.returncode == 0 and f"SGLang {SGLANG_VERSION} (the tested release)" in proc.stdout, proc
+    else:
+        assert proc.returncode == 0 and f"WARNING: SGLang {SGLANG_VERSION} from" in proc.stdout, proc

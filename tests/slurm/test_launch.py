@@ -184,6 +184,7 @@ def test_preempted_trainer_on_sglang_sibling_jobs_requeues_and_matches_the_unint
     assert all(r.get("weight_sync_servers") == 1 or r.get("weight_sync_preempted") == 1 for r in rows), rows
     assert sum(r.get("weight_sync_preempted", 0) for r in rows) <= 1, rows
     assert "rollout servers ready: " in log and "teacher general ready: " in log, log
+    assert "SGLang 0.5.23 (the tested release)" in log, log
     assert slurm_cluster.wait(servers_job, timeout=60) == "CANCELLED"  # the trainer ends its server job
     reference = request.getfixturevalue("reference_run")
     # served log-probs depend on how the server batched the requests, so losses vary ~1e-7 even between fresh runs

@@ -96,6 +96,19 @@ serve_one() {  # NAME MODEL ADDR_FILE PORT FUNC PER_NODE GPUS_PER_SERVER: PER_NO
 SERVER_PIDS=()
 declare -A WATCH_NAMES=()  # pid -> what it is (server srun steps, the health watchdog)
 
+check_sglang_version() {  # with SERVER_BACKEND=sglang: SGLANG_PYTHON must have SGLang; its release is logged, and
+  # a warning when it is not the one this project is tested with (SGLANG_TESTED)
+  [[ $SERVER_BACKEND == sglang ]] || return 0
+  local v
+  v=$("$SGLANG_PYTHON" -c 'import importlib.metadata as m; print(m.version("sglang"))' 2>/dev/null) ||
+    die "SERVER_BACKEND=sglang but $SGLANG_PYTHON has no sglang package (set launcher.sglang_python)"
+  if [[ $v == "$SGLANG_TESTED" ]]; then
+    log "SGLang $v (the tested release) from $SGLANG_PYTHON"
+  else
+    log "WARNING: SGLang $v from $SGLANG_PYTHON; this project is tested with SGLang $SGLANG_TESTED"
+  fi
+}
+
 start_servers() {  # INDEX NAME MODEL NODES PORT WHAT PER_NODE GPUS_PER_SERVER SRUN_ARGS...: the servers of NAME,
   # PER_NODE on each of NODES nodes, in the background (one srun task per node)
   local i=$1 name=$2 model=$3 nodes=$4 port=$5 what=$6 per_node=$7 gpus=$8
