@@ -282,7 +282,8 @@ def cross_branch(engine, halves: dict[str, tuple], loss_spec) -> dict[str, float
 
     grads, counts, out = {}, {}, {}
     for b in ("general", "domain"):
-        grads[b], counts[b], r = split_branch_grad(engine, *halves[b], loss_spec)
+        half_a, half_b = halves[b]
+        grads[b], counts[b], r = split_branch_grad(engine, half_a, half_b, loss_spec)
         out[f"split_cos/{b}"] = r
         out[f"reliability/{b}"] = spearman_brown(r) if not math.isnan(r) else math.nan
     if not (counts["general"] and counts["domain"]):

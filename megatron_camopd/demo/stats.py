@@ -140,12 +140,10 @@ def instruments(rows: list[dict]) -> dict[str, float | None]:
         out[f"dropped_len_mean/{b}"] = mean_std(_col(rows, f"dropped_len_mean/{b}"))[0]
         out[f"spearman_gap_len/{b}"] = mean_std(_col(rows, f"spearman_gap_len/{b}"))[0]
         out[f"selected_fraction/{b}"] = mean_std(_col(rows, f"selected_fraction/{b}"))[0]
-    rel_g, rel_d = out["reliability/general"], out["reliability/domain"]
-    corr = (
-        corrected_cosine(out["cross_cos_mean"], rel_g, rel_d)
-        if None not in (out["cross_cos_mean"], rel_g, rel_d)
-        else math.nan
-    )
+    c, rel_g, rel_d = out["cross_cos_mean"], out["reliability/general"], out["reliability/domain"]
+    corr = math.nan
+    if c is not None and rel_g is not None and rel_d is not None:
+        corr = corrected_cosine(c, rel_g, rel_d)
     out["cross_cos_corrected"] = corr if math.isfinite(corr) else None
     groups = sorted({k.split("/")[1] for r in cross for k in r if k.startswith("diag_cross/")})
     for g in groups:
@@ -161,8 +159,9 @@ def series(rows: list[dict]) -> dict[str, list[float]]:
     keys.update({f"split/{b}": f"diag_split_cos/{b}" for b in ("general", "domain")})
     out: dict[str, list[float]] = {k: [] for k in keys}
     for r in rows:
-        vals = [r.get(v) for v in keys.values()]
-        if all(v is not None and math.isfinite(float(v)) for v in vals):
-            for k, v in zip(keys, vals):
-                out[k].append(float(v))
+        got = [r.get(v) for v in keys.values()]
+        vals = [float(v) for v in got if v is not None]
+        if len(vals) == len(got) and all(math.isfinite(v) for v in vals):
+            for k, v in zip(keys, vals, strict=True):
+                out[k].append(v)
     return out
