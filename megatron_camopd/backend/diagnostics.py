@@ -139,7 +139,8 @@ def branch_grad(
     of the whole batch (collective over DP). The gradient is one fp32 vector (`out` when given), scaled in place.
     """
     counts: list[int] = []
-    engine.accumulate_grads(batch, loss_spec, finalize=_counting_finalize(counts), reduce=False)
+    with engine.local_grads():
+        engine.accumulate_grads(batch, loss_spec, finalize=_counting_finalize(counts), reduce=False)
     g = flat_grad(engine, out)
     n = torch.tensor([float(counts[0]) if counts else 0.0], device=comm_device())
     if over_dp:
@@ -240,7 +241,10 @@ def per_sample_gram(
     meta = torch.zeros(rows_max, 1 + n_lab, dtype=torch.float64, device=comm_device())  # [present, labels...]
     for j, (batch, lab) in enumerate(zip(per_sample_batches, labels)):
         counts: list[int] = []
-        engine.accumulate_grads(batch, loss_spec, finalize=_counting_finalize(counts), reduce=False, micro_batch_size=1)
+        with engine.local_grads():
+            engine.accumulate_grads(
+                batch, loss_spec, finalize=_counting_finalize(counts), reduce=False, micro_batch_size=1
+            )
         count = counts[0] if counts else 0
         if not count:
             continue

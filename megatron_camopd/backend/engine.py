@@ -9,6 +9,7 @@ reference log-probs and evaluation. Frozen teachers reuse `build_model_chunks` w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class OptimSettings:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,7 +68,7 @@ def ddp_fields(o: OptimSettings) -> dict:
     """megatron-core DistributedDataParallelConfig fields of the student (also printed by `camopd plan`)."""
     return {
         "grad_reduce_in_fp32": True,
-        "overlap_grad_reduce": False,
+        "overlap_grad_reduce": o.overlap_grad_reduce,
         "use_distributed_optimizer": o.distributed_optimizer,
     }
 
@@ -160,6 +162,33 @@ class Engine:
             self.chunks, batch, fn, self.groups, micro_batch_size=micro_batch_size or self.micro_batch_size
         )
 
+    @contextlib.contextmanager
+    def local_grads(self):
+        """Backward passes inside stay on this rank: with `overlap_grad_reduce` megatron-core's DDP launches each
+        bucket's DP reduction from a backward hook on the last micro-batch, which the gradient diagnostics' own
+        passes (per-sample gradients, their own DP sums) must not do. Every bucket is held "not the last
+        micro-batch" (again after each `zero_grad_buffer`, whose bucket reset sets it back) and the schedule's
+        no-sync switch is a no-op meanwhile; nothing inside calls `finish_grad_sync` (the diagnostics pass their
+        own finalize function)."""
+        if not self.optim_settings.overlap_grad_reduce:
+            yield
+            return
+        saved = self.config.no_sync_func
+        self.config.no_sync_func = contextlib.nullcontext
+        self._local = True
+        self._hold_buckets(False)
+        try:
+            yield
+        finally:
+            self._local = False
+            self.config.no_sync_func = saved
+            self._hold_buckets(True)
+
+    def _hold_buckets(self, last: bool) -> None:
+        for c in self.chunks:
+            for g in (*c.bucket_groups, *c.expert_parallel_bucket_groups):
+                g.is_last_microbatch = last
+
     def accumulate_grads(
         self,
         batch: dict[str, torch.Tensor],
@@ -174,6 +203,8 @@ class Engine:
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
+        if getattr(self, "_local", False):
+            self._hold_buckets(False)  # zero_grad_buffer's bucket reset set them to the last micro-batch
         self.optimizer.zero_grad()
         if loss_spec.vocab_size is None:
             loss_spec = dataclasses.replace(loss_spec, vocab_size=self.arch.vocab_size)

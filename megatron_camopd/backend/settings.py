@@ -58,7 +58,32 @@ def model_fields(parallel: Any, *, check_device: bool = True) -> dict[str, Any]:
             "parallel.recompute_modules: 'layernorm' needs TransformerEngine (a CUDA GPU and "
             "transformer_engine); use mlp / core_attn on this machine"
         )
-    return {"sequence_parallel": parallel.sequence_parallel, **recompute_fields(parallel)}
+    return {
+        "sequence_parallel": parallel.sequence_parallel,
+        "gradient_accumulation_fusion": grad_accum_fusion(parallel.gradient_accumulation_fusion, check_device),
+        **recompute_fields(parallel),
+    }
+
+
+def grad_accum_fusion_available() -> bool:
+    """Whether megatron-core's fused weight-gradient accumulation runs here: TransformerEngine's linears do it
+    themselves, the output layer (megatron-core's own ColumnParallelLinear) needs Apex's CUDA extension."""
+    import importlib.util
+
+    return transformer_engine_available() and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def grad_accum_fusion(setting: bool | None, check_device: bool = True) -> bool:
+    """`parallel.gradient_accumulation_fusion` resolved: None is on where the kernels are (`camopd plan`, which
+    shows a GPU image's run, takes them as present), true is a SpecError where they are not."""
+    if not check_device:
+        return setting is not False
+    if setting and not grad_accum_fusion_available():
+        raise SpecError(
+            "parallel.gradient_accumulation_fusion: needs TransformerEngine and Apex's fused_weight_gradient_mlp_cuda "
+            "(a CUDA GPU image); set it to null (on where available) or false"
+        )
+    return grad_accum_fusion_available() if setting is None else setting
 
 
 def optim_settings(spec: Any) -> OptimSettings:
@@ -76,6 +101,7 @@ def optim_settings(spec: Any) -> OptimSettings:
         adam_eps=t.adam_eps,
         clip_grad=t.clip_grad,
         distributed_optimizer=t.distributed_optimizer,
+        overlap_grad_reduce=t.overlap_grad_reduce,
     )
 
 

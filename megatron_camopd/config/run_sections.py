@@ -33,6 +33,11 @@ class TrainConfig(Section):
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # 0: no clipping
     distributed_optimizer: bool = False
+    # DDP: reduce (reduce-scatter with the distributed optimizer) each gradient bucket over DP as soon as the last
+    # micro-batch's backward has produced it, overlapping the communication with the rest of the backward.
+    # Off by default: tested equal to the synchronous reduction at DP=2 (tests/train/test_overlap_grad_reduce.py),
+    # not yet with TP/PP > 1 or on a GPU (megatron-core asserts on a parameter left without a gradient)
+    overlap_grad_reduce: bool = False
 
     def validate(self) -> None:
         positive(self, "steps", "micro_batch_size", "lr", "adam_eps")
@@ -75,6 +80,10 @@ class ParallelConfig(Section):
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_modules: list[Literal["core_attn", "mlp", "layernorm"]] | None = None  # selective; None: ["mlp"]
     fp8: FP8Config = field(default_factory=FP8Config)
+    # TransformerConfig.gradient_accumulation_fusion: weight gradients accumulated into the fp32 grad buffer by
+    # the GEMM itself (TransformerEngine's linears; Apex's fused_weight_gradient_mlp_cuda for the output layer).
+    # None: on where that kernel is importable (NGC GPU images), off elsewhere; true: required
+    gradient_accumulation_fusion: bool | None = None
 
     def validate(self) -> None:
         positive(self, "tp", "pp", "dp")

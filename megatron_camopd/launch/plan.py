@@ -290,6 +290,7 @@ KEY_FIELDS = (
     "pipeline_model_parallel_size",
     "virtual_pipeline_model_parallel_size",
     "sequence_parallel",
+    "gradient_accumulation_fusion",
     "recompute_granularity",
     "recompute_method",
     "recompute_num_layers",

@@ -328,6 +328,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
             "adam_eps": None,
             "clip_grad": None,
             "distributed_optimizer": None,
+            "overlap_grad_reduce": None,
         }.items()
     },
     "train.seed": probe("http"),
@@ -341,6 +342,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
             "sequence_parallel": None,
             "recompute": "selective",
             "recompute_modules": None,
+            "gradient_accumulation_fusion": False,
         }.items()
     },
     "parallel.vpp": probe("plan", 2, extra=SGLANG_ROLLOUT),
