@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from megatron_camopd.demo.setting import write_spec
+from megatron_camopd.errors import CamopdError
 
 log = logging.getLogger("megatron_camopd")
 
@@ -58,8 +59,13 @@ def run_phase(
         path, overrides = Path(spec), overrides + [f"checkpoint.dir={out}"]
     t0 = time.time()
     say(f"{name}: training (spec {path}{'; ' + ' '.join(overrides) if overrides else ''})")
-    train(load_spec(path, overrides))
+    last = train(load_spec(path, overrides))
     dt = time.time() - t0
+    if last and last.get("preempted"):  # a signal stopped it after a checkpoint: not a finished phase
+        raise CamopdError(
+            f"{name}: stopped by a signal at step {last.get('step')} (checkpoint saved in {out}); "
+            "not recorded as done: the next run trains it again"
+        )
     tmp = out / "demo_phase.json.tmp"
     tmp.write_text(json.dumps({"digest": digest, "seconds": round(dt, 1), "overrides": overrides}))
     os.replace(tmp, out / "demo_phase.json")
