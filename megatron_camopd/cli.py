@@ -29,8 +29,8 @@ from megatron_camopd.errors import CamopdError
 # sub-command -> (module, function taking argv and returning an exit code)
 COMMANDS = {
     "validate": ("megatron_camopd.config.validate", "validate_main"),
-    "train": ("megatron_camopd.train", "train_main"),
-    "sft": ("megatron_camopd.train", "sft_main"),
+    "train": ("megatron_camopd.loop.train", "train_main"),
+    "sft": ("megatron_camopd.loop.train", "sft_main"),
     "serve": ("megatron_camopd.serve.server", "serve_main"),
     "serve-teacher": ("megatron_camopd.serve.server", "serve_main"),  # alias of serve
     "plan": ("megatron_camopd.launch.plan", "plan_main"),

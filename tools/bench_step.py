@@ -38,9 +38,9 @@ def main() -> None:
 
     from megatron_camopd.backend.loss import LossSpec
     from megatron_camopd.config import load_spec
+    from megatron_camopd.loop.session import open_session
     from megatron_camopd.rollout.assemble import add_topk, signal_batch, train_batch
     from megatron_camopd.rollout.collect import collect_step
-    from megatron_camopd.session import open_session
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_step_"))
     base = _tiny_overrides() if args.spec.endswith("camopd_tiny_cpu.yaml") else []

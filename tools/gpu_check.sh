@@ -165,7 +165,7 @@ if not (model_dir / "config.json").exists():
 from megatron_camopd.backend.cpu_runtime import init_distributed
 from megatron_camopd.backend.engine import Engine, OptimSettings
 from megatron_camopd.backend.loss import LossSpec
-from megatron_camopd.session import ModelSource
+from megatron_camopd.loop.session import ModelSource
 
 init_distributed(1, 1, seed=1)
 source = ModelSource.resolve(str(model_dir), None, "model")  # what `camopd train` loads the student with

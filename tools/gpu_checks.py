@@ -78,7 +78,7 @@ def cmd_sampled_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from megatron_camopd.metrics import read_metrics
+    from megatron_camopd.loop.metrics import read_metrics
 
     rows = read_metrics(Path(args.ckpt) / "metrics.jsonl")
     steps = [r["step"] for r in rows]

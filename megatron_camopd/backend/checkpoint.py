@@ -8,7 +8,7 @@ Layout under `checkpoint.dir`:
         inflight_rollouts.pt rollout batches in flight at the save (`rollout.max_staleness` > 0; rollout/pipeline.py)
         manifest.json        size + sha256 of every file above, written last (backend/manifest.py)
     latest                   text file naming the newest complete checkpoint
-    metrics.jsonl            (written by metrics.py)
+    metrics.jsonl            (written by loop/metrics.py)
 
 Writes are atomic: everything goes to `iter_N.tmp/`; once every rank has finished, the files are hashed into
 `manifest.json` (written last, tmp+rename), then the directory is renamed to `iter_N/` and `latest` is replaced
@@ -16,7 +16,7 @@ with os.replace. A crash mid-save leaves the previous checkpoint loadable. A che
 manifest; every load verifies it first and refuses a missing, truncated or corrupted file by name (a
 CheckpointError), and every other load failure (torch's CheckpointException, which is a BaseException, pickle or
 JSON errors, empty files) is a CheckpointError too. `resume_candidates` lists the complete checkpoints newest
-first, for `checkpoint.resume: auto` to fall back past ones that fail verification (train.py / resume.py).
+first; `newest_verified` returns the newest that verifies in one call (`checkpoint.resume: auto`, loop/resume.py).
 Checkpoints written before manifests existed (train_state.json, no manifest.json) are *unverified*: they are
 used, with a warning, only when a directory holds no verified checkpoint, or when named explicitly.
 
@@ -112,6 +112,45 @@ def verify_checkpoint(path: str | os.PathLike) -> Path:
         return path
     verify_manifest(path)
     return path
+
+
+def _rank0_candidates(root: str | os.PathLike) -> list[Path]:
+    """`resume_candidates(root)` as rank 0 sees it (one listing for all ranks: a shared filesystem may show a
+    directory being renamed to some ranks before others)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return resume_candidates(root)
+    box: list[list[Path] | None] = [resume_candidates(root) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    assert box[0] is not None, "rank 0 sends its listing"
+    return box[0]
+
+
+def open_verified(path: str | os.PathLike) -> tuple[Path, dict]:
+    """Collective: verify the checkpoint at `path` (CheckpointError naming the file) and read its train_state."""
+    path = verify_checkpoint(path)
+    return path, _read_train_state(path)
+
+
+def newest_verified(root: str | os.PathLike) -> tuple[Path, dict] | None:
+    """Collective: the newest checkpoint under `root` that verifies, with its train_state; None when `root` holds
+    none. A newer checkpoint that fails verification is skipped with a warning naming it and why; when every
+    one fails, a CheckpointError lists them all (nothing is trained on a corrupted file)."""
+    failures = []
+    for path in _rank0_candidates(root):
+        try:
+            found = open_verified(path)
+        except CheckpointError as exc:
+            failures.append(str(exc))
+            log.warning(
+                "checkpoint %s fails verification: %s; falling back to the previous complete checkpoint", path, exc
+            )
+            continue
+        if failures:
+            log.warning("resuming from %s, the newest checkpoint that verifies (%d newer failed)", path, len(failures))
+        return found
+    if failures:
+        raise CheckpointError(f"{root}: no checkpoint verifies: {'; '.join(failures)}")
+    return None
 
 
 def _in_process_write_results() -> None:
@@ -277,7 +316,7 @@ def load_checkpoint(
     The manifest is verified first (skip with verify=False when the caller just did). Hyperparameters come from
     the objects given, not the checkpoint: the scheduler keeps its own lr/min_lr/warmup/decay settings (only its
     step count is restored) and the optimizer's param groups keep their max_lr/min_lr, so a resumed run follows
-    the spec's schedule from the resumed step on (train.py reports such spec differences)."""
+    the spec's schedule from the resumed step on (loop/resume.py reports such spec differences)."""
     path = Path(path)
     if verify:
         verify_checkpoint(path)

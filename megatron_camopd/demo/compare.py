@@ -79,7 +79,7 @@ def run_comparison(
     seed, accuracy and per-task accuracy per domain, the normalised score against `student` / `teacher`, the
     instruments of its metrics, its training seconds, and with `curves` every checkpoint's accuracies."""
     from megatron_camopd.config import load_spec
-    from megatron_camopd.metrics import read_metrics
+    from megatron_camopd.loop.metrics import read_metrics
 
     base = load_spec(spec_path)
     spec_text = spec_path.read_text()

@@ -41,7 +41,7 @@ def run_phase(
     """Train `spec` (a dict, or a spec file) + overrides into `root/name` unless a run with the same digest is
     there. Returns (run dir, whether it trained)."""
     from megatron_camopd.config import load_spec
-    from megatron_camopd.train import train
+    from megatron_camopd.loop.train import train
 
     out = (root / name).resolve()
     rec = _record(out)

@@ -16,7 +16,7 @@ from megatron_camopd.demo.compare_report import instrument_table, readout_tables
 from megatron_camopd.demo.readout import method_readout, predictions
 from megatron_camopd.demo.setting import LABELS, DemoSetting, eval_overlap, proxy_label
 from megatron_camopd.demo.stats import mean_std, verdict
-from megatron_camopd.metrics import read_metrics
+from megatron_camopd.loop.metrics import read_metrics
 
 BRANCHES = ("general", "domain")
 

@@ -28,7 +28,7 @@ class GreedyModel:
     def __init__(
         self, *, hf_path: str | Path | None = None, checkpoint: str | Path | None = None, engine: str = "megatron"
     ) -> None:
-        from megatron_camopd.session import ModelSource
+        from megatron_camopd.backend.model_source import ModelSource
 
         init_distributed(1, 1, None, seed=0)
         src = ModelSource.resolve(str(hf_path) if hf_path else None, str(checkpoint) if checkpoint else None, "model")

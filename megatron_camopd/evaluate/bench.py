@@ -122,7 +122,7 @@ def run_benchmarks(model_dir: Path, args: Any, ks: list[int], template_kwargs: d
             }
     if native:
         from megatron_camopd.data.tokenizer import Tokenizer
-        from megatron_camopd.evaluate.main import load_hf_model
+        from megatron_camopd.evaluate.core import load_hf_model
 
         model, tok = load_hf_model(model_dir)
         tok = Tokenizer(tok.hf, tok.path, template_kwargs)

@@ -11,6 +11,7 @@ response at the first stop token, scores it with a verifier of ``data.verifiers`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,3 +170,14 @@ def evaluate_hf_model(
         if i < keep_responses
     ]
     return result
+
+
+def load_hf_model(model_dir: Path) -> tuple[Any, Any]:
+    """(model in fp32 eval mode, project Tokenizer) from an HF directory."""
+    from transformers import AutoModelForCausalLM
+
+    if not (model_dir / "config.json").is_file():
+        raise SpecError(f"{model_dir}: not an HF model directory (no config.json) nor a checkpoint of this project")
+    tokenizer = Tokenizer.from_dir(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    return model.eval(), tokenizer

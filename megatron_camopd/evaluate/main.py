@@ -29,7 +29,7 @@ from megatron_camopd.evaluate.bench import (
     parse_template_kwargs,
     run_benchmarks,
 )
-from megatron_camopd.evaluate.core import evaluate_hf_model
+from megatron_camopd.evaluate.core import evaluate_hf_model, load_hf_model
 from megatron_camopd.evaluate.lm_eval_export import export_lm_eval
 from megatron_camopd.evaluate.tasks import DEFAULT_SEED, load_tasks
 
@@ -96,20 +96,6 @@ def _parse_ks(text: str) -> list[int]:
     if not ks:
         raise SpecError("--k: give at least one k")
     return ks
-
-
-def load_hf_model(model_dir: Path) -> tuple[Any, Any]:
-    """(model in fp32 eval mode, project Tokenizer) from an HF directory."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from megatron_camopd.data.tokenizer import Tokenizer
-
-    if not (model_dir / "config.json").is_file():
-        raise SpecError(f"{model_dir}: not an HF model directory (no config.json) nor a checkpoint of this project")
-    tokenizer = Tokenizer.from_dir(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
-    return model.eval(), tokenizer
 
 
 def _is_checkpoint(path: Path) -> bool:

@@ -12,6 +12,7 @@ the former).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,29 +86,42 @@ def _init_single_process() -> None:
     init_distributed(1, 1, None, rank=0, world_size=1, seed=0)
 
 
-def load_megatron_scorer(
-    checkpoint: str | Path, tokenizer_dir: str | Path | None = None, *, dtype: str = "fp32", micro_batch_size: int = 8
-) -> MegatronScorer:
-    """Load a camopd checkpoint (a root -> its latest, or one `iter_*` dir) as a TP=1 scorer in this process.
+@dataclass
+class FrozenModel:
+    """A model loaded at TP=1 in this process for serving: the teacher scoring it, its tokenizer (None when the
+    directory has no tokenizer files), where the weights and tokenizer came from and its config.json dir."""
 
-    The architecture and, unless `tokenizer_dir` is given, the tokenizer come from the checkpoint's `hf/` dir.
-    """
-    # megatron-core is imported here, not at module level: serving a HF dir never pays for it
-    from ..backend.checkpoint import (
-        find_model_meta,
-        load_model_only,
-        resolve_checkpoint,
-    )
+    teacher: Any
+    tokenizer: Tokenizer | None
+    model_path: Path
+    tok_dir: Path
+    meta: Path
+
+
+def load_frozen(
+    path: str | Path, tokenizer_dir: str | Path | None = None, *, dtype: str = "fp32", micro_batch_size: int = 8
+) -> FrozenModel:
+    """A HF dir or a camopd checkpoint (a root -> its latest, or one `iter_*` dir) as a frozen TP=1 Megatron model
+    in a private world of one. The architecture and, unless `tokenizer_dir` is given, the tokenizer come from
+    the HF dir or the checkpoint's `hf/` dir."""
+    # megatron-core is imported here, not at module level: serving a HF dir with transformers never pays for it
+    from ..backend.checkpoint import find_model_meta, load_model_only, resolve_checkpoint
     from ..backend.engine import build_chunks
+    from ..backend.hf_mapping import load_hf_weights
     from ..backend.model import ModelArch
     from ..teachers.inprocess import MegatronTeacher
 
-    meta = find_model_meta(checkpoint)
-    iter_dir = resolve_checkpoint(checkpoint)
+    hf = checkpoint_kind(path) == "hf"
+    meta = Path(path) if hf else find_model_meta(path)
     arch = ModelArch.from_hf_dir(meta)
     _init_single_process()
     chunks, _ = build_chunks(arch, 1, 1, None, dtype)
-    load_model_only(iter_dir, chunks)
+    if hf:
+        model_path = Path(path)
+        load_hf_weights(chunks, path, arch, 0, 1)
+    else:
+        model_path = resolve_checkpoint(path)
+        load_model_only(model_path, chunks)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else meta
     has_tok = any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = Tokenizer.from_dir(tok_dir) if has_tok else None
@@ -118,14 +132,24 @@ def load_megatron_scorer(
         arch,
         pad_id=pad_id,
         micro_batch_size=micro_batch_size,
-        source=str(iter_dir),
+        source=str(model_path),
         tokenizer_fingerprint=None,
     )
+    return FrozenModel(teacher, tokenizer, model_path, tok_dir, meta)
+
+
+def load_megatron_scorer(
+    checkpoint: str | Path, tokenizer_dir: str | Path | None = None, *, dtype: str = "fp32", micro_batch_size: int = 8
+) -> MegatronScorer:
+    """Load a camopd checkpoint (a root -> its latest, or one `iter_*` dir) as a TP=1 scorer in this process."""
+    if checkpoint_kind(checkpoint) == "hf":
+        raise CheckpointError(f"{checkpoint}: a HuggingFace directory, not a camopd checkpoint")
+    m = load_frozen(checkpoint, tokenizer_dir, dtype=dtype, micro_batch_size=micro_batch_size)
     return MegatronScorer(
-        teacher,
-        tokenizer,
-        model_path=str(iter_dir.resolve()),
-        tokenizer_path=str(tok_dir.resolve()) if has_tok else None,
+        m.teacher,
+        m.tokenizer,
+        model_path=str(m.model_path.resolve()),
+        tokenizer_path=str(m.tok_dir.resolve()) if m.tokenizer is not None else None,
         micro_batch_size=micro_batch_size,
     )
 

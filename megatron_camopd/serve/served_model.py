@@ -39,7 +39,7 @@ from ..errors import CheckpointError
 from ..rollout.sampler import InProcessModel
 from ..rollout.sampling import Rollout, SamplingParams
 from ..rollout.weight_sync import init_custom_process_group
-from .megatron_scorer import MegatronScorer, _init_single_process, checkpoint_kind
+from .megatron_scorer import MegatronScorer, checkpoint_kind, load_frozen
 
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # HF tensors that form one Megatron tensor, in hf_mapping's concatenation order
@@ -235,42 +235,15 @@ def load_served_model(
     micro_batch_size: int = 8,
 ) -> ServedModel:
     """A HF dir or camopd checkpoint as a TP=1 `ServedModel` in this process (fp32)."""
-    from ..backend.checkpoint import find_model_meta, load_model_only, resolve_checkpoint
-    from ..backend.engine import build_chunks
-    from ..teachers.inprocess import MegatronTeacher
-
-    kind = checkpoint_kind(path)
-    meta = Path(path) if kind == "hf" else find_model_meta(path)
-    arch = ModelArch.from_hf_dir(meta)
-    _init_single_process()
-    chunks, _ = build_chunks(arch, 1, 1, None, "fp32")
-    if kind == "hf":
-        load_hf_weights(chunks, path, arch, 0, 1)
-        model_path = Path(path)
-    else:
-        model_path = resolve_checkpoint(path)
-        load_model_only(model_path, chunks)
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else meta
-    has_tok = any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = Tokenizer.from_dir(tok_dir) if has_tok else None
-    pad_id = tokenizer.pad_id if tokenizer is not None else 0
-    teacher = MegatronTeacher(
-        "served",
-        chunks,
-        arch,
-        pad_id=pad_id,
-        micro_batch_size=micro_batch_size,
-        source=str(model_path),
-        tokenizer_fingerprint=None,
-    )
-    cfg_eos = _config_eos(meta)
+    m = load_frozen(path, tokenizer_dir, micro_batch_size=micro_batch_size)
+    tokenizer = m.tokenizer
     return ServedModel(
-        teacher,
+        m.teacher,
         tokenizer,
-        model_path=str(model_path.resolve()),
-        tokenizer_path=str(tok_dir.resolve()) if has_tok else None,
-        context_length=context_length or arch.max_position_embeddings,
-        eos_id=tokenizer.eos_id if tokenizer is not None else cfg_eos,
+        model_path=str(m.model_path.resolve()),
+        tokenizer_path=str(m.tok_dir.resolve()) if tokenizer is not None else None,
+        context_length=context_length or m.teacher.arch.max_position_embeddings,
+        eos_id=tokenizer.eos_id if tokenizer is not None else _config_eos(m.meta),
         micro_batch_size=micro_batch_size,
     )
 

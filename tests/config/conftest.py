@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 YAML_DIR = REPO / "yaml"
 SPEC_FILES = sorted(YAML_DIR.rglob("*.yaml"))
 

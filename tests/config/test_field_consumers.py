@@ -47,14 +47,14 @@ def _launch(spec: Any) -> Any:
 
 
 def _method(spec: Any) -> Any:
-    from megatron_camopd.session import method_params
-    from megatron_camopd.train import _loss_spec
+    from megatron_camopd.loop.session import method_params
+    from megatron_camopd.loop.train import _loss_spec
 
     return method_params(spec), _loss_spec(spec)
 
 
 def _schedule(spec: Any) -> Any:
-    from megatron_camopd.session import branch_schedule
+    from megatron_camopd.loop.session import branch_schedule
 
     s = branch_schedule(spec)
     return vars(s), s.split(spec.rollout.prompts_per_step)
@@ -62,15 +62,15 @@ def _schedule(spec: Any) -> Any:
 
 def _diagnostics(spec: Any) -> Any:
     """The steps the training loop diagnoses (an alternating schedule, so the domain's own interval shows)."""
-    from megatron_camopd.session import branch_schedule
-    from megatron_camopd.train import diagnosed
+    from megatron_camopd.loop.session import branch_schedule
+    from megatron_camopd.loop.steprow import Diagnostics
 
-    sched = branch_schedule(spec)
-    return [t for t in range(64) if diagnosed(spec, sched, t)]
+    diag = Diagnostics(spec.logging, branch_schedule(spec), spec.train.seed, pad_id=0, micro_batch_size=1)
+    return [t for t in range(64) if diag.due(t)]
 
 
 def _streams(spec: Any) -> Any:
-    from megatron_camopd.session import stream_arguments
+    from megatron_camopd.loop.session import stream_arguments
 
     return repr(stream_arguments(spec))
 
@@ -83,7 +83,7 @@ def _sampling(spec: Any) -> Any:
 
 def _http(spec: Any) -> Any:
     """The HttpTeacher the session builds for the first teacher (client and tokenizer check stubbed)."""
-    from megatron_camopd import session
+    from megatron_camopd.loop import session
 
     name, cfg = next(iter(spec.teachers.items()))
     with (
@@ -182,13 +182,14 @@ CONSUMERS: dict[str, dict[str, Any]] = {
     "name": probe("launch", "other_name"),
     "description": loop("megatron_camopd.config.spec:ExperimentSpec.to_dict"),  # recorded with every run
     "model.hf_path": probe("plan", "/data/models/Qwen3-4B"),
-    "model.checkpoint": loop("megatron_camopd.session:ModelSource.resolve"),
-    "model.tokenizer": loop("megatron_camopd.session:open_session"),
-    "model.chat_template_kwargs": loop("megatron_camopd.session:student_tokenizer"),  # tests/data/test_chat_templates
+    "model.checkpoint": loop("megatron_camopd.backend.model_source:ModelSource.resolve"),
+    "model.tokenizer": loop("megatron_camopd.loop.session:open_session"),
+    # tests/data/test_chat_templates
+    "model.chat_template_kwargs": loop("megatron_camopd.loop.session:student_tokenizer"),
     "model.dtype": probe("plan", "fp16"),
     "model.seq_length": probe("plan", 40000),
-    "teachers.*.checkpoint": loop("megatron_camopd.session:open_session"),
-    "teachers.*.hf_path": loop("megatron_camopd.session:open_session"),
+    "teachers.*.checkpoint": loop("megatron_camopd.loop.session:open_session"),
+    "teachers.*.hf_path": loop("megatron_camopd.loop.session:open_session"),
     "teachers.*.urls": probe(
         "http",
         '["http://h:1"]',
@@ -199,7 +200,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
         ),
     ),
     "teachers.*.discovery_file": probe("http", "/data/x.hosts"),
-    "teachers.*.weight": loop("megatron_camopd.train:run_step"),
+    "teachers.*.weight": loop("megatron_camopd.loop.train:run_step"),
     "teachers.*.dtype": probe("launch", "fp16"),
     "teachers.*.timeout_s": probe("http"),
     "teachers.*.max_in_flight": probe("http"),
@@ -214,7 +215,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
         for k, v in {"name": "other", "path": "/data/other.jsonl", "format": "prompt", "limit": 10}.items()
     },
     "data.streams.*.domain": loop("megatron_camopd.rollout.collect:route"),
-    "data.streams.*.branch": loop("megatron_camopd.session:_build_streams"),
+    "data.streams.*.branch": loop("megatron_camopd.loop.session:_build_streams"),
     "data.streams.*.weight": loop("megatron_camopd.rollout.collect:draw_prompts"),
     "data.streams.*.verifier": loop("megatron_camopd.rollout.collect:collect_step"),
     **{
@@ -260,7 +261,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
             "balance_ratio": None,
         }.items()
     },
-    "method.uniopd.offline_balance": loop("megatron_camopd.train:train"),  # runs rollout.offline.balance_streams
+    "method.uniopd.offline_balance": loop("megatron_camopd.loop.train:train"),  # runs rollout.offline.balance_streams
     **{
         f"method.uniopd.{k}": probe("offline", v, base=UNIOPD)
         for k, v in {
@@ -276,7 +277,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
     "method.selectkd.k": probe("method", None, extra=("method.name=selectkd",)),
     "method.selectkd.beta": probe("method", 0.5, extra=("method.name=selectkd",)),
     "method.exopd.lam": probe("method", None, extra=("method.name=exopd",)),
-    "method.exopd.reference": loop("megatron_camopd.session:open_session"),
+    "method.exopd.reference": loop("megatron_camopd.loop.session:open_session"),
     "schedule.mode": probe("schedule", "mixed", extra=("schedule.mix_ratio=[1, 1]",)),
     "schedule.n_g": probe("schedule", 2),
     "schedule.mix_ratio": probe("schedule", "[3, 1]", extra=("schedule.mode=mixed", "schedule.mix_ratio=[1, 1]")),
@@ -361,21 +362,21 @@ CONSUMERS: dict[str, dict[str, Any]] = {
         }.items()
     },
     "checkpoint.dir": probe("launch", "/data/other_ckpt", extra=("launcher.log_dir=null",)),
-    "checkpoint.save_interval": loop("megatron_camopd.train:train"),
-    "checkpoint.keep_last": loop("megatron_camopd.train:train"),
-    "checkpoint.resume": loop("megatron_camopd.resume:choose_checkpoint"),
-    **{f"logging.{k}": loop("megatron_camopd.train:train") for k in ("log_interval", "progress", "diagnostics")},
+    "checkpoint.save_interval": loop("megatron_camopd.loop.train:train"),
+    "checkpoint.keep_last": loop("megatron_camopd.loop.train:train"),
+    "checkpoint.resume": loop("megatron_camopd.loop.resume:choose_checkpoint"),
+    **{f"logging.{k}": loop("megatron_camopd.loop.train:train") for k in ("log_interval", "progress", "diagnostics")},
     **{
         f"logging.{k}": probe("diagnostics", v, extra=("schedule.mode=alternate",))
         for k, v in {"diagnostics_interval": 3, "diagnostics_interval_domain": 2, "diagnostics_start": 0}.items()
     },
     **{
-        f"logging.{k}": loop("megatron_camopd.steplog:diagnostics_row")
+        f"logging.{k}": loop("megatron_camopd.loop.steprow:Diagnostics.row")
         for k in ("diagnostics_samples", "diagnostics_null_draws", "diagnostics_sketch_dim")
     },
-    "logging.diagnostics_conflict_tokens": loop("megatron_camopd.steplog:conflict_token_ids"),
+    "logging.diagnostics_conflict_tokens": loop("megatron_camopd.loop.steprow:Diagnostics"),
     **{
-        f"logging.wandb.{k}": loop("megatron_camopd.metrics:MetricsWriter")
+        f"logging.wandb.{k}": loop("megatron_camopd.loop.metrics:MetricsWriter")
         for k in ("enabled", "project", "entity", "mode", "run_name")
     },
     "launcher": probe("launch", "null", extra=("rollout.engine=megatron",)),  # SGLang rollouts need a launcher

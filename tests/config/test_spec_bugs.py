@@ -22,7 +22,7 @@ def spec_error(write_spec, overrides: list[str], path=None) -> str:
 @pytest.mark.parametrize("ratio", ["[1.5, 0.5]", "[0.75, 0.25]", "[3, 1]"])
 def test_fractional_mix_ratio_is_the_ratio_it_says(write_spec, ratio: str) -> None:
     """[1.5, 0.5] used to train 1:0 (ints truncated) and [0.75, 0.25] to fail once every model had loaded."""
-    from megatron_camopd.session import branch_schedule
+    from megatron_camopd.loop.session import branch_schedule
 
     spec = load_spec(write_spec(VALID), [*MOPD, f"schedule.mix_ratio={ratio}"])
     assert spec.schedule.split(512) == (384, 128)
@@ -37,7 +37,7 @@ def test_mix_ratio_that_starves_a_branch_is_refused(write_spec) -> None:
 
 
 def test_on_bad_row_from_the_readme_is_a_data_field(write_spec) -> None:
-    from megatron_camopd.session import stream_arguments
+    from megatron_camopd.loop.session import stream_arguments
 
     spec = load_spec(write_spec(VALID), ["data.on_bad_row=skip"])
     assert all(kwargs["on_bad_row"] == "skip" for _, _, kwargs in stream_arguments(spec))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import megatron_camopd.train as train_mod
+import megatron_camopd.loop.train as train_mod
 from megatron_camopd.demo import phases
 from megatron_camopd.errors import CamopdError
 from tests.helpers import TINY_SPEC

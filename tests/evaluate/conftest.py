@@ -21,6 +21,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from megatron_camopd.evaluate.main import load_hf_model
+    from megatron_camopd.evaluate.core import load_hf_model
 
     return load_hf_model(tiny_model_dir)

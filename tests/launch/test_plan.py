@@ -10,8 +10,8 @@ import pytest
 from megatron_camopd.config import load_spec
 from megatron_camopd.launch.memory import estimate, stage_params
 from megatron_camopd.launch.plan import EXIT_OVER_MEMORY, PRESETS, build_plan, plan_main, student_arch
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SPECS = sorted(p for p in (REPO / "yaml").rglob("*.yaml") if "examples" not in p.parts)
 FLAGSHIP = REPO / "yaml" / "camopd_medical_qwen3_8b.yaml"
 RECOMPUTE = {"none": None, "full": "full", "selective": "selective"}

@@ -20,8 +20,8 @@ from megatron_camopd.launch.sbatch import (
 )
 from megatron_camopd.launch.servers import server_components
 from megatron_camopd.launch.submit import slurm_minutes
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml"
 SERVE = "{nodes: 1, gpus_per_node: 2, tp: 1, dp: 2}"
 LAUNCHER = [

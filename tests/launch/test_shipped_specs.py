@@ -13,8 +13,8 @@ from megatron_camopd.config import load_spec
 from megatron_camopd.launch.protocol import LIB_SH
 from megatron_camopd.launch.sbatch import render_scripts
 from megatron_camopd.launch.servers import server_components
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SPECS = sorted(p for p in (REPO / "yaml").rglob("*.yaml") if "examples" not in p.parts)
 
 

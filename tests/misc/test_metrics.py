@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from megatron_camopd.metrics import MetricsWriter, read_metrics
+from megatron_camopd.loop.metrics import MetricsWriter, read_metrics
 
 
 def test_rows_resume_truncation_and_nan(tmp_path):

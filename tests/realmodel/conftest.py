@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from megatron_camopd.convert.fixtures import build_smollm2
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_SPEC = REPO / "yaml" / "examples" / "smollm2_cpu.yaml"
 CHAT = [{"role": "user", "content": "What is 12 + 30? Answer with the number."}]
 

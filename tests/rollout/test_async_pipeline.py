@@ -31,9 +31,9 @@ def _train_recording(overrides: list[str], preempt_at: int | None = None) -> tup
     from unittest import mock
 
     from megatron_camopd.config import load_spec
-    from megatron_camopd.metrics import read_metrics
+    from megatron_camopd.loop.metrics import read_metrics
+    from megatron_camopd.loop.train import train
     from megatron_camopd.rollout.pipeline import RolloutPipeline
-    from megatron_camopd.train import train
 
     seen: list[tuple[int, int, list[int]]] = []
     real = RolloutPipeline.batch

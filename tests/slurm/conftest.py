@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 TOOL = REPO / "tools" / "slurm_cluster.py"
 TERMINAL_STATES = {
     "COMPLETED",

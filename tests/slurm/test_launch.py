@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 import yaml
-from megatron_camopd.metrics import read_metrics
+from megatron_camopd.loop.metrics import read_metrics
 from tests.helpers import REPO, repo_env, run_cli
 from tests.sglang_servers import KERNEL_STANDIN, free_port
 

@@ -16,10 +16,9 @@ import torch
 from megatron_camopd.teachers.base import TeacherScores
 from megatron_camopd.teachers.discovery import read_discovery_file
 from megatron_camopd.teachers.http import HttpTeacher
+from tests.helpers import REPO
 
 from .conftest import direct_logprobs
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def start_server(ckpt: Path, ready: Path) -> subprocess.Popen:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 TINY_SPEC = REPO / "yaml" / "examples" / "camopd_tiny_cpu.yaml"
 
 
@@ -25,8 +26,8 @@ def tiny_overrides(root: Path, ckpt: Path, *extra: str) -> list[str]:
 def run_train(rank: int, world: int, overrides: list[str]) -> list[dict] | None:
     """Train the tiny spec on this rank; rank 0 returns the metrics rows."""
     from megatron_camopd.config import load_spec
-    from megatron_camopd.metrics import read_metrics
-    from megatron_camopd.train import train
+    from megatron_camopd.loop.metrics import read_metrics
+    from megatron_camopd.loop.train import train
 
     spec = load_spec(TINY_SPEC, overrides)
     train(spec)
@@ -47,10 +48,10 @@ def loss_vs_formula(rank: int, world: int, overrides: list[str], mbs_list: list[
     from megatron_camopd.algo.losses import pg_seq_loss, topk_seq_loss
     from megatron_camopd.algo.weights import is_weights
     from megatron_camopd.config import load_spec
+    from megatron_camopd.loop.session import open_session
+    from megatron_camopd.loop.train import _loss_spec
     from megatron_camopd.rollout.assemble import add_topk, signal_batch, train_batch
     from megatron_camopd.rollout.collect import collect_step
-    from megatron_camopd.session import open_session
-    from megatron_camopd.train import _loss_spec
 
     spec = load_spec(TINY_SPEC, overrides)
     session = open_session(spec)
@@ -94,8 +95,8 @@ def run_methods(rank: int, world: int, runs: dict[str, list[str]]) -> dict[str, 
 def sft_batch_check(rank: int, world: int, overrides: list[str]) -> list[tuple[list[int], list[int], str]]:
     """(tokens under the loss mask, label ids there, the reference) for the first SFT rows."""
     from megatron_camopd.config import load_spec
-    from megatron_camopd.session import open_session
-    from megatron_camopd.sft import sft_batch
+    from megatron_camopd.loop.session import open_session
+    from megatron_camopd.loop.sft import sft_batch
 
     spec = load_spec(TINY_SPEC, overrides)
     session = open_session(spec)
@@ -137,12 +138,12 @@ def count_passes(rank: int, world: int, overrides: list[str]) -> dict:
     separately for the training passes and the gradient diagnostics (the passes FP8's amax all-reduce joins)."""
     import torch
 
-    import megatron_camopd.train as train_mod
+    import megatron_camopd.loop.steprow as steprow
     from megatron_camopd.backend import forward
 
     counts = {"train": [0, 0], "diag": [0, 0]}
     phase = ["train"]
-    plain_forward, plain_diag = forward._model_forward, train_mod.diagnostics_row
+    plain_forward, plain_diag = forward._model_forward, steprow.diagnostics_row
 
     def counted_forward(model, tokens):
         out = plain_forward(model, tokens)
@@ -160,9 +161,9 @@ def count_passes(rank: int, world: int, overrides: list[str]) -> dict:
         finally:
             phase[0] = "train"
 
-    forward._model_forward, train_mod.diagnostics_row = counted_forward, counted_diag
+    forward._model_forward, steprow.diagnostics_row = counted_forward, counted_diag
     try:
         rows = run_train(rank, world, overrides)
     finally:
-        forward._model_forward, train_mod.diagnostics_row = plain_forward, plain_diag
+        forward._model_forward, steprow.diagnostics_row = plain_forward, plain_diag
     return {"counts": counts, "rows": rows}

@@ -12,8 +12,8 @@ import pytest
 
 from megatron_camopd.backend.checkpoint import latest_checkpoint
 from megatron_camopd.errors import SpecError
-from megatron_camopd.metrics import read_metrics
-from megatron_camopd.resume import check_checkpoint_dir, check_spec_changes, judge, spec_diff
+from megatron_camopd.loop.metrics import read_metrics
+from megatron_camopd.loop.resume import check_checkpoint_dir, check_spec_changes, judge, spec_diff
 from tests.helpers import run_cli
 
 from ._workers import TINY_SPEC, tiny_overrides

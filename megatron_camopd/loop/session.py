@@ -1,7 +1,7 @@
 """Everything a run holds, built from a validated spec: process groups, tokenizer, student engine, teachers,
 prompt streams per branch, method and branch schedule.
 
-`open_session(spec)` is the only place that reads the spec for set-up; the outer loop (train.py) then works on
+`open_session(spec)` is the only place that reads the spec for set-up; the outer loop (loop/train.py) then works on
 the `Session`. Teachers come in two kinds behind one interface: frozen Megatron models in process (checkpoint or
 HF dir) and SGLang-protocol HTTP servers (urls or a launcher's discovery file); an HTTP teacher whose tokenizer
 differs from the student's is refused here, before any training.
@@ -10,7 +10,6 @@ differs from the student's is refused here, before any training.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,11 +22,10 @@ from megatron.core import parallel_state as ps
 
 from megatron_camopd.algo.camopd import BranchSchedule
 from megatron_camopd.algo.methods import Method, build_method, method_class
-from megatron_camopd.backend.checkpoint import find_model_meta, load_model_only, resolve_checkpoint
 from megatron_camopd.backend.cpu_runtime import init_distributed
 from megatron_camopd.backend.engine import Engine, build_chunks
-from megatron_camopd.backend.hf_mapping import load_hf_weights
 from megatron_camopd.backend.model import ModelArch
+from megatron_camopd.backend.model_source import ModelSource
 from megatron_camopd.backend.settings import model_fields, optim_settings, teacher_dtype
 from megatron_camopd.config import ExperimentSpec
 from megatron_camopd.config.sections import StreamConfig
@@ -35,55 +33,13 @@ from megatron_camopd.data.prompts import PromptSource, PromptStream
 from megatron_camopd.data.sandbox import ensure_available
 from megatron_camopd.data.scan import routed_domains, scan_data
 from megatron_camopd.data.tokenizer import Tokenizer
-from megatron_camopd.errors import SpecError, TeacherError
+from megatron_camopd.errors import TeacherError
 from megatron_camopd.rollout.collect import Collector, http_teachers, sampling_params, teacher_top_k
 from megatron_camopd.rollout.sampler import InProcessModel, Sampler, build_sampler, needs_entropy
 from megatron_camopd.teachers.base import Teacher
 from megatron_camopd.teachers.inprocess import MegatronTeacher
 
 log = logging.getLogger("megatron_camopd")
-
-
-@dataclass
-class ModelSource:
-    """Where a model's weights and architecture come from: a HF dir or a checkpoint of this project."""
-
-    hf_dir: Path | None
-    checkpoint: Path | None
-    config_dir: Path  # holds config.json (+ tokenizer files)
-
-    @classmethod
-    def resolve(cls, hf_path: str | None, checkpoint: str | None, field_name: str) -> ModelSource:
-        if checkpoint:
-            return cls(None, resolve_checkpoint(checkpoint), find_model_meta(checkpoint))
-        if hf_path:
-            p = Path(hf_path)
-            if not (p / "config.json").exists():
-                hint = " (the tiny example's models are made by `camopd tiny`)" if "tiny" in str(p) else ""
-                raise SpecError(f"{field_name}.hf_path: {p} has no config.json{hint}")
-            return cls(p, None, p)
-        raise SpecError(f"{field_name}: give hf_path or checkpoint")
-
-    def hf_config(self) -> dict:
-        return json.loads((self.config_dir / "config.json").read_text())
-
-    def arch(self) -> ModelArch:
-        return ModelArch.from_hf_config(self.hf_config(), source=str(self.config_dir / "config.json"))
-
-    def load_into(self, chunks: list, arch: ModelArch) -> None:
-        if self.checkpoint is not None:
-            load_model_only(self.checkpoint, chunks)
-        else:
-            assert self.hf_dir is not None, "a model source has an HF dir or a checkpoint"
-            load_hf_weights(
-                chunks,
-                self.hf_dir,
-                arch,
-                ps.get_tensor_model_parallel_rank(),
-                ps.get_tensor_model_parallel_world_size(),
-                ps.get_pipeline_model_parallel_rank(),
-                ps.get_pipeline_model_parallel_world_size(),
-            )
 
 
 @dataclass

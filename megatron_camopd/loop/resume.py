@@ -23,9 +23,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
-from megatron_camopd.backend.checkpoint import META_DIR, read_train_state, resume_candidates, verify_checkpoint
+from megatron_camopd.backend.checkpoint import META_DIR, newest_verified, open_verified, resolve_checkpoint
+from megatron_camopd.backend.model_source import ModelSource
+from megatron_camopd.config import ExperimentSpec
 from megatron_camopd.errors import CheckpointError, SpecError
 
 log = logging.getLogger("megatron_camopd")
@@ -166,55 +166,20 @@ def check_architecture(ckpt: Path, student_config: dict) -> None:
         )
 
 
-def _rank0_list(root: str) -> list[Path]:
-    """The candidates as rank 0 sees them (one listing for all ranks)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return resume_candidates(root)
-    box: list[list[Path] | None] = [resume_candidates(root) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    assert box[0] is not None, "rank 0 sends its listing"
-    return box[0]
-
-
-def _open(path: Path) -> dict:
-    verify_checkpoint(path)
-    return read_train_state(path)
-
-
-def choose_checkpoint(spec) -> ResumePlan:
-    """Collective: the verified checkpoint `checkpoint.resume` names. `auto` takes the newest complete one and falls
-    back past any that fails verification (saying so); an explicit path is refused when it fails."""
+def choose_checkpoint(spec: ExperimentSpec) -> ResumePlan:
+    """Collective: the verified checkpoint `checkpoint.resume` names. `auto` takes the newest one that verifies
+    (falling back past any that fails, saying so); an explicit path is refused when it fails."""
     mode = spec.checkpoint.resume
     if mode == "never":
         return ResumePlan()
-    if mode != "auto":
-        from megatron_camopd.backend.checkpoint import resolve_checkpoint
-
-        path = resolve_checkpoint(mode)
-        return ResumePlan(path, _open(path))
-    failures = []
-    for path in _rank0_list(spec.checkpoint.dir):
-        try:
-            state = _open(path)
-        except CheckpointError as exc:
-            failures.append(str(exc))
-            log.warning(
-                "checkpoint %s fails verification: %s; falling back to the previous complete checkpoint", path, exc
-            )
-            continue
-        if failures:
-            log.warning("resuming from %s, the newest checkpoint that verifies (%d newer failed)", path, len(failures))
-        return ResumePlan(path, state)
-    if failures:
-        raise CheckpointError(f"{spec.checkpoint.dir}: no checkpoint verifies: {'; '.join(failures)}")
-    return ResumePlan()
+    found = open_verified(resolve_checkpoint(mode)) if mode != "auto" else newest_verified(spec.checkpoint.dir)
+    return ResumePlan(*found) if found else ResumePlan()
 
 
-def plan_resume(spec) -> ResumePlan:
+def plan_resume(spec: ExperimentSpec) -> ResumePlan:
     """Collective, before any model loads: start torch.distributed (as open_session would; it is idempotent),
     check `checkpoint.dir`, choose and verify the checkpoint and judge the spec's differences from it."""
     from megatron_camopd.backend.cpu_runtime import init_distributed
-    from megatron_camopd.session import ModelSource
 
     check_checkpoint_dir(spec.checkpoint.dir)
     p = spec.parallel

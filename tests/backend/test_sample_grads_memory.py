@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_camopd.algo.diagnostics import subset_coherence
-from megatron_camopd.backend import diagnostics as gd
+from megatron_camopd.backend import sample_grads as gd
 from megatron_camopd.backend.loss import LossSpec
 
 from ._layout_workers import fixed_batch

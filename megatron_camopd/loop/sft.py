@@ -7,6 +7,8 @@ token do. Each sequence is token-averaged, then sequences are averaged (as the d
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from megatron_camopd.errors import DataError
@@ -40,3 +42,14 @@ def sft_batch(c: Collector, step: int, seq_length: int, micro_batch_size: int) -
         samples.append(Sample(index=i, group=i, branch="all", prompt=p, teacher="", verifier=None, rollout=r))
     batch = StepBatch.of(samples, None, None, c.dp_rank, c.dp_size).megatron(tok.pad_id, micro_batch_size)
     return batch, sum(len(s.rollout.response_ids) for s in samples if s.rollout is not None)
+
+
+def sft_step(session, step: int, loss_spec) -> dict:
+    """One SFT step of `session` (`method.name: sft`): the batch above through the same Megatron train step;
+    returns its metrics row."""
+    t0 = time.time()
+    spec = session.spec
+    batch, n_tokens = sft_batch(session.collector, step, spec.seq_length, spec.train.micro_batch_size)
+    out = session.engine.train_step(batch, loss_spec)
+    dt = time.time() - t0
+    return {"step": step + 1, "branch": "sft", **out, "tokens_per_s": n_tokens / max(dt, 1e-9)}

@@ -1,4 +1,5 @@
-"""What a training step reports: the metrics row of `metrics.jsonl`, and the opt-in gradient diagnostics.
+"""What a training step reports: the metrics row of `metrics.jsonl`, and the opt-in gradient diagnostics
+(`Diagnostics`: which steps run them, the other branch's latest batch they compare against, their row).
 
 Every row has `step`, `branch`, `loss`, `grad_norm`, `lr`, `selected_fraction`, `mean_gap`, `reverse_kl`,
 `entropy`, `tokens_per_s` plus the method's own metrics (per-branch selected fraction, gap-vs-length Spearman,
@@ -15,11 +16,12 @@ from megatron_camopd.algo.camopd import gap_scores, mass_target_select
 from megatron_camopd.algo.diagnostics import (
     carries_conflict,
     coherence_report,
+    diagnostics_due,
     length_summary,
     selection_precision,
     split_halves,
 )
-from megatron_camopd.backend import diagnostics as gd
+from megatron_camopd.backend import sample_grads as gd
 from megatron_camopd.rollout.assemble import StepBatch
 from megatron_camopd.rollout.staleness import stale_counts
 
@@ -53,7 +55,7 @@ def conflict_token_ids(tokenizer, strings: list[str] | None) -> frozenset[int] |
 def _per_sample_batches(step: StepBatch, full, rows, loss_spec, pad_id: int, n: int):
     """One one-row batch per candidate sample, each counted (a sample dropped by selection keeps its full-batch
     gradient), then zero-weight filler batches up to `n` (every DP rank runs `n` passes: see
-    backend/diagnostics.py)."""
+    backend/sample_grads.py)."""
     topk = loss_spec.loss == "topk"
     out = []
     for i in rows:
@@ -97,7 +99,7 @@ def diagnostics_row(
     per-sample gradients per rank, for the method's selection and for the gap selection CaMOPD would make, and the
     selection's precision on the samples that carry the conflict (`conflict_ids`); then the cross-branch dot
     product, cosine, norm ratio, counteracted fraction, split-half reliabilities, corrected cosine and per-tensor
-    breakdown (backend/diagnostics.py). `seed` seeds the nulls and the half splits."""
+    breakdown (backend/sample_grads.py). `seed` seeds the nulls and the half splits."""
     row: dict = {}
     sig, signals, rows = step.sig, step.signals, step.rows
     assert sig is not None and signals is not None, "diagnostics need an on-policy step"
@@ -138,3 +140,56 @@ def diagnostics_row(
     halves = {b: _halves(p, r, gen, pad_id, micro_batch_size, topk) for b, (p, r) in parts.items()}
     row.update({f"diag_{key}": v for key, v in gd.cross_branch(engine, halves, loss_spec).items()})
     return row
+
+
+class Diagnostics:
+    """The training loop's gradient diagnostics (`logging.diagnostics*`): `due(step)` says which steps run them,
+    `row(...)` runs them on a step's batch when due and remembers that batch as its branch's latest (the
+    cross-branch instruments compare the active batch with the other branch's); off (`logging.diagnostics:
+    false`), `row` is a no-op."""
+
+    def __init__(self, logging_cfg, schedule, seed: int, *, pad_id: int, micro_batch_size: int, tokenizer=None):
+        self.cfg, self.schedule, self.seed = logging_cfg, schedule, seed
+        self.pad_id, self.micro_batch_size = pad_id, micro_batch_size
+        strings = logging_cfg.diagnostics_conflict_tokens
+        self.conflict_ids = conflict_token_ids(tokenizer, strings) if tokenizer is not None else None
+        self._latest: dict[str, StepBatch] = {}  # branch -> its latest batch
+
+    def due(self, step: int) -> bool:
+        """Whether step `step` (0-based) runs the diagnostics: `logging.diagnostics_interval` (and
+        `diagnostics_interval_domain` for domain steps) counted per branch of the schedule from
+        `diagnostics_start`."""
+        lg = self.cfg
+        return diagnostics_due(
+            step,
+            self.schedule.at,
+            self.schedule.period,
+            lg.diagnostics_interval,
+            lg.diagnostics_interval_domain,
+            lg.diagnostics_start,
+        )
+
+    def row(self, engine, method, batch: StepBatch, loss_spec, branch: str, step: int) -> dict:
+        """The diagnostics of step `step` when due (else {}); `batch` becomes `branch`'s latest."""
+        if not self.cfg.diagnostics:
+            return {}
+        out = {}
+        if self.due(step):
+            lg = self.cfg
+            out = diagnostics_row(
+                engine,
+                method,
+                batch,
+                loss_spec,
+                branch,
+                self._latest,
+                pad_id=self.pad_id,
+                micro_batch_size=self.micro_batch_size,
+                max_samples=lg.diagnostics_samples,
+                null_draws=lg.diagnostics_null_draws,
+                sketch_dim=lg.diagnostics_sketch_dim,
+                conflict_ids=self.conflict_ids,
+                seed=self.seed * 1_000_003 + step,
+            )
+        self._latest[branch] = batch
+        return out
