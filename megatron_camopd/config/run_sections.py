@@ -214,6 +214,9 @@ class LauncherConfig(Section):
     python: str | None = None  # the python of every component (with megatron_camopd); None: the one rendering
     # the python of the SGLang servers (SGLang has an environment of its own on most clusters); None: `python`
     sglang_python: str | None = None
+    # the python of the vLLM servers (`teachers.<name>.server: vllm`; `python -m megatron_camopd.launch.vllm_env`
+    # builds one on a CPU machine); None: `python`
+    vllm_python: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # environment of every component
     trainer_env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TRAINER_ENV))  # NCCL/IB, CUDA
     resources: SlurmResources = field(default_factory=SlurmResources)  # the trainer's nodes

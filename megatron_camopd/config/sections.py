@@ -21,6 +21,9 @@ from megatron_camopd.config.fields import Section, check, in_range, non_negative
 from megatron_camopd.config.serving import SlurmResources, TeacherServeConfig
 
 Dtype = Literal["fp32", "bf16", "fp16"]
+# the engines a served teacher may run on: the wire protocol its client speaks and what the launchers start
+# (teachers/__init__.py: TEACHER_TRANSPORTS maps each to its client)
+TeacherServer = Literal["sglang", "vllm"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -43,9 +46,10 @@ class ModelConfig(Section):
 
 @dataclass
 class TeacherConfig(Section):
-    """One frozen teacher: in-process Megatron (`checkpoint`/`hf_path`) or SGLang servers (`urls`/`discovery_file`).
+    """One frozen teacher: in-process Megatron (`checkpoint`/`hf_path`) or servers (`urls`/`discovery_file`) of
+    the engine `server` names (SGLang, or vLLM's OpenAI-compatible server).
 
-    With `serve`, `camopd sbatch`/`camopd launch` start the teacher's SGLang servers (model: `serve.model`, else
+    With `serve`, `camopd sbatch`/`camopd launch` start the teacher's servers (model: `serve.model`, else
     `hf_path`/`checkpoint`) and point the trainer at them; a plain `camopd train` uses the other fields.
     """
 
@@ -60,7 +64,8 @@ class TeacherConfig(Section):
     retries: int = 3
     discovery_timeout_s: float = 3600.0  # how long to wait for the discovery file to list a server
     dead_deadline_s: float = 120.0  # all replicas down this long: the trainer stops with a TeacherError
-    serve: TeacherServeConfig | None = None  # the launchers start this teacher's SGLang servers
+    serve: TeacherServeConfig | None = None  # the launchers start this teacher's servers
+    server: TeacherServer = "sglang"  # the engine of urls/discovery_file/serve: sglang | vllm
 
     @property
     def kind(self) -> Literal["megatron", "http", "discovery"]:
@@ -92,6 +97,12 @@ class TeacherConfig(Section):
             self.dtype is None or in_process or self.serve is not None,
             "dtype",
             "applies to in-process (hf_path/checkpoint) or launcher-served (serve) teachers only",
+        )
+        check(
+            self.server == "sglang" or not in_process or self.serve is not None,
+            "server",
+            f"{self.server!r} applies to served teachers (urls, discovery_file or serve); an in-process teacher"
+            " runs in the trainer",
         )
         if self.serve is not None:
             check(self.urls is None, "serve", "urls name servers that already run: give urls or serve, not both")

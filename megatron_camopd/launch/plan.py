@@ -45,6 +45,7 @@ from megatron_camopd.launch.servers import (
     PYTHON,
     READY,
     SGLANG_PY,
+    VLLM_PY,
     fill,
     launcher_of,
     server_components,
@@ -202,6 +203,7 @@ def slurm_plan(spec: Any, spec_path: str, overrides: list[str]) -> list[dict[str
             c.argv,
             python="python",
             sglang_python=launcher.sglang_python or "python",
+            vllm_python=launcher.vllm_python or "python",
             model=str(c.model),
             port=str(c.port),
             ready="READY",
@@ -245,7 +247,7 @@ def slurm_plan(spec: Any, spec_path: str, overrides: list[str]) -> list[dict[str
             "command": " ".join(cmd),
         }
     )
-    assert not any(mark in str(out) for mark in (MODEL, PORT, PYTHON, SGLANG_PY, READY, BASE_GPU))
+    assert not any(mark in str(out) for mark in (MODEL, PORT, PYTHON, SGLANG_PY, VLLM_PY, READY, BASE_GPU))
     return out
 
 

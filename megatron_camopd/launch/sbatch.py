@@ -26,7 +26,7 @@ from pathlib import Path
 from string import Template
 
 from megatron_camopd.config import load_spec
-from megatron_camopd.config.serving import SGLANG_VERSION, SlurmResources
+from megatron_camopd.config.serving import SGLANG_VERSION, VLLM_VERSION, SlurmResources
 from megatron_camopd.config.spec import ExperimentSpec
 from megatron_camopd.errors import SpecError
 from megatron_camopd.launch.servers import (
@@ -38,6 +38,7 @@ from megatron_camopd.launch.servers import (
     PYTHON,
     READY,
     SGLANG_PY,
+    VLLM_PY,
     Component,
     launcher_of,
     server_components,
@@ -110,6 +111,7 @@ def _bash_word(arg: str) -> str:
     for mark, var in (
         (PYTHON, "$PYTHON"),
         (SGLANG_PY, "$SGLANG_PYTHON"),
+        (VLLM_PY, "$VLLM_PYTHON"),
         (MODEL, "$1"),
         (PORT, "$2"),
         (READY, "$3"),
@@ -148,7 +150,8 @@ def _label(c: Component) -> str:
 
 def start_servers_block(servers: list[Component], spec: ExperimentSpec, het: bool) -> str:
     """The bash that prepares each server group's model (checkpoint -> HF once, SGLang only) and starts it."""
-    lines = ["check_sglang_version"] if servers else []
+    checks = ((SGLANG_PY, "check_sglang_version"), (VLLM_PY, "check_vllm_version"))
+    lines = [check for mark, check in checks if any(mark in c.argv for c in servers)]
     trainer_res = launcher_of(spec).resources
     for i, c in enumerate(servers):
         group = i if het else None
@@ -213,6 +216,7 @@ def sbatch_values(
         "WORKDIR": _q(workdir or os.getcwd()),
         "PYTHON": _q(python or launcher.python or sys.executable),
         "SGLANG_PYTHON": _q(launcher.sglang_python or python or launcher.python or sys.executable),
+        "VLLM_PYTHON": _q(launcher.vllm_python or python or launcher.python or sys.executable),
         "SPEC": _q(os.path.abspath(spec_path)),
         "OVERRIDES": " ".join(_q(o) for o in overrides),
         "NODES": str(launcher.nodes),
@@ -227,6 +231,7 @@ def sbatch_values(
         "TRAINER_ENV": trainer_env,
         "SERVER_BACKEND": backend,
         "SGLANG_TESTED": SGLANG_VERSION,
+        "VLLM_TESTED": VLLM_VERSION,
         "SERVERS": " ".join(_q(c.name) for c in servers),
         "SERVER_LABELS": " ".join(_q(_label(c)) for c in servers),
         "SERVER_COUNTS": " ".join(str(c.count) for c in servers),

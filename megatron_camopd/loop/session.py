@@ -191,10 +191,10 @@ def _frozen_teacher(
 
 
 def _http_teacher(name: str, cfg, spec: ExperimentSpec, tokenizer: Tokenizer, vocab_size: int):
-    from megatron_camopd.teachers.http import HttpTeacher
+    from megatron_camopd.teachers import teacher_client
     from megatron_camopd.teachers.tokcheck import TokenizerInfo, check_context, check_tokenizer, default_probe_ids
 
-    teacher = HttpTeacher(
+    teacher = teacher_client(cfg.server)(
         name,
         urls=cfg.urls,
         discovery_file=cfg.discovery_file,
@@ -253,7 +253,7 @@ def open_session(spec: ExperimentSpec, stop_requested: Callable[[], bool] | None
             )
         else:
             teachers[name] = _http_teacher(name, cfg, spec, tokenizer, arch.vocab_size) if _is_mp_leader() else None
-        log.info("teacher %s ready (%s)", name, cfg.kind)
+        log.info("teacher %s ready (%s%s)", name, cfg.kind, "" if cfg.kind == "megatron" else f", {cfg.server}")
     reference = None
     if method.needs_reference:
         ref_path = method.reference_path(spec.method)

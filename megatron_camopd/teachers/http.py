@@ -89,27 +89,41 @@ class HttpTeacher:
         """Per-URL counters (a snapshot)."""
         return self._pool.replica_stats()
 
+    # ------------------------------------------------------------------ the wire protocol (a subclass's seam)
+    SCORE_PATH = "/generate"
+    # hold a prompt's other samples back until its first is answered (SGLang then serves the prompt from its radix
+    # cache); a server that never reads the cache for these requests (vLLM with prompt_logprobs) gains nothing
+    PREFIX_HOLDBACK = True
+
+    def _score_body(self, ids: list[int], start: int, top_k: int | None) -> dict[str, Any]:
+        return score_request(ids, start, top_k)
+
+    def _parse_score(
+        self, obj: Any, ids: list[int], start: int, top_k: int | None, body: dict[str, Any], url: str
+    ) -> TeacherScores:
+        first = body["logprob_start_len"]
+        out = parse_scores(obj, ids, start, top_k, f"teacher {self.name} at {url}", self.echo_vocab_size, first)
+        cached = obj["meta_info"].get("cached_tokens")
+        if isinstance(cached, int):
+            self.prefix_cached_tokens += cached
+        return out
+
     async def _score(self, ids: list[int], start: int, top_k: int | None) -> TeacherScores:
         check_start(ids, start, f"teacher {self.name}")
-        body = score_request(ids, start, top_k)
-        first = body["logprob_start_len"]
+        body = self._score_body(ids, start, top_k)
         key = hash(tuple(ids[:start]))  # the prompt (ints hash alike in every process)
-        ahead = self._prefilling.get(key)
+        ahead = self._prefilling.get(key) if self.PREFIX_HOLDBACK else None
         own = None
         if ahead is not None:
             await ahead.wait()  # the prompt's first sample is being prefilled: find it cached afterwards
-        else:
+        elif self.PREFIX_HOLDBACK:
             own = self._prefilling[key] = asyncio.Event()
 
         def check(obj: Any, url: str) -> TeacherScores:
-            out = parse_scores(obj, ids, start, top_k, f"teacher {self.name} at {url}", self.echo_vocab_size, first)
-            cached = obj["meta_info"].get("cached_tokens")
-            if isinstance(cached, int):
-                self.prefix_cached_tokens += cached
-            return out
+            return self._parse_score(obj, ids, start, top_k, body, url)
 
         try:
-            return await self._pool.with_retries(body, check, affinity=key)
+            return await self._pool.with_retries(body, check, path=self.SCORE_PATH, affinity=key)
         finally:
             if own is not None:
                 own.set()
@@ -204,6 +218,18 @@ class HttpTeacher:
     def server_info(self, url: str | None = None) -> dict[str, Any]:
         """`GET /server_info` of `url` (default: a live replica): its limits, parallelism and version."""
         return self._info("/server_info", url)
+
+    def max_input_tokens(self, url: str) -> int | None:
+        """The longest input `url` accepts (None when it does not say): SGLang's `/server_info` limits."""
+        from ..rollout.sglang_protocol import server_limits
+
+        return server_limits(self.server_info(url))[1]
+
+    def context_needed(self, n_tokens: int) -> tuple[str, int]:
+        """The server flag and the value that make inputs of `n_tokens` fit (for error messages)."""
+        from ..rollout.sglang_protocol import context_for_inputs
+
+        return "--context-length", context_for_inputs(n_tokens)
 
     def _info(self, path: str, url: str | None) -> dict[str, Any]:
         async def _get() -> dict[str, Any]:

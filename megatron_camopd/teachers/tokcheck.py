@@ -143,19 +143,17 @@ def check_tokenizer(teacher: Any, student: TokenizerInfo, probe_ids: list[list[i
 
 def check_context(teacher: Any, seq_length: int, field: str) -> None:
     """Refuse (`TeacherError`) a served teacher any of whose replicas would refuse a full-length sample: it
-    scores prompt + response, up to `seq_length` tokens, and SGLang 0.5.23 takes an input of at most
-    `context_length - 7` tokens (`rollout.sglang_protocol.server_limits`). Without this a cluster drops every
-    full-length rollout at scoring time, biasing training against long responses. `field` is the spec field
-    that sets the servers' context length (named in the error)."""
-    from ..rollout.sglang_protocol import context_for_inputs, server_limits
-
+    scores prompt + response, up to `seq_length` tokens, and a server takes inputs up to its own limit
+    (`teacher.max_input_tokens(url)`: SGLang 0.5.23 `context_length - 7`, vLLM `max_model_len - 1`). Without this a
+    cluster drops every full-length rollout at scoring time, biasing training against long responses. `field` is
+    the spec field that sets the servers' context length (named in the error)."""
     for url in teacher.live_urls():
-        _, max_input = server_limits(teacher.server_info(url))
+        max_input = teacher.max_input_tokens(url)
         if max_input is not None and max_input < seq_length:
+            flag, needed = teacher.context_needed(seq_length)
             raise TeacherError(
                 f"teacher {teacher.name} at {url}: its longest accepted input is {max_input} tokens, but samples"
-                f" have up to {seq_length} (the model's sequence length): serve it with --context-length >="
-                f" {context_for_inputs(seq_length)} ({field})"
+                f" have up to {seq_length} (the model's sequence length): serve it with {flag} >= {needed} ({field})"
             )
 
 

@@ -208,6 +208,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
     "teachers.*.discovery_timeout_s": probe("http"),
     "teachers.*.dead_deadline_s": probe("http"),
     "teachers.*.serve": probe("launch", "null"),
+    "teachers.*.server": probe("launch", "vllm"),  # the launcher starts vLLM's server for it
     **SERVE,
     "routing": loop("megatron_camopd.rollout.collect:route"),
     **{
@@ -393,6 +394,7 @@ CONSUMERS: dict[str, dict[str, Any]] = {
             "log_dir": "/data/logs2",
             "python": "/opt/py",
             "sglang_python": "/opt/sglang/bin/python",
+            "vllm_python": "/opt/vllm/bin/python",
             "env": "{A: b}",
             "trainer_env": "{NCCL_IB_HCA: mlx5}",
             "resources.exclusive": None,

