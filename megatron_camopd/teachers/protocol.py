@@ -56,7 +56,8 @@ def sglang_clipped(sent: int, echoed: Any, vocab_size: int | None) -> bool:
     return vocab_size is not None and echoed == 0 and sent != 0 and sent >= vocab_size - 1
 
 
-def _finite(value: Any, where: str) -> float:
+def finite_logprob(value: Any, where: str) -> float:
+    """`value` as a float log-prob; a TeacherError naming `where` when it is not a finite number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TeacherError(f"{where}: log-prob {value!r:.40} is not a number")
     if not math.isfinite(value):
@@ -99,7 +100,7 @@ def parse_meta(
         clipped = sglang_clipped(sent, tid, vocab_size)
         if tid != sent and not clipped:
             raise TeacherError(f"{where}: entry {j} echoes token id {tid!r}, we sent {sent}")
-        logprobs.append(_finite(lp, f"{where}: entry {j}"))
+        logprobs.append(finite_logprob(lp, f"{where}: entry {j}"))
         texts.append(None if clipped else text)
     tops = None
     if top_k:
@@ -122,7 +123,7 @@ def _parse_top(raw: Any, n: int, top_k: int, where: str) -> list[list[tuple[floa
             lp, tid, _ = _entry_lp_id(e, f"{where}: input_top_logprobs[{i}]")
             if isinstance(tid, bool) or not isinstance(tid, int):
                 raise TeacherError(f"{where}: input_top_logprobs[{i}] has token id {tid!r}")
-            parsed.append((_finite(lp, f"{where}: input_top_logprobs[{i}]"), tid))
+            parsed.append((finite_logprob(lp, f"{where}: input_top_logprobs[{i}]"), tid))
         tops.append(parsed)
     return tops
 

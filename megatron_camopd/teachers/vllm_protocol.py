@@ -19,13 +19,13 @@ first is scored gains nothing on vLLM.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from ..errors import TeacherError
 from .base import TeacherScores
+from .protocol import finite_logprob
 
 COMPLETIONS = "/v1/completions"
 MODELS = "/v1/models"
@@ -52,14 +52,6 @@ def score_request(ids: list[int], top_k: int | None) -> dict[str, Any]:
         "prompt_logprobs": int(top_k or 0),
         "return_token_ids": True,
     }
-
-
-def _finite(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TeacherError(f"{where}: log-prob {value!r:.40} is not a number")
-    if not math.isfinite(value):
-        raise TeacherError(f"{where}: non-finite log-prob {value!r}")
-    return float(value)
 
 
 def _choice(obj: Any, where: str) -> dict[str, Any]:
@@ -106,7 +98,8 @@ def _top(entry: dict[str, Any], sent: int, top_k: int, where: str) -> list[tuple
         if not isinstance(value, dict):
             raise TeacherError(f"{where}: token {tid} has {value!r:.60}, expected {{logprob, rank, ...}}")
         rank = value.get("rank")
-        rows.append((_finite(value.get("logprob"), f"{where} token {tid}"), rank if isinstance(rank, int) else 0, tid))
+        lp = finite_logprob(value.get("logprob"), f"{where} token {tid}")
+        rows.append((lp, rank if isinstance(rank, int) else 0, tid))
     rows.sort(key=lambda r: (-r[0], r[1]))
     return [(lp, tid) for lp, _, tid in rows]
 
@@ -121,7 +114,7 @@ def parse_scores(obj: Any, ids: list[int], start: int, top_k: int | None, where:
         assert entry is not None  # checked by prompt_entries
         value = entry[str(ids[j])]
         lp = value.get("logprob") if isinstance(value, dict) else value
-        logprobs.append(_finite(lp, f"{where}: prompt_logprobs[{j}]"))
+        logprobs.append(finite_logprob(lp, f"{where}: prompt_logprobs[{j}]"))
         if top_k:
             tops.append(_top(entry, ids[j], int(top_k), f"{where}: prompt_logprobs[{j}]"))
     out = TeacherScores(logprobs=torch.tensor(logprobs, dtype=torch.float32).reshape(-1))
