@@ -8,12 +8,54 @@ registry (``methods.py``) combines them with the shared policy-gradient loss.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from megatron_camopd.algo.params import MethodParams
 from megatron_camopd.algo.tokens import as_bool_mask, masked_fill_zero
+from megatron_camopd.checks import in_range, path_field, positive
 from megatron_camopd.errors import SpecError
+
+
+@dataclass
+class RelaxedParams(MethodParams):
+    """Relaxed OPD (REOPOLD, `method.relaxed`): reward floor log(lam/(1-lam)) and entropy top-beta token sampling."""
+
+    lam: float = 0.2
+    beta: float = 0.5
+
+    def validate(self) -> None:
+        super().validate()
+        in_range(self, "lam", 0.0, 1.0, low_open=True, high_open=True)
+        in_range(self, "beta", 0.0, 1.0, low_open=True, high_open=False)
+
+
+@dataclass
+class SelecTKDParams(MethodParams):
+    """SelecTKD (`method.selectkd`): a token is accepted when the student's top-1 is in the teacher's top-k;
+    rejected tokens weigh beta."""
+
+    k: int = 5
+    beta: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "k")
+        in_range(self, "beta", 0.0, 1.0, low_open=False, high_open=False)
+
+
+@dataclass
+class ExOPDParams(MethodParams):
+    """ExOPD (G-OPD, `method.exopd`): A = lam (log pi_T - log pi_ref) - (log pi_s - log pi_ref)."""
+
+    lam: float = 1.25
+    reference: str | None = path_field()  # the frozen reference model; None: the initial student
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "lam")
 
 
 def relaxed_reward(delta: Tensor, lam: float = 0.2) -> Tensor:

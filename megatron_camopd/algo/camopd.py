@@ -12,16 +12,42 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from megatron_camopd.algo.params import MethodParams
 from megatron_camopd.algo.tokens import masked_seq_mean
+from megatron_camopd.checks import in_range, positive
 from megatron_camopd.errors import CheckpointError, SpecError
 
 Branch = Literal["general", "domain"]
 BRANCHES: tuple[str, ...] = ("general", "domain")
+
+
+@dataclass
+class CaMOPDParams(MethodParams):
+    """CaMOPD's selection and branch scales, flat in the spec's `method` section (`method.rho_g`, ...)."""
+
+    selection: bool | None = None  # gap-based mass-target selection; None: the method's default (on for camopd)
+    # which k_b samples selection keeps: "gap" (the paper's top-gap prefix) or "random" (as many, at random: the
+    # ablation of which samples are chosen at the same kept fraction)
+    selection_order: Literal["gap", "random"] = "gap"
+    rho_g: float = 0.8  # gap mass the general branch keeps
+    rho_d: float = 0.8  # gap mass the domain branch keeps
+    r_g: float = 2.0  # branch scale of the general branch
+    r_d: float = 1.0  # branch scale of the domain branch
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "r_g", "r_d")
+        in_range(self, "rho_g", 0.0, 1.0, low_open=True, high_open=False)
+        in_range(self, "rho_d", 0.0, 1.0, low_open=True, high_open=False)
+
+    def resolve(self, method: Any) -> None:
+        if self.selection is None:
+            self.selection = bool(method.default_selection)
 
 
 class BranchSchedule:

@@ -14,20 +14,24 @@ reduce with ``reduce_selected(..., sample_weight)``. ``SignalBatch``/``TrainSign
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from megatron_camopd.algo import baselines, uniopd
-from megatron_camopd.algo.camopd import BRANCHES, branch_scale, gap_scores, mass_target_select
+from megatron_camopd.algo.baselines import ExOPDParams, RelaxedParams, SelecTKDParams
+from megatron_camopd.algo.camopd import BRANCHES, CaMOPDParams, branch_scale, gap_scores, mass_target_select
 from megatron_camopd.algo.diagnostics import length_summary, selected_fraction, spearman
 from megatron_camopd.algo.losses import clip_advantage
+from megatron_camopd.algo.params import LossParams, MethodParams
 from megatron_camopd.algo.signals import SignalBatch, TrainSignals
 from megatron_camopd.algo.tokens import as_bool_mask, masked_seq_mean, nonfinite_rows, seq_lengths
-from megatron_camopd.algo.weights import validate_is_params
+from megatron_camopd.algo.uniopd import UniOPDParams
+from megatron_camopd.checks import FieldError, check
 from megatron_camopd.errors import DataError, SpecError
 
 
@@ -52,12 +56,14 @@ def _branch_score(delta: Tensor, mask: Tensor, branch: str) -> Tensor:
 
 
 @dataclass
-class Method:
-    """Base: shared parameters (advantage clip, IS weights, loss form), cleaning, common metrics.
+class Method(LossParams, MethodParams):
+    """Base: shared loss settings (``params.LossParams``: advantage clip, IS weights, loss form), cleaning, common
+    metrics.
 
     A method declares what it asks of the loop in class attributes and hooks; the session, the rollout collector,
-    the launcher and the spec's validation read them, so a new method is one class here (plus a section of
-    ``MethodConfig`` when it has parameters of its own) registered with :func:`register_method`.
+    the launcher and the spec's validation read them. A new method is one class (deriving from its parameters'
+    ``MethodParams`` section too when it has parameters of its own, defined next to its maths) registered with
+    :func:`register_method`, which names where the spec's `method` section holds those parameters.
     """
 
     name: ClassVar[str] = ""
@@ -69,37 +75,23 @@ class Method:
     default_schedule: ClassVar[str] = "mixed"  # `schedule.mode` when the spec leaves it out
     default_n_samples: ClassVar[int] = 1  # `rollout.n_samples` when the spec leaves it out
     default_selection: ClassVar[bool] = False  # `method.selection` when the spec leaves it out
-    a_max: float | None = 5.0
-    is_weight: str = "mask"
-    eps_low: float = 0.5
-    eps_high: float = 5.0
-    is_cap: float = 2.0
-    loss: str = "pg"
 
     def __post_init__(self) -> None:
-        if self.a_max is not None and not self.a_max > 0:
-            raise SpecError(f"{self.name}.a_max: expected a positive number or null, got {self.a_max}")
-        validate_is_params(self.is_weight, self.eps_low, self.eps_high, self.is_cap)
-        if self.loss not in self.loss_forms:
-            raise SpecError(f"{self.name}.loss: expected one of {self.loss_forms}, got {self.loss!r}")
+        super().__post_init__()  # the fields' types, then every parameter section's validate()
+        self.resolve(type(self))
+
+    def validate(self) -> None:
+        super().validate()
+        self.check_loss(self.loss)
 
     @classmethod
-    def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
-        """This method's own parameters from the spec's `method` section (config/sections.py MethodConfig)."""
-        return {}
-
-    @classmethod
-    def params(cls, cfg: Any, seed: int = 0) -> dict[str, Any]:
-        """Constructor parameters from the spec's `method` section: the shared ones, then the method's own."""
-        common = dict(
-            a_max=cfg.a_max,
-            is_weight=cfg.is_weight,
-            eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high,
-            is_cap=cfg.is_cap,
-            loss=cfg.loss,
+    def check_loss(cls, loss: str) -> None:
+        """`method.loss` must be one of the loss forms this method trains with."""
+        check(
+            loss in cls.loss_forms,
+            "loss",
+            f"{cls.name} trains with loss {' or '.join(map(repr, cls.loss_forms))}, got {loss!r}",
         )
-        return {**common, **cls.config_params(cfg, seed)}
 
     @classmethod
     def reference_path(cls, cfg: Any) -> str | None:
@@ -210,7 +202,7 @@ class MOPD(OPD):
 
 
 @dataclass
-class CaMOPD(Method):
+class CaMOPD(Method, CaMOPDParams):
     """CaMOPD: per-branch mass-target selection on gap scores and branch scales ``r_b`` (arXiv:2605.27115 §3.3, Eqs.
     (6)-(9))."""
 
@@ -219,39 +211,10 @@ class CaMOPD(Method):
     needs_both_branches: ClassVar[bool] = True
     default_schedule: ClassVar[str] = "alternate"
     default_selection: ClassVar[bool] = True
-    rho_g: float = 0.8
-    rho_d: float = 0.8
-    r_g: float = 2.0
-    r_d: float = 1.0
-    selection: bool = True
-    # "gap": the paper's top-gap prefix; "random": the same number k_b of samples drawn at random (the ablation
-    # that separates "which samples" from "how many"; seeded by `seed` and a per-batch counter, checkpointed)
-    selection_order: str = "gap"
+    # selection_order "random" (the ablation that separates "which samples" from "how many") is seeded by `seed`
+    # (`train.seed`) and a per-batch counter, checkpointed
     seed: int = 0
     _calls: int = field(default=0, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.selection_order not in ("gap", "random"):
-            raise SpecError(f"camopd.selection_order: expected 'gap' or 'random', got {self.selection_order!r}")
-        for f in ("rho_g", "rho_d"):
-            if not 0.0 < getattr(self, f) <= 1.0:
-                raise SpecError(f"camopd.{f}: expected 0 < {f} <= 1, got {getattr(self, f)}")
-        for f in ("r_g", "r_d"):
-            if not getattr(self, f) > 0:
-                raise SpecError(f"camopd.{f}: expected > 0, got {getattr(self, f)}")
-
-    @classmethod
-    def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
-        return dict(
-            rho_g=cfg.rho_g,
-            rho_d=cfg.rho_d,
-            r_g=cfg.r_g,
-            r_d=cfg.r_d,
-            selection=bool(cfg.selection),
-            selection_order=cfg.selection_order,
-            seed=seed,
-        )
 
     def without_selection(self) -> CaMOPD:
         """The same method keeping every candidate (the diagnostics' full batch)."""
@@ -308,39 +271,14 @@ class CaMOPD(Method):
 
 
 @dataclass
-class UniOPD(Method):
+class UniOPD(Method, UniOPDParams):
     """Uni-OPD: online correctness balancing + outcome-guided margin calibration (Uni-OPD §3.3-§3.4)."""
 
     name: ClassVar[str] = "uniopd"
     default_n_samples: ClassVar[int] = 16
-    delta_star: float = 0.4
-    margin_mode: str = "mean"
-    scope: str = "group"
-    calibration: str = "shift"  # shift | mask | none
-    shift: str = "spread"  # lift | suppress | spread
-    mask_min_frac: float = 0.25
-    online_balance: bool = True
-    balance_ratio: float = 1.0
-    seed: int = 0
-    advantage: str = "token"  # token: shifted token rewards; return: G broadcast to every token
-    offline_balance: bool = False  # rebalance the streams by pass counts before training (rollout/offline.py)
+    seed: int = 0  # `train.seed`: the online balancing's draws
+    advantage: Literal["token", "return"] = "token"  # token: shifted token rewards; return: G broadcast to every token
     _calls: int = field(default=0, init=False, repr=False)
-
-    @classmethod
-    def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
-        u = cfg.uniopd
-        return dict(
-            delta_star=u.delta_star,
-            margin_mode=u.margin_mode,
-            scope=u.scope,
-            calibration=u.calibration,
-            shift=u.shift,
-            mask_min_frac=u.mask_min_frac,
-            online_balance=u.online_balance,
-            balance_ratio=u.balance_ratio,
-            seed=seed,
-            offline_balance=u.offline_balance,
-        )
 
     def balances_streams(self) -> bool:
         return self.offline_balance
@@ -348,23 +286,6 @@ class UniOPD(Method):
     @classmethod
     def needs_outcome_groups(cls, cfg: Any) -> bool:
         return cfg.uniopd.calibration != "none" or cfg.uniopd.online_balance
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        choices = {
-            "margin_mode": ("mean", "minmax"),
-            "scope": ("group", "global"),
-            "calibration": ("shift", "mask", "none"),
-            "shift": ("lift", "suppress", "spread"),
-            "advantage": ("token", "return"),
-        }
-        for f, allowed in choices.items():
-            if getattr(self, f) not in allowed:
-                raise SpecError(f"uniopd.{f}: expected one of {allowed}, got {getattr(self, f)!r}")
-        if not 0.0 <= self.mask_min_frac <= 1.0:
-            raise SpecError(f"uniopd.mask_min_frac: expected 0 <= x <= 1, got {self.mask_min_frac}")
-        if not self.balance_ratio > 0:
-            raise SpecError(f"uniopd.balance_ratio: expected > 0, got {self.balance_ratio}")
 
     def required(self, batch: SignalBatch | None) -> list[str]:
         return ["reward", "group"]
@@ -416,23 +337,10 @@ class UniOPD(Method):
 
 
 @dataclass
-class RelaxedOPD(Method):
+class RelaxedOPD(Method, RelaxedParams):
     """Relaxed OPD (REOPOLD): reward floor ``log(lam/(1-lam))`` and top-``beta`` entropy token sampling."""
 
     name: ClassVar[str] = "relaxed_opd"
-    lam: float = 0.2
-    beta: float = 0.5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 < self.lam < 1.0:
-            raise SpecError(f"relaxed_opd.lam: expected 0 < lam < 1, got {self.lam}")
-        if not 0.0 < self.beta <= 1.0:
-            raise SpecError(f"relaxed_opd.beta: expected 0 < beta <= 1, got {self.beta}")
-
-    @classmethod
-    def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
-        return dict(lam=cfg.relaxed.lam, beta=cfg.relaxed.beta)
 
     def required(self, batch: SignalBatch | None) -> list[str]:
         return ["entropy"]
@@ -446,23 +354,10 @@ class RelaxedOPD(Method):
 
 
 @dataclass
-class SelecTKD(Method):
+class SelecTKD(Method, SelecTKDParams):
     """SelecTKD: tokens whose student top-1 is outside the teacher's top-``k`` weigh ``beta``."""
 
     name: ClassVar[str] = "selectkd"
-    k: int = 5
-    beta: float = 0.01
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.k, int) or self.k < 1:
-            raise SpecError(f"selectkd.k: expected an integer >= 1, got {self.k!r}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise SpecError(f"selectkd.beta: expected 0 <= beta <= 1, got {self.beta}")
-
-    @classmethod
-    def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
-        return dict(k=cfg.selectkd.k, beta=cfg.selectkd.beta)
 
     @property
     def student_top1_k(self) -> int | None:
@@ -480,21 +375,11 @@ class SelecTKD(Method):
 
 
 @dataclass
-class ExOPD(Method):
+class ExOPD(Method, ExOPDParams):
     """ExOPD (G-OPD): ``A = lam (lp_T - lp_ref) - (lp_s - lp_ref)`` with the frozen initial student as ref."""
 
     name: ClassVar[str] = "exopd"
     needs_reference: ClassVar[bool] = True
-    lam: float = 1.25
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.lam > 0:
-            raise SpecError(f"exopd.lam: expected lam > 0, got {self.lam}")
-
-    @classmethod
-    def config_params(cls, cfg: Any, seed: int) -> dict[str, Any]:
-        return dict(lam=cfg.exopd.lam)
 
     @classmethod
     def reference_path(cls, cfg: Any) -> str | None:
@@ -528,37 +413,92 @@ class SFT(Method):
         raise DataError("sft trains on reference responses; it has no rollout signals to prepare")
 
 
-METHODS: dict[str, type[Method]] = {}
+@dataclass(frozen=True)
+class MethodRecord:
+    """A registered method: its class, its own parameters' section and where the spec's `method` section has them."""
+
+    cls: type[Method]
+    params: type[MethodParams] | None  # None: the shared loss settings only
+    key: str  # `method.<key>`; with `flat`, the name `spec.method.<key>` answers with those parameters
+    flat: bool  # the parameters' fields sit in `method` itself (CaMOPD's `method.rho_g`)
 
 
-def register_method(cls: type[Method]) -> type[Method]:
-    """Add a method class to the registry under its ``name`` (usable as a decorator); `method.name` selects it."""
-    if not cls.name or cls.name in METHODS and METHODS[cls.name] is not cls:
+METHODS: dict[str, MethodRecord] = {}
+SHARED_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LossParams))
+
+
+def register_method(
+    cls: type[Method], params: type[MethodParams] | None = None, *, key: str | None = None, flat: bool = False
+) -> type[Method]:
+    """Add a method to the registry under its ``name`` (usable as a bare decorator); `method.name` selects it.
+
+    ``params``: the section of its own parameters (``cls`` derives from it), loaded from `method.<key>` (``key``
+    defaults to the name; ``flat``: from `method` itself). Their names may not clash with the shared loss
+    settings' or another method's."""
+    if not cls.name or cls.name in METHODS and METHODS[cls.name].cls is not cls:
         raise ValueError(f"method name {cls.name!r} is empty or taken by {METHODS.get(cls.name)}")
-    METHODS[cls.name] = cls
+    rec = MethodRecord(cls, params, key or cls.name, flat)
+    if params is not None:
+        if not issubclass(cls, params):
+            raise ValueError(f"method {cls.name!r}: {cls.__name__} must derive from its parameters {params.__name__}")
+        own = [f.name for f in dataclasses.fields(params)]
+        for f in dataclasses.fields(params):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"method {cls.name!r}: parameter {f.name!r} needs a default")
+        taken = set(SHARED_FIELDS) | {"name"}
+        for other in METHODS.values():
+            if other.params is not None and other.cls is not cls:
+                taken |= {other.key} | ({f.name for f in dataclasses.fields(other.params)} if other.flat else set())
+        clash = sorted(taken & ({rec.key} | (set(own) if flat else set())))
+        if clash:
+            raise ValueError(f"method {cls.name!r}: `method.{clash[0]}` is already a spec key")
+    METHODS[cls.name] = rec
     return cls
 
 
-for _cls in (OPD, MOPD, CaMOPD, UniOPD, RelaxedOPD, SelecTKD, ExOPD, SFT):
-    register_method(_cls)
+register_method(OPD)
+register_method(MOPD)
+register_method(CaMOPD, CaMOPDParams, flat=True)
+register_method(UniOPD, UniOPDParams)
+register_method(RelaxedOPD, RelaxedParams, key="relaxed")
+register_method(SelecTKD, SelecTKDParams)
+register_method(ExOPD, ExOPDParams)
+register_method(SFT)
 
 
-def method_class(name: str) -> type[Method]:
-    """The registered class of `method.name` (SpecError naming the choices otherwise)."""
+def method_record(name: str) -> MethodRecord:
+    """The registry entry of `method.name` (a FieldError on `name` suggesting the closest name otherwise)."""
     if name not in METHODS:
-        raise SpecError(f"method.name: unknown method {name!r}; expected one of {sorted(METHODS)}")
+        close = difflib.get_close_matches(str(name), sorted(METHODS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(sorted(METHODS))}"
+        raise FieldError("name", f"unknown method {name!r}{hint}")
     return METHODS[name]
 
 
-def method_from_config(cfg: Any, seed: int = 0) -> Method:
-    """The method the spec's `method` section asks for, with its parameters."""
-    cls = method_class(cfg.name)
-    return build_method(cls.name, **cls.params(cfg, seed))
+def method_arguments(cfg: Any, seed: int = 0) -> dict[str, Any]:
+    """The constructor arguments of the method the spec's `method` section selects: the shared loss settings, its
+    own parameters (`method.<key>`), and `seed` (`train.seed`) when it draws at random."""
+    rec = method_record(cfg.name)
+    args = {f: getattr(cfg, f) for f in SHARED_FIELDS}
+    if rec.params is not None:
+        own = getattr(cfg, rec.key)
+        args.update({f.name: getattr(own, f.name) for f in dataclasses.fields(rec.params)})
+    if "seed" in {f.name for f in dataclasses.fields(rec.cls)}:
+        args["seed"] = seed
+    return args
+
+
+def spec_method(spec: Any) -> Method:
+    """The method an `ExperimentSpec` asks for, with its parameters."""
+    return build_method(spec.method.name, **method_arguments(spec.method, spec.train.seed))
 
 
 def build_method(name: str, **params: Any) -> Method:
     """Instantiate a registered method; unknown names/parameters raise :class:`SpecError` naming them."""
-    cls = method_class(name)
+    try:
+        cls = method_record(name).cls
+    except FieldError as err:
+        raise SpecError(f"method.{err}") from None
     allowed = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(params) - allowed)
     if unknown:

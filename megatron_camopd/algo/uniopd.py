@@ -18,12 +18,45 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from megatron_camopd.algo.params import MethodParams
 from megatron_camopd.algo.tokens import as_bool_mask, masked_seq_mean, seq_lengths
+from megatron_camopd.checks import check, in_range, non_negative, positive
 from megatron_camopd.errors import SpecError
 
 MarginMode = Literal["mean", "minmax"]
 Scope = Literal["group", "global"]
 ShiftDirection = Literal["lift", "suppress", "spread"]
+
+
+@dataclass
+class UniOPDParams(MethodParams):
+    """Uni-OPD's margin calibration and data balancing (`method.uniopd`, Uni-OPD §3.3-§3.4)."""
+
+    calibration: Literal["shift", "mask", "none"] = "shift"
+    delta_star: float = 0.4
+    scope: Literal["group", "global"] = "group"
+    margin_mode: Literal["mean", "minmax"] = "mean"
+    shift: Literal["spread", "lift", "suppress"] = "spread"
+    mask_min_frac: float = 0.25  # greedy margin mask keeps at least max(1, floor(frac * n_side))
+    online_balance: bool = True
+    balance_ratio: float = 1.0  # target correct:incorrect ratio within a group
+    offline_balance: bool = False  # rebalance the streams by pass counts before training (rollout/offline.py)
+    offline_n: int = 8  # rollouts per prompt in the offline pass
+    offline_shape: Literal["auto", "u", "mirrored_j"] = "auto"
+    offline_factor: int = 2  # upsampling factor of the selected prompts
+    # upsample prompts whose pass count is in [offline_low, offline_high]; None: the shape's own bounds,
+    # [1, N-1] for u (intermediate difficulty) and [0, N-1] for mirrored_j (every prompt not always solved)
+    offline_low: int | None = None
+    offline_high: int | None = None  # None: offline_n - 1
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "delta_star", "balance_ratio", "offline_n", "offline_factor")
+        in_range(self, "mask_min_frac", 0.0, 1.0, low_open=True, high_open=False)
+        non_negative(self, "offline_low")
+        high = self.offline_n - 1 if self.offline_high is None else self.offline_high
+        low = 0 if self.offline_low is None else self.offline_low
+        check(low <= high <= self.offline_n, "offline_high", "need offline_low <= offline_high <= offline_n")
 
 
 def trajectory_returns(token_rewards: Tensor, mask: Tensor) -> Tensor:

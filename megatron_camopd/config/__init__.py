@@ -4,7 +4,7 @@
 `validate_main(argv)` implements `camopd validate`.
 """
 
-from megatron_camopd.config.fields import FieldError, Section
+from megatron_camopd.checks import FieldError, Section
 from megatron_camopd.config.loader import apply_override, build_spec, dump_yaml, load_spec
 from megatron_camopd.config.run_sections import (
     CheckpointConfig,
@@ -17,16 +17,12 @@ from megatron_camopd.config.run_sections import (
 )
 from megatron_camopd.config.sections import (
     DataConfig,
-    ExOPDConfig,
     MethodConfig,
     ModelConfig,
-    RelaxedConfig,
     RolloutConfig,
     ScheduleConfig,
-    SelecTKDConfig,
     StreamConfig,
     TeacherConfig,
-    UniOPDConfig,
 )
 from megatron_camopd.config.serving import SlurmResources, TeacherServeConfig
 from megatron_camopd.config.spec import ExperimentSpec
@@ -35,7 +31,6 @@ from megatron_camopd.config.validate import missing_inputs, validate_main
 __all__ = [
     "CheckpointConfig",
     "DataConfig",
-    "ExOPDConfig",
     "ExperimentSpec",
     "FP8Config",
     "FieldError",
@@ -44,17 +39,14 @@ __all__ = [
     "MethodConfig",
     "ModelConfig",
     "ParallelConfig",
-    "RelaxedConfig",
     "RolloutConfig",
     "ScheduleConfig",
     "Section",
-    "SelecTKDConfig",
     "SlurmResources",
     "StreamConfig",
     "TeacherConfig",
     "TeacherServeConfig",
     "TrainConfig",
-    "UniOPDConfig",
     "WandbConfig",
     "apply_override",
     "build_spec",

@@ -17,8 +17,9 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from megatron_camopd.config.fields import (
+from megatron_camopd.checks import (
     FieldError,
+    Section,
     as_float,
     describe,
     optional_inner,
@@ -54,6 +55,11 @@ def dump_yaml(spec: ExperimentSpec, path: str | os.PathLike[str] | None = None) 
     return text
 
 
+def _schema(tp: Any) -> Any:
+    """The dataclass a section annotation stands for (`Section.schema`: the `method` section's registry-made one)."""
+    return tp.schema() if isinstance(tp, type) and issubclass(tp, Section) else tp
+
+
 def _suggest(key: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f" (known keys: {', '.join(choices)})"
@@ -72,7 +78,7 @@ def apply_override(raw: dict[str, Any], text: str, origin: Origin) -> None:
     tp: Any = ExperimentSpec
     path: KeyPath = ()
     for i, part in enumerate(parts):
-        tp = optional_inner(tp)
+        tp = _schema(optional_inner(tp))
         step: str | int = part
         if dataclasses.is_dataclass(tp):
             names = [f.name for f in dataclasses.fields(tp)]
@@ -116,6 +122,7 @@ class _Builder:
         return SpecError(f"{self.origin.where(path)}: {dotted(path) or '<top>'}: {message}")
 
     def build(self, cls: type, raw: Any, path: KeyPath) -> Any:
+        cls = _schema(cls)
         if not isinstance(raw, dict):
             raise self.fail(path, f"expected a mapping, got {describe(raw)}")
         hints = type_hints(cls)

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_camopd.config.fields import Section, check, in_range, non_negative, path_field, positive
+from megatron_camopd.checks import Section, check, in_range, non_negative, path_field, positive
 from megatron_camopd.config.serving import SlurmResources
 
 SLURM_TIME_RE = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")

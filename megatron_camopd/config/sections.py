@@ -9,7 +9,7 @@ Uni-OPD §3). Fields whose default depends on the method
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import functools
 import math
 import re
 import urllib.parse
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
 
-from megatron_camopd.config.fields import Section, check, in_range, non_negative, path_field, positive
+from megatron_camopd.checks import Section, check, in_range, non_negative, path_field, positive, type_hints
 from megatron_camopd.config.serving import SlurmResources, TeacherServeConfig
 
 Dtype = Literal["fp32", "bf16", "fp16"]
@@ -177,124 +177,96 @@ class DataConfig(Section):
 
 
 @dataclass
-class UniOPDConfig(Section):
-    """Uni-OPD: outcome-guided margin calibration and data balancing (Uni-OPD §3.3-§3.4)."""
-
-    calibration: Literal["shift", "mask", "none"] = "shift"
-    delta_star: float = 0.4
-    scope: Literal["group", "global"] = "group"
-    margin_mode: Literal["mean", "minmax"] = "mean"
-    shift: Literal["spread", "lift", "suppress"] = "spread"
-    mask_min_frac: float = 0.25  # greedy margin mask keeps at least max(1, floor(frac * n_side))
-    online_balance: bool = True
-    balance_ratio: float = 1.0  # target correct:incorrect ratio within a group
-    offline_balance: bool = False
-    offline_n: int = 8  # rollouts per prompt in the offline pass
-    offline_shape: Literal["auto", "u", "mirrored_j"] = "auto"
-    offline_factor: int = 2  # upsampling factor of the selected prompts
-    # upsample prompts whose pass count is in [offline_low, offline_high]; None: the shape's own bounds,
-    # [1, N-1] for u (intermediate difficulty) and [0, N-1] for mirrored_j (every prompt not always solved)
-    offline_low: int | None = None
-    offline_high: int | None = None  # None: offline_n - 1
-
-    def validate(self) -> None:
-        positive(self, "delta_star", "balance_ratio", "offline_n", "offline_factor")
-        in_range(self, "mask_min_frac", 0.0, 1.0, low_open=True, high_open=False)
-        non_negative(self, "offline_low")
-        high = self.offline_n - 1 if self.offline_high is None else self.offline_high
-        low = 0 if self.offline_low is None else self.offline_low
-        check(low <= high <= self.offline_n, "offline_high", "need offline_low <= offline_high <= offline_n")
-
-
-@dataclass
-class RelaxedConfig(Section):
-    """Relaxed OPD (REOPOLD): reward floor log(lam/(1-lam)) and entropy top-beta token sampling."""
-
-    lam: float = 0.2
-    beta: float = 0.5
-
-    def validate(self) -> None:
-        in_range(self, "lam", 0.0, 1.0, low_open=True, high_open=True)
-        in_range(self, "beta", 0.0, 1.0, low_open=True, high_open=False)
-
-
-@dataclass
-class SelecTKDConfig(Section):
-    """SelecTKD: accept a token when the student's top-1 is in the teacher's top-k; rejected tokens weigh beta."""
-
-    k: int = 5
-    beta: float = 0.01
-
-    def validate(self) -> None:
-        positive(self, "k")
-        in_range(self, "beta", 0.0, 1.0, low_open=False, high_open=False)
-
-
-@dataclass
-class ExOPDConfig(Section):
-    """ExOPD (G-OPD): A = lam (log pi_T - log pi_ref) - (log pi_s - log pi_ref)."""
-
-    lam: float = 1.25
-    reference: str | None = path_field()  # None: the initial student
-
-    def validate(self) -> None:
-        positive(self, "lam")
-
-
-@dataclass
 class MethodConfig(Section):
-    """The distillation method and its loss, clipping, importance weighting and CaMOPD selection parameters."""
+    """The `method` section: `name` selects a registered method (algo/methods.py METHODS: camopd, mopd, uniopd,
+    relaxed_opd, selectkd, ...); its other fields are what the registry declares, see `schema()`."""
 
-    name: str  # a registered method (algo/methods.py METHODS): camopd, mopd, uniopd, relaxed_opd, selectkd, ...
-    loss: Literal["pg", "topk"] = "pg"
-    a_max: float | None = 5.0  # two-sided advantage clip; null = no clip
-    is_weight: Literal["mask", "truncate", "none"] = "mask"
-    eps_low: float = 0.5
-    eps_high: float = 5.0
-    is_cap: float = 2.0  # C of truncated IS
-    topk: int = 16
-    selection: bool | None = None  # gap-based mass-target selection; None: on for camopd
-    # which k_b samples selection keeps: "gap" (the paper's top-gap prefix) or "random" (as many, at random: the
-    # ablation of which samples are chosen at the same kept fraction)
-    selection_order: Literal["gap", "random"] = "gap"
-    rho_g: float = 0.8
-    rho_d: float = 0.8
-    r_g: float = 2.0
-    r_d: float = 1.0
-    uniopd: UniOPDConfig = field(default_factory=UniOPDConfig)
-    relaxed: RelaxedConfig = field(default_factory=RelaxedConfig)
-    selectkd: SelecTKDConfig = field(default_factory=SelecTKDConfig)
-    exopd: ExOPDConfig = field(default_factory=ExOPDConfig)
+    name: str
+
+    @classmethod
+    def schema(cls) -> type[MethodConfig]:
+        """The section the loader builds: `name`, the shared loss settings (algo/params.py LossParams), then each
+        registered method's own parameters in registration order, flat (CaMOPD's `method.rho_g`) or under
+        `method.<key>` (`method.uniopd.delta_star`). One dataclass per set of registered methods."""
+        from megatron_camopd.algo.methods import METHODS
+
+        return _schema(tuple(METHODS.values()))
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled by value: the schema class is made at run time (the registry of the unpickling process has the
+        same methods when it imports the same plugins)."""
+        return _rebuild, ({f.name: getattr(self, f.name) for f in dataclasses.fields(self)},)
+
+    def __getattr__(self, key: str) -> Any:
+        """`spec.method.<key>` of a method whose parameters are flat (`spec.method.camopd`): those parameters."""
+        if not key.startswith("_"):
+            rec = _flat_records().get(key)
+            if rec is not None:
+                return rec.params(**{f.name: getattr(self, f.name) for f in dataclasses.fields(rec.params)})
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
+
+    @property
+    def shared(self) -> Any:
+        """The loss settings every method shares (algo/params.py LossParams)."""
+        from megatron_camopd.algo.params import LossParams
+
+        return LossParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossParams)})
 
     def method_class(self) -> Any:
         """The registered algorithm class of `name` (imported here, at validation: the algorithms need torch)."""
-        from megatron_camopd.algo.methods import METHODS
+        from megatron_camopd.algo.methods import method_record
 
-        close = difflib.get_close_matches(str(self.name), sorted(METHODS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(sorted(METHODS))}"
-        check(self.name in METHODS, "name", f"unknown method {self.name!r}{hint}")
-        return METHODS[self.name]
+        return method_record(self.name).cls
 
     def validate(self) -> None:
         cls = self.method_class()
-        positive(self, "a_max", "eps_high", "is_cap", "r_g", "r_d")
-        non_negative(self, "eps_low", "topk")
-        check(
-            self.eps_low <= self.eps_high, "eps_low", f"must be <= eps_high ({self.eps_high!r}), got {self.eps_low!r}"
-        )
-        check(self.loss != "topk" or self.topk >= 1, "topk", f"the topk loss needs topk >= 1, got {self.topk!r}")
-        in_range(self, "rho_g", 0.0, 1.0, low_open=True, high_open=False)
-        in_range(self, "rho_d", 0.0, 1.0, low_open=True, high_open=False)
-        check(
-            self.loss in cls.loss_forms,
-            "loss",
-            f"{self.name} trains with loss {' or '.join(map(repr, cls.loss_forms))}, got {self.loss!r}",
-        )
+        self.shared  # noqa: B018  # builds LossParams: its checks
+        for key in _flat_records():
+            getattr(self, key)  # builds the flat parameters: their checks (nested sections checked themselves)
+        cls.check_loss(self.loss)
 
     def resolve(self) -> None:
-        """Fill method-dependent defaults."""
-        if self.selection is None:
-            self.selection = self.method_class().default_selection
+        """Fill method-dependent defaults (`method.selection`: the selected method's `default_selection`)."""
+        from megatron_camopd.algo.methods import METHODS
+
+        cls = self.method_class()
+        for rec in METHODS.values():
+            if rec.params is None:
+                continue
+            params = getattr(self, rec.key)
+            params.resolve(cls)
+            if rec.flat:
+                for f in dataclasses.fields(params):
+                    setattr(self, f.name, getattr(params, f.name))
+
+
+def _flat_records() -> dict[str, Any]:
+    from megatron_camopd.algo.methods import METHODS
+
+    return {r.key: r for r in METHODS.values() if r.params is not None and r.flat}
+
+
+def _rebuild(values: dict[str, Any]) -> MethodConfig:
+    return MethodConfig.schema()(**values)
+
+
+@functools.cache
+def _schema(records: tuple[Any, ...]) -> type[MethodConfig]:
+    from megatron_camopd.algo.params import LossParams
+
+    def copied(section: type) -> list[tuple[str, Any, Any]]:
+        hints = type_hints(section)
+        return [
+            (f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+            for f in dataclasses.fields(section)
+        ]
+
+    specs = copied(LossParams)
+    for rec in records:
+        if rec.params is not None:
+            specs += copied(rec.params) if rec.flat else [(rec.key, rec.params, field(default_factory=rec.params))]
+    namespace = {"__module__": __name__, "__qualname__": "MethodConfig", "__doc__": MethodConfig.__doc__}
+    return dataclasses.make_dataclass("MethodConfig", specs, bases=(MethodConfig,), namespace=namespace)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from megatron_camopd.config.fields import Section, check, in_range, path_field, positive
+from megatron_camopd.checks import Section, check, in_range, path_field, positive
 
 MEM_RE = re.compile(r"^\d+[KMGT]?$")
 

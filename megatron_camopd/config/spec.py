@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_camopd.config.fields import Section, check
+from megatron_camopd.checks import Section, check
 from megatron_camopd.config.run_sections import (
     CheckpointConfig,
     LauncherConfig,

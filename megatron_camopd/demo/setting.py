@@ -197,8 +197,8 @@ class DemoSetting:
     def with_overrides(self, items: list[str]) -> DemoSetting:
         """A copy with `key=value` items applied, e.g. `distill_steps=192` or `proxy_lengths={reverse: [4, 5]}`:
         values parsed and type-checked by the spec loader's rules (`config.yamlio.parse_scalar`,
-        `config.fields.type_problem`; an int may stand for a float). Errors name the key."""
-        from megatron_camopd.config.fields import type_hints, type_problem
+        `checks.type_problem`; an int may stand for a float). Errors name the key."""
+        from megatron_camopd.checks import type_hints, type_problem
         from megatron_camopd.config.yamlio import parse_scalar
         from megatron_camopd.errors import SpecError
 

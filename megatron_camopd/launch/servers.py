@@ -208,11 +208,10 @@ def _vllm_argv(
 
 def _teacher_top_k(spec: ExperimentSpec) -> int:
     """The top-k the method asks of every teacher (0: none)."""
-    from megatron_camopd.algo.methods import build_method
+    from megatron_camopd.algo.methods import spec_method
     from megatron_camopd.rollout.collect import teacher_top_k
 
-    cls = spec.method.method_class()
-    method = build_method(spec.method.name, **cls.params(spec.method, spec.train.seed))
+    method = spec_method(spec)
     return teacher_top_k(spec.method, method.student_top1_k) or 0
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_camopd.algo.camopd import BranchSchedule
-from megatron_camopd.algo.methods import Method, build_method, method_class
+from megatron_camopd.algo.methods import Method, spec_method
 from megatron_camopd.backend.cpu_runtime import init_distributed
 from megatron_camopd.backend.engine import Engine, build_chunks
 from megatron_camopd.backend.model import ModelArch
@@ -122,11 +122,6 @@ class Session:
         for t in list(self.teachers.values()) + [self.reference]:
             if t is not None:
                 t.close()
-
-
-def method_params(spec: ExperimentSpec) -> dict:
-    """The algorithm's constructor parameters from the spec's `method` section (declared by each method class)."""
-    return method_class(spec.method.name).params(spec.method, spec.train.seed)
 
 
 def stream_arguments(spec: ExperimentSpec) -> list[tuple[StreamConfig, dict, dict]]:
@@ -245,7 +240,7 @@ def open_session(spec: ExperimentSpec, stop_requested: Callable[[], bool] | None
         model_fields=model_fields(p),
     )
     teachers: dict[str, Teacher | None] = {}
-    method = build_method(spec.method.name, **method_params(spec))
+    method = spec_method(spec)
     for name, cfg in spec.teachers.items() if method.needs_teachers else ():
         if cfg.kind == "megatron":
             teachers[name] = _frozen_teacher(

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_camopd.algo.uniopd import OfflineBalance, offline_difficulty_balance
-from megatron_camopd.config.sections import DataConfig, UniOPDConfig
+from megatron_camopd.algo.uniopd import OfflineBalance, UniOPDParams, offline_difficulty_balance
+from megatron_camopd.config.sections import DataConfig
 from megatron_camopd.data.prompts import PromptSource, PromptStream
 from megatron_camopd.data.verifiers import VERIFIER_NAMES, get_verifier
 from megatron_camopd.rollout.collect import Collector
@@ -65,7 +65,7 @@ def pass_counts(c: Collector, prompts, verifier: str, n: int, batch: int = 256) 
     return counts
 
 
-def balance_streams(c: Collector, uniopd: UniOPDConfig, data: DataConfig, checkpoint_dir: str | Path) -> None:
+def balance_streams(c: Collector, uniopd: UniOPDParams, data: DataConfig, checkpoint_dir: str | Path) -> None:
     """Replace each verifiable stream of `c.streams` by its difficulty-balanced version under `method.uniopd`
     (streams re-read with the `data` section's prompt settings; files under `checkpoint.dir`); collective."""
     u = uniopd

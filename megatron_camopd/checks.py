@@ -1,4 +1,6 @@
-"""Building blocks shared by the spec sections: the `Section` base class and its field checks.
+"""Typed, validated parameter sections and their field checks, shared by the spec (`config/`) and the algorithms'
+own parameters (`algo/`: a method's parameters are one `Section` next to its maths, loaded into the spec's
+`method` section through the registry), so each value is checked in one place.
 
 Every section of an experiment spec is a dataclass deriving from `Section`. Its `__post_init__` checks each
 field's value against the field's annotation (so a section built directly in Python is as strict as one loaded
@@ -148,6 +150,12 @@ class Section:
 
     def validate(self) -> None:
         """Section-specific range and consistency checks; raise `FieldError` naming the field."""
+
+    @classmethod
+    def schema(cls) -> type:
+        """The dataclass the loader builds for a field annotated with this class (itself; the spec's `method`
+        section answers with the schema its registered methods' parameters make up)."""
+        return cls
 
 
 def check(condition: bool, field: str, message: str) -> None:
