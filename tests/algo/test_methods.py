@@ -12,7 +12,7 @@ from megatron_camopd.algo.methods import METHODS, SignalBatch, build_method
 from megatron_camopd.algo.weights import is_weights
 from megatron_camopd.errors import DataError, SpecError
 
-ON_POLICY = sorted(n for n, c in METHODS.items() if c.on_policy)
+ON_POLICY = sorted(n for n, r in METHODS.items() if r.cls.on_policy)
 
 NAN = float("nan")
 
@@ -28,7 +28,7 @@ def batch_from_delta(delta, mask=None, branch=None, **extra):
 
 def test_registry_names():
     assert set(METHODS) == {"opd", "mopd", "camopd", "uniopd", "relaxed_opd", "selectkd", "exopd", "sft"}
-    assert {n for n, c in METHODS.items() if not c.on_policy} == {"sft"}
+    assert {n for n, r in METHODS.items() if not r.cls.on_policy} == {"sft"}
 
 
 def test_opd_clipped_gap_and_common_metrics():
@@ -187,7 +187,7 @@ def test_topk_form_requires_teacher_topk_and_gives_seq_scale():
         ("uniopd", {"balance_ratio": 0.0}, "balance_ratio"),
         ("relaxed_opd", {"lam": 1.0}, "lam"),
         ("relaxed_opd", {"beta": 0.0}, "beta"),
-        ("selectkd", {"k": 0}, "selectkd.k"),
+        ("selectkd", {"k": 0}, "^k: must be > 0"),
         ("exopd", {"lam": 0.0}, "lam"),
         ("camopd", {"rho": 0.5}, "rho"),
         ("nope", {}, "method.name"),

@@ -155,9 +155,9 @@ def test_yaml_12_scalars(write_spec) -> None:
 
 def test_sections_built_in_python_are_checked() -> None:
     with pytest.raises(SpecError, match=r"^rho_g: must be in \(0, 1\], got 1.5$"):
-        MethodConfig(name="camopd", rho_g=1.5)
+        MethodConfig.schema()(name="camopd", rho_g=1.5)
     with pytest.raises(SpecError, match=r"^topk: expected int, got string"):
-        MethodConfig(name="camopd", topk="16")  # type: ignore[arg-type]
+        MethodConfig.schema()(name="camopd", topk="16")
     with pytest.raises(SpecError, match="exactly one of"):
         TeacherConfig(hf_path="/m", urls=["http://h:1"])
     assert TeacherConfig(urls=["http://h:1"]).kind == "http"

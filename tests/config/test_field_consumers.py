@@ -47,10 +47,12 @@ def _launch(spec: Any) -> Any:
 
 
 def _method(spec: Any) -> Any:
-    from megatron_camopd.loop.session import method_params
+    import dataclasses
+
+    from megatron_camopd.algo.methods import spec_method
     from megatron_camopd.loop.train import _loss_spec
 
-    return method_params(spec), _loss_spec(spec)
+    return dataclasses.asdict(spec_method(spec)), _loss_spec(spec)
 
 
 def _schedule(spec: Any) -> Any:
