@@ -38,6 +38,7 @@ class LossParams(Section):
         check(self.loss != "topk" or self.topk >= 1, "topk", f"the topk loss needs topk >= 1, got {self.topk!r}")
 
 
+@dataclass
 class MethodParams(Section):
     """Base of a method's own parameters (a dataclass next to its maths, registered with its method)."""
 

@@ -1,5 +1,6 @@
 """A method added in one file (tests/train/_plugin_method.py) trains end to end from a spec: validation, the
-session, rollouts, teacher scoring and the Megatron loss all take it from the registry."""
+session, rollouts, teacher scoring and the Megatron loss all take it from the registry, and its own parameter
+(`method.half_gap.factor`) reaches its maths from the spec."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ def test_a_method_registered_in_one_file_trains_from_a_spec(tiny_root, tmp_path)
     runs = {
         name: tiny_overrides(tiny_root, tmp_path / name, f"method.name={name}", *mixed) for name in ("opd", "half_gap")
     }
+    runs["quarter"] = tiny_overrides(
+        tiny_root, tmp_path / "quarter", "method.name=half_gap", "method.half_gap.factor=0.25", *mixed
+    )
     res = run_on_ranks(_train_both, 1, runs)[0]
-    opd, half = res["opd"][0], res["half_gap"][0]
+    opd, half, quarter = res["opd"][0], res["half_gap"][0], res["quarter"][0]
     assert half["loss"] == 0.5 * opd["loss"] and opd["loss"] != 0.0
     assert half["grad_norm"] == 0.5 * opd["grad_norm"] and opd["grad_norm"] > 0.0
-    assert half["mean_gap"] == opd["mean_gap"]  # the same rollouts, scored by the same teachers
+    assert quarter["loss"] == 0.25 * opd["loss"] and quarter["grad_norm"] == 0.25 * opd["grad_norm"]
+    assert half["mean_gap"] == opd["mean_gap"] == quarter["mean_gap"]  # the same rollouts, same teachers
