@@ -15,10 +15,13 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from megatron_camopd.checks import Section, check, in_range, non_negative, path_field, positive, type_hints
 from megatron_camopd.config.serving import SlurmResources, TeacherServeConfig
+
+if TYPE_CHECKING:
+    from megatron_camopd.algo.params import LossParams
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 # the engines a served teacher may run on: the wire protocol its client speaks and what the launchers start
@@ -206,7 +209,7 @@ class MethodConfig(Section):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
 
     @property
-    def shared(self) -> Any:
+    def shared(self) -> LossParams:
         """The loss settings every method shares (algo/params.py LossParams)."""
         from megatron_camopd.algo.params import LossParams
 
