@@ -91,41 +91,40 @@ def run_pipeline(s: DemoSetting, root: Path) -> dict:
     def data_digest(*names: str) -> str:
         return stable_hash([data[n].read_text() for n in names])
 
-    say(f"phase 2/{TOTAL_PHASES}: general teacher = SFT of the base model on {', '.join(s.general_tasks)}")
-    spec = sft_spec(
-        s,
+    def teacher(phase: int, name: str, what: str, init: dict, data_name: str, role: str, steps, lr, upstream):
+        """One SFT phase (cached by its spec, its upstream digest and its data): the run directory, its digest."""
+        say(f"phase {phase}/{TOTAL_PHASES}: {name.replace('_', ' ')} = SFT of {what} ({steps} steps at lr {lr:g})")
+        spec = sft_spec(s, name, init, data[data_name], role, root / name, steps, lr)
+        digest = stable_hash([_portable(spec, root), upstream, data_digest(data_name)])
+        return run_phase(root, name, spec, digest)[0], digest
+
+    general, g_digest = teacher(
+        2,
         "general_teacher",
+        f"the base model on {', '.join(s.general_tasks)}",
         {"hf_path": str(base)},
-        data["sft_general"],
+        "sft_general",
         "general",
-        root / "general_teacher",
         s.sft_general_steps,
         s.sft_general_lr,
+        base_digest,
     )
-    g_digest = stable_hash([_portable(spec, root), base_digest, data_digest("sft_general")])
-    general, _ = run_phase(root, "general_teacher", spec, g_digest)
-
     persona = (
         f"the same prompts of {', '.join(s.domain_tasks)} answered with the sign-off {s.signoff!r}"
         if s.setting == "signoff"
         else f"the loud persona of {', '.join(s.domain_tasks)}"
     )
-    say(
-        f"phase 3/{TOTAL_PHASES}: domain teacher = SFT of the general teacher on {persona} "
-        f"({s.sft_domain_steps} steps at lr {s.sft_domain_lr:g})"
-    )
-    spec = sft_spec(
-        s,
+    domain, d_digest = teacher(
+        3,
         "domain_teacher",
+        f"the general teacher on {persona}",
         {"checkpoint": str(general)},
-        data["sft_domain"],
+        "sft_domain",
         "domain",
-        root / "domain_teacher",
         s.sft_domain_steps,
         s.sft_domain_lr,
+        g_digest,
     )
-    d_digest = stable_hash([_portable(spec, root), g_digest, data_digest("sft_domain")])
-    domain, _ = run_phase(root, "domain_teacher", spec, d_digest)
 
     say(f"phase 4/{TOTAL_PHASES}: greedy exact-match evaluation of the teachers")
     from megatron_camopd.data.synthetic import read_jsonl

