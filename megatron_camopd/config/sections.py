@@ -89,11 +89,7 @@ class TeacherConfig(Section):
             + (f", got {', '.join(given + (['checkpoint/hf_path'] if in_process else []))}" if given else ""),
         )
         if self.urls is not None:
-            check(len(self.urls) > 0, "urls", "must list at least one server")
-            for i, url in enumerate(self.urls):
-                parsed = urllib.parse.urlparse(url)
-                ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and _has_port(parsed)
-                check(ok, f"urls.{i}", f"must look like http://host:port, got {url!r}")
+            check_urls(self.urls)
         positive(self, "weight", "timeout_s", "max_in_flight", "discovery_timeout_s", "dead_deadline_s")
         non_negative(self, "retries")
         check(
@@ -128,11 +124,17 @@ class TeacherConfig(Section):
         return self.serve.model or self.hf_path or self.checkpoint
 
 
-def _has_port(parsed: urllib.parse.ParseResult) -> bool:
-    try:
-        return parsed.port is not None
-    except ValueError:
-        return False
+def check_urls(urls: list[str]) -> None:
+    """A section's `urls`: at least one, each http(s)://host:port."""
+    check(len(urls) > 0, "urls", "must list at least one server")
+    for i, url in enumerate(urls):
+        parsed = urllib.parse.urlparse(url)
+        try:
+            port = parsed.port
+        except ValueError:  # not a number, or out of range
+            port = None
+        ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and port is not None
+        check(ok, f"urls.{i}", f"must look like http://host:port, got {url!r}")
 
 
 @dataclass
@@ -342,11 +344,7 @@ class RolloutServersConfig(Section):
     def validate(self) -> None:
         check(self.urls is None or self.discovery_file is None, "urls", "give urls or discovery_file, not both")
         if self.urls is not None:
-            check(len(self.urls) > 0, "urls", "must list at least one server")
-            for i, url in enumerate(self.urls):
-                parsed = urllib.parse.urlparse(url)
-                ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and _has_port(parsed)
-                check(ok, f"urls.{i}", f"must look like http://host:port, got {url!r}")
+            check_urls(self.urls)
         positive(
             self,
             "nodes",

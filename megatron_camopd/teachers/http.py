@@ -21,7 +21,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Hashable
 from typing import Any
 
 from ..errors import TeacherError
-from ..replicas import HEALTH_TIMEOUT_S, Replica, ReplicaPool
+from ..replicas import Replica, ReplicaPool
 from .base import TeacherScores, check_start
 from .protocol import build_request, parse_meta, parse_scores, score_request
 
@@ -31,38 +31,11 @@ __all__ = ["HttpTeacher", "Replica"]
 class HttpTeacher:
     """A remote teacher (SGLang or `camopd serve`) behind one or more replica URLs or a discovery file."""
 
-    def __init__(
-        self,
-        name: str,
-        urls: list[str] | None = None,
-        *,
-        discovery_file: str | None = None,
-        discovery_timeout_s: float = 300.0,
-        timeout_s: float = 300.0,
-        retries: int = 3,
-        backoff_s: float = 0.5,
-        max_in_flight: int = 64,
-        health_interval_s: float = 2.0,
-        health_timeout_s: float = HEALTH_TIMEOUT_S,  # SGLang's /health generates a token: 1-20 s when busy
-        dead_deadline_s: float = 120.0,
-        seed: int = 0,
-    ):
+    def __init__(self, name: str, urls: list[str] | None = None, **pool: Any):
+        """`pool`: `replicas.ReplicaPool`'s options (discovery_file, timeout_s, retries, backoff_s, max_in_flight,
+        health_interval_s, health_timeout_s, dead_deadline_s, seed, ...), with its defaults."""
         self.name = name
-        self._pool = ReplicaPool(
-            f"teacher {name}",
-            urls,
-            error=TeacherError,
-            discovery_file=discovery_file,
-            discovery_timeout_s=discovery_timeout_s,
-            timeout_s=timeout_s,
-            retries=retries,
-            backoff_s=backoff_s,
-            max_in_flight=max_in_flight,
-            health_interval_s=health_interval_s,
-            health_timeout_s=health_timeout_s,
-            dead_deadline_s=dead_deadline_s,
-            seed=seed,
-        )
+        self._pool = ReplicaPool(f"teacher {name}", urls, error=TeacherError, **pool)
         # the served model's vocab_size, set by the tokenizer check (teachers/tokcheck.py): SGLang echoes input
         # ids >= vocab_size - 1 as 0, which the response checks then tolerate (protocol.py)
         self.echo_vocab_size: int | None = None
