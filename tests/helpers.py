@@ -103,3 +103,18 @@ def hf_logits(hf_dir: str | Path, ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(ids).logits
+
+
+def swap_token_ids(src: Path, dst: Path) -> Path:
+    """A copy of the HF directory `src` whose tokenizer has the ids of 'a' and 'b' swapped: same size, other ids
+    (what the tokenizer checks of teachers must refuse)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    path.write_text(json.dumps(tok))
+    return dst

@@ -74,9 +74,10 @@ def _reap_group(pgid: int) -> None:
     _signal_group(pgid, signal.SIGKILL)
 
 
-def _ready(url: str) -> bool:
+def answers(url: str, route: str) -> bool:
+    """Whether the server at `url` answers GET `route` with 200."""
     try:
-        with urllib.request.urlopen(f"{url}/model_info", timeout=5) as resp:
+        with urllib.request.urlopen(f"{url}{route}", timeout=5) as resp:
             return resp.status == 200
     except OSError:
         return False
@@ -125,15 +126,21 @@ def launch_sglang(
     return SglangServer(proc, f"http://127.0.0.1:{port}", log, str(model))
 
 
-def wait_ready(servers: list[SglangServer], timeout_s: float = START_TIMEOUT_S) -> None:
+def wait_answering(servers: list[SglangServer], route: str, engine: str, timeout_s: float) -> None:
+    """Wait until every server answers `route`; a server that dies or a timeout stops them all and raises with the
+    log's tail."""
     deadline = time.monotonic() + timeout_s
     for s in servers:
-        while not _ready(s.url):
+        while not answers(s.url, route):
             if not s.alive() or time.monotonic() > deadline:
                 for other in servers:
                     other.stop()
-                raise RuntimeError(f"SGLang server of {s.model} did not start:\n{s.log.read_text()[-4000:]}")
+                raise RuntimeError(f"{engine} server of {s.model} did not start:\n{s.log.read_text()[-4000:]}")
             time.sleep(0.5)
+
+
+def wait_ready(servers: list[SglangServer], timeout_s: float = START_TIMEOUT_S) -> None:
+    wait_answering(servers, "/model_info", "SGLang", timeout_s)
 
 
 def start_sglang_servers(

@@ -14,25 +14,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 from megatron_camopd.launch.servers import VLLM_CPU_ARGS
-from tests.sglang_servers import SglangServer, free_port
+from tests.sglang_servers import SglangServer, free_port, wait_answering
 
 START_TIMEOUT_S = 420.0
 KV_BYTES = 64 * 2**20  # each test server's KV pool (its tokens far exceed what a test sends)
 
 VllmServer = SglangServer  # the same process-group handle: url, log, model, stop(), kill(), alive()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def launch_vllm(
@@ -75,14 +65,7 @@ def launch_vllm(
 
 
 def wait_healthy(servers: list[VllmServer], timeout_s: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    for s in servers:
-        while not _healthy(s.url):
-            if not s.alive() or time.monotonic() > deadline:
-                for other in servers:
-                    other.stop()
-                raise RuntimeError(f"vLLM server of {s.model} did not start:\n{s.log.read_text()[-4000:]}")
-            time.sleep(0.5)
+    wait_answering(servers, "/health", "vLLM", timeout_s)
 
 
 def start_vllm_servers(

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import venv
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,11 @@ class ServerEnv:
             "    except m.PackageNotFoundError:\n        pass\n"
             "else:\n    raise SystemExit('not installed: ' + ', '.join(" + repr(list(self.dists)) + "))\n"
         )
-        res = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+        try:
+            res = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+        except OSError as exc:  # no such file, not executable
+            where = f" (${self.env_var})" if os.environ.get(self.env_var) == str(python) else ""
+            raise CamopdError(f"{python}{where}: cannot run it as a python ({exc.strerror})") from None
         if res.returncode != 0:
             raise CamopdError(f"{python}: {self.engine} is not installed there ({res.stderr.strip()[-300:]})")
         return res.stdout.strip()
@@ -116,3 +121,13 @@ class ServerEnv:
                 raise CamopdError(f"{env}: installed {self.engine} {found}, expected {self.version}")
             (env / self.stamp).write_text(json.dumps({self.engine: self.version, "requirements": self.digest()}))
         return python
+
+    def main(self) -> int:
+        """`python -m megatron_camopd.launch.<engine>_env`: print the environment's python, building it if needed."""
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+        try:
+            print(self.ensure())
+        except CamopdError as exc:
+            print(f"{self.engine}_env: error: {exc}", file=sys.stderr)
+            return 2
+        return 0

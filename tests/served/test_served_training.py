@@ -5,10 +5,7 @@ lose a replica mid-run: `test_real_sglang.py`.)"""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ from megatron_camopd.serve.megatron_scorer import checkpoint_kind
 from megatron_camopd.serve.server import ServerThread
 from megatron_camopd.teachers.base import TeacherScores
 from megatron_camopd.teachers.http import HttpTeacher
+from tests.helpers import swap_token_ids
 
 from .conftest import PROMPTS, finish, metrics, start_train, write_spec
 
@@ -56,21 +54,10 @@ def test_checkpoint_kind(tiny, teacher_ckpt, tmp_path):
         checkpoint_kind(tmp_path)
 
 
-def _other_tokenizer(src: Path, dst: Path) -> Path:
-    """A copy of the tiny tokenizer with the ids of 'a' and 'b' swapped: same size, different token ids."""
-    shutil.copytree(src, dst)
-    path = dst / "tokenizer.json"
-    tok = json.loads(path.read_text())
-    vocab = tok["model"]["vocab"]
-    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
-    path.write_text(json.dumps(tok))
-    return dst
-
-
 def test_teacher_with_other_tokenizer_refused_at_start(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok_dir = _other_tokenizer(tiny / "tokenizer", tmp_path / "other_tok")
+    tok_dir = swap_token_ids(tiny / "tokenizer", tmp_path / "other_tok")
     model = AutoModelForCausalLM.from_pretrained(tiny / "teacher_general", dtype=torch.float32)
     scorer = HFScorer(model, AutoTokenizer.from_pretrained(tok_dir), str(tiny / "teacher_general"), str(tok_dir))
     with ServerThread(scorer) as srv:

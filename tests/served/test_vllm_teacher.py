@@ -19,7 +19,6 @@ with a tokenizer whose ids of 'a' and 'b' are swapped.
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ import yaml
 from megatron_camopd.errors import TeacherError
 from megatron_camopd.teachers.tokcheck import TokenizerInfo, check_context, check_tokenizer, default_probe_ids
 from megatron_camopd.teachers.vllm import VllmTeacher
-from tests.helpers import hf_logits
+from tests.helpers import hf_logits, swap_token_ids
 from tests.sglang_servers import free_port
 from tests.vllm_servers import VllmServer, start_vllm_servers
 
@@ -44,17 +43,6 @@ MAX_MODEL_LEN = 256
 BOUND = 1e-4  # fp32 on both sides; measured differences are ~1e-6
 SEQS = [[5, 17, 42, 9, 63, 2, 30, 11], [40, 41, 42, 43, 44, 45], [7, 7, 7, 7, 90, 12, 33, 60, 61, 62, 70]]
 STARTS = [3, 1, 6]
-
-
-def _swap_tokenizer(src: Path, dst: Path) -> Path:
-    """A copy of the model `src` whose tokenizer has the ids of 'a' and 'b' swapped: same size, other ids."""
-    shutil.copytree(src, dst)
-    path = dst / "tokenizer.json"
-    tok = json.loads(path.read_text())
-    vocab = tok["model"]["vocab"]
-    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
-    path.write_text(json.dumps(tok))
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +60,7 @@ def h64(tiny: Path) -> Path:
 def vllm_servers(h64: Path, vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[VllmServer]]:
     """[replica 0, replica 1] of `h64` and [2] the same weights with the swapped tokenizer."""
     work = tmp_path_factory.mktemp("vllm_servers")
-    swapped = _swap_tokenizer(h64, work / "swapped")
+    swapped = swap_token_ids(h64, work / "swapped")
     servers = start_vllm_servers(vllm_python, [h64, h64, swapped], work, max_model_len=MAX_MODEL_LEN)
     try:
         yield servers
