@@ -380,7 +380,7 @@ class RolloutServersConfig(Section):
 class RolloutConfig(Section):
     """Student sampling per step, and the engine that does it (see rollout/sampler.py)."""
 
-    engine: Literal["megatron", "sglang", "reference"] = "megatron"
+    engine: str = "megatron"  # a registered engine (rollout/engines.py): megatron | sglang | reference | ...
     kv_cache_gb: float = 16.0  # megatron engine: KV cache budget per rank; larger batches are split
     sglang: RolloutServersConfig = field(default_factory=RolloutServersConfig)
     prompts_per_step: int = 512
@@ -396,6 +396,9 @@ class RolloutConfig(Section):
     on_stale: Literal["error", "drop"] = "error"  # beyond max_staleness: stop, or drop the sample and count it
 
     def validate(self) -> None:
+        from megatron_camopd.rollout.engines import ENGINES, unknown_engine  # the registry imports nothing heavy
+
+        check(self.engine in ENGINES, "engine", unknown_engine(self.engine))
         positive(self, "prompts_per_step", "n_samples", "max_new_tokens", "kv_cache_gb")
         non_negative(self, "temperature")
         non_negative(self, "max_staleness")

@@ -5,15 +5,16 @@ schedule) needs a general and a domain stream; a mixed schedule over branches ne
 it gives a share gets at least one prompt per step; Uni-OPD groups need n_samples >= 2 and a verifier per stream;
 the model's sequence length holds a prompt plus a rollout, and so does every served model's context length; the
 launcher's world size is a multiple of tp * pp (and equals tp * pp * dp when dp is given); the servers the launcher
-starts listen on distinct ports, and rollout servers synced over a weights-update group have dp = 1. All of it
-is checked here, before any model loads.
+starts listen on distinct ports, and rollout servers synced over a weights-update group have dp = 1. What depends
+on the rollout engine is asked of its entry in the engine registry (rollout/engines.py: served or in process, its
+servers section, its server checks, e.g. `check_sglang_servers`). All of it is checked here, before any model loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_camopd.checks import Section, check
 from megatron_camopd.config.run_sections import (
@@ -33,6 +34,9 @@ from megatron_camopd.config.sections import (
     TeacherConfig,
 )
 from megatron_camopd.config.serving import SGLANG_INPUT_RESERVE, SGLANG_VERSION, context_for_inputs
+
+if TYPE_CHECKING:
+    from megatron_camopd.rollout.engines import EngineInfo
 
 TEACHER_PORT_BASE = 30000  # served teachers without serve.port listen on 30000, 30001, ... in spec order
 
@@ -76,8 +80,9 @@ class ExperimentSpec(Section):
             self.rollout.n_samples = method.default_n_samples
         if self.logging.wandb.run_name is None:
             self.logging.wandb.run_name = self.name
-        served = self.rollout.sglang
-        if self.rollout.engine == "sglang" and served.weight_sync == "disk" and served.sync_dir is None:
+        served = self.rollout_servers
+        disk = getattr(served, "weight_sync", "disk") == "disk"
+        if served is not None and disk and hasattr(served, "sync_dir") and served.sync_dir is None:
             served.sync_dir = f"{self.checkpoint.dir.rstrip('/')}/weights"  # HF weights the servers load each step
 
     def _check_teachers(self) -> None:
@@ -169,23 +174,39 @@ class ExperimentSpec(Section):
                 f"tp*pp*dp = {self.parallel.dp * mp} must equal the launcher world size {world}",
             )
 
+    @property
+    def rollout_engine(self) -> EngineInfo:
+        """The registry entry of `rollout.engine` (rollout/engines.py, imported here: it imports nothing heavy)."""
+        from megatron_camopd.rollout.engines import engine_info
+
+        return engine_info(self.rollout.engine)
+
+    @property
+    def rollout_servers(self) -> Any | None:
+        """The servers section of a served `rollout.engine` (`rollout.sglang` for sglang); None in process."""
+        info = self.rollout_engine
+        return getattr(self.rollout, info.servers) if info.servers else None
+
     def _check_rollout(self) -> None:
-        r = self.rollout
-        if r.engine == "megatron":
+        from megatron_camopd.rollout.engines import names
+
+        r, info = self.rollout, self.rollout_engine
+        served = " | ".join(names(served=True)) or "a served engine"
+        if not info.interleaved_pp:
             check(
                 self.parallel.vpp is None,
                 "rollout.engine",
-                "megatron-core's inference does not support interleaved pipelining (parallel.vpp); "
-                "use engine: sglang (or reference)",
+                f"engine {r.engine} does not support interleaved pipelining (parallel.vpp); use engine: "
+                f"{' | '.join(names(interleaved_pp=True))}",
             )
-        if r.max_staleness > 0 and r.engine != "sglang":
+        if r.max_staleness > 0 and not info.served:
             mp = (self.parallel.tp, self.parallel.pp, self.parallel.vpp)
             check(
                 mp == (1, 1, None),
                 "rollout.max_staleness",
                 f"overlapping in-process rollouts (rollout.engine: {r.engine}) with training needs parallel.tp = "
                 f"parallel.pp = 1 and no vpp (the generating thread's collectives would interleave with the "
-                f"trainer's), got tp={mp[0]}, pp={mp[1]}, vpp={mp[2]}: use rollout.engine: sglang, or "
+                f"trainer's), got tp={mp[0]}, pp={mp[1]}, vpp={mp[2]}: use rollout.engine: {served}, or "
                 f"rollout.max_staleness: 0",
             )
             check(
@@ -193,14 +214,20 @@ class ExperimentSpec(Section):
                 "rollout.max_staleness",
                 f"overlapping in-process rollouts (rollout.engine: {r.engine}) with training cannot run under "
                 "parallel.fp8: TransformerEngine's FP8 scaling state is process-wide, shared by the snapshot model "
-                "the rollout thread samples with and the trainer, which update it at once; use rollout.engine: "
-                "sglang, or rollout.max_staleness: 0",
+                f"the rollout thread samples with and the trainer, which update it at once; use rollout.engine: "
+                f"{served}, or rollout.max_staleness: 0",
             )
-        if r.engine == "sglang":
+        servers = self.rollout_servers
+        if servers is not None:
             check(
-                r.sglang.urls is not None or r.sglang.discovery_file is not None or self.launcher is not None,
-                "rollout.sglang",
-                "engine sglang needs urls or discovery_file (or a launcher section that starts the servers)",
+                servers.urls is not None or servers.discovery_file is not None or self.launcher is not None,
+                info.where,
+                f"engine {r.engine} needs urls or discovery_file (or a launcher section that starts the servers)",
+            )
+            check(
+                servers.urls is not None or servers.discovery_file is not None or info.launch is not None,
+                info.where,
+                f"engine {r.engine} has no launcher of its servers: give urls or discovery_file",
             )
 
     def teacher_port(self, name: str) -> int:
@@ -228,28 +255,17 @@ class ExperimentSpec(Section):
             port = self.teacher_port(name)
             check(port not in ports, f"{where}.port", f"port {port} is already used by {ports.get(port)}")
             ports[port] = where
-        servers = self.rollout.sglang
-        if self.rollout.engine == "sglang" and servers.urls is None:
-            need = max(self.seq_length, context_for_inputs(self.data.max_prompt_tokens))
-            check(
-                servers.context_length is None or servers.context_length >= need,
-                "rollout.sglang.context_length",
-                f"must be >= {need}: it holds a prompt plus a rollout ({self.seq_length} tokens), and SGLang "
-                f"{SGLANG_VERSION} takes prompts of at most context_length - {SGLANG_INPUT_RESERVE} tokens; "
-                f"got {servers.context_length}",
-            )
+        servers, info = self.rollout_servers, self.rollout_engine
+        if servers is not None and servers.urls is None:  # the launcher starts them
             check(
                 servers.port not in ports,
-                "rollout.sglang.port",
+                f"{info.where}.port",
                 f"port {servers.port} is already used by {ports.get(servers.port)}",
             )
-            check(
-                servers.weight_sync != "distributed" or servers.dp == 1,
-                "rollout.sglang.dp",
-                f"weight_sync: distributed needs servers with dp = 1 (SGLang joins the weights-update group as "
-                f"rank_offset + tp_rank), got dp = {servers.dp}: set rollout.sglang.dp=1 (several servers per "
-                "node: rollout.sglang.servers_per_node) or rollout.sglang.weight_sync=disk",
-            )
+            if info.checks is not None:
+                from megatron_camopd.rollout.engines import resolve
+
+                resolve(info.checks)(self, servers)
 
     @property
     def seq_length(self) -> int:
@@ -276,3 +292,23 @@ class ExperimentSpec(Section):
             "launcher",
         ]
         return {key: data[key] for key in order}
+
+
+def check_sglang_servers(spec: ExperimentSpec, servers: Any) -> None:
+    """The `sglang` engine's checks of the rollout servers a launcher starts (`rollout.sglang`, no urls): their
+    context holds a full sample, and a distributed weight sync has servers of dp = 1."""
+    need = max(spec.seq_length, context_for_inputs(spec.data.max_prompt_tokens))
+    check(
+        servers.context_length is None or servers.context_length >= need,
+        "rollout.sglang.context_length",
+        f"must be >= {need}: it holds a prompt plus a rollout ({spec.seq_length} tokens), and SGLang "
+        f"{SGLANG_VERSION} takes prompts of at most context_length - {SGLANG_INPUT_RESERVE} tokens; "
+        f"got {servers.context_length}",
+    )
+    check(
+        servers.weight_sync != "distributed" or servers.dp == 1,
+        "rollout.sglang.dp",
+        f"weight_sync: distributed needs servers with dp = 1 (SGLang joins the weights-update group as "
+        f"rank_offset + tp_rank), got dp = {servers.dp}: set rollout.sglang.dp=1 (several servers per "
+        "node: rollout.sglang.servers_per_node) or rollout.sglang.weight_sync=disk",
+    )

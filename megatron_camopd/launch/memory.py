@@ -98,9 +98,9 @@ def estimate(spec: Any, arch: ModelArch, teacher_archs: list[ModelArch] | None =
         method = spec.method.method_class()
         frozen = [c for c in spec.teachers.values() if c.kind == "megatron"] if method.needs_teachers else []
         teacher_archs = [arch] * (len(frozen) + int(method.needs_reference))
-    r = spec.rollout
-    kv = r.kv_cache_gb * GB if r.engine == "megatron" else 0.0
-    overlapped = r.max_staleness > 0 and r.engine != "sglang"  # in process, on a thread beside the trainer
+    r, engine = spec.rollout, spec.rollout_engine  # the engine registry's entry (rollout/engines.py)
+    kv = r.kv_cache_gb * GB if engine.kv_cache else 0.0
+    overlapped = r.max_staleness > 0 and not engine.served  # in process, on a thread beside the trainer
     best: dict[str, Any] | None = None
     for stage in sorted({0, pp - 1}):
         params = stage_params(arch, tp, pp, stage)

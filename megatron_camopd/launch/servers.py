@@ -1,13 +1,14 @@
 """What the launchers start for a spec, as plain data: the servers the trainer waits for, and the trainer.
 
 `server_components(spec, cpu=..., backend=...)` lists one component per teacher with a `serve` section (its SGLang
-servers, one per node, loading `serve.model`, else the teacher's hf_path/checkpoint) and, when `rollout.engine:
-sglang` names no urls, the student's rollout servers (loading the student's model, flags from `rollout.sglang`;
-`servers_per_node` of them on each node, server i on GPUs from i * tp * dp (`--base-gpu-id`) and port + i, as
-slime/miles run engines). Each carries its Slurm request (nodes, GPUs, `resources`), its environment, its command
-line with placeholders (the model directory, port and ready file are only known on the node) and the overrides
-that point the trainer at its discovery file. `camopd sbatch` renders them into the templates, `camopd launch`
-submits them with submitit and `camopd plan` prints them: one source of truth.
+servers, one per node, loading `serve.model`, else the teacher's hf_path/checkpoint) and, when a served
+`rollout.engine` names no urls, the student's rollout servers, as the engine's `launch` entry in the engine registry
+(rollout/engines.py) builds them; for `sglang` (`sglang_rollout_component`: the student's model, flags from
+`rollout.sglang`; `servers_per_node` of them on each node, server i on GPUs from i * tp * dp (`--base-gpu-id`) and
+port + i, as slime/miles run engines). Each carries its Slurm request (nodes, GPUs, `resources`), its environment,
+its command line with placeholders (the model directory, port and ready file are only known on the node) and the
+overrides that point the trainer at its discovery file. `camopd sbatch` renders them into the templates, `camopd
+launch` submits them with submitit and `camopd plan` prints them: one source of truth.
 
 Backends: `sglang`, the real engines: `python -m sglang.launch_server` (SGLang's own python:
 `launcher.sglang_python`) with the context length a full sample needs (`seq_length + 7`: SGLang 0.5.23 takes inputs
@@ -290,42 +291,49 @@ def server_components(spec: ExperimentSpec, *, cpu: bool, backend: str = "sglang
                 overrides=overrides,
             )
         )
-    r = spec.rollout.sglang
-    if spec.rollout.engine == "sglang" and r.urls is None:
-        context = r.context_length or context_for_inputs(spec.seq_length)
-        argv = (
-            _sglang_argv(
-                r.tp,
-                r.dp,
-                r.mem_fraction_static,
-                context,
-                spec.model.dtype,
-                r.extra_args,
-                cpu=cpu,
-                deterministic=r.deterministic_inference,
-                several=r.per_node > 1,
-            )
-            if real
-            else _cpu_argv("rollout")
-        )
-        out.append(
-            Component(
-                "rollout",
-                "rollout",
-                r.nodes,
-                r.gpus_per_node,
-                r.resources,
-                model=spec.model.hf_path or spec.model.checkpoint,
-                hf_dir=served_hf_dir(spec, "student", None),
-                port=r.port,
-                per_node=r.per_node,
-                gpus_per_server=r.tp * r.dp,
-                argv=argv,
-                env={**cpu_env, **r.env},
-                overrides=(f"rollout.sglang.discovery_file={ADDR}",),
-            )
-        )
+    engine, servers = spec.rollout_engine, spec.rollout_servers  # the engine registry (rollout/engines.py)
+    if servers is not None and servers.urls is None and engine.launch is not None:
+        from megatron_camopd.rollout.engines import resolve
+
+        out.append(resolve(engine.launch)(spec, servers, cpu=cpu, real=real))
     return out
+
+
+def sglang_rollout_component(spec: ExperimentSpec, servers, *, cpu: bool, real: bool) -> Component:
+    """The `sglang` engine's rollout servers (`rollout.sglang`, the registry's `launch`): `servers_per_node` real
+    SGLang servers per node loading the student (`real`; its CPU flags with `cpu`), else `camopd serve`."""
+    r = servers
+    context = r.context_length or context_for_inputs(spec.seq_length)
+    argv = (
+        _sglang_argv(
+            r.tp,
+            r.dp,
+            r.mem_fraction_static,
+            context,
+            spec.model.dtype,
+            r.extra_args,
+            cpu=cpu,
+            deterministic=r.deterministic_inference,
+            several=r.per_node > 1,
+        )
+        if real
+        else _cpu_argv("rollout")
+    )
+    return Component(
+        "rollout",
+        "rollout",
+        r.nodes,
+        r.gpus_per_node,
+        r.resources,
+        model=spec.model.hf_path or spec.model.checkpoint,
+        hf_dir=served_hf_dir(spec, "student", None),
+        port=r.port,
+        per_node=r.per_node,
+        gpus_per_server=r.tp * r.dp,
+        argv=argv,
+        env={**(SGLANG_CPU_ENV if cpu and real else {}), **r.env},
+        overrides=(f"rollout.sglang.discovery_file={ADDR}",),
+    )
 
 
 def trainer_component(spec: ExperimentSpec) -> Component:

@@ -50,7 +50,7 @@ from megatron_camopd.backend.cpu_runtime import cpu_runtime_active
 from megatron_camopd.backend.engine import unwrap
 from megatron_camopd.backend.forward import comm_device
 from megatron_camopd.errors import SpecError
-from megatron_camopd.rollout.sampler import InProcessModel, OnFinish
+from megatron_camopd.rollout.sampler import EngineOptions, InProcessModel, OnFinish
 from megatron_camopd.rollout.sampling import (
     Rollout,
     SamplingParams,
@@ -124,6 +124,11 @@ def plan_groups(
 
 class MegatronSampler:
     engine = "megatron"
+
+    @classmethod
+    def create(cls, model: InProcessModel, options: EngineOptions) -> MegatronSampler:
+        """The registry's constructor (rollout/engines.py): `rollout.kv_cache_gb` of KV cache per rank."""
+        return cls(model, kv_cache_gb=options.kv_cache_gb)
 
     def __init__(self, model: InProcessModel, kv_cache_gb: float = 16.0) -> None:
         from megatron.core.inference.communication_utils import (

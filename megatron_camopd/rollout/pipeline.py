@@ -13,12 +13,13 @@ the verifiers (they only read the tokens). The main thread then waits for step t
 collectives (model-parallel sharing, the DP exchange), and trains; the importance weight uses each sample's own
 sampled log-probs (the generating version's), and gap scores and selection see the batch as generated.
 
-Engines: `sglang` samples on the servers (no collective on the generating thread: the model-parallel leader
-alone talks HTTP; results are broadcast on the main thread), and before the weight sync of version t + 1 the
-trainer waits until the servers finished every batch of version t, so no sample mixes versions. `megatron` /
-`reference` sample on a second model instance on the generating thread, loaded with the copied parameters of
-the job's version; that needs TP = PP = 1 (collectives from two threads would interleave; refused by the spec
-check), and costs one more copy of the parameters per batch in flight plus the snapshot model.
+Engines (served or in process: the registry's word, rollout/engines.py): a served one (`sglang`) samples on the
+servers through its `ServedSampler.generate_detached` (no collective on the generating thread: the model-parallel
+leader alone talks HTTP; results are broadcast on the main thread), and before the weight sync of version t + 1 the
+trainer waits until the servers finished every batch of version t, so no sample mixes versions. In-process ones
+(`megatron`, `reference`) sample on a second model instance on the generating thread, loaded with the copied
+parameters of the job's version; that needs TP = PP = 1 (collectives from two threads would interleave; refused by
+the spec check), and costs one more copy of the parameters per batch in flight plus the snapshot model.
 
 Metrics per step: `rollout_wait_s` (the trainer waited for its batch and, served, for the servers to finish with
 the old weights before the sync), `weight_wait_s` (the generating side sat idle until its next batch's weights
@@ -42,7 +43,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,8 @@ from megatron_camopd.rollout.collect import (
     plan_batch,
     score_local,
 )
-from megatron_camopd.rollout.sampler import Sampler
+from megatron_camopd.rollout.engines import engine_info
+from megatron_camopd.rollout.sampler import Sampler, ServedSampler
 from megatron_camopd.rollout.sampling import sample_seed
 from megatron_camopd.rollout.staleness import staleness_metrics
 
@@ -162,8 +164,8 @@ class RolloutPipeline:
         snapshot: Callable[[], tuple[list, Sampler]] | None = None,
     ) -> None:
         self.c, self.engine, self.k, self.steps = c, engine, c.rollout.max_staleness, steps
-        self.served = c.sampler.engine == "sglang"
-        self._server = cast(Any, c.sampler)  # with `sglang`, a SglangSampler: detached generation, sharing, sync
+        self.served = engine_info(c.sampler.engine).served  # the registry's word (rollout/engines.py)
+        self._server = cast(ServedSampler, c.sampler)  # served: detached generation, sharing, sync
         self.mp_size = dist.get_world_size(ps.get_model_parallel_group())
         self.jobs: dict[int, Job] = {}
         self.base = self.next = start
@@ -286,7 +288,7 @@ class RolloutPipeline:
                     _unscorable(smp, step, self.c.rollout)
             score_local(self.c, job.local)
         if self.served:
-            self._server.fill_entropy([smp.rollout for smp in job.local])
+            self._server.fill_entropy([smp.rollout for smp in job.local if smp.rollout is not None])  # all, here
         samples = gather_batch(self.c, step, job.local)
         metrics = {"rollout_wait_s": wait, "weight_wait_s": job.weight_wait_s, **staleness_metrics(samples, step)}
         return job.branch, samples, metrics

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from megatron_camopd.backend.forward import forward_collect
-from megatron_camopd.rollout.sampler import InProcessModel, OnFinish
+from megatron_camopd.rollout.sampler import EngineOptions, InProcessModel, OnFinish
 from megatron_camopd.rollout.sampling import (
     Rollout,
     SamplingParams,
@@ -37,6 +37,11 @@ def gather_rows(rows_shard: torch.Tensor, tp_group) -> torch.Tensor:
 
 class ReferenceSampler:
     engine = "reference"
+
+    @classmethod
+    def create(cls, model: InProcessModel, options: EngineOptions) -> ReferenceSampler:
+        """The registry's constructor (rollout/engines.py): the model is all it needs."""
+        return cls(model)
 
     def __init__(self, model: InProcessModel) -> None:
         self.model = model

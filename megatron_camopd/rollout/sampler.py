@@ -1,7 +1,7 @@
 """The one `Sampler` seam every generating caller uses: training rollouts, Uni-OPD offline balancing, `camopd eval`,
 the demo's scoring and the CPU rollout server.
 
-`rollout.engine` selects the implementation:
+`rollout.engine` selects the implementation, by its entry in the engine registry (`rollout/engines.py`):
   megatron   KV-cached decoding through megatron-core's inference context on the student's own model chunks
              (TP/PP aware; the default in process) -- `rollout/kv_engine.py`;
   sglang     the student served by SGLang rollout servers, weights synced after every optimizer step
@@ -23,14 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
+from megatron_camopd.rollout.engines import engine_info, resolve
 from megatron_camopd.rollout.sampling import Rollout, SamplingParams
 
 if TYPE_CHECKING:
     from megatron_camopd.backend.forward import ParallelGroups
 
-ENGINES = ("megatron", "sglang", "reference")
 OnFinish = Callable[[int, Rollout], None]
 
 
@@ -53,6 +53,31 @@ class Sampler(Protocol):
         ...
 
 
+@runtime_checkable
+class ServedSampler(Sampler, Protocol):
+    """A served engine's sampler (`served=True` in the registry): what the overlapped pipeline
+    (`rollout/pipeline.py`) calls besides `generate`."""
+
+    def ensure_synced(self) -> None:
+        """Collective (main thread): the servers hold the trainer's current weights before any detached call."""
+        ...
+
+    def generate_detached(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_finish: OnFinish | None = None
+    ) -> list[Rollout] | None:
+        """`generate` without any collective, on a thread beside the trainer: the model-parallel leader's rollouts,
+        None on the other ranks."""
+        ...
+
+    def share(self, rollouts: list[Rollout] | None, error: str | None) -> list[Rollout]:
+        """Collective over the model-parallel group: the leader's rollouts (or its error, raised on every rank)."""
+        ...
+
+    def fill_entropy(self, rollouts: list[Rollout]) -> None:
+        """Entropy where the method needs it (a forward with the trainer's current weights), else None."""
+        ...
+
+
 @dataclass
 class InProcessModel:
     """What an in-process engine decodes with: this rank's model chunks and the facts around them."""
@@ -71,43 +96,30 @@ def needs_entropy(method) -> bool:
     return method is not None and "entropy" in method.required(None)
 
 
-def build_sampler(
-    engine: str,
-    model: InProcessModel,
-    *,
-    kv_cache_gb: float = 16.0,
-    servers=None,
-    trainer=None,
-    seed: int = 0,
-    need_entropy: bool = False,
-    model_dir=None,
-    tokenizer_dir=None,
-    stop_requested: Callable[[], bool] | None = None,
-) -> Sampler:
-    """The sampler for `engine` (`rollout.engine`). `servers` (rollout.sglang), `trainer` (the training Engine,
-    whose weights are synced to the servers), `need_entropy` (the servers return none: computed in process when
-    the method needs it), `model_dir` / `tokenizer_dir` (config.json and tokenizer files written next to the
-    weights of a disk sync) and `stop_requested` (the trainer's preemption flag, honoured within a weight sync)
-    are for `sglang` only."""
-    if engine == "megatron":
-        from megatron_camopd.rollout.kv_engine import MegatronSampler
+@dataclass
+class EngineOptions:
+    """What a sampler may need besides the model (`Sampler.create`): in-process engines read `kv_cache_gb`; served
+    ones their `servers` section (`rollout.<servers>` of the registry entry), the training `trainer` whose weights
+    they sync, `seed` (replica choice), `need_entropy` (servers return none: computed in process when the method
+    needs it), `model_dir` / `tokenizer_dir` (config.json and tokenizer files written next to the weights of a disk
+    sync) and `stop_requested` (the trainer's preemption flag, honoured within a weight sync)."""
 
-        return MegatronSampler(model, kv_cache_gb=kv_cache_gb)
-    if engine == "reference":
-        from megatron_camopd.rollout.reference import ReferenceSampler
+    kv_cache_gb: float = 16.0
+    servers: Any = None
+    trainer: Any = None
+    seed: int = 0
+    need_entropy: bool = False
+    model_dir: Any = None
+    tokenizer_dir: Any = None
+    stop_requested: Callable[[], bool] | None = None
 
-        return ReferenceSampler(model)
-    if engine == "sglang":
-        from megatron_camopd.rollout.sglang import SglangSampler
 
-        return SglangSampler(
-            servers,
-            model=model,
-            trainer=trainer,
-            seed=seed,
-            need_entropy=need_entropy,
-            model_dir=model_dir,
-            tokenizer_dir=tokenizer_dir,
-            stop_requested=stop_requested,
-        )
-    raise ValueError(f"rollout.engine: {engine!r} is not one of {', '.join(ENGINES)}")
+def build_sampler(engine: str, model: InProcessModel, **options: Any) -> Sampler:
+    """The sampler of `engine` (`rollout.engine`), looked up in the engine registry and imported now; `options`
+    are the fields of `EngineOptions`. A served engine's sampler must implement `ServedSampler`."""
+    info = engine_info(engine)
+    cls = resolve(info.sampler)
+    sampler = cls.create(model, EngineOptions(**options))
+    if info.served and not isinstance(sampler, ServedSampler):
+        raise TypeError(f"rollout engine {engine!r} is served but {info.sampler} is no ServedSampler")
+    return cast(Sampler, sampler)

@@ -38,7 +38,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_camopd.errors import RolloutError
 from megatron_camopd.replicas import ReplicaPool
-from megatron_camopd.rollout.sampler import InProcessModel, OnFinish
+from megatron_camopd.rollout.sampler import EngineOptions, InProcessModel, OnFinish
 from megatron_camopd.rollout.sampling import Rollout, SamplingParams
 from megatron_camopd.rollout.sglang_protocol import generate_request, max_input_tokens, parse_generation, server_limits
 from megatron_camopd.rollout.sglang_sync import ServerWeightSync
@@ -49,6 +49,20 @@ _POLL_S = 0.5  # finished rollouts are shared with the other model-parallel rank
 
 class SglangSampler:
     engine = "sglang"
+
+    @classmethod
+    def create(cls, model: InProcessModel, options: EngineOptions) -> SglangSampler:
+        """The registry's constructor (rollout/engines.py): the servers of `rollout.sglang`, the trainer to sync."""
+        return cls(
+            options.servers,
+            model=model,
+            trainer=options.trainer,
+            seed=options.seed,
+            need_entropy=options.need_entropy,
+            model_dir=options.model_dir,
+            tokenizer_dir=options.tokenizer_dir,
+            stop_requested=options.stop_requested,
+        )
 
     def __init__(
         self,
