@@ -21,7 +21,7 @@ An entry (`register_engine`) says
   kv_cache        it holds `rollout.kv_cache_gb` of KV cache on every trainer GPU (`camopd plan`'s memory).
 
 A new engine is one module (its sampler class) and one `register_engine` call: here for the package's engines, or
-in the module that defines it (as `tests/rollout/_plugin_engine.py` does). This module imports nothing heavy: the
+in the module that defines it (as `tests/train/_plugin_engine.py` does). This module imports nothing heavy: the
 config layer reads it while it validates a spec.
 """
 
