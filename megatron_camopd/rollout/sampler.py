@@ -16,7 +16,9 @@ per sample on every rank, on the model-parallel leader as soon as sample i has f
 overlaps generation). `update_weights(step)` runs after every optimizer step (a no-op in process; the weight sync
 of served engines) and returns metrics for the step's row. With `rollout.max_staleness > 0` the training loop
 samples through `rollout/pipeline.py` instead (a thread beside the trainer: a second in-process model, or the
-served engine's collective-free `generate_detached`).
+served engine's collective-free `generate_detached`: a served engine's sampler is a `ServedSampler`).
+`build_sampler` builds every engine the same way, `Class.create(model, EngineOptions(...))`: a new engine is its
+module plus one `register_engine` entry (`rollout/engines.py`).
 """
 
 from __future__ import annotations
