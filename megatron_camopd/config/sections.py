@@ -403,13 +403,38 @@ class RolloutServersConfig(Section):
         in_range(self, "port", 1, 65535, low_open=False, high_open=False)
 
 
+SERVED_ENGINES = ("sglang", "vllm")  # rollout engines on servers: weights synced per step, detached generation
+
+
+@dataclass
+class VllmServersConfig(RolloutServersConfig):
+    """vLLM rollout servers of the student (`rollout.engine: vllm`, rollout/vllm.py): `rollout.sglang`'s shape,
+    with `context_length` as vLLM's --max-model-len (None: the sequence length + 1), the dev routes on (the weight
+    sync's /collective_rpc, /pause) and the weights reloaded from disk, vLLM 0.32's one route on every platform."""
+
+    weight_sync: Literal["distributed", "disk"] = "disk"
+    env: dict[str, str] = field(default_factory=dict)  # the launcher adds VLLM_SERVER_DEV_MODE=1 (the sync's routes)
+    deterministic_inference: bool = False  # vLLM seeds every request by its `seed`: no flag needed
+    port: int = 30200
+
+    def validate(self) -> None:
+        super().validate()
+        check(
+            self.weight_sync == "disk",
+            "weight_sync",
+            "vLLM 0.32 takes new weights by a reload from disk (its network transfer is CUDA-only and not wired "
+            f"here): set weight_sync: disk, got {self.weight_sync!r}",
+        )
+
+
 @dataclass
 class RolloutConfig(Section):
     """Student sampling per step, and the engine that does it (see rollout/sampler.py)."""
 
-    engine: Literal["megatron", "sglang", "reference"] = "megatron"
+    engine: Literal["megatron", "sglang", "vllm", "reference"] = "megatron"
     kv_cache_gb: float = 16.0  # megatron engine: KV cache budget per rank; larger batches are split
     sglang: RolloutServersConfig = field(default_factory=RolloutServersConfig)
+    vllm: VllmServersConfig = field(default_factory=VllmServersConfig)
     prompts_per_step: int = 512
     n_samples: int | None = None  # responses per prompt; None: 16 for uniopd (its group size n), else 1
     temperature: float = 1.0  # 0: greedy (every engine picks the argmax; log-probs stay at temperature 1)
@@ -421,6 +446,11 @@ class RolloutConfig(Section):
     # 0: on-policy, generate then train. Also the bound on a served rollout's weight_version lag.
     max_staleness: int = 0
     on_stale: Literal["error", "drop"] = "error"  # beyond max_staleness: stop, or drop the sample and count it
+
+    @property
+    def servers(self) -> RolloutServersConfig:
+        """The rollout servers section of the engine in force (`rollout.vllm` for vllm, else `rollout.sglang`)."""
+        return self.vllm if self.engine == "vllm" else self.sglang
 
     def validate(self) -> None:
         positive(self, "prompts_per_step", "n_samples", "max_new_tokens", "kv_cache_gb")

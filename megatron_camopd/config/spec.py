@@ -25,6 +25,7 @@ from megatron_camopd.config.run_sections import (
 )
 from megatron_camopd.config.sections import (
     NAME_RE,
+    SERVED_ENGINES,
     DataConfig,
     MethodConfig,
     ModelConfig,
@@ -76,8 +77,8 @@ class ExperimentSpec(Section):
             self.rollout.n_samples = method.default_n_samples
         if self.logging.wandb.run_name is None:
             self.logging.wandb.run_name = self.name
-        served = self.rollout.sglang
-        if self.rollout.engine == "sglang" and served.weight_sync == "disk" and served.sync_dir is None:
+        served = self.rollout.servers
+        if self.rollout.engine in SERVED_ENGINES and served.weight_sync == "disk" and served.sync_dir is None:
             served.sync_dir = f"{self.checkpoint.dir.rstrip('/')}/weights"  # HF weights the servers load each step
 
     def _check_teachers(self) -> None:
@@ -178,7 +179,7 @@ class ExperimentSpec(Section):
                 "megatron-core's inference does not support interleaved pipelining (parallel.vpp); "
                 "use engine: sglang (or reference)",
             )
-        if r.max_staleness > 0 and r.engine != "sglang":
+        if r.max_staleness > 0 and r.engine not in SERVED_ENGINES:
             mp = (self.parallel.tp, self.parallel.pp, self.parallel.vpp)
             check(
                 mp == (1, 1, None),
@@ -196,11 +197,11 @@ class ExperimentSpec(Section):
                 "the rollout thread samples with and the trainer, which update it at once; use rollout.engine: "
                 "sglang, or rollout.max_staleness: 0",
             )
-        if r.engine == "sglang":
+        if r.engine in SERVED_ENGINES:
             check(
-                r.sglang.urls is not None or r.sglang.discovery_file is not None or self.launcher is not None,
-                "rollout.sglang",
-                "engine sglang needs urls or discovery_file (or a launcher section that starts the servers)",
+                r.servers.urls is not None or r.servers.discovery_file is not None or self.launcher is not None,
+                f"rollout.{r.engine}",
+                f"engine {r.engine} needs urls or discovery_file (or a launcher section that starts the servers)",
             )
 
     def teacher_port(self, name: str) -> int:
@@ -228,6 +229,7 @@ class ExperimentSpec(Section):
             port = self.teacher_port(name)
             check(port not in ports, f"{where}.port", f"port {port} is already used by {ports.get(port)}")
             ports[port] = where
+        self._check_vllm_serving(ports)
         servers = self.rollout.sglang
         if self.rollout.engine == "sglang" and servers.urls is None:
             need = max(self.seq_length, context_for_inputs(self.data.max_prompt_tokens))
@@ -250,6 +252,26 @@ class ExperimentSpec(Section):
                 f"rank_offset + tp_rank), got dp = {servers.dp}: set rollout.sglang.dp=1 (several servers per "
                 "node: rollout.sglang.servers_per_node) or rollout.sglang.weight_sync=disk",
             )
+
+    def _check_vllm_serving(self, ports: dict[int, str]) -> None:
+        """`rollout.vllm` started by the launcher: its --max-model-len holds a sample, its port is its own."""
+        servers = self.rollout.vllm
+        if self.rollout.engine != "vllm" or servers.urls is not None:
+            return
+        from megatron_camopd.teachers.vllm_protocol import VLLM_INPUT_RESERVE, model_len_for_inputs
+
+        need = max(self.seq_length, model_len_for_inputs(self.data.max_prompt_tokens))
+        check(
+            servers.context_length is None or servers.context_length >= need,
+            "rollout.vllm.context_length",
+            f"must be >= {need}: vLLM's --max-model-len holds a prompt plus a rollout ({self.seq_length} tokens) "
+            f"and takes prompts of at most max_model_len - {VLLM_INPUT_RESERVE} tokens; got {servers.context_length}",
+        )
+        check(
+            servers.port not in ports,
+            "rollout.vllm.port",
+            f"port {servers.port} is already used by {ports.get(servers.port)}",
+        )
 
     @property
     def seq_length(self) -> int:

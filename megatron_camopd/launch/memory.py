@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_camopd.backend.model import ModelArch
+from megatron_camopd.config.sections import SERVED_ENGINES
 
 GB = 1e9
 OVERHEAD_GB = 3.0
@@ -100,7 +101,7 @@ def estimate(spec: Any, arch: ModelArch, teacher_archs: list[ModelArch] | None =
         teacher_archs = [arch] * (len(frozen) + int(method.needs_reference))
     r = spec.rollout
     kv = r.kv_cache_gb * GB if r.engine == "megatron" else 0.0
-    overlapped = r.max_staleness > 0 and r.engine != "sglang"  # in process, on a thread beside the trainer
+    overlapped = r.max_staleness > 0 and r.engine not in SERVED_ENGINES  # in process, on a thread beside the trainer
     best: dict[str, Any] | None = None
     for stage in sorted({0, pp - 1}):
         params = stage_params(arch, tp, pp, stage)

@@ -265,7 +265,7 @@ def open_session(spec: ExperimentSpec, stop_requested: Callable[[], bool] | None
         r.engine,
         student_model(engine, arch, tokenizer, spec.seq_length),
         kv_cache_gb=r.kv_cache_gb,
-        servers=r.sglang,
+        servers=r.servers,
         trainer=engine,
         seed=spec.train.seed,
         need_entropy=needs_entropy(method),

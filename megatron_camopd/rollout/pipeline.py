@@ -13,7 +13,7 @@ the verifiers (they only read the tokens). The main thread then waits for step t
 collectives (model-parallel sharing, the DP exchange), and trains; the importance weight uses each sample's own
 sampled log-probs (the generating version's), and gap scores and selection see the batch as generated.
 
-Engines: `sglang` samples on the servers (no collective on the generating thread: the model-parallel leader
+Engines: `sglang` and `vllm` sample on the servers (no collective on the generating thread: the model-parallel leader
 alone talks HTTP; results are broadcast on the main thread), and before the weight sync of version t + 1 the
 trainer waits until the servers finished every batch of version t, so no sample mixes versions. `megatron` /
 `reference` sample on a second model instance on the generating thread, loaded with the copied parameters of
@@ -60,7 +60,7 @@ from megatron_camopd.rollout.collect import (
     plan_batch,
     score_local,
 )
-from megatron_camopd.rollout.sampler import Sampler
+from megatron_camopd.rollout.sampler import SERVED, Sampler
 from megatron_camopd.rollout.sampling import sample_seed
 from megatron_camopd.rollout.staleness import staleness_metrics
 
@@ -162,8 +162,10 @@ class RolloutPipeline:
         snapshot: Callable[[], tuple[list, Sampler]] | None = None,
     ) -> None:
         self.c, self.engine, self.k, self.steps = c, engine, c.rollout.max_staleness, steps
-        self.served = c.sampler.engine == "sglang"
-        self._server = cast(Any, c.sampler)  # with `sglang`, a SglangSampler: detached generation, sharing, sync
+        self.served = c.sampler.engine in SERVED
+        self._server = cast(
+            Any, c.sampler
+        )  # served (sglang, vllm): a SglangSampler: detached generation, sharing, sync
         self.mp_size = dist.get_world_size(ps.get_model_parallel_group())
         self.jobs: dict[int, Job] = {}
         self.base = self.next = start

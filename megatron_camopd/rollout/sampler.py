@@ -6,9 +6,11 @@ the demo's scoring and the CPU rollout server.
              (TP/PP aware; the default in process) -- `rollout/kv_engine.py`;
   sglang     the student served by SGLang rollout servers, weights synced after every optimizer step
              (the production engine at scale) -- `rollout/sglang.py`;
+  vllm       the student served by vLLM servers, weights reloaded from disk after every optimizer step
+             (per-request seeds of vLLM's own: not the other engines' tokens) -- `rollout/vllm.py`;
   reference  full recomputation of the prefix per token through megatron-core's forward schedule: slow, exact,
              the oracle of the tests and never the production path -- `rollout/reference.py`.
-All three sample the same tokens for the same per-sample seeds (see `rollout/sampling.py`).
+The in-process engines and SGLang sample the same tokens for the same per-sample seeds (see `rollout/sampling.py`).
 
 Contract of `Sampler.generate(prompts, params, seeds, on_finish)`: every rank of the model-parallel group calls it
 with the same arguments and gets the same rollouts back, in prompt order; `on_finish(i, rollout)` is called once
@@ -25,12 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from megatron_camopd.config.sections import SERVED_ENGINES
 from megatron_camopd.rollout.sampling import Rollout, SamplingParams
 
 if TYPE_CHECKING:
     from megatron_camopd.backend.forward import ParallelGroups
 
-ENGINES = ("megatron", "sglang", "reference")
+ENGINES = ("megatron", "sglang", "vllm", "reference")
+SERVED = SERVED_ENGINES  # engines on servers: detached generation in the pipeline, weights synced per step
 OnFinish = Callable[[int, Rollout], None]
 
 
@@ -88,7 +92,7 @@ def build_sampler(
     whose weights are synced to the servers), `need_entropy` (the servers return none: computed in process when
     the method needs it), `model_dir` / `tokenizer_dir` (config.json and tokenizer files written next to the
     weights of a disk sync) and `stop_requested` (the trainer's preemption flag, honoured within a weight sync)
-    are for `sglang` only."""
+    are for the served engines (`sglang`, `vllm`: `servers` is then rollout.vllm) only."""
     if engine == "megatron":
         from megatron_camopd.rollout.kv_engine import MegatronSampler
 
@@ -97,10 +101,11 @@ def build_sampler(
         from megatron_camopd.rollout.reference import ReferenceSampler
 
         return ReferenceSampler(model)
-    if engine == "sglang":
+    if engine in SERVED:
         from megatron_camopd.rollout.sglang import SglangSampler
+        from megatron_camopd.rollout.vllm import VllmSampler
 
-        return SglangSampler(
+        return (VllmSampler if engine == "vllm" else SglangSampler)(
             servers,
             model=model,
             trainer=trainer,
