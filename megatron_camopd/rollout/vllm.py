@@ -108,7 +108,7 @@ class VllmSampler(SglangSampler):
 
     engine = "vllm"
     sync_class = VllmWeightSync
-    max_input = staticmethod(max_input_tokens)
+    max_input = staticmethod(lambda context_length: max_input_tokens(context_length))
 
     def __init__(self, servers, **kwargs: Any) -> None:
         if kwargs.get("trainer") is not None and servers.weight_sync != "disk":
