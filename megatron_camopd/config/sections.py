@@ -324,33 +324,29 @@ class ScheduleConfig(Section):
 
 
 @dataclass
-class RolloutServersConfig(Section):
-    """SGLang rollout servers of the student (`rollout.engine: sglang`): where they are, how the launcher starts
-    them, and how the trainer's weights reach them after every optimizer step (how stale a rollout may be is
-    `rollout.max_staleness`)."""
+class ServersConfig(Section):
+    """Rollout servers of the student, whatever their engine (`rollout.sglang`, `rollout.vllm`): where they are, how
+    the launcher starts them, and how the trainer's weights reach them after every optimizer step (how stale a
+    rollout may be is `rollout.max_staleness`)."""
 
     urls: list[str] | None = None  # running servers; else the launcher starts them and writes discovery_file
     discovery_file: str | None = path_field()  # `host:port` lines written by the launcher
     nodes: int = 1  # launcher: nodes of rollout servers
     gpus_per_node: int = 8
-    tp: int = 1  # SGLang --tp-size of each server
-    dp: int = 1  # SGLang --dp-size of each server (distributed sync needs 1: run several servers per node instead)
-    # launcher: SGLang servers per node, each on its own tp * dp GPUs (--base-gpu-id) and port (port + i), each
+    tp: int = 1  # --tp-size (SGLang) / --tensor-parallel-size (vLLM) of each server
+    dp: int = 1  # --dp-size / --data-parallel-size of each server (distributed sync needs 1: more servers instead)
+    # launcher: servers per node, each on its own tp * dp GPUs (--base-gpu-id) and port (port + i), each
     # joining the weights-update group with its own ranks (as slime/miles run engines); None: gpus_per_node // (tp*dp)
     servers_per_node: int | None = None
-    mem_fraction_static: float = 0.8
+    mem_fraction_static: float = 0.8  # SGLang --mem-fraction-static / vLLM --gpu-memory-utilization
     # SGLang --context-length; None: the sequence length + 7 (SGLang 0.5.23 takes inputs of context - 7 tokens)
     context_length: int | None = None
     port: int = 30100
-    # launcher: --enable-deterministic-inference, without which SGLang ignores sampling_seed (served rollouts then
-    # do not reproduce across runs or a resume); SGLang offers it with GPU attention backends only, not on a CPU
-    deterministic_inference: bool = True
     extra_args: list[str] = field(default_factory=list)  # more `python -m sglang.launch_server` arguments
     env: dict[str, str] = field(default_factory=lambda: {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"})
     resources: SlurmResources = field(default_factory=SlurmResources)  # launcher: Slurm resources of the servers
     weight_sync: Literal["distributed", "disk"] = "distributed"
     sync_dir: str | None = path_field()  # disk sync: where HF weights are written; None: <checkpoint.dir>/weights
-    bucket_mb: int = 1024  # distributed sync: parameters per broadcast bucket
     # one weight-sync attempt, every wait included (store, group, broadcasts, answers); a preemption signal ends it
     sync_timeout_s: float = 600.0
     timeout_s: float = 3600.0  # one /generate request (a 32k-token response takes a while)
@@ -380,7 +376,6 @@ class RolloutServersConfig(Section):
             "dp",
             "context_length",
             "servers_per_node",
-            "bucket_mb",
             "sync_timeout_s",
             "timeout_s",
             "max_in_flight",
@@ -403,28 +398,33 @@ class RolloutServersConfig(Section):
         in_range(self, "port", 1, 65535, low_open=False, high_open=False)
 
 
+@dataclass
+class RolloutServersConfig(ServersConfig):
+    """SGLang rollout servers of the student (`rollout.engine: sglang`, rollout/sglang.py)."""
+
+    # launcher: --enable-deterministic-inference, without which SGLang ignores sampling_seed (served rollouts then
+    # do not reproduce across runs or a resume); SGLang offers it with GPU attention backends only, not on a CPU
+    deterministic_inference: bool = True
+    bucket_mb: int = 1024  # distributed sync: parameters per broadcast bucket
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "bucket_mb")
+
+
 SERVED_ENGINES = ("sglang", "vllm")  # rollout engines on servers: weights synced per step, detached generation
 
 
 @dataclass
-class VllmServersConfig(RolloutServersConfig):
-    """vLLM rollout servers of the student (`rollout.engine: vllm`, rollout/vllm.py): `rollout.sglang`'s shape,
-    with `context_length` as vLLM's --max-model-len (None: the sequence length + 1), the dev routes on (the weight
-    sync's /collective_rpc, /pause) and the weights reloaded from disk, vLLM 0.32's one route on every platform."""
+class VllmServersConfig(ServersConfig):
+    """vLLM rollout servers of the student (`rollout.engine: vllm`, rollout/vllm.py): with `context_length` as
+    vLLM's --max-model-len (None: the sequence length + 1) and `extra_args` of `python -m
+    vllm.entrypoints.openai.api_server`; the weights are reloaded from disk, vLLM 0.32's one route on every
+    platform (its network transfer is CUDA-only), and vLLM seeds every request by its `seed` (no flag needed)."""
 
-    weight_sync: Literal["distributed", "disk"] = "disk"
     env: dict[str, str] = field(default_factory=dict)  # the launcher adds VLLM_SERVER_DEV_MODE=1 (the sync's routes)
-    deterministic_inference: bool = False  # vLLM seeds every request by its `seed`: no flag needed
+    weight_sync: Literal["disk"] = "disk"  # vLLM 0.32: a reload from disk only
     port: int = 30200
-
-    def validate(self) -> None:
-        super().validate()
-        check(
-            self.weight_sync == "disk",
-            "weight_sync",
-            "vLLM 0.32 takes new weights by a reload from disk (its network transfer is CUDA-only and not wired "
-            f"here): set weight_sync: disk, got {self.weight_sync!r}",
-        )
 
 
 @dataclass
@@ -448,7 +448,7 @@ class RolloutConfig(Section):
     on_stale: Literal["error", "drop"] = "error"  # beyond max_staleness: stop, or drop the sample and count it
 
     @property
-    def servers(self) -> RolloutServersConfig:
+    def servers(self) -> ServersConfig:
         """The rollout servers section of the engine in force (`rollout.vllm` for vllm, else `rollout.sglang`)."""
         return self.vllm if self.engine == "vllm" else self.sglang
 
