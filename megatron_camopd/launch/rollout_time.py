@@ -93,7 +93,7 @@ def megatron_estimate(spec: Any, arch: ModelArch, n_samples: int, dp: int) -> di
 
 def sglang_estimate(spec: Any, arch: ModelArch, n_samples: int, gpu_memory_gb: float) -> dict[str, Any]:
     """SGLang rollout servers' step estimate (module docstring)."""
-    s = spec.rollout.sglang
+    s = spec.rollout.servers  # the servers of the engine in force (rollout.vllm for vllm: the same estimate)
     wb = DTYPE_BYTES[spec.model.dtype]
     prompt, new = spec.data.max_prompt_tokens, spec.rollout.max_new_tokens
     weights = stage_params(arch, 1, 1, 0) * wb  # the whole model (embedding and output layer included)

@@ -108,7 +108,11 @@ class VllmSampler(SglangSampler):
 
     engine = "vllm"
     sync_class = VllmWeightSync
-    max_input = staticmethod(lambda context_length: max_input_tokens(context_length))
+
+    @staticmethod
+    def max_input(context_length: int) -> int:
+        """The longest prompt a server of `--max-model-len` `context_length` accepts."""
+        return max_input_tokens(context_length)
 
     def __init__(self, servers, **kwargs: Any) -> None:
         if kwargs.get("trainer") is not None and servers.weight_sync != "disk":
