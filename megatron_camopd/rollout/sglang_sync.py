@@ -65,6 +65,8 @@ class ServerWeightSync:
     """The weight sync of one `SglangSampler` (see the module docstring). `pool` is held by rank 0 and the
     senders; `stop_requested` is the trainer's preemption flag."""
 
+    section = "rollout.sglang"  # the spec section of the servers (named in errors)
+
     def __init__(
         self,
         cfg: Any,
@@ -99,7 +101,7 @@ class ServerWeightSync:
         t0, last = time.time(), ""
         rank0 = dist.get_rank() == 0
         for tries in (1, 2):
-            deadline = ws.Deadline(self.cfg.sync_timeout_s, self.stop_requested)
+            deadline = ws.Deadline(self.cfg.sync_timeout_s, self.stop_requested, field=f"{self.section}.sync_timeout_s")
             plan: _Plan = _broadcast_world(self._plan(deadline) if rank0 else None)
             if plan.fatal:
                 raise RolloutError(plan.error)
@@ -223,7 +225,7 @@ class ServerWeightSync:
             if time.monotonic() > give_up:
                 raise RolloutError(
                     f"rollout servers: none of {pool.urls} answered /health for "
-                    f"{self.cfg.dead_deadline_s:.0f}s (rollout.sglang.dead_deadline_s); weights not synced"
+                    f"{self.cfg.dead_deadline_s:.0f}s ({self.section}.dead_deadline_s); weights not synced"
                 )
             deadline.check("waiting for a live rollout server")
             time.sleep(0.5)

@@ -13,15 +13,16 @@ version: every rollout carries the version the sampler had synced when its reque
 (`meta["weight_version"]`), never newer than the weights that sampled it, so `rollout/staleness.py` judges the
 lag conservatively.
 
-Weight sync (`weight_sync: disk`, the one route on every vLLM 0.32 platform: its network weight-transfer
-backends, NCCL and IPC, are CUDA-only, and vLLM 0.32 has no gloo weights-update group): the trainer writes the
-HF version directory as for SGLang (`weight_sync.py`), then every server, started with
-`VLLM_SERVER_DEV_MODE=1` (its dev routes), is paused (`POST /pause?mode=wait`: in-flight requests finish on the
-old weights, new ones wait), reloads it in every worker (`POST /collective_rpc {"method": "reload_weights",
-"kwargs": {"weights_path": DIR}}`), drops its prefix cache (`POST /reset_prefix_cache`: KV of the old weights
-would otherwise be reused) and resumes (`POST /resume`). A failed attempt resumes every server and is retried
-once. A server back from the dead reloads the current version directory before it serves again (it cannot say
-which weights it holds).
+Weight sync (`weight_sync: disk`, the route vLLM 0.32 offers on every platform: the backends of its
+weight-transfer factory, `distributed/weight_transfer/factory.py` -- nccl, sparse_nccl, nccl_m2n, ipc,
+sharded_rdt, modelexpress -- are GPU transports, none gloo, so a CPU server has no update group; on GPUs an
+NCCL group could replace the disk round trip, not wired here): the trainer writes the HF version directory as
+for SGLang (`weight_sync.py`), then every server, started with `VLLM_SERVER_DEV_MODE=1` (its dev routes), is
+paused (`POST /pause?mode=wait`: in-flight requests finish on the old weights, new ones wait), reloads it in
+every worker (`POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": DIR}}`), drops its
+prefix cache (`POST /reset_prefix_cache`: KV of the old weights would otherwise be reused) and resumes (`POST
+/resume`). A failed attempt resumes every server and is retried once. A server back from the dead reloads the
+current version directory before it serves again (it cannot say which weights it holds).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ VLLM_DEV_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # the dev routes the weight sync u
 
 class VllmWeightSync(ServerWeightSync):
     """`ServerWeightSync` with vLLM's pause, disk reload and resume (see the module docstring)."""
+
+    section = "rollout.vllm"
 
     def _pause(self, members: list[str], deadline: ws.Deadline) -> None:
         self._control(members, "/pause?mode=wait", deadline)

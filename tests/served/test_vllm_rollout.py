@@ -14,10 +14,13 @@ started as the launcher starts rollout servers (`VLLM_ROLLOUT_ENV`, `VLLM_ROLLOU
   outputs), and the sync dir holds that version only.
 - One step off (`rollout.max_staleness: 1`): the run finishes, every step trains every sample, and the rollouts
   after the first step are one version behind (`rollout_staleness_max` 1: the sampler's version stamps).
+- A sync that fails (the trainer's student has another MLP width, so vLLM refuses the reloaded weights): the run
+  stops with the error after its retry, and the server is left resumed (`/is_paused` false; it samples at once).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,3 +158,20 @@ def test_one_step_off_with_vllm_rollouts(server, student64, tiny, tmp_path) -> N
     for r in rows:
         assert r["n_samples"] == PROMPTS and r.get("rollout_failed", 0) == 0 and r["n_nan_dropped"] == 0, r
     assert [r["rollout_staleness_max"] for r in rows] == [0.0] + [1.0] * (STEPS - 1), rows
+
+
+@pytest.mark.timeout(600)
+def test_a_failed_sync_stops_the_run_and_leaves_the_server_resumed(server, tiny, tmp_path) -> None:
+    from megatron_camopd.demo.tiny import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other", tiny / "tokenizer", seed=5, head_dim=64, intermediate_size=96)
+    log = tmp_path / "run.log"
+    spec = _vllm_spec(tiny, other, tmp_path / "run", tmp_path / "run.yaml", server.url)
+    assert finish(start_train(spec, log), log) != 0
+    text = log.read_text()
+    assert "weight sync of step 0 failed twice" in text and "reloading" in text, text[-3000:]
+    assert "Call to collective_rpc method failed: Worker failed with error" in text  # vLLM refused the weights
+    assert requests.get(f"{server.url}/is_paused", timeout=30).json() == {"is_paused": False}
+    t0 = time.monotonic()
+    _sample(server.url, SamplingParams(temperature=1.0, max_new_tokens=2), 1, {2})
+    assert time.monotonic() - t0 < 10, "the server was left paused"
