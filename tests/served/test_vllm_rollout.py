@@ -15,12 +15,14 @@ started as the launcher starts rollout servers (`VLLM_ROLLOUT_ENV`, `VLLM_ROLLOU
 - One step off (`rollout.max_staleness: 1`): the run finishes, every step trains every sample, and the rollouts
   after the first step are one version behind (`rollout_staleness_max` 1: the sampler's version stamps).
 - A sync that fails (the trainer's student has another MLP width, so vLLM refuses the reloaded weights): the run
-  stops with the error after its retry, and the server is left resumed (`/is_paused` false; it samples at once).
+  stops with vLLM's error after its retry, and the server is not left paused (`/is_paused` false). What it
+  holds then is vLLM's business: it reloads in place, so a refused directory leaves the weights half-loaded
+  (measured: its engine core then fails the next request), which is why the run stops rather than sample. Last
+  in the module for that reason.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,6 +174,3 @@ def test_a_failed_sync_stops_the_run_and_leaves_the_server_resumed(server, tiny,
     assert "weight sync of step 0 failed twice" in text and "reloading" in text, text[-3000:]
     assert "Call to collective_rpc method failed: Worker failed with error" in text  # vLLM refused the weights
     assert requests.get(f"{server.url}/is_paused", timeout=30).json() == {"is_paused": False}
-    t0 = time.monotonic()
-    _sample(server.url, SamplingParams(temperature=1.0, max_new_tokens=2), 1, {2})
-    assert time.monotonic() - t0 < 10, "the server was left paused"
