@@ -33,8 +33,10 @@ def launch_vllm(
     max_model_len: int = 256,
     extra: tuple[str, ...] = (),
     port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> VllmServer:
-    """Start one server (not waiting for it): the launchers' vLLM command line plus the CPU flags."""
+    """Start one server (not waiting for it): the launchers' vLLM command line plus the CPU flags (`env`: more
+    variables, e.g. `launch.servers.VLLM_ROLLOUT_ENV` for a rollout server)."""
     port = port or free_port()
     cmd = [
         str(python),
@@ -57,10 +59,11 @@ def launch_vllm(
         *VLLM_CPU_ARGS,
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONUNBUFFERED": "1"}
-    env.pop("PYTHONPATH", None)  # the server imports its own environment only
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONUNBUFFERED": "1"}
+    full.pop("PYTHONPATH", None)  # the server imports its own environment only
+    full.update(env or {})
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=full, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return VllmServer(proc, f"http://127.0.0.1:{port}", log, str(model))
 
 

@@ -301,33 +301,29 @@ class ScheduleConfig(Section):
 
 
 @dataclass
-class RolloutServersConfig(Section):
-    """SGLang rollout servers of the student (`rollout.engine: sglang`): where they are, how the launcher starts
-    them, and how the trainer's weights reach them after every optimizer step (how stale a rollout may be is
-    `rollout.max_staleness`)."""
+class ServersConfig(Section):
+    """Rollout servers of the student, whatever their engine (`rollout.sglang`, `rollout.vllm`): where they are, how
+    the launcher starts them, and how the trainer's weights reach them after every optimizer step (how stale a
+    rollout may be is `rollout.max_staleness`)."""
 
     urls: list[str] | None = None  # running servers; else the launcher starts them and writes discovery_file
     discovery_file: str | None = path_field()  # `host:port` lines written by the launcher
     nodes: int = 1  # launcher: nodes of rollout servers
     gpus_per_node: int = 8
-    tp: int = 1  # SGLang --tp-size of each server
-    dp: int = 1  # SGLang --dp-size of each server (distributed sync needs 1: run several servers per node instead)
-    # launcher: SGLang servers per node, each on its own tp * dp GPUs (--base-gpu-id) and port (port + i), each
+    tp: int = 1  # --tp-size (SGLang) / --tensor-parallel-size (vLLM) of each server
+    dp: int = 1  # --dp-size / --data-parallel-size of each server (distributed sync needs 1: more servers instead)
+    # launcher: servers per node, each on its own tp * dp GPUs (--base-gpu-id) and port (port + i), each
     # joining the weights-update group with its own ranks (as slime/miles run engines); None: gpus_per_node // (tp*dp)
     servers_per_node: int | None = None
-    mem_fraction_static: float = 0.8
+    mem_fraction_static: float = 0.8  # SGLang --mem-fraction-static / vLLM --gpu-memory-utilization
     # SGLang --context-length; None: the sequence length + 7 (SGLang 0.5.23 takes inputs of context - 7 tokens)
     context_length: int | None = None
     port: int = 30100
-    # launcher: --enable-deterministic-inference, without which SGLang ignores sampling_seed (served rollouts then
-    # do not reproduce across runs or a resume); SGLang offers it with GPU attention backends only, not on a CPU
-    deterministic_inference: bool = True
     extra_args: list[str] = field(default_factory=list)  # more `python -m sglang.launch_server` arguments
     env: dict[str, str] = field(default_factory=lambda: {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"})
     resources: SlurmResources = field(default_factory=SlurmResources)  # launcher: Slurm resources of the servers
     weight_sync: Literal["distributed", "disk"] = "distributed"
     sync_dir: str | None = path_field()  # disk sync: where HF weights are written; None: <checkpoint.dir>/weights
-    bucket_mb: int = 1024  # distributed sync: parameters per broadcast bucket
     # one weight-sync attempt, every wait included (store, group, broadcasts, answers); a preemption signal ends it
     sync_timeout_s: float = 600.0
     timeout_s: float = 3600.0  # one /generate request (a 32k-token response takes a while)
@@ -353,7 +349,6 @@ class RolloutServersConfig(Section):
             "dp",
             "context_length",
             "servers_per_node",
-            "bucket_mb",
             "sync_timeout_s",
             "timeout_s",
             "max_in_flight",
@@ -377,12 +372,39 @@ class RolloutServersConfig(Section):
 
 
 @dataclass
+class RolloutServersConfig(ServersConfig):
+    """SGLang rollout servers of the student (`rollout.engine: sglang`, rollout/sglang.py)."""
+
+    # launcher: --enable-deterministic-inference, without which SGLang ignores sampling_seed (served rollouts then
+    # do not reproduce across runs or a resume); SGLang offers it with GPU attention backends only, not on a CPU
+    deterministic_inference: bool = True
+    bucket_mb: int = 1024  # distributed sync: parameters per broadcast bucket
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "bucket_mb")
+
+
+@dataclass
+class VllmServersConfig(ServersConfig):
+    """vLLM rollout servers of the student (`rollout.engine: vllm`, rollout/vllm.py): with `context_length` as
+    vLLM's --max-model-len (None: the sequence length + 1) and `extra_args` of `python -m
+    vllm.entrypoints.openai.api_server`; the weights are reloaded from disk, vLLM 0.32's one route on every
+    platform (its network transfer is CUDA-only), and vLLM seeds every request by its `seed` (no flag needed)."""
+
+    env: dict[str, str] = field(default_factory=dict)  # the launcher adds VLLM_SERVER_DEV_MODE=1 (the sync's routes)
+    weight_sync: Literal["disk"] = "disk"  # vLLM 0.32: a reload from disk only
+    port: int = 30200
+
+
+@dataclass
 class RolloutConfig(Section):
     """Student sampling per step, and the engine that does it (see rollout/sampler.py)."""
 
-    engine: str = "megatron"  # a registered engine (rollout/engines.py): megatron | sglang | reference | ...
+    engine: str = "megatron"  # a registered engine (rollout/engines.py): megatron | sglang | vllm | reference | ...
     kv_cache_gb: float = 16.0  # megatron engine: KV cache budget per rank; larger batches are split
     sglang: RolloutServersConfig = field(default_factory=RolloutServersConfig)
+    vllm: VllmServersConfig = field(default_factory=VllmServersConfig)
     prompts_per_step: int = 512
     n_samples: int | None = None  # responses per prompt; None: 16 for uniopd (its group size n), else 1
     temperature: float = 1.0  # 0: greedy (every engine picks the argmax; log-probs stay at temperature 1)

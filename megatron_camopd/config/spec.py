@@ -312,3 +312,17 @@ def check_sglang_servers(spec: ExperimentSpec, servers: Any) -> None:
         f"rank_offset + tp_rank), got dp = {servers.dp}: set rollout.sglang.dp=1 (several servers per "
         "node: rollout.sglang.servers_per_node) or rollout.sglang.weight_sync=disk",
     )
+
+
+def check_vllm_servers(spec: ExperimentSpec, servers: Any) -> None:
+    """The `vllm` engine's checks of the rollout servers a launcher starts (`rollout.vllm`, no urls): vLLM's
+    --max-model-len holds a full sample."""
+    from megatron_camopd.teachers.vllm_protocol import VLLM_INPUT_RESERVE, model_len_for_inputs
+
+    need = max(spec.seq_length, model_len_for_inputs(spec.data.max_prompt_tokens))
+    check(
+        servers.context_length is None or servers.context_length >= need,
+        "rollout.vllm.context_length",
+        f"must be >= {need}: vLLM's --max-model-len holds a prompt plus a rollout ({spec.seq_length} tokens) "
+        f"and takes prompts of at most max_model_len - {VLLM_INPUT_RESERVE} tokens; got {servers.context_length}",
+    )

@@ -343,7 +343,7 @@ def _rollout_line(est: dict[str, Any], gpu_memory_gb: float) -> str:
     return (
         f"rollout time per step (estimate, upper bound: {est['samples_per_step']} samples x {est['max_new_tokens']} "
         f"new tokens; engine in force: {est['engine']}): megatron in process ({m['layout']}) ~{m['seconds']:g} s "
-        f"= {m['groups_per_rank']} sequential group(s) of {m['rows_per_group']} rows per rank, {kv}; sglang "
+        f"= {m['groups_per_rank']} sequential group(s) of {m['rows_per_group']} rows per rank, {kv}; {est['served']} "
         f"({s['engines']} engine(s), {s['gpus']} GPUs of {gpu_memory_gb:g} GB, {s['sequences_per_engine']} sequences "
         f"each) ~{s['seconds']:g} s"
     )

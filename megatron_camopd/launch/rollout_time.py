@@ -93,7 +93,9 @@ def megatron_estimate(spec: Any, arch: ModelArch, n_samples: int, dp: int) -> di
 
 def sglang_estimate(spec: Any, arch: ModelArch, n_samples: int, gpu_memory_gb: float) -> dict[str, Any]:
     """SGLang rollout servers' step estimate (module docstring)."""
-    s = spec.rollout.sglang
+    # the servers of the served engine in force (rollout.vllm for vllm: the same bandwidth-bound estimate), else
+    # rollout.sglang's, to show what serving would take
+    s = spec.rollout_servers if spec.rollout_engine.served else spec.rollout.sglang
     wb = DTYPE_BYTES[spec.model.dtype]
     prompt, new = spec.data.max_prompt_tokens, spec.rollout.max_new_tokens
     weights = stage_params(arch, 1, 1, 0) * wb  # the whole model (embedding and output layer included)
@@ -120,6 +122,7 @@ def estimate_rollout_time(spec: Any, arch: ModelArch, dp: int, gpu_memory_gb: fl
     n_samples = spec.rollout.prompts_per_step * (spec.rollout.n_samples or 1)
     return {
         "engine": spec.rollout.engine,
+        "served": spec.rollout.engine if spec.rollout_engine.served else "sglang",  # whose servers "sglang" sizes
         "samples_per_step": n_samples,
         "max_new_tokens": spec.rollout.max_new_tokens,
         "megatron": megatron_estimate(spec, arch, n_samples, dp),

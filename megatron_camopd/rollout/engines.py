@@ -134,6 +134,15 @@ register_engine(
     summary="the student served by SGLang rollout servers, weights synced after every optimizer step",
 )
 register_engine(
+    "vllm",
+    "megatron_camopd.rollout.vllm:VllmSampler",
+    served=True,
+    servers="vllm",
+    checks="megatron_camopd.config.spec:check_vllm_servers",
+    launch="megatron_camopd.launch.servers:vllm_rollout_component",
+    summary="the student served by vLLM servers, weights reloaded from disk after every optimizer step",
+)
+register_engine(
     "reference",
     "megatron_camopd.rollout.reference:ReferenceSampler",
     served=False,

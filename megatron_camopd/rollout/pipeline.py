@@ -13,7 +13,7 @@ the verifiers (they only read the tokens). The main thread then waits for step t
 collectives (model-parallel sharing, the DP exchange), and trains; the importance weight uses each sample's own
 sampled log-probs (the generating version's), and gap scores and selection see the batch as generated.
 
-Engines (served or in process: the registry's word, rollout/engines.py): a served one (`sglang`) samples on the
+Engines (served or in process: the registry's word, rollout/engines.py): a served one (`sglang`, `vllm`) samples on the
 servers through its `ServedSampler.generate_detached` (no collective on the generating thread: the model-parallel
 leader alone talks HTTP; results are broadcast on the main thread), and before the weight sync of version t + 1 the
 trainer waits until the servers finished every batch of version t, so no sample mixes versions. In-process ones

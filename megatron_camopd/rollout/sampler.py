@@ -6,9 +6,11 @@ the demo's scoring and the CPU rollout server.
              (TP/PP aware; the default in process) -- `rollout/kv_engine.py`;
   sglang     the student served by SGLang rollout servers, weights synced after every optimizer step
              (the production engine at scale) -- `rollout/sglang.py`;
+  vllm       the student served by vLLM servers, weights reloaded from disk after every optimizer step
+             (per-request seeds of vLLM's own: not the other engines' tokens) -- `rollout/vllm.py`;
   reference  full recomputation of the prefix per token through megatron-core's forward schedule: slow, exact,
              the oracle of the tests and never the production path -- `rollout/reference.py`.
-All three sample the same tokens for the same per-sample seeds (see `rollout/sampling.py`).
+The in-process engines and SGLang sample the same tokens for the same per-sample seeds (see `rollout/sampling.py`).
 
 Contract of `Sampler.generate(prompts, params, seeds, on_finish)`: every rank of the model-parallel group calls it
 with the same arguments and gets the same rollouts back, in prompt order; `on_finish(i, rollout)` is called once

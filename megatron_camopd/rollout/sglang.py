@@ -49,6 +49,8 @@ _POLL_S = 0.5  # finished rollouts are shared with the other model-parallel rank
 
 class SglangSampler:
     engine = "sglang"
+    sync_class: type[ServerWeightSync] = ServerWeightSync  # the servers' weight sync (`rollout/vllm.py` has its own)
+    max_input = staticmethod(max_input_tokens)  # the longest prompt a server of a given context length accepts
 
     @classmethod
     def create(cls, model: InProcessModel, options: EngineOptions) -> SglangSampler:
@@ -79,9 +81,13 @@ class SglangSampler:
         self.cfg, self.model, self.trainer = servers, model, trainer
         self.need_entropy = need_entropy
         if servers.urls is None and servers.discovery_file is None:
-            raise RolloutError("rollout.sglang: engine sglang needs urls or discovery_file (the launcher writes it)")
+            raise RolloutError(
+                f"rollout.{self.engine}: engine {self.engine} needs urls or discovery_file (the launcher writes it)"
+            )
         if trainer is not None and servers.weight_sync == "disk" and servers.sync_dir is None:
-            raise RolloutError("rollout.sglang.sync_dir: the disk weight sync needs a directory the servers can read")
+            raise RolloutError(
+                f"rollout.{self.engine}.sync_dir: the disk weight sync needs a directory the servers can read"
+            )
         self.mp_group = ps.get_model_parallel_group()
         self.mp_size = dist.get_world_size(self.mp_group)
         self.mp_leader = dist.get_global_rank(self.mp_group, 0)
@@ -109,7 +115,7 @@ class SglangSampler:
             )
             self._pool.wait_ready(servers.discovery_timeout_s)
         if trainer is not None:
-            self.sync = ServerWeightSync(
+            self.sync = self.sync_class(
                 servers,
                 self.pool,
                 trainer,
@@ -204,7 +210,7 @@ class SglangSampler:
         inputs = [m for _, m in self._limits.values() if m is not None]
         if self.cfg.context_length:
             ctxs.append(self.cfg.context_length)
-            inputs.append(max_input_tokens(self.cfg.context_length))
+            inputs.append(self.max_input(self.cfg.context_length))
         if inputs and prompt_len > min(inputs):
             return 0
         return min(n, min(ctxs) - prompt_len) if ctxs else n

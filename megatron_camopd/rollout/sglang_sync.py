@@ -65,6 +65,8 @@ class ServerWeightSync:
     """The weight sync of one `SglangSampler` (see the module docstring). `pool` is held by rank 0 and the
     senders; `stop_requested` is the trainer's preemption flag."""
 
+    section = "rollout.sglang"  # the spec section of the servers (named in errors)
+
     def __init__(
         self,
         cfg: Any,
@@ -99,7 +101,7 @@ class ServerWeightSync:
         t0, last = time.time(), ""
         rank0 = dist.get_rank() == 0
         for tries in (1, 2):
-            deadline = ws.Deadline(self.cfg.sync_timeout_s, self.stop_requested)
+            deadline = ws.Deadline(self.cfg.sync_timeout_s, self.stop_requested, field=f"{self.section}.sync_timeout_s")
             plan: _Plan = _broadcast_world(self._plan(deadline) if rank0 else None)
             if plan.fatal:
                 raise RolloutError(plan.error)
@@ -134,10 +136,7 @@ class ServerWeightSync:
         except RolloutError as exc:
             return _Plan([], {}, str(exc), fatal=not isinstance(exc, ws.SyncAborted), preempted=_preempted(exc))
         try:
-            self._control(members, "/pause_generation", deadline)
-            self._control(members, "/flush_cache", deadline, method="GET", required=False)
-            if self.cfg.weight_sync == "distributed":
-                self._control(members, "/begin_weight_update", deadline)
+            self._pause(members, deadline)
         except RolloutError as exc:
             self._release(members)
             return _Plan([], {}, str(exc), preempted=_preempted(exc))
@@ -149,14 +148,25 @@ class ServerWeightSync:
             self._release(plan.members)
             return error
         try:
-            if self.cfg.weight_sync == "distributed":
-                self._control(plan.members, "/end_weight_update", deadline)
-            self._control(plan.members, "/continue_generation", deadline)
+            self._resume(plan.members, deadline)
             self._check_versions(plan.members, step, deadline)
         except RolloutError as exc:
             self._release(plan.members)
             return str(exc)
         return None
+
+    def _pause(self, members: list[str], deadline: ws.Deadline) -> None:
+        """Rank 0: stop the members generating (and open the weight-update session of a distributed sync)."""
+        self._control(members, "/pause_generation", deadline)
+        self._control(members, "/flush_cache", deadline, method="GET", required=False)
+        if self.cfg.weight_sync == "distributed":
+            self._control(members, "/begin_weight_update", deadline)
+
+    def _resume(self, members: list[str], deadline: ws.Deadline) -> None:
+        """Rank 0, after a sync that succeeded: close the session and let the members generate again."""
+        if self.cfg.weight_sync == "distributed":
+            self._control(members, "/end_weight_update", deadline)
+        self._control(members, "/continue_generation", deadline)
 
     def _release(self, members: list[str]) -> None:
         """Best effort on a failure path: close the weight-update session (if one is open) and continue generation
@@ -215,7 +225,7 @@ class ServerWeightSync:
             if time.monotonic() > give_up:
                 raise RolloutError(
                     f"rollout servers: none of {pool.urls} answered /health for "
-                    f"{self.cfg.dead_deadline_s:.0f}s (rollout.sglang.dead_deadline_s); weights not synced"
+                    f"{self.cfg.dead_deadline_s:.0f}s ({self.section}.dead_deadline_s); weights not synced"
                 )
             deadline.check("waiting for a live rollout server")
             time.sleep(0.5)
@@ -365,24 +375,26 @@ class ServerWeightSync:
             ws.finish_version_dir(
                 tmp, final, self.pp_size, hf_config, str(self.tokenizer_dir) if self.tokenizer_dir else None, dtype
             )
-            pool = self._pool
-            body = {"model_path": str(final.resolve()), "weight_version": str(step), "flush_cache": True}
-            futures = {
-                u: pool.submit(
-                    pool.request(
-                        pool.replicas[u], "/update_weights_from_disk", body, timeout_s=max(deadline.left(), 1.0)
-                    )
-                )
-                for u in members
-            }
-            ws.check_answers(
-                {u: deadline.result(f, "loading the new weights from disk") for u, f in futures.items()},
-                "/update_weights_from_disk",
-            )
+            self._load(members, final, step, deadline)
         except Exception as exc:  # noqa: BLE001
             return exc
         ws.remove_other_versions(self.cfg.sync_dir, keep=final)
         return None
+
+    def _load(self, members: list[str], final: Path, step: int, deadline: ws.Deadline) -> None:
+        """Rank 0, disk sync: every member loads the version directory `final` (its weight version: `step`)."""
+        pool = self._pool
+        body = {"model_path": str(final.resolve()), "weight_version": str(step), "flush_cache": True}
+        futures = {
+            u: pool.submit(
+                pool.request(pool.replicas[u], "/update_weights_from_disk", body, timeout_s=max(deadline.left(), 1.0))
+            )
+            for u in members
+        }
+        ws.check_answers(
+            {u: deadline.result(f, "loading the new weights from disk") for u, f in futures.items()},
+            "/update_weights_from_disk",
+        )
 
     # ------------------------------------------------------------------ revival (the pool's probe loop)
     async def revive_check(self, url: str) -> bool:

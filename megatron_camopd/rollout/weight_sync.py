@@ -141,8 +141,14 @@ class Deadline:
     """The time one sync attempt may take (`rollout.sglang.sync_timeout_s`), and the preemption flag it honours:
     every wait of the attempt polls it, so a signal is acted on within `poll_s` instead of after a timeout."""
 
-    def __init__(self, seconds: float, stop_requested: Callable[[], bool] | None = None, poll_s: float = 0.05):
-        self.seconds, self.end = seconds, time.monotonic() + seconds
+    def __init__(
+        self,
+        seconds: float,
+        stop_requested: Callable[[], bool] | None = None,
+        poll_s: float = 0.05,
+        field: str = "rollout.sglang.sync_timeout_s",
+    ):
+        self.seconds, self.end, self.field = seconds, time.monotonic() + seconds, field
         self.stop_requested = stop_requested or (lambda: False)
         self.poll_s = poll_s
 
@@ -155,7 +161,7 @@ class Deadline:
             raise SyncAborted(f"weight sync stopped while {what}: preemption signal", preempted=True)
         if time.monotonic() >= self.end:
             raise SyncAborted(
-                f"weight sync timed out after {self.seconds:.0f}s (rollout.sglang.sync_timeout_s) while {what}",
+                f"weight sync timed out after {self.seconds:.0f}s ({self.field}) while {what}",
                 preempted=False,
             )
 

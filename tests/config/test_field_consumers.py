@@ -178,6 +178,29 @@ ROLLOUT_SERVE["rollout.sglang.tp"] = probe("launch", 2, extra=(*SGLANG_ROLLOUT, 
 ROLLOUT_SERVE["rollout.sglang.resources.container_mounts"] = probe(
     "launch", "[/a:/a]", extra=(*SGLANG_ROLLOUT, "rollout.sglang.resources.container_image=img:1")
 )
+VLLM_ROLLOUT = ("rollout.engine=vllm",)
+ROLLOUT_VLLM = {
+    f"rollout.vllm.{k}": probe("launch", v, extra=VLLM_ROLLOUT)
+    for k, v in {
+        "nodes": None,
+        "gpus_per_node": None,
+        "dp": 4,
+        "mem_fraction_static": 0.5,
+        "context_length": 40000,
+        "port": 31000,
+        "extra_args": "[--x]",
+        "env": "{A: b}",
+        "servers_per_node": 2,
+        "resources.exclusive": None,
+        "resources.cpus_per_task": 8,
+        "resources.mem": "500G",
+        "resources.container_image": "img:1",
+    }.items()
+}
+ROLLOUT_VLLM["rollout.vllm.tp"] = probe("launch", 2, extra=(*VLLM_ROLLOUT, "rollout.vllm.dp=4"))
+ROLLOUT_VLLM["rollout.vllm.resources.container_mounts"] = probe(
+    "launch", "[/a:/a]", extra=(*VLLM_ROLLOUT, "rollout.vllm.resources.container_image=img:1")
+)
 SAMPLER = "megatron_camopd.rollout.sglang:SglangSampler"
 
 CONSUMERS: dict[str, dict[str, Any]] = {
@@ -296,6 +319,22 @@ CONSUMERS: dict[str, dict[str, Any]] = {
             "weight_sync",
             "sync_dir",
             "bucket_mb",
+            "timeout_s",
+            "max_in_flight",
+            "retries",
+            "discovery_timeout_s",
+            "dead_deadline_s",
+        )
+    },
+    **ROLLOUT_VLLM,
+    **{
+        f"rollout.vllm.{k}": loop("megatron_camopd.rollout.vllm:VllmSampler")
+        for k in (
+            "urls",
+            "discovery_file",
+            "weight_sync",
+            "sync_dir",
+            "sync_timeout_s",
             "timeout_s",
             "max_in_flight",
             "retries",
