@@ -49,6 +49,7 @@ import torch.distributed as dist
 from megatron_camopd.backend.cpu_runtime import cpu_runtime_active
 from megatron_camopd.backend.engine import unwrap
 from megatron_camopd.backend.forward import comm_device
+from megatron_camopd.backend.kv_attention import compact_kv_cache
 from megatron_camopd.errors import SpecError
 from megatron_camopd.rollout.sampler import InProcessModel, OnFinish
 from megatron_camopd.rollout.sampling import (
@@ -312,21 +313,9 @@ class MegatronSampler:
                     break
                 keep = live + [r for r, g in enumerate(slot) if g is None][: -len(live) % mult]
                 if len(keep) < len(slot):  # finished rows leave the cache (fillers only to keep the multiple)
-                    _compact(ctx, torch.tensor(keep), s)
+                    compact_kv_cache(ctx, torch.tensor(keep), s)
                     slot, nxt = [slot[r] for r in keep], [nxt[r] for r in keep]
                 logits = self._forward(torch.tensor(nxt, dtype=torch.long).unsqueeze(1), ctx)
-
-
-def _compact(ctx, keep: torch.Tensor, length: int) -> None:
-    """Keep only cache rows `keep` (positions [0, length) are copied); finished rows stop costing compute."""
-    for layer, (k, v) in list(ctx.key_value_memory_dict.items()):
-        idx = keep.to(k.device)
-        nk = k.new_empty((k.size(0), len(keep), *k.shape[2:]))
-        nv = v.new_empty((v.size(0), len(keep), *v.shape[2:]))
-        nk[:length] = k[:length].index_select(1, idx)
-        nv[:length] = v[:length].index_select(1, idx)
-        ctx.key_value_memory_dict[layer] = (nk, nv)
-    ctx.max_batch_size = len(keep)
 
 
 @contextlib.contextmanager
