@@ -274,11 +274,13 @@ class MegatronSampler:
                 if gen and self.last:
                     assert logits is not None and uniforms is not None, "the last stage has the logits"
                     u = uniforms[[g for _, g in past], [s - lens[g] for _, g in past]]
-                    st = token_stats(logits[torch.tensor(gen, device=logits.device)], u, params)
+                    if len(gen) < logits.size(0):  # rows still in their prompt, or FP8 fillers
+                        logits = logits[torch.tensor(gen, device=logits.device)]
+                    st = token_stats(logits, u, params)
                     stats = torch.stack([st[k].double() for k in _STATS], dim=1)
-                if gen:
-                    stats = self._share(stats, len(gen))
-                stat_of = dict(zip(gen, range(len(gen))))
+                # one device-to-host copy and one conversion per step; the loop below reads python floats only
+                rows_stats = self._share(stats, len(gen)).tolist() if gen else []
+                stat_of = dict(zip(gen, rows_stats))
                 nxt: list[int] = []
                 for r, g in enumerate(slot):
                     if g is None:
@@ -287,8 +289,7 @@ class MegatronSampler:
                     if r not in stat_of:
                         nxt.append(prompts[rows[g]][s])  # still consuming its prompt
                         continue
-                    assert stats is not None, "a row past its prompt has its token's stats"
-                    tok, lp, ent, top1 = stats[stat_of[r]].tolist()
+                    tok, lp, ent, top1 = stat_of[r]
                     tok = int(tok)
                     o = out[g]
                     o["token"].append(tok)
