@@ -49,6 +49,7 @@ import torch.distributed as dist
 from megatron_camopd.backend.cpu_runtime import cpu_runtime_active
 from megatron_camopd.backend.engine import unwrap
 from megatron_camopd.backend.forward import comm_device
+from megatron_camopd.backend.kv_attention import compact_kv_cache
 from megatron_camopd.errors import SpecError
 from megatron_camopd.rollout.sampler import EngineOptions, InProcessModel, OnFinish
 from megatron_camopd.rollout.sampling import (
@@ -278,11 +279,13 @@ class MegatronSampler:
                 if gen and self.last:
                     assert logits is not None and uniforms is not None, "the last stage has the logits"
                     u = uniforms[[g for _, g in past], [s - lens[g] for _, g in past]]
-                    st = token_stats(logits[torch.tensor(gen, device=logits.device)], u, params)
+                    if len(gen) < logits.size(0):  # rows still in their prompt, or FP8 fillers
+                        logits = logits[torch.tensor(gen, device=logits.device)]
+                    st = token_stats(logits, u, params)
                     stats = torch.stack([st[k].double() for k in _STATS], dim=1)
-                if gen:
-                    stats = self._share(stats, len(gen))
-                stat_of = dict(zip(gen, range(len(gen))))
+                # one device-to-host copy and one conversion per step; the loop below reads python floats only
+                rows_stats = self._share(stats, len(gen)).tolist() if gen else []
+                stat_of = dict(zip(gen, rows_stats))
                 nxt: list[int] = []
                 for r, g in enumerate(slot):
                     if g is None:
@@ -291,8 +294,7 @@ class MegatronSampler:
                     if r not in stat_of:
                         nxt.append(prompts[rows[g]][s])  # still consuming its prompt
                         continue
-                    assert stats is not None, "a row past its prompt has its token's stats"
-                    tok, lp, ent, top1 = stats[stat_of[r]].tolist()
+                    tok, lp, ent, top1 = stat_of[r]
                     tok = int(tok)
                     o = out[g]
                     o["token"].append(tok)
@@ -317,21 +319,9 @@ class MegatronSampler:
                     break
                 keep = live + [r for r, g in enumerate(slot) if g is None][: -len(live) % mult]
                 if len(keep) < len(slot):  # finished rows leave the cache (fillers only to keep the multiple)
-                    _compact(ctx, torch.tensor(keep), s)
+                    compact_kv_cache(ctx, torch.tensor(keep), s)
                     slot, nxt = [slot[r] for r in keep], [nxt[r] for r in keep]
                 logits = self._forward(torch.tensor(nxt, dtype=torch.long).unsqueeze(1), ctx)
-
-
-def _compact(ctx, keep: torch.Tensor, length: int) -> None:
-    """Keep only cache rows `keep` (positions [0, length) are copied); finished rows stop costing compute."""
-    for layer, (k, v) in list(ctx.key_value_memory_dict.items()):
-        idx = keep.to(k.device)
-        nk = k.new_empty((k.size(0), len(keep), *k.shape[2:]))
-        nv = v.new_empty((v.size(0), len(keep), *v.shape[2:]))
-        nk[:length] = k[:length].index_select(1, idx)
-        nv[:length] = v[:length].index_select(1, idx)
-        ctx.key_value_memory_dict[layer] = (nk, nv)
-    ctx.max_batch_size = len(keep)
 
 
 @contextlib.contextmanager
