@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_camopd.config import load_spec
 from megatron_camopd.checks import check
+from megatron_camopd.config import load_spec
 from megatron_camopd.errors import SpecError
 from megatron_camopd.launch.servers import Component, server_components
 from megatron_camopd.rollout.engines import ENGINES, register_engine
