@@ -105,12 +105,6 @@ def resolve(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def servers_of(rollout: Any) -> Any | None:
-    """The servers section (`rollout.<servers>`) of the engine `rollout.engine` names; None in process."""
-    info = engine_info(rollout.engine)
-    return getattr(rollout, info.servers) if info.servers else None
-
-
 def names(**where: bool) -> list[str]:
     """The registered engines whose flags match, e.g. `names(served=True)`, sorted."""
     return sorted(n for n, e in ENGINES.items() if all(getattr(e, k) == v for k, v in where.items()))

@@ -51,6 +51,7 @@ from megatron_camopd.backend.engine import unwrap
 from megatron_camopd.backend.forward import comm_device
 from megatron_camopd.backend.kv_attention import compact_kv_cache
 from megatron_camopd.errors import SpecError
+from megatron_camopd.rollout.engines import names
 from megatron_camopd.rollout.sampler import EngineOptions, InProcessModel, OnFinish
 from megatron_camopd.rollout.sampling import (
     Rollout,
@@ -142,7 +143,7 @@ class MegatronSampler:
         if len(self.models) > 1:
             raise SpecError(
                 "rollout.engine: megatron-core's inference does not support interleaved pipelining "
-                "(parallel.vpp); use rollout.engine=sglang (or reference)"
+                f"(parallel.vpp); use rollout.engine: {' | '.join(names(interleaved_pp=True))}"
             )
         self.kv_budget = float(kv_cache_gb) * 2**30
         self._recv, self._send = recv_from_prev_pipeline_rank_, send_to_next_pipeline_rank
@@ -158,7 +159,7 @@ class MegatronSampler:
             raise SpecError(
                 f"rollout.kv_cache_gb: {kv_cache_gb:g} GiB cannot hold one decode group: a row of {model.max_context} "
                 f"tokens{padded} needs {need / 2**30:.2f} GiB of KV cache on this rank; raise rollout.kv_cache_gb "
-                "(and check `camopd plan`) or use rollout.engine: sglang"
+                f"(and check `camopd plan`) or use a served rollout.engine: {' | '.join(names(served=True))}"
             )
 
     def update_weights(self, step: int) -> dict[str, float]:
