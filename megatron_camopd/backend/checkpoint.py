@@ -311,17 +311,24 @@ def read_train_state(path: str | os.PathLike) -> dict:
     return _read_train_state(Path(path))
 
 
-def _versions(state: dict) -> str:
-    """The writing and the running megatron-core versions, when they differ (a load failure's likely cause)."""
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split("rc")[0].split(".")[:3] if x.isdigit())
+
+
+def _versions(path: Path, state: dict) -> str:
+    """Which megatron-core wrote the checkpoint and which reads it, when they differ (a load failure's likely
+    cause: megatron-core reads the checkpoints of its own and older versions, not newer ones; 0.16 cannot read
+    0.19's). Checkpoints before the version was recorded: a missing common.pt means megatron-core >= 0.17."""
     written = state.get(VERSION_KEY)
+    if written is None and not (path / "common.pt").exists() and _release(MCORE_VERSION) < (0, 17):
+        written = ">= 0.17 (it has no common.pt)"
     if written == MCORE_VERSION:
         return ""
-    wrote = f"megatron-core {written}" if written else "a megatron-core version it does not record (written before"
-    wrote += "" if written else " camopd recorded it)"
-    return (
-        f" (written by {wrote}, read by megatron-core {MCORE_VERSION}: load it with the version that wrote it, "
-        "or a newer one)"
-    )
+    if written is None:
+        return f" (written by a megatron-core it does not record; this is megatron-core {MCORE_VERSION})"
+    note = f" (written by megatron-core {written}; this is megatron-core {MCORE_VERSION}"
+    newer = written.startswith(">=") or _release(written) > _release(MCORE_VERSION)
+    return note + (": load it with the megatron-core that wrote it, or a newer one)" if newer else ")")
 
 
 def load_checkpoint(
@@ -347,7 +354,9 @@ def load_checkpoint(
     try:  # RETURN_UNEXPECTED: requests the checkpoint cannot serve are dropped and returned, then judged below
         loaded, _, unexpected = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     except (Exception, CheckpointException) as exc:  # dist_checkpointing raises many kinds; name the checkpoint
-        raise CheckpointError(f"{path}: cannot load into this model: {_describe(exc)}{_versions(state)}") from None
+        raise CheckpointError(
+            f"{path}: cannot load into this model: {_describe(exc)}{_versions(path, state)}"
+        ) from None
     _check_absent(path, unexpected)
     names = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
     for name, m in zip(names, models):
