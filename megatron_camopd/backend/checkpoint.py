@@ -315,19 +315,19 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(x) for x in version.split("rc")[0].split(".")[:3] if x.isdigit())
 
 
-def _versions(path: Path, state: dict) -> str:
+def _versions(path: Path, state: dict, running: str = MCORE_VERSION) -> str:
     """Which megatron-core wrote the checkpoint and which reads it, when they differ (a load failure's likely
     cause: megatron-core reads the checkpoints of its own and older versions, not newer ones; 0.16 cannot read
     0.19's). Checkpoints before the version was recorded: a missing common.pt means megatron-core >= 0.17."""
     written = state.get(VERSION_KEY)
-    if written is None and not (path / "common.pt").exists() and _release(MCORE_VERSION) < (0, 17):
+    if written is None and not (path / "common.pt").exists() and _release(running) < (0, 17):
         written = ">= 0.17 (it has no common.pt)"
-    if written == MCORE_VERSION:
+    if written == running:
         return ""
     if written is None:
-        return f" (written by a megatron-core it does not record; this is megatron-core {MCORE_VERSION})"
-    note = f" (written by megatron-core {written}; this is megatron-core {MCORE_VERSION}"
-    newer = written.startswith(">=") or _release(written) > _release(MCORE_VERSION)
+        return f" (written by a megatron-core it does not record; this is megatron-core {running})"
+    note = f" (written by megatron-core {written}; this is megatron-core {running}"
+    newer = written.startswith(">=") or _release(written) > _release(running)
     return note + (": load it with the megatron-core that wrote it, or a newer one)" if newer else ")")
 
 
