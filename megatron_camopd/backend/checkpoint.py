@@ -358,6 +358,8 @@ def load_checkpoint(
             f"{path}: cannot load into this model: {_describe(exc)}{_versions(path, state)}"
         ) from None
     _check_absent(path, unexpected)
+    if state.get(VERSION_KEY, MCORE_VERSION) != MCORE_VERSION:
+        log.info("%s: written by megatron-core %s, loaded by %s", path, state[VERSION_KEY], MCORE_VERSION)
     names = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
     for name, m in zip(names, models):
         result = m.load_state_dict(loaded[name], strict=False)
