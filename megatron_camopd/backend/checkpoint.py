@@ -2,7 +2,8 @@
 
 Layout under `checkpoint.dir`:
     iter_0000012/            dist_checkpointing files (model + optimizer, resharding-capable)
-        train_state.json     step, branch-schedule position, data-stream positions, anything JSON (rank 0)
+        train_state.json     step, branch-schedule position, data-stream positions, anything JSON, and the
+                             megatron-core version that wrote the checkpoint (`megatron_core`; rank 0)
         scheduler.pt         OptimizerParamScheduler state (rank 0)
         rng/rank{r}.pt       per-rank RNG states (restored only when the world layout is unchanged)
         inflight_rollouts.pt rollout batches in flight at the save (`rollout.max_staleness` > 0; rollout/pipeline.py)
@@ -52,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import __version__ as MCORE_VERSION
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
@@ -63,6 +65,7 @@ log = logging.getLogger("megatron_camopd")
 EXTRA_STATE = "_extra_state"
 
 _OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshards over TP, PP and DP
+VERSION_KEY = "megatron_core"  # train_state.json: the megatron-core version that wrote the checkpoint
 
 
 def _iter_name(step: int) -> str:
@@ -226,7 +229,7 @@ def save_checkpoint(
         for rel, obj in (files or {}).items():
             torch.save(obj, tmp / rel)
         with open(tmp / "train_state.json", "w") as f:
-            json.dump({"step": step, **(train_state or {})}, f, indent=1)
+            json.dump({"step": step, **(train_state or {}), VERSION_KEY: MCORE_VERSION}, f, indent=1)
     write_manifest(tmp)  # collective: barrier, hash the files spread over the ranks, rank 0 writes it last
     if rank == 0:
         if final.exists():
@@ -308,6 +311,26 @@ def read_train_state(path: str | os.PathLike) -> dict:
     return _read_train_state(Path(path))
 
 
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split("rc")[0].split(".")[:3] if x.isdigit())
+
+
+def _versions(path: Path, state: dict, running: str = MCORE_VERSION) -> str:
+    """Which megatron-core wrote the checkpoint and which reads it, when they differ (a load failure's likely
+    cause: megatron-core reads the checkpoints of its own and older versions, not newer ones; 0.16 cannot read
+    0.19's). Checkpoints before the version was recorded: a missing common.pt means megatron-core >= 0.17."""
+    written = state.get(VERSION_KEY)
+    if written is None and not (path / "common.pt").exists() and _release(running) < (0, 17):
+        written = ">= 0.17 (it has no common.pt)"
+    if written == running:
+        return ""
+    if written is None:
+        return f" (written by a megatron-core it does not record; this is megatron-core {running})"
+    note = f" (written by megatron-core {written}; this is megatron-core {running}"
+    newer = written.startswith(">=") or _release(written) > _release(running)
+    return note + (": load it with the megatron-core that wrote it, or a newer one)" if newer else ")")
+
+
 def load_checkpoint(
     path, models: list, optimizer=None, scheduler=None, *, strict: bool = True, verify: bool = True
 ) -> dict:
@@ -331,8 +354,12 @@ def load_checkpoint(
     try:  # RETURN_UNEXPECTED: requests the checkpoint cannot serve are dropped and returned, then judged below
         loaded, _, unexpected = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     except (Exception, CheckpointException) as exc:  # dist_checkpointing raises many kinds; name the checkpoint
-        raise CheckpointError(f"{path}: cannot load into this model: {_describe(exc)}") from None
+        raise CheckpointError(
+            f"{path}: cannot load into this model: {_describe(exc)}{_versions(path, state)}"
+        ) from None
     _check_absent(path, unexpected)
+    if state.get(VERSION_KEY, MCORE_VERSION) != MCORE_VERSION:
+        log.info("%s: written by megatron-core %s, loaded by %s", path, state[VERSION_KEY], MCORE_VERSION)
     names = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
     for name, m in zip(names, models):
         result = m.load_state_dict(loaded[name], strict=False)
@@ -354,19 +381,67 @@ def load_checkpoint(
     return state
 
 
-_GROUP_HPARAMS = ("max_lr", "min_lr")
+# Per-group schedule settings the spec owns (megatron-core's OptimizerParamScheduler reads them from each group).
+# megatron-core >= 0.19 pairs saved and current param groups on a key that includes them, so a resume with a new
+# train.lr would find no saved group; the saved groups take the current values first (`_adopt_schedule_settings`).
+SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _pair_key(group: dict) -> tuple:
+    """megatron-core's parameter-group identity without the schedule settings (0.16: wd_mult, lr_mult,
+    is_expert_parallel, is_decoupled_lr; 0.19 adds the optimizer name). NeMo's `pre_` aliases count too."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    keys = [k for k in param_group_identifier_keys if k not in SCHEDULE_KEYS]
+    return tuple(group.get(k, group.get(f"pre_{k}")) for k in keys)
+
+
+def _saved_group_lists(state) -> list[list[dict]]:
+    """Every `param_groups` list in a loaded optimizer state (one per inner optimizer, however nested)."""
+    found: list[list[dict]] = []
+    if isinstance(state, dict):
+        for k, v in state.items():
+            if k == "param_groups" and isinstance(v, list) and all(isinstance(g, dict) for g in v):
+                found.append(v)
+            else:
+                found.extend(_saved_group_lists(v))
+    elif isinstance(state, list | tuple):
+        for v in state:
+            found.extend(_saved_group_lists(v))
+    return found
+
+
+def _adopt_schedule_settings(saved: list[dict], current: list[dict]) -> int:
+    """Give each saved param group the schedule settings (SCHEDULE_KEYS) of the current group it pairs with on
+    every other identifying key (in order, when several share a key). A saved group without a counterpart keeps
+    its own, and megatron-core's load then refuses the mismatch. Returns how many groups were paired."""
+    pool: dict[tuple, list[dict]] = {}
+    for g in current:
+        pool.setdefault(_pair_key(g), []).append(g)
+    paired = 0
+    for g in saved:
+        mates = pool.get(_pair_key(g))
+        if not mates:
+            continue
+        mate = mates.pop(0)
+        for k in SCHEDULE_KEYS:
+            if k in mate:
+                g[k] = mate[k]
+            else:
+                g.pop(k, None)
+        paired += 1
+    return paired
 
 
 def _load_optimizer(path: Path, optimizer, state) -> None:
-    keep = [{k: g[k] for k in _GROUP_HPARAMS if k in g} for g in optimizer.param_groups]
+    """The checkpoint's optimizer state (Adam moments, fp32 main weights, step) under the current optimizer's
+    schedule settings: a resume with a changed train.lr / min_lr / weight decay takes the new ones."""
+    for groups in _saved_group_lists(state):
+        _adopt_schedule_settings(groups, optimizer.param_groups)
     try:
         optimizer.load_state_dict(state)
     except (Exception, CheckpointException) as exc:
         raise CheckpointError(f"{path}: optimizer state does not fit this optimizer: {_describe(exc)}") from None
-    groups = optimizer.param_groups
-    if len(groups) == len(keep):
-        for g, k in zip(groups, keep):
-            g.update(k)
 
 
 def _load_scheduler(file: Path, scheduler) -> None:

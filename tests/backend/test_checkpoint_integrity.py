@@ -4,7 +4,12 @@ auto` falls back to the newest checkpoint that verifies, `checkpoint.dir` under 
 any model loads, and a `kill -9` of a trainer that has saved leaves no helper process behind.
 
 One real trainer (the CLI, tiny spec) is started once per module, killed with SIGKILL after its second save; its
-two checkpoints are copied for every test."""
+two checkpoints are copied for every test.
+
+The files damaged are found by their role in the checkpoint at hand, since megatron-core versions write different
+ones: 0.16.1 writes the common (non-tensor) state to `common.pt` and a rank's tensors to `__0_0.distcp` and
+`__0_1.distcp`; 0.19.2 writes one `__0_0.distcp` per rank holding the tensors and the common state (a
+`common_state` object, located through `.metadata`), and no `common.pt`."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from megatron.core import __version__ as MCORE
 
 from megatron_camopd.backend.checkpoint import latest_checkpoint, load_checkpoint, verify_checkpoint
 from megatron_camopd.backend.manifest import MANIFEST
@@ -126,22 +132,51 @@ def _truncate(f: Path) -> None:
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
+def _distcp(it: Path) -> list[str]:
+    return sorted(p.name for p in it.glob("*.distcp"))
+
+
+def _common_state_file(it: Path) -> str:
+    """Where this checkpoint keeps its common state: common.pt (megatron-core < 0.17), else the .distcp file that
+    `.metadata` names for the `common_state` object."""
+    if (it / "common.pt").exists():
+        return "common.pt"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(it)).read_metadata()
+    files = {v.relative_path for k, v in meta.storage_data.items() if k.fqn.startswith("common_state")}
+    assert len(files) == 1, files
+    return files.pop()
+
+
+# case -> (the damaged file, given the iter dir; the damage)
 CORRUPTIONS = {
-    "flipped_distcp": ("__0_0.distcp", _flip),
-    "truncated_distcp": ("__0_1.distcp", _truncate),
-    "truncated_metadata": (".metadata", _truncate),
-    "empty_rng": ("rng/rank0.pt", lambda f: f.write_bytes(b"")),
-    "empty_scheduler": ("scheduler.pt", lambda f: f.write_bytes(b"")),
-    "half_train_state": ("train_state.json", _truncate),
-    "missing_common": ("common.pt", lambda f: f.unlink()),
-    "broken_manifest": (MANIFEST, _truncate),
+    "flipped_distcp": (lambda it: _distcp(it)[0], _flip),
+    "truncated_distcp": (lambda it: _distcp(it)[-1], _truncate),
+    "truncated_metadata": (lambda it: ".metadata", _truncate),
+    "empty_rng": (lambda it: "rng/rank0.pt", lambda f: f.write_bytes(b"")),
+    "empty_scheduler": (lambda it: "scheduler.pt", lambda f: f.write_bytes(b"")),
+    "half_train_state": (lambda it: "train_state.json", _truncate),
+    "missing_common": (_common_state_file, lambda f: f.unlink()),
+    "broken_manifest": (lambda it: MANIFEST, _truncate),
 }
+
+
+def test_the_layout_is_the_one_this_megatron_core_writes(ckpt):
+    """The file names the cases above resolve, per version (a new layout shows here first)."""
+    it = ckpt / "iter_0000002"
+    if tuple(int(x) for x in MCORE.split(".")[:2]) < (0, 17):
+        assert _distcp(it) == ["__0_0.distcp", "__0_1.distcp"] and _common_state_file(it) == "common.pt"
+    else:
+        assert _distcp(it) == ["__0_0.distcp"] and _common_state_file(it) == "__0_0.distcp"
+        assert not (it / "common.pt").exists()
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
 def test_verification_names_the_bad_file(ckpt, case):
-    name, damage = CORRUPTIONS[case]
+    where, damage = CORRUPTIONS[case]
     it = ckpt / "iter_0000002"
+    name = where(it)
     damage(it / name)
     with pytest.raises(CheckpointError) as err:
         verify_checkpoint(it)
@@ -162,18 +197,14 @@ def test_legacy_load_errors_are_messages(ckpt, megatron_world):
     from megatron_camopd.backend.model import ModelArch
 
     engine = Engine(ModelArch.from_hf_dir(ckpt / "hf"), optim=OptimSettings(lr=1e-3, total_steps=50))
-    cases = {
-        "truncated_distcp": "__0_1.distcp",
-        "truncated_metadata": ".metadata",
-        "empty_rng": "rng/rank0.pt",
-        "empty_scheduler": "scheduler.pt",
-        "half_train_state": "train_state.json",
-    }
-    for case, name in cases.items():
+    cases = ["truncated_distcp", "truncated_metadata", "empty_rng", "empty_scheduler", "half_train_state"]
+    for case in cases:
         it = ckpt / f"legacy_{case}"
         shutil.copytree(ckpt / "iter_0000002", it)
         (it / MANIFEST).unlink()
-        CORRUPTIONS[case][1](it / name)
+        where, damage = CORRUPTIONS[case]
+        name = where(it)
+        damage(it / name)
         with pytest.raises(CheckpointError) as err:
             load_checkpoint(it, engine.models(), engine.optimizer, engine.scheduler)
         msg = str(err.value)
@@ -194,7 +225,7 @@ def test_checkpoint_dir_under_a_file_is_refused_before_models_load(killed_run, t
 
 
 def test_flipped_bytes_refused_by_name(killed_run, ckpt):
-    bad = ckpt / "iter_0000002" / "__0_0.distcp"
+    bad = ckpt / "iter_0000002" / _distcp(ckpt / "iter_0000002")[0]
     _flip(bad)
     res = _train(*_overrides(killed_run.tiny, ckpt, f"checkpoint.resume={ckpt / 'iter_0000002'}", "train.steps=50"))
     assert res.returncode == 2, res.stderr[-3000:]
@@ -203,7 +234,7 @@ def test_flipped_bytes_refused_by_name(killed_run, ckpt):
 
 
 def test_auto_resume_falls_back_to_the_previous_checkpoint(killed_run, ckpt):
-    bad = ckpt / "iter_0000002" / "__0_0.distcp"
+    bad = ckpt / "iter_0000002" / _distcp(ckpt / "iter_0000002")[0]
     _flip(bad)
     res = _train(*_overrides(killed_run.tiny, ckpt, "train.steps=2", "checkpoint.save_interval=1"))
     assert res.returncode == 0, res.stderr[-3000:]
