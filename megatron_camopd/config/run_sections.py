@@ -126,6 +126,16 @@ class CheckpointConfig(Section):
     save_interval: int = 20  # steps; 0: only at the end
     keep_last: int | None = 2  # null: keep all
     resume: str = path_field("auto", keep=("auto", "never"))  # auto | never | a checkpoint path
+    # The distributed optimizer's state in a checkpoint (backend/checkpoint_format.py): fully_reshardable gathers
+    # a replica's whole optimizer state on every DP rank at each save (12 bytes a parameter of the TP x PP shard,
+    # host memory) and reshards over TP/PP/DP; dp_reshardable writes each rank's own shard, no gather, and
+    # reshards over DP only (a resume at another TP/PP/VPP is refused). Recorded in the checkpoint; a resume may
+    # change it (the load reads the recorded format). No effect without train.distributed_optimizer
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    # megatron-core's fully parallel save/load over the DP group: tensors all DP ranks hold (weights,
+    # fully_reshardable optimizer state) are written by one rank each, spread evenly, not all by DP rank 0, and
+    # read once then broadcast. Tested bitwise against the plain save at DP=2 (tests/train/test_checkpoint_scale.py)
+    fully_parallel: bool = True
 
     def validate(self) -> None:
         non_negative(self, "save_interval")
