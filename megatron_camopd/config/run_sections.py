@@ -35,8 +35,9 @@ class TrainConfig(Section):
     distributed_optimizer: bool = False
     # DDP: reduce (reduce-scatter with the distributed optimizer) each gradient bucket over DP as soon as the last
     # micro-batch's backward has produced it, overlapping the communication with the rest of the backward.
-    # Off by default: tested equal to the synchronous reduction at DP=2 (tests/train/test_overlap_grad_reduce.py),
-    # not yet with TP/PP > 1 or on a GPU (megatron-core asserts on a parameter left without a gradient)
+    # Off by default: tested equal to the synchronous reduction at DP=2 and at PP=2 x DP=2 with the distributed
+    # optimizer (tests/train/test_overlap_grad_reduce.py; TP=2 x DP=2 measured equal too), not yet on a GPU
+    # (megatron-core asserts on a parameter left without a gradient); the flagship spec turns it on
     overlap_grad_reduce: bool = False
 
     def validate(self) -> None:
