@@ -268,6 +268,8 @@ else skip_check tp2-pp2 "needs 4 GPUs, found $NGPU"; fi
 dp=$((RANKS >= 2 ? 2 : 1))
 distopt="model.dtype=bf16 train.distributed_optimizer=true checkpoint.save_interval=1 train.micro_batch_size=2"
 # megatron-core's distributed optimizer loads only with TransformerEngine or Apex (refused plainly without)
+# saved as dp_reshardable (the flagship's format), resumed with the default fully_reshardable: the load reads the
+# format the checkpoint records, step 3's save writes the other one
 LOADS=$("$VPY" -c 'from megatron.core.optimizer import distrib_optimizer as d; print(int(d.HAVE_APEX_OR_TE))' \
   2>/dev/null || echo 0)
 if ((LOADS)); then
@@ -281,7 +283,7 @@ echo 'distributed optimizer at DP=$dp: saved at steps 1 and 2 (verified); no res
 fi
 cat >"$OUT/distopt.sh" <<SHEOF
 set -e
-$TRAIN $dp "$OUT/distopt" $distopt train.steps=2
+$TRAIN $dp "$OUT/distopt" $distopt train.steps=2 checkpoint.optimizer_format=dp_reshardable
 $resume
 SHEOF
 run_check distopt-save-load 150 bash "$OUT/distopt.sh"

@@ -58,13 +58,13 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_camopd.backend import checkpoint_format as fmt_
 from megatron_camopd.backend.manifest import MANIFEST, has_manifest, verify_manifest, write_manifest
 from megatron_camopd.errors import CheckpointError
 
 log = logging.getLogger("megatron_camopd")
 EXTRA_STATE = "_extra_state"
 
-_OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshards over TP, PP and DP
 VERSION_KEY = "megatron_core"  # train_state.json: the megatron-core version that wrote the checkpoint
 
 
@@ -196,9 +196,14 @@ def save_checkpoint(
     train_state: dict | None = None,
     keep_last: int | None = None,
     files: dict[str, Any] | None = None,
+    *,
+    optimizer_format: str = fmt_.LEGACY_FORMAT,
+    fully_parallel: bool = False,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path. `files` (rank 0's): objects saved with
-    torch.save under their relative names inside the checkpoint, so its manifest covers them too."""
+    torch.save under their relative names inside the checkpoint, so its manifest covers them too.
+    `optimizer_format`, `fully_parallel`: checkpoint.optimizer_format / checkpoint.fully_parallel
+    (backend/checkpoint_format.py); the format is recorded in train_state."""
     root = Path(root)
     rank = dist.get_rank()
     final = root / _iter_name(step)
@@ -211,14 +216,15 @@ def save_checkpoint(
     dist.barrier()
     sharded = _model_sharded(models)
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_OPT_META)
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=fmt_.metadata(optimizer_format))
+        train_state = {**(train_state or {}), fmt_.STATE_KEY: fmt_.record(optimizer_format, optimizer)}
     # dist_checkpointing may start writer processes; they must not die of the preemption signal that asked for
     # this very save. Block it while they start (they inherit the mask); a pending signal is delivered after.
     blocked = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     _in_process_write_results()
     try:
-        dist_checkpointing.save(sharded, str(tmp))
+        dist_checkpointing.save(sharded, str(tmp), sharded_strategy=fmt_.save_strategy(fully_parallel))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     (tmp / "rng").mkdir(exist_ok=True)
@@ -332,14 +338,23 @@ def _versions(path: Path, state: dict, running: str = MCORE_VERSION) -> str:
 
 
 def load_checkpoint(
-    path, models: list, optimizer=None, scheduler=None, *, strict: bool = True, verify: bool = True
+    path,
+    models: list,
+    optimizer=None,
+    scheduler=None,
+    *,
+    strict: bool = True,
+    verify: bool = True,
+    fully_parallel: bool = False,
 ) -> dict:
     """Collective: load model (+ optimizer, scheduler, RNG when present) from `path`; returns train_state.
 
     The manifest is verified first (skip with verify=False when the caller just did). Hyperparameters come from
     the objects given, not the checkpoint: the scheduler keeps its own lr/min_lr/warmup/decay settings (only its
     step count is restored) and the optimizer's param groups keep their max_lr/min_lr, so a resumed run follows
-    the spec's schedule from the resumed step on (loop/resume.py reports such spec differences)."""
+    the spec's schedule from the resumed step on (loop/resume.py reports such spec differences). The optimizer
+    state is read in the format the checkpoint records (checkpoint_format.py); `fully_parallel`: the reads are
+    spread over the DP group (checkpoint.fully_parallel)."""
     path = Path(path)
     if verify:
         verify_checkpoint(path)
@@ -347,12 +362,24 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: not a complete checkpoint (no {MANIFEST})")
     state = _read_train_state(path)
     if optimizer is not None:
+        from megatron.core import parallel_state as ps
+
+        vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+        fmt_.check_layout(
+            path, state, ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(), vpp
+        )
         _check_optimizer_loadable(optimizer)
     sharded = _model_sharded(models)
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=_OPT_META)
+        meta = fmt_.metadata(fmt_.saved_format(state))
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=meta)
     try:  # RETURN_UNEXPECTED: requests the checkpoint cannot serve are dropped and returned, then judged below
-        loaded, _, unexpected = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+        loaded, _, unexpected = dist_checkpointing.load(
+            sharded,
+            str(path),
+            sharded_strategy=fmt_.load_strategy(fully_parallel, str(path)),
+            strict=StrictHandling.RETURN_UNEXPECTED,
+        )
     except (Exception, CheckpointException) as exc:  # dist_checkpointing raises many kinds; name the checkpoint
         raise CheckpointError(
             f"{path}: cannot load into this model: {_describe(exc)}{_versions(path, state)}"
@@ -367,7 +394,7 @@ def load_checkpoint(
         if strict and (missing or result.unexpected_keys):
             raise CheckpointError(f"{path}: {name}: missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}")
     if optimizer is not None:
-        _load_optimizer(path, optimizer, loaded["optimizer"])
+        _load_optimizer(path, optimizer, loaded["optimizer"], fmt_.hint(state))
     if scheduler is not None and (path / "scheduler.pt").exists():
         _load_scheduler(path / "scheduler.pt", scheduler)
     rng_file = path / "rng" / f"rank{dist.get_rank()}.pt"
@@ -433,7 +460,7 @@ def _adopt_schedule_settings(saved: list[dict], current: list[dict]) -> int:
     return paired
 
 
-def _load_optimizer(path: Path, optimizer, state) -> None:
+def _load_optimizer(path: Path, optimizer, state, hint: str = "") -> None:
     """The checkpoint's optimizer state (Adam moments, fp32 main weights, step) under the current optimizer's
     schedule settings: a resume with a changed train.lr / min_lr / weight decay takes the new ones."""
     for groups in _saved_group_lists(state):
@@ -441,7 +468,7 @@ def _load_optimizer(path: Path, optimizer, state) -> None:
     try:
         optimizer.load_state_dict(state)
     except (Exception, CheckpointException) as exc:
-        raise CheckpointError(f"{path}: optimizer state does not fit this optimizer: {_describe(exc)}") from None
+        raise CheckpointError(f"{path}: optimizer state does not fit this optimizer: {_describe(exc)}{hint}") from None
 
 
 def _load_scheduler(file: Path, scheduler) -> None:

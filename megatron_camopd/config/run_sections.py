@@ -35,8 +35,9 @@ class TrainConfig(Section):
     distributed_optimizer: bool = False
     # DDP: reduce (reduce-scatter with the distributed optimizer) each gradient bucket over DP as soon as the last
     # micro-batch's backward has produced it, overlapping the communication with the rest of the backward.
-    # Off by default: tested equal to the synchronous reduction at DP=2 (tests/train/test_overlap_grad_reduce.py),
-    # not yet with TP/PP > 1 or on a GPU (megatron-core asserts on a parameter left without a gradient)
+    # Off by default: tested equal to the synchronous reduction at DP=2 and at PP=2 x DP=2 with the distributed
+    # optimizer (tests/train/test_overlap_grad_reduce.py; TP=2 x DP=2 measured equal too), not yet on a GPU
+    # (megatron-core asserts on a parameter left without a gradient); the flagship spec turns it on
     overlap_grad_reduce: bool = False
 
     def validate(self) -> None:
@@ -126,6 +127,16 @@ class CheckpointConfig(Section):
     save_interval: int = 20  # steps; 0: only at the end
     keep_last: int | None = 2  # null: keep all
     resume: str = path_field("auto", keep=("auto", "never"))  # auto | never | a checkpoint path
+    # The distributed optimizer's state in a checkpoint (backend/checkpoint_format.py): fully_reshardable gathers
+    # a replica's whole optimizer state on every DP rank at each save (12 bytes a parameter of the TP x PP shard,
+    # host memory) and reshards over TP/PP/DP; dp_reshardable writes each rank's own shard, no gather, and
+    # reshards over DP only (a resume at another TP/PP/VPP is refused). Recorded in the checkpoint; a resume may
+    # change it (the load reads the recorded format). No effect without train.distributed_optimizer
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    # megatron-core's fully parallel save/load over the DP group: tensors all DP ranks hold (weights,
+    # fully_reshardable optimizer state) are written by one rank each, spread evenly, not all by DP rank 0, and
+    # read once then broadcast. Tested bitwise against the plain save at DP=2 (tests/train/test_checkpoint_scale.py)
+    fully_parallel: bool = True
 
     def validate(self) -> None:
         non_negative(self, "save_interval")

@@ -24,6 +24,11 @@ Terms, in GB (1e9 bytes) on the most loaded pipeline stage of one rank:
   to the activations instead of sharing their peak. 0 otherwise.
 - `overhead`: CUDA context, NCCL buffers and allocator fragmentation (a fixed 3 GB).
 
+Beside the GPU terms, `checkpoint_host_gb`: the optimizer state one rank stages in host memory at a checkpoint
+save (backend/checkpoint_format.py): with the distributed optimizer and `checkpoint.optimizer_format:
+fully_reshardable` the whole replica's (gathered over DP: the optimizer bytes undivided), with `dp_reshardable`
+the rank's own DP shard; without the distributed optimizer its whole state either way.
+
 It is an estimate (Qwen3-8B TP2/PP2 with a 36,864-token micro-batch needs ~120 GB of activations on
 stage 0 without recompute and ~11 GB with full recompute); what it is for is telling a spec that cannot fit from
 one that can, and which term to shrink.
@@ -128,6 +133,10 @@ def estimate(spec: Any, arch: ModelArch, teacher_archs: list[ModelArch] | None =
                 "activations_recompute_full": full + (logits if stage == pp - 1 else 0.0),
             }
     assert best is not None
+    params = stage_params(arch, tp, pp, best["stage"])
+    gathered = t.distributed_optimizer and spec.checkpoint.optimizer_format == "fully_reshardable"
+    shard = dp if t.distributed_optimizer and not gathered else 1
+    best["checkpoint_host_gb"] = params * (12 if weight_bytes < 4 else 8) / shard
     out = {k: (round(v / GB, 2) if isinstance(v, float) else v) for k, v in best.items() if k != "terms"}
     terms = {k: round(v / GB, 2) for k, v in best["terms"].items()}
     out["terms"] = terms

@@ -322,6 +322,7 @@ def render_text(plan: dict[str, Any]) -> str:
         + f"; total {mem['total']:g} of {mem['gpu_memory_gb']:g} (activations without recompute "
         f"{mem['activations_no_recompute']:g}, with full recompute {mem['activations_recompute_full']:g})"
     )
+    lines.append(f"checkpoint save, host memory per rank: optimizer state {mem['checkpoint_host_gb']:g} GB")
     lines.append(_rollout_line(plan["rollout_time_s"], plan["memory_gb_per_gpu"]["gpu_memory_gb"]))
     lines.append(f"slurm ({plan['slurm']['topology']}, time {plan['slurm']['time']}):")
     for c in plan["slurm"]["components"]:

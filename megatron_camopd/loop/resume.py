@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_camopd.backend.checkpoint import META_DIR, newest_verified, open_verified, resolve_checkpoint
+from megatron_camopd.backend.checkpoint_format import check_layout
 from megatron_camopd.backend.model_source import ModelSource
 from megatron_camopd.config import ExperimentSpec
 from megatron_camopd.errors import CheckpointError, SpecError
@@ -190,4 +191,6 @@ def plan_resume(spec: ExperimentSpec) -> ResumePlan:
         check_architecture(plan.path, student.hf_config())
         assert plan.state is not None, "a chosen checkpoint comes with its train_state"
         check_spec_changes(plan.path, plan.state.get("spec"), json.loads(json.dumps(spec.to_dict())))
+        if spec.train.distributed_optimizer:  # a dp_reshardable optimizer state cannot follow a TP/PP change
+            check_layout(plan.path, plan.state, p.tp, p.pp, p.vpp)
     return plan

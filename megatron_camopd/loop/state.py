@@ -51,7 +51,10 @@ def resume(session: Session, plan: ResumePlan) -> int:
     if plan.path is None:
         return 0
     e = session.engine
-    state = load_checkpoint(plan.path, e.models(), e.optimizer, e.scheduler, verify=False)
+    ck = session.spec.checkpoint
+    state = load_checkpoint(
+        plan.path, e.models(), e.optimizer, e.scheduler, verify=False, fully_parallel=ck.fully_parallel
+    )
     restore(session, state)
     session.resumed = (Path(plan.path), state)  # rollouts in flight re-enter the pipeline (rollout/pipeline.py)
     log.info("resumed from %s at step %d", plan.path, state["step"])
@@ -68,4 +71,15 @@ def save(session: Session, done: int, pipe: RolloutPipeline | None) -> None:
         state["rollouts_in_flight"] = entry
         if batches is not None:  # rank 0 saves them inside the checkpoint
             files[entry["file"]] = batches
-    save_checkpoint(ck.dir, done, e.models(), e.optimizer, e.scheduler, state, keep_last=ck.keep_last, files=files)
+    save_checkpoint(
+        ck.dir,
+        done,
+        e.models(),
+        e.optimizer,
+        e.scheduler,
+        state,
+        keep_last=ck.keep_last,
+        files=files,
+        optimizer_format=ck.optimizer_format,
+        fully_parallel=ck.fully_parallel,
+    )

@@ -407,6 +407,8 @@ CONSUMERS: dict[str, dict[str, Any]] = {
     "checkpoint.save_interval": loop("megatron_camopd.loop.train:train"),
     "checkpoint.keep_last": loop("megatron_camopd.loop.train:train"),
     "checkpoint.resume": loop("megatron_camopd.loop.resume:choose_checkpoint"),
+    "checkpoint.optimizer_format": loop("megatron_camopd.loop.state:save"),
+    "checkpoint.fully_parallel": loop("megatron_camopd.loop.state:save"),
     **{f"logging.{k}": loop("megatron_camopd.loop.train:train") for k in ("log_interval", "progress", "diagnostics")},
     **{
         f"logging.{k}": probe("diagnostics", v, extra=("schedule.mode=alternate",))

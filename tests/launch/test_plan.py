@@ -94,6 +94,12 @@ def test_memory_terms_follow_the_spec() -> None:
     assert 80 < full["activations_no_recompute"] < 160 and full["activations_recompute_full"] < 25
     plain = estimate(load_spec(FLAGSHIP, ["train.distributed_optimizer=false"]), arch)
     assert plain["terms"]["optimizer"] == pytest.approx(8 * full["terms"]["optimizer"], rel=0.01)  # dp = 8
+    # checkpoint saves: the flagship's dp_reshardable stages its own optimizer shard, fully_reshardable the
+    # replica's whole state gathered over DP (~24 GB a rank for Qwen3-8B at TP2/PP2)
+    gather = estimate(load_spec(FLAGSHIP, ["checkpoint.optimizer_format=fully_reshardable"]), arch)
+    assert spec.checkpoint.optimizer_format == "dp_reshardable"
+    assert gather["checkpoint_host_gb"] == pytest.approx(8 * full["checkpoint_host_gb"], rel=0.01)
+    assert 20 < gather["checkpoint_host_gb"] < 30 and gather["checkpoint_host_gb"] == plain["checkpoint_host_gb"]
     inproc = load_spec(
         FLAGSHIP,
         ["teachers.general.discovery_file=null", "teachers.general.serve=null", "teachers.general.hf_path=/data/x"],

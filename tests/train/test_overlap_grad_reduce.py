@@ -43,3 +43,19 @@ def test_overlap_matches_sync_dp2(tiny_root, tmp_path, diagnostics):
             for k in diag:
                 if isinstance(x.get(k), float) and math.isfinite(x[k]):
                     assert abs(x[k] - y[k]) < 1e-4 * max(1.0, abs(x[k])), k
+
+
+@pytest.mark.multiproc
+def test_overlap_matches_sync_pp2_dp2_distributed_optimizer(tiny_root, tmp_path):
+    """The flagship's combination (pipeline stages, the distributed optimizer's reduce-scatter) on 4 gloo ranks:
+    the same losses and gradient norms, bit for bit here. (TP=2 x DP=2 measured equal too, not kept: 4 ranks on
+    CI's cores.)"""
+    extra = ["train.steps=3", "train.micro_batch_size=2", "parallel.pp=2", "train.distributed_optimizer=true"]
+    a, b = (
+        run_on_ranks(run_train, 4, tiny_overrides(tiny_root, tmp_path / ov, *extra, f"train.overlap_grad_reduce={ov}"))[
+            0
+        ]
+        for ov in ("false", "true")
+    )
+    assert len(a) == len(b) == 3 and all(math.isfinite(r["loss"]) for r in a)
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b], (a, b)
