@@ -401,7 +401,7 @@ class VllmServersConfig(ServersConfig):
 class RolloutConfig(Section):
     """Student sampling per step, and the engine that does it (see rollout/sampler.py)."""
 
-    engine: str = "megatron"  # a registered engine (rollout/engines.py): megatron | sglang | vllm | reference | ...
+    engine: str = "megatron"  # a registered engine (engines.py): megatron | sglang | vllm | reference | ...
     kv_cache_gb: float = 16.0  # megatron engine: KV cache budget per rank; larger batches are split
     sglang: RolloutServersConfig = field(default_factory=RolloutServersConfig)
     vllm: VllmServersConfig = field(default_factory=VllmServersConfig)
@@ -418,7 +418,7 @@ class RolloutConfig(Section):
     on_stale: Literal["error", "drop"] = "error"  # beyond max_staleness: stop, or drop the sample and count it
 
     def validate(self) -> None:
-        from megatron_camopd.rollout.engines import ENGINES, unknown_engine  # the registry imports nothing heavy
+        from megatron_camopd.engines import ENGINES, unknown_engine  # the registry imports nothing heavy
 
         check(self.engine in ENGINES, "engine", unknown_engine(self.engine))
         positive(self, "prompts_per_step", "n_samples", "max_new_tokens", "kv_cache_gb")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from megatron_camopd.checks import Section, check, in_range, path_field, positive
 
@@ -33,6 +34,32 @@ def max_input_tokens(context_length: int) -> int:
 def context_for_inputs(n_tokens: int) -> int:
     """The smallest `--context-length` whose server accepts inputs of `n_tokens` (a teacher scoring full rollouts)."""
     return n_tokens + SGLANG_INPUT_RESERVE
+
+
+def server_limits(info: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(context length, longest accepted input) from an SGLang `/server_info` answer: SGLang reports
+    `max_req_input_len` (an input must be shorter) and `context_length` only when it was given on the command line."""
+    raw_ctx, max_req = info.get("context_length"), info.get("max_req_input_len")
+    ctx = raw_ctx if isinstance(raw_ctx, int) and not isinstance(raw_ctx, bool) and raw_ctx > 0 else None
+    max_input = max_req - 1 if isinstance(max_req, int) and not isinstance(max_req, bool) and max_req > 0 else None
+    if ctx is None and max_input is not None:
+        ctx = max_input + SGLANG_INPUT_RESERVE
+    if max_input is None and ctx is not None:
+        max_input = max_input_tokens(ctx)
+    return ctx, max_input
+
+
+VLLM_INPUT_RESERVE = 1  # vLLM 0.32: an input must be shorter than --max-model-len
+
+
+def vllm_max_input_tokens(max_model_len: int) -> int:
+    """The longest input (a sequence to score, a prompt) a vLLM server of `max_model_len` accepts."""
+    return max_model_len - VLLM_INPUT_RESERVE
+
+
+def vllm_model_len_for_inputs(n_tokens: int) -> int:
+    """The smallest `--max-model-len` whose server accepts inputs of `n_tokens` (a teacher scoring full samples)."""
+    return n_tokens + VLLM_INPUT_RESERVE
 
 
 @dataclass

@@ -6,7 +6,7 @@ it gives a share gets at least one prompt per step; Uni-OPD groups need n_sample
 the model's sequence length holds a prompt plus a rollout, and so does every served model's context length; the
 launcher's world size is a multiple of tp * pp (and equals tp * pp * dp when dp is given); the servers the launcher
 starts listen on distinct ports, and rollout servers synced over a weights-update group have dp = 1. What depends
-on the rollout engine is asked of its entry in the engine registry (rollout/engines.py: served or in process, its
+on the rollout engine is asked of its entry in the engine registry (engines.py: served or in process, its
 servers section, its server checks, e.g. `check_sglang_servers`). All of it is checked here, before any model loads.
 """
 
@@ -33,10 +33,16 @@ from megatron_camopd.config.sections import (
     ScheduleConfig,
     TeacherConfig,
 )
-from megatron_camopd.config.serving import SGLANG_INPUT_RESERVE, SGLANG_VERSION, context_for_inputs
+from megatron_camopd.config.serving import (
+    SGLANG_INPUT_RESERVE,
+    SGLANG_VERSION,
+    VLLM_INPUT_RESERVE,
+    context_for_inputs,
+    vllm_model_len_for_inputs,
+)
 
 if TYPE_CHECKING:
-    from megatron_camopd.rollout.engines import EngineInfo
+    from megatron_camopd.engines import EngineInfo
 
 TEACHER_PORT_BASE = 30000  # served teachers without serve.port listen on 30000, 30001, ... in spec order
 
@@ -176,8 +182,8 @@ class ExperimentSpec(Section):
 
     @property
     def rollout_engine(self) -> EngineInfo:
-        """The registry entry of `rollout.engine` (rollout/engines.py, imported here: it imports nothing heavy)."""
-        from megatron_camopd.rollout.engines import engine_info
+        """The registry entry of `rollout.engine` (engines.py, imported here: it imports nothing heavy)."""
+        from megatron_camopd.engines import engine_info
 
         return engine_info(self.rollout.engine)
 
@@ -188,7 +194,7 @@ class ExperimentSpec(Section):
         return getattr(self.rollout, info.servers) if info.servers else None
 
     def _check_rollout(self) -> None:
-        from megatron_camopd.rollout.engines import names
+        from megatron_camopd.engines import names
 
         r, info = self.rollout, self.rollout_engine
         served = " | ".join(names(served=True)) or "a served engine"
@@ -263,7 +269,7 @@ class ExperimentSpec(Section):
                 f"port {servers.port} is already used by {ports.get(servers.port)}",
             )
             if info.checks is not None:
-                from megatron_camopd.rollout.engines import resolve
+                from megatron_camopd.engines import resolve
 
                 resolve(info.checks)(self, servers)
 
@@ -317,9 +323,7 @@ def check_sglang_servers(spec: ExperimentSpec, servers: Any) -> None:
 def check_vllm_servers(spec: ExperimentSpec, servers: Any) -> None:
     """The `vllm` engine's checks of the rollout servers a launcher starts (`rollout.vllm`, no urls): vLLM's
     --max-model-len holds a full sample."""
-    from megatron_camopd.teachers.vllm_protocol import VLLM_INPUT_RESERVE, model_len_for_inputs
-
-    need = max(spec.seq_length, model_len_for_inputs(spec.data.max_prompt_tokens))
+    need = max(spec.seq_length, vllm_model_len_for_inputs(spec.data.max_prompt_tokens))
     check(
         servers.context_length is None or servers.context_length >= need,
         "rollout.vllm.context_length",

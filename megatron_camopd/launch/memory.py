@@ -103,7 +103,7 @@ def estimate(spec: Any, arch: ModelArch, teacher_archs: list[ModelArch] | None =
         method = spec.method.method_class()
         frozen = [c for c in spec.teachers.values() if c.kind == "megatron"] if method.needs_teachers else []
         teacher_archs = [arch] * (len(frozen) + int(method.needs_reference))
-    r, engine = spec.rollout, spec.rollout_engine  # the engine registry's entry (rollout/engines.py)
+    r, engine = spec.rollout, spec.rollout_engine  # the engine registry's entry (engines.py)
     kv = r.kv_cache_gb * GB if engine.kv_cache else 0.0
     overlapped = r.max_staleness > 0 and not engine.served  # in process, on a thread beside the trainer
     best: dict[str, Any] | None = None

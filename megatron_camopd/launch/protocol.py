@@ -4,7 +4,7 @@ A server publishes `host:port` in its group's discovery file once its `/health` 
 published atomically: temp file + rename); a group is ready when its file lists as many healthy servers as it has
 nodes; a trainer (or its watchdog) counts a group's healthy servers the same way while training. The sbatch scripts
 (templates/lib.sh) call this module's command line for each of these steps (`register`, `healthy`, `health`), and
-`camopd launch` (launch/submit.py) calls the same functions, so the file format (teachers/discovery.py) and what
+`camopd launch` (launch/submit.py) calls the same functions, so the file format (remote/discovery.py) and what
 "healthy" means are written once.
 
 Healthy (ready to serve) is `/health` answering 200: SGLang's generating health check. Alive is weaker, and is what
@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from megatron_camopd.errors import TeacherError
-from megatron_camopd.teachers.discovery import read_discovery_file
+from megatron_camopd.remote.discovery import read_discovery_file
 
 LIB_SH = Path(__file__).with_name("templates") / "lib.sh"
 

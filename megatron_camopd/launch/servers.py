@@ -3,7 +3,7 @@
 `server_components(spec, cpu=..., backend=...)` lists one component per teacher with a `serve` section (its SGLang
 servers, one per node, loading `serve.model`, else the teacher's hf_path/checkpoint) and, when a served
 `rollout.engine` names no urls, the student's rollout servers, as the engine's `launch` entry in the engine registry
-(rollout/engines.py) builds them; for `sglang` (`sglang_rollout_component`: the student's model, flags from
+(engines.py) builds them; for `sglang` (`sglang_rollout_component`: the student's model, flags from
 `rollout.sglang`; `servers_per_node` of them on each node, server i on GPUs from i * tp * dp (`--base-gpu-id`) and
 port + i, as slime/miles run engines). Each carries its Slurm request (nodes, GPUs, `resources`), its environment,
 its command line with placeholders (the model directory, port and ready file are only known on the node) and the
@@ -297,9 +297,9 @@ def server_components(spec: ExperimentSpec, *, cpu: bool, backend: str = "sglang
                 overrides=overrides,
             )
         )
-    engine, servers = spec.rollout_engine, spec.rollout_servers  # the engine registry (rollout/engines.py)
+    engine, servers = spec.rollout_engine, spec.rollout_servers  # the engine registry (engines.py)
     if servers is not None and servers.urls is None and engine.launch is not None:
-        from megatron_camopd.rollout.engines import resolve
+        from megatron_camopd.engines import resolve
 
         out.append(resolve(engine.launch)(spec, servers, cpu=cpu, real=real))
     return out

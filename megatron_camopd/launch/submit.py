@@ -308,7 +308,7 @@ def wait_for_teachers(
     addr_files: dict[str, str], jobs: list[Any], nodes: dict[str, int], timeout_s: float, check_timeout_s: float = 30.0
 ) -> None:
     """Until every discovery file lists its group's healthy servers; `TeacherError` if a job ends or time runs out."""
-    from megatron_camopd.teachers.discovery import read_discovery_file
+    from megatron_camopd.remote.discovery import read_discovery_file
 
     deadline = time.monotonic() + timeout_s
     for name, path in addr_files.items():

@@ -50,8 +50,8 @@ from megatron_camopd.backend.cpu_runtime import cpu_runtime_active
 from megatron_camopd.backend.engine import unwrap
 from megatron_camopd.backend.forward import comm_device
 from megatron_camopd.backend.kv_attention import compact_kv_cache
+from megatron_camopd.engines import names
 from megatron_camopd.errors import SpecError
-from megatron_camopd.rollout.engines import names
 from megatron_camopd.rollout.sampler import EngineOptions, InProcessModel, OnFinish
 from megatron_camopd.rollout.sampling import (
     Rollout,
@@ -129,7 +129,7 @@ class MegatronSampler:
 
     @classmethod
     def create(cls, model: InProcessModel, options: EngineOptions) -> MegatronSampler:
-        """The registry's constructor (rollout/engines.py): `rollout.kv_cache_gb` of KV cache per rank."""
+        """The registry's constructor (engines.py): `rollout.kv_cache_gb` of KV cache per rank."""
         return cls(model, kv_cache_gb=options.kv_cache_gb)
 
     def __init__(self, model: InProcessModel, kv_cache_gb: float = 16.0) -> None:

@@ -13,7 +13,7 @@ the verifiers (they only read the tokens). The main thread then waits for step t
 collectives (model-parallel sharing, the DP exchange), and trains; the importance weight uses each sample's own
 sampled log-probs (the generating version's), and gap scores and selection see the batch as generated.
 
-Engines (served or in process: the registry's word, rollout/engines.py): a served one (`sglang`, `vllm`) samples on the
+Engines (served or in process: the registry's word, engines.py): a served one (`sglang`, `vllm`) samples on the
 servers through its `ServedSampler.generate_detached` (no collective on the generating thread: the model-parallel
 leader alone talks HTTP; results are broadcast on the main thread), and before the weight sync of version t + 1 the
 trainer waits until the servers finished every batch of version t, so no sample mixes versions. In-process ones
@@ -50,6 +50,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
+from megatron_camopd.engines import engine_info
 from megatron_camopd.errors import CheckpointError
 from megatron_camopd.rollout.collect import (
     Collector,
@@ -61,7 +62,6 @@ from megatron_camopd.rollout.collect import (
     plan_batch,
     score_local,
 )
-from megatron_camopd.rollout.engines import engine_info
 from megatron_camopd.rollout.sampler import Sampler, ServedSampler
 from megatron_camopd.rollout.sampling import sample_seed
 from megatron_camopd.rollout.staleness import staleness_metrics
@@ -164,7 +164,7 @@ class RolloutPipeline:
         snapshot: Callable[[], tuple[list, Sampler]] | None = None,
     ) -> None:
         self.c, self.engine, self.k, self.steps = c, engine, c.rollout.max_staleness, steps
-        self.served = engine_info(c.sampler.engine).served  # the registry's word (rollout/engines.py)
+        self.served = engine_info(c.sampler.engine).served  # the registry's word (engines.py)
         self._server = cast(ServedSampler, c.sampler)  # served: detached generation, sharing, sync
         self.mp_size = dist.get_world_size(ps.get_model_parallel_group())
         self.jobs: dict[int, Job] = {}

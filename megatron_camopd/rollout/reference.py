@@ -40,7 +40,7 @@ class ReferenceSampler:
 
     @classmethod
     def create(cls, model: InProcessModel, options: EngineOptions) -> ReferenceSampler:
-        """The registry's constructor (rollout/engines.py): the model is all it needs."""
+        """The registry's constructor (engines.py): the model is all it needs."""
         return cls(model)
 
     def __init__(self, model: InProcessModel) -> None:

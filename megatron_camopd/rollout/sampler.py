@@ -1,7 +1,7 @@
 """The one `Sampler` seam every generating caller uses: training rollouts, Uni-OPD offline balancing, `camopd eval`,
 the demo's scoring and the CPU rollout server.
 
-`rollout.engine` selects the implementation, by its entry in the engine registry (`rollout/engines.py`):
+`rollout.engine` selects the implementation, by its entry in the engine registry (`megatron_camopd/engines.py`):
   megatron   KV-cached decoding through megatron-core's inference context on the student's own model chunks
              (TP/PP aware; the default in process) -- `rollout/kv_engine.py`;
   sglang     the student served by SGLang rollout servers, weights synced after every optimizer step
@@ -20,7 +20,7 @@ of served engines) and returns metrics for the step's row. With `rollout.max_sta
 samples through `rollout/pipeline.py` instead (a thread beside the trainer: a second in-process model, or the
 served engine's collective-free `generate_detached`: a served engine's sampler is a `ServedSampler`).
 `build_sampler` builds every engine the same way, `Class.create(model, EngineOptions(...))`: a new engine is its
-module plus one `register_engine` entry (`rollout/engines.py`).
+module plus one `register_engine` entry (`megatron_camopd/engines.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
-from megatron_camopd.rollout.engines import engine_info, resolve
+from megatron_camopd.engines import engine_info, resolve
 from megatron_camopd.rollout.sampling import Rollout, SamplingParams
 
 if TYPE_CHECKING:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_camopd.errors import RolloutError
-from megatron_camopd.replicas import ReplicaPool
+from megatron_camopd.remote.replicas import ReplicaPool
 from megatron_camopd.rollout.sampler import EngineOptions, InProcessModel, OnFinish
 from megatron_camopd.rollout.sampling import Rollout, SamplingParams
 from megatron_camopd.rollout.sglang_protocol import generate_request, max_input_tokens, parse_generation, server_limits
@@ -54,7 +54,7 @@ class SglangSampler:
 
     @classmethod
     def create(cls, model: InProcessModel, options: EngineOptions) -> SglangSampler:
-        """The registry's constructor (rollout/engines.py): the servers of `rollout.sglang`, the trainer to sync."""
+        """The registry's constructor (engines.py): the servers of `rollout.sglang`, the trainer to sync."""
         return cls(
             options.servers,
             model=model,

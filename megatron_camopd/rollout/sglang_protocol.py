@@ -24,23 +24,10 @@ from megatron_camopd.config.serving import (  # noqa: F401 -- the pinned SGLang'
     SGLANG_VERSION,
     context_for_inputs,
     max_input_tokens,
+    server_limits,
 )
 from megatron_camopd.errors import RolloutError
 from megatron_camopd.rollout.sampling import SamplingParams
-
-
-def server_limits(info: dict[str, Any]) -> tuple[int | None, int | None]:
-    """(context length, longest accepted input) from a `/server_info` answer: SGLang reports `max_req_input_len`
-    (an input must be shorter) and `context_length` only when it was given on the command line."""
-    raw_ctx, max_req = info.get("context_length"), info.get("max_req_input_len")
-    ctx = raw_ctx if isinstance(raw_ctx, int) and not isinstance(raw_ctx, bool) and raw_ctx > 0 else None
-    max_input = max_req - 1 if isinstance(max_req, int) and not isinstance(max_req, bool) and max_req > 0 else None
-    if ctx is None and max_input is not None:
-        ctx = max_input + SGLANG_INPUT_RESERVE
-    if max_input is None and ctx is not None:
-        max_input = max_input_tokens(ctx)
-    return ctx, max_input
-
 
 _LP_SLACK = 1e-3  # log-probs are <= 0; top-1 is at least as likely as the sampled token (fp rounding slack)
 

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_camopd.errors import RolloutError
-from megatron_camopd.replicas import ReplicaPool
+from megatron_camopd.remote.replicas import ReplicaPool
 from megatron_camopd.rollout import weight_sync as ws
 from megatron_camopd.rollout.sglang_protocol import SGLANG_VERSION
 

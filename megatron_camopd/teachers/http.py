@@ -7,7 +7,7 @@ serves it from the cache to the rest (SGLang schedules a burst of same-prefix re
 finds the prefix cached yet; `prefix_cached_tokens` counts what the servers report as cached; measured by
 `tools/bench_teacher_prefix.py`). The client works from sync
 code (`score_batch`) and from any asyncio loop (`score`, `score_many`). Replica selection, failover, retries with
-backoff, health probes and the all-dead deadline are `replicas.ReplicaPool`'s (shared with the student's rollout
+backoff, health probes and the all-dead deadline are `remote.replicas.ReplicaPool`'s (shared with the student's rollout
 servers): a malformed or non-finite answer (see `protocol.py`) is retried on another replica, then the sample is
 reported failed -- never lost, never duplicated; when every replica has been dead for `dead_deadline_s`, requests
 fail with a `TeacherError` naming the teacher and its URLs (never hang).
@@ -20,8 +20,9 @@ import functools
 from collections.abc import AsyncIterable, AsyncIterator, Hashable
 from typing import Any
 
+from ..config.serving import context_for_inputs, server_limits
 from ..errors import TeacherError
-from ..replicas import Replica, ReplicaPool
+from ..remote.replicas import Replica, ReplicaPool
 from .base import TeacherScores, check_start
 from .protocol import build_request, parse_meta, parse_scores, score_request
 
@@ -32,7 +33,7 @@ class HttpTeacher:
     """A remote teacher (SGLang or `camopd serve`) behind one or more replica URLs or a discovery file."""
 
     def __init__(self, name: str, urls: list[str] | None = None, **pool: Any):
-        """`pool`: `replicas.ReplicaPool`'s options (discovery_file, timeout_s, retries, backoff_s, max_in_flight,
+        """`pool`: `ReplicaPool`'s options (discovery_file, timeout_s, retries, backoff_s, max_in_flight,
         health_interval_s, health_timeout_s, dead_deadline_s, seed, ...), with its defaults."""
         self.name = name
         self._pool = ReplicaPool(f"teacher {name}", urls, error=TeacherError, **pool)
@@ -194,14 +195,10 @@ class HttpTeacher:
 
     def max_input_tokens(self, url: str) -> int | None:
         """The longest input `url` accepts (None when it does not say): SGLang's `/server_info` limits."""
-        from ..rollout.sglang_protocol import server_limits
-
         return server_limits(self.server_info(url))[1]
 
     def context_needed(self, n_tokens: int) -> tuple[str, int]:
         """The server flag and the value that make inputs of `n_tokens` fit (for error messages)."""
-        from ..rollout.sglang_protocol import context_for_inputs
-
         return "--context-length", context_for_inputs(n_tokens)
 
     def _info(self, path: str, url: str | None) -> dict[str, Any]:

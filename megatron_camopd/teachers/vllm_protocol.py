@@ -23,24 +23,16 @@ from typing import Any
 
 import torch
 
+from ..config.serving import VLLM_INPUT_RESERVE as VLLM_INPUT_RESERVE  # the pinned vLLM's limits, re-exported
+from ..config.serving import vllm_max_input_tokens as max_input_tokens  # noqa: F401
+from ..config.serving import vllm_model_len_for_inputs as model_len_for_inputs  # noqa: F401
 from ..errors import TeacherError
 from .base import TeacherScores
 from .protocol import finite_logprob
 
 COMPLETIONS = "/v1/completions"
 MODELS = "/v1/models"
-VLLM_INPUT_RESERVE = 1  # an input must be shorter than max_model_len
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default: the largest top-k a server answers unless told more
-
-
-def max_input_tokens(max_model_len: int) -> int:
-    """The longest input (a sequence to score) a vLLM server of `max_model_len` accepts."""
-    return max_model_len - VLLM_INPUT_RESERVE
-
-
-def model_len_for_inputs(n_tokens: int) -> int:
-    """The smallest `--max-model-len` whose server accepts inputs of `n_tokens` (a teacher scoring full samples)."""
-    return n_tokens + VLLM_INPUT_RESERVE
 
 
 def score_request(ids: list[int], top_k: int | None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Rollout engines come from the registry (rollout/engines.py) alone: a served engine other than sglang, registered
+"""Rollout engines come from the registry (engines.py) alone: a served engine other than sglang, registered
 here, gets the served treatment from its entry (its servers section checked and launched, in-process overlap
 limits lifted, the disk-sync directory defaulted, the pipeline's methods required of its sampler); an engine nobody
 registered is refused naming the field, the file:line and the registered engines; malformed entries are refused.
@@ -10,9 +10,9 @@ import pytest
 
 from megatron_camopd.checks import check
 from megatron_camopd.config import load_spec
+from megatron_camopd.engines import ENGINES, register_engine
 from megatron_camopd.errors import SpecError
 from megatron_camopd.launch.servers import Component, server_components
-from megatron_camopd.rollout.engines import ENGINES, register_engine
 from megatron_camopd.rollout.sampler import build_sampler
 from tests.helpers import REPO
 

@@ -29,7 +29,7 @@ import pytest
 import requests
 import torch
 
-from megatron_camopd.replicas import ReplicaPool
+from megatron_camopd.remote.replicas import ReplicaPool
 from megatron_camopd.rollout import weight_sync as ws
 from megatron_camopd.rollout.sampling import SamplingParams
 from megatron_camopd.rollout.sglang_protocol import generate_request, parse_generation

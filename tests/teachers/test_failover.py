@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_camopd.remote.discovery import read_discovery_file
 from megatron_camopd.teachers.base import TeacherScores
-from megatron_camopd.teachers.discovery import read_discovery_file
 from megatron_camopd.teachers.http import HttpTeacher
 from tests.helpers import REPO
 
@@ -90,7 +90,7 @@ def test_a_prompts_samples_go_to_one_replica_while_it_lives() -> None:
     """Replica affinity (the prefix cache of a prompt lives on one server): the same key picks the same replica,
     keys spread over the replicas, a dead replica's keys move to the next live one and the others stay put, and a
     retry's `exclude` is honoured."""
-    from megatron_camopd.replicas import ReplicaPool
+    from megatron_camopd.remote.replicas import ReplicaPool
 
     urls = [f"http://127.0.0.1:{port}" for port in (1, 2, 3)]
     pool = ReplicaPool("t", urls, health_interval_s=3600)

@@ -8,7 +8,7 @@ import threading
 
 from aiohttp import web
 
-from megatron_camopd.replicas import HEALTH_TIMEOUT_S
+from megatron_camopd.remote.replicas import HEALTH_TIMEOUT_S
 from megatron_camopd.teachers.http import HttpTeacher
 
 

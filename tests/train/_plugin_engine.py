@@ -8,7 +8,7 @@ exactly the curve of a run on `reference`, and the count shows the run sampled t
 
 from __future__ import annotations
 
-from megatron_camopd.rollout.engines import register_engine
+from megatron_camopd.engines import register_engine
 from megatron_camopd.rollout.reference import ReferenceSampler
 
 SAMPLED: list[int] = []  # prompts per `generate` call, in this process

@@ -24,7 +24,8 @@ from typing import Any
 
 import aiohttp
 
-from .errors import CamopdError
+from ..errors import CamopdError
+from .discovery import read_discovery_file, wait_for_discovery
 
 # one `GET /health` may take this long: SGLang's /health is its generating health check (a one-token generation,
 # 1-20 s on a busy server), so a short probe timeout would mark healthy-but-busy servers dead
@@ -92,8 +93,6 @@ class ReplicaPool:
         self.health_timeout_s = health_timeout_s
         self.discovery_file = discovery_file
         self.revive_check = revive_check
-        from .teachers.discovery import wait_for_discovery  # here: teachers/ imports this module
-
         found = list(urls or []) + (wait_for_discovery(discovery_file, discovery_timeout_s) if discovery_file else [])
         self.replicas: dict[str, Replica] = {}
         for u in found:
@@ -223,8 +222,6 @@ class ReplicaPool:
         while True:
             await asyncio.sleep(self.health_interval_s)
             if self.discovery_file:
-                from .teachers.discovery import read_discovery_file
-
                 try:
                     for u in read_discovery_file(self.discovery_file):
                         self.replicas.setdefault(u, Replica(u))
