@@ -215,14 +215,28 @@ class SglangSampler:
             return 0
         return min(n, min(ctxs) - prompt_len) if ctxs else n
 
+    # the wire protocol of one sample (a served engine on another API overrides these three; rollout/vllm.py)
+    path = "/generate"
+
+    def _request(self, prompt: list[int], params: SamplingParams, seed: int, max_new: int, stops: set[int]) -> dict:
+        return generate_request(prompt, params, seed, max_new)
+
+    def _parse(self, obj: Any, *, max_new: int, stops: set[int], vocab: int, where: str) -> Any:
+        return parse_generation(obj, max_new=max_new, stops=stops, vocab=vocab, where=where)
+
+    def _version_meta(self, g: Any, sent: int | None) -> dict[str, Any]:
+        """The rollout's weight version: the one SGLang reports having sampled with."""
+        return {"weight_version": g.weight_version}
+
     async def _one(self, i: int, prompt: list[int], params: SamplingParams, seed: int, max_new: int) -> Rollout:
+        sent = self.version  # before the request: never newer than the weights that answer it
         stops = set(params.stop_token_ids) | ({self.model.eos_id} if self.model.eos_id is not None else set())
-        body = generate_request(prompt, params, seed, max_new)
+        body = self._request(prompt, params, seed, max_new, stops)
         where: dict[str, str] = {}
 
         def check(obj: Any, url: str):
             where["url"] = url
-            return parse_generation(
+            return self._parse(
                 obj,
                 max_new=max_new,
                 stops=stops,
@@ -230,7 +244,7 @@ class SglangSampler:
                 where=f"rollout server {url} (sample {i})",
             )
 
-        g = await self._pool.with_retries(body, check)
+        g = await self._pool.with_retries(body, check, path=self.path)
         n = len(g.tokens)
         reason = "stop" if g.finish == "stop" else "length" if n >= params.max_new_tokens else "context"
         return Rollout(
@@ -240,7 +254,7 @@ class SglangSampler:
             entropy=torch.full((n,), float("nan")),
             top1=torch.tensor(g.top1, dtype=torch.long),
             finish_reason=reason,
-            meta={"engine": self.engine, "weight_version": g.weight_version, "server": where.get("url")},
+            meta={"engine": self.engine, **self._version_meta(g, sent), "server": where.get("url")},
         )
 
     def _serve(self, prompts, params, seeds, done: queue.SimpleQueue) -> None:

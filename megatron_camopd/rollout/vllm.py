@@ -31,11 +31,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from megatron_camopd.errors import RolloutError
 from megatron_camopd.rollout import weight_sync as ws
-from megatron_camopd.rollout.sampling import Rollout, SamplingParams
+from megatron_camopd.rollout.sampling import SamplingParams
 from megatron_camopd.rollout.sglang import SglangSampler
 from megatron_camopd.rollout.sglang_sync import ServerWeightSync
 from megatron_camopd.rollout.vllm_protocol import (
@@ -135,34 +133,15 @@ class VllmSampler(SglangSampler):
             )
             self._limits[url] = model_limits(info)
 
-    async def _one(self, i: int, prompt: list[int], params: SamplingParams, seed: int, max_new: int) -> Rollout:
-        version = self.version  # before the request: never newer than the weights that answer it
-        stops = set(params.stop_token_ids) | ({self.model.eos_id} if self.model.eos_id is not None else set())
-        body = completion_request(prompt, params, seed, max_new, stops)
-        where: dict[str, str] = {}
+    path = COMPLETIONS
 
-        def check(obj: Any, url: str):
-            where["url"] = url
-            return parse_completion(
-                obj,
-                max_new=max_new,
-                stops=stops,
-                vocab=self.model.vocab_size,
-                where=f"rollout server {url} (sample {i})",
-            )
+    def _request(self, prompt: list[int], params: SamplingParams, seed: int, max_new: int, stops: set[int]) -> dict:
+        return completion_request(prompt, params, seed, max_new, stops)
 
-        g = await self._pool.with_retries(body, check, path=COMPLETIONS)
-        n = len(g.tokens)
-        reason = "stop" if g.finish == "stop" else "length" if n >= params.max_new_tokens else "context"
-        meta: dict[str, Any] = {"engine": self.engine, "server": where.get("url")}
-        if version is not None:
-            meta["weight_version"] = str(version)
-        return Rollout(
-            prompt_ids=list(prompt),
-            response_ids=g.tokens,
-            logprobs=torch.tensor(g.logprobs),
-            entropy=torch.full((n,), float("nan")),
-            top1=torch.tensor(g.top1, dtype=torch.long),
-            finish_reason=reason,
-            meta=meta,
-        )
+    def _parse(self, obj: Any, *, max_new: int, stops: set[int], vocab: int, where: str) -> Any:
+        return parse_completion(obj, max_new=max_new, stops=stops, vocab=vocab, where=where)
+
+    def _version_meta(self, g: Any, sent: int | None) -> dict[str, Any]:
+        """vLLM reports no weight version: the one synced when the request was sent (never newer than what
+        answered it; unversioned without a trainer)."""
+        return {} if sent is None else {"weight_version": str(sent)}
