@@ -38,6 +38,7 @@ model on the cluster, and a TE checkpoint loads into the local spec (conversion,
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -53,7 +54,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import __version__ as MCORE_VERSION
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
@@ -63,6 +63,10 @@ from megatron_camopd.backend.manifest import MANIFEST, has_manifest, verify_mani
 from megatron_camopd.errors import CheckpointError
 
 log = logging.getLogger("megatron_camopd")
+
+# the installed distribution's version (megatron.core.__version__ appends the short hash of whatever git checkout
+# holds its files, e.g. "0.19.2+a8b7d6b" for a virtualenv inside this repository)
+MCORE_VERSION = importlib.metadata.version("megatron-core")
 EXTRA_STATE = "_extra_state"
 
 VERSION_KEY = "megatron_core"  # train_state.json: the megatron-core version that wrote the checkpoint

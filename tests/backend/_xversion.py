@@ -31,8 +31,7 @@ def _digest(engine) -> float:
 
 
 def main(mode: str, root: Path, hf: Path) -> dict:
-    from megatron.core import __version__ as mcore
-
+    from megatron_camopd.backend.checkpoint import MCORE_VERSION as mcore
     from megatron_camopd.backend.checkpoint import load_checkpoint, save_checkpoint
     from megatron_camopd.backend.cpu_runtime import init_distributed
     from megatron_camopd.backend.loss import LossSpec

@@ -23,8 +23,8 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from megatron.core import __version__ as MCORE
 
+from megatron_camopd.backend.checkpoint import MCORE_VERSION as MCORE
 from megatron_camopd.backend.checkpoint import latest_checkpoint, load_checkpoint, verify_checkpoint
 from megatron_camopd.backend.manifest import MANIFEST
 from megatron_camopd.errors import CheckpointError

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from megatron.core import __version__ as MCORE
 
+from megatron_camopd.backend.checkpoint import MCORE_VERSION as MCORE
 from megatron_camopd.backend.checkpoint import VERSION_KEY, _versions, load_checkpoint, save_checkpoint
 from megatron_camopd.errors import CheckpointError
 from tests.helpers import repo_env
@@ -74,7 +74,7 @@ def test_the_version_is_recorded_and_a_failed_load_names_it(megatron_world, tiny
 def _version_of(python: str) -> str | None:
     try:
         res = subprocess.run(
-            [python, "-c", "from megatron.core import __version__ as v; print(v)"],
+            [python, "-c", "import importlib.metadata as m; print(m.version('megatron-core'))"],
             capture_output=True,
             text=True,
             timeout=120,
