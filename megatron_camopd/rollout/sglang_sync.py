@@ -90,6 +90,7 @@ class ServerWeightSync:
         self._generation = 0  # weights-update group rebuilds
         self._run_id = uuid.uuid4().hex[:8]
         self._server_info: dict[str, dict] = {}
+        self._sync_epoch = 0  # odd while a sync runs: a server revived meanwhile waits for the next probe
 
     @property
     def _pool(self) -> ReplicaPool:
@@ -98,6 +99,13 @@ class ServerWeightSync:
 
     # ------------------------------------------------------------------ one sync
     def update(self, step: int) -> dict[str, float]:
+        self._sync_epoch += 1
+        try:
+            return self._update(step)
+        finally:
+            self._sync_epoch += 1
+
+    def _update(self, step: int) -> dict[str, float]:
         t0, last = time.time(), ""
         rank0 = dist.get_rank() == 0
         for tries in (1, 2):
@@ -398,27 +406,35 @@ class ServerWeightSync:
 
     # ------------------------------------------------------------------ revival (the pool's probe loop)
     async def revive_check(self, url: str) -> bool:
-        """A server back from the dead serves again only with the current weights."""
-        if self.version is None:
+        """A server back from the dead serves again only with the current weights: not while a sync runs, and
+        only if no sync finished while it was loading them (else the next probe tries again)."""
+        epoch, version = self._sync_epoch, self.version
+        if epoch % 2:
+            return False
+        ok = await self._revive_with(url, version)
+        return ok and self._sync_epoch == epoch and self.version == version
+
+    async def _revive_with(self, url: str, version: int | None) -> bool:
+        if version is None:
             return True
         pool = self._pool
         info = await pool.get_json(url, "/model_info")
-        if isinstance(info, dict) and str(info.get("weight_version")) == str(self.version):
+        if isinstance(info, dict) and str(info.get("weight_version")) == str(version):
             return True
-        final = ws.version_dir(self.cfg.sync_dir, self.version) if self.cfg.weight_sync == "disk" else None
+        final = ws.version_dir(self.cfg.sync_dir, version) if self.cfg.weight_sync == "disk" else None
         if final is None or not final.is_dir():
             log.warning(
                 "rollout server %s is back with weight_version %s (trainer: %s): out of the rotation until "
                 "the next weight sync",
                 url,
                 info.get("weight_version") if isinstance(info, dict) else info,
-                self.version,
+                version,
             )
             return False
         ans = await pool.request(
             pool.replicas[url],
             "/update_weights_from_disk",
-            {"model_path": str(final.resolve()), "weight_version": str(self.version), "flush_cache": True},
+            {"model_path": str(final.resolve()), "weight_version": str(version), "flush_cache": True},
         )
         return isinstance(ans, dict) and bool(ans.get("success"))
 

@@ -88,11 +88,12 @@ class VllmWeightSync(ServerWeightSync):
             if isinstance(answer, Exception):
                 raise RolloutError(f"rollout server {u}: reloading {final} failed: {answer}")
 
-    async def revive_check(self, url: str) -> bool:
-        """A server back from the dead reloads the current weights first (it cannot tell which it holds)."""
-        if self.version is None:
+    async def _revive_with(self, url: str, version: int | None) -> bool:
+        """A server back from the dead reloads the current weights first (it cannot tell which it holds); the
+        guard against a sync meanwhile is `ServerWeightSync.revive_check`'s."""
+        if version is None:
             return True
-        final = ws.version_dir(self.cfg.sync_dir, self.version)
+        final = ws.version_dir(self.cfg.sync_dir, version)
         if not final.is_dir():
             log.warning("rollout server %s is back but %s is gone: out of the rotation until the next sync", url, final)
             return False
