@@ -325,6 +325,11 @@ def sglang_rollout_component(spec: ExperimentSpec, servers, *, cpu: bool, real: 
         if real
         else _cpu_argv("rollout")
     )
+    return _rollout_component(spec, r, "sglang", argv, {**(SGLANG_CPU_ENV if cpu and real else {}), **r.env})
+
+
+def _rollout_component(spec: ExperimentSpec, r, section: str, argv: tuple[str, ...], env: dict[str, str]) -> Component:
+    """The student's rollout servers of `rollout.<section>` (a `ServersConfig`) with the engine's command line."""
     return Component(
         "rollout",
         "rollout",
@@ -337,8 +342,8 @@ def sglang_rollout_component(spec: ExperimentSpec, servers, *, cpu: bool, real: 
         per_node=r.per_node,
         gpus_per_server=r.tp * r.dp,
         argv=argv,
-        env={**(SGLANG_CPU_ENV if cpu and real else {}), **r.env},
-        overrides=(f"rollout.sglang.discovery_file={ADDR}",),
+        env=env,
+        overrides=(f"rollout.{section}.discovery_file={ADDR}",),
     )
 
 
@@ -352,23 +357,10 @@ def vllm_rollout_component(spec: ExperimentSpec, servers, *, cpu: bool, real: bo
         raise ValueError("rollout.engine: vllm needs real vLLM servers; `camopd serve` speaks SGLang's protocol")
     max_len = v.context_length or max(spec.seq_length, model_len_for_inputs(spec.data.max_prompt_tokens))
     extra = [*VLLM_ROLLOUT_ARGS, *v.extra_args]
-    return Component(
-        "rollout",
-        "rollout",
-        v.nodes,
-        v.gpus_per_node,
-        v.resources,
-        model=spec.model.hf_path or spec.model.checkpoint,
-        hf_dir=served_hf_dir(spec, "student", None),
-        port=v.port,
-        per_node=v.per_node,
-        gpus_per_server=v.tp * v.dp,
-        argv=_vllm_argv(
-            v.tp, v.dp, v.mem_fraction_static, max_len, spec.model.dtype, DEFAULT_MAX_LOGPROBS, extra, cpu=cpu
-        ),
-        env={**VLLM_ROLLOUT_ENV, **v.env},
-        overrides=(f"rollout.vllm.discovery_file={ADDR}",),
+    argv = _vllm_argv(
+        v.tp, v.dp, v.mem_fraction_static, max_len, spec.model.dtype, DEFAULT_MAX_LOGPROBS, extra, cpu=cpu
     )
+    return _rollout_component(spec, v, "vllm", argv, {**VLLM_ROLLOUT_ENV, **v.env})
 
 
 def trainer_component(spec: ExperimentSpec) -> Component:
